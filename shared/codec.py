@@ -1,0 +1,111 @@
+"""Tensor wire format for the data plane: a msgpack map with dtype, shape and raw little-endian bytes.
+
+    {"v": 1, "dtype": "bfloat16", "shape": [T, D], "data": <bytes>, "meta": {...}}
+
+Never pickle or torch.save on the wire. bf16 travels as its raw 16-bit patterns, so fp32, fp16 and
+bf16 round-trip bit-exactly. Decoding is zero-copy: the returned tensor views the message buffer and
+must be treated as read-only.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from typing import Any
+
+import msgpack
+import torch
+
+from shared.errors import BadTensor, PayloadTooLarge
+
+FORMAT_VERSION = 1
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+ENVELOPE_OVERHEAD = 256
+"""Bytes reserved for the msgpack keys, dtype, shape and meta when sizing batches."""
+
+# torch warns that a tensor over an immutable buffer is not writable; we never write to it.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return _NAMES[dtype]
+    except KeyError:
+        raise BadTensor(f"dtype {dtype} cannot be sent; accepted: {', '.join(DTYPES)}") from None
+
+
+def encode_tensor(tensor: torch.Tensor, meta: dict[str, Any] | None = None) -> bytes:
+    """Pack `tensor` (any layout, any device) and small JSON-like `meta` into one message."""
+    name = dtype_name(tensor.dtype)
+    flat = tensor.detach().to("cpu").contiguous()
+    if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
+        raise BadTensor("Prism's wire format needs a little-endian host")
+    data = flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    return msgpack.packb(
+        {"v": FORMAT_VERSION, "dtype": name, "shape": list(flat.shape), "data": data, "meta": meta or {}}
+    )
+
+
+def decode_tensor(payload: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Inverse of `encode_tensor`; raises BadTensor for anything that is not a valid envelope."""
+    try:
+        envelope = msgpack.unpackb(payload)
+    except Exception as exc:  # msgpack raises several unrelated types for corrupt input
+        raise BadTensor(f"payload is not a msgpack tensor envelope: {exc}") from None
+    if not isinstance(envelope, dict) or envelope.get("v") != FORMAT_VERSION:
+        raise BadTensor(f"expected a tensor envelope with v={FORMAT_VERSION}")
+    dtype = DTYPES.get(envelope.get("dtype", ""))
+    if dtype is None:
+        raise BadTensor(f"unknown dtype {envelope.get('dtype')!r}; accepted: {', '.join(DTYPES)}")
+    shape, data, meta = envelope.get("shape"), envelope.get("data"), envelope.get("meta", {})
+    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise BadTensor(f"shape must be a list of non-negative ints, got {shape!r}")
+    if not isinstance(data, bytes) or not isinstance(meta, dict):
+        raise BadTensor("data must be bytes and meta a map")
+    expected = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+    if len(data) != expected:
+        raise BadTensor(f"data holds {len(data)} bytes but shape {shape} of {envelope['dtype']} needs {expected}")
+    if expected == 0:
+        return torch.empty(shape, dtype=dtype), meta
+    return torch.frombuffer(data, dtype=dtype).view(shape), meta
+
+
+def check_size(payload: bytes, headers: dict[str, str] | None, max_payload: int) -> None:
+    """Refuse a message the server would reject: nats-server counts headers plus payload."""
+    size = len(payload) + _headers_size(headers)
+    if size > max_payload:
+        raise PayloadTooLarge(
+            f"message of {size} bytes (payload {len(payload)} + headers) exceeds the server's "
+            f"max_payload of {max_payload} bytes; send fewer tokens per message",
+            size=size,
+            max_payload=max_payload,
+        )
+
+
+def max_rows_per_message(row_bytes: int, max_payload: int) -> int:
+    """How many rows of `row_bytes` fit in one message with room for envelope and headers."""
+    room = max_payload - ENVELOPE_OVERHEAD - 1024
+    if row_bytes <= 0 or room < row_bytes:
+        raise PayloadTooLarge(f"one row of {row_bytes} bytes does not fit max_payload {max_payload}")
+    return room // row_bytes
+
+
+def _headers_size(headers: dict[str, str] | None) -> int:
+    if not headers:
+        return 0
+    # "NATS/1.0\r\n" + "key: value\r\n" per header + final "\r\n"
+    return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
+def _numel(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

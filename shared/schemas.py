@@ -1,0 +1,137 @@
+"""Messages of the public inference contract and of the control plane (JSON, frozen pydantic models).
+
+Inference request (`prism.v1.infer.<node>`, or MQTT `prism/v1/infer/<node>` with `client_id`):
+exactly one of `prompt` / `input_ids`. Replies: `TokenChunk`s while streaming, then one `FinalReply`,
+or one `ErrorReply`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.errors import BadRequest, InvalidJSON
+
+MAX_TOKENS_LIMIT = 4096
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class InferRequest(Message):
+    prompt: str | None = Field(None, min_length=1, description="text to continue")
+    input_ids: list[int] | None = Field(None, min_length=1, description="token ids to continue")
+    max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT, description="tokens to generate")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="makes sampling reproducible")
+    stream: bool = Field(False, description="send one TokenChunk per generated token")
+    id: str | None = Field(None, max_length=128, description="echoed in every reply")
+    client_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="MQTT clients: replies go to prism/v1/reply/<client_id>"
+    )
+
+    @model_validator(mode="after")
+    def _exactly_one_input(self) -> InferRequest:
+        if (self.prompt is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of 'prompt' (text) or 'input_ids' (list of token ids)")
+        return self
+
+
+class TokenChunk(Message):
+    id: str | None
+    index: int
+    token_id: int
+    text: str
+
+
+class Usage(Message):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Timings(Message):
+    """Seconds spent per phase of one request, measured at the gating service."""
+
+    queue_s: float
+    prefill_s: float
+    decode_s: float
+    expert_wait_s: float
+    total_s: float
+
+
+class FinalReply(Message):
+    id: str | None
+    done: Literal[True] = True
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["length", "stop"]
+    usage: Usage
+    timings: Timings
+
+
+class ErrorBody(Message):
+    code: str
+    message: str
+
+
+class ErrorReply(Message):
+    id: str | None
+    done: Literal[True] = True
+    error: ErrorBody
+
+
+def parse_request(payload: bytes) -> InferRequest:
+    """Decode and validate a request, raising BadRequest/InvalidJSON with a readable message."""
+    try:
+        data = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJSON(f"request is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidJSON(f"request must be a JSON object, got {type(data).__name__}")
+    try:
+        return InferRequest.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc)) from None
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `max_tokens: Input should be less than or equal to 4096`."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "request"
+        message = str(err["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}")
+    return "; ".join(parts)
+
+
+def request_id_of(payload: bytes) -> str | None:
+    """Best-effort `id` of a request that failed validation, so the error reply can echo it."""
+    try:
+        data: Any = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = data.get("id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and len(value) <= 128 else None
+
+
+# ---- control plane ------------------------------------------------------------------------------
+
+
+class HostStatus(Message):
+    """Heartbeat of one expert host on `prism.v1.host.<host>.status` (and in KV prism_hosts)."""
+
+    kind: Literal["host_status"] = "host_status"
+    host: str
+    node: str
+    device: str
+    memory_used_bytes: int
+    memory_limit_bytes: int
+    experts: list[tuple[int, int]] = Field(description="resident (layer, expert) pairs")
+    queue_depth: int
+    batches_served: int
+    tokens_served: int
+    errors: int

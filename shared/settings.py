@@ -1,0 +1,34 @@
+"""Settings every service shares. Each service subclasses `ServiceSettings` with its own env prefix.
+
+Values come from (highest first) CLI flags, environment variables (`PRISM_<SERVICE>_<FIELD>`), defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+S = TypeVar("S", bound="ServiceSettings")
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", cli_kebab_case=True)
+
+    nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server the service connects to")
+    nats_user: str | None = Field(None, description="user name, where the server requires credentials")
+    nats_password: str | None = Field(None, description="password for nats_user")
+    max_payload_bytes: int = Field(
+        8 * 1024 * 1024, ge=64 * 1024, le=64 * 1024 * 1024, description="the server's max_payload, bytes"
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
+    log_format: Literal["auto", "console", "json"] = Field("auto", description="auto: console on a terminal")
+    drain_timeout_s: float = Field(5.0, gt=0, le=120, description="bound on draining at shutdown, seconds")
+
+
+def from_cli(cls: type[S], argv: list[str] | None = None) -> S:
+    """Build settings from the environment, overridden by `--field value` flags."""
+    if argv is None:
+        return cls(_cli_parse_args=True)  # type: ignore[call-arg]
+    return cls(_cli_parse_args=argv)  # type: ignore[call-arg]

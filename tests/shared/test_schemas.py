@@ -1,0 +1,46 @@
+"""The inference request contract: valid requests parse, bad ones say what is wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from shared.errors import BadRequest, InvalidJSON
+from shared.schemas import parse_request, request_id_of
+
+
+def test_minimal_requests() -> None:
+    assert parse_request(b'{"prompt": "hi"}').max_tokens == 64
+    request = parse_request(json.dumps({"input_ids": [1, 2], "temperature": 0.7, "seed": 3}).encode())
+    assert request.input_ids == [1, 2]
+    assert request.seed == 3
+
+
+@pytest.mark.parametrize(
+    ("body", "error", "message"),
+    [
+        (b"{not json", InvalidJSON, "not valid JSON"),
+        (b"[1, 2]", InvalidJSON, "JSON object"),
+        (b"\xff\xfe", InvalidJSON, "not valid JSON"),
+        (b"{}", BadRequest, "exactly one of 'prompt'"),
+        (b'{"prompt": "a", "input_ids": [1]}', BadRequest, "exactly one of 'prompt'"),
+        (b'{"prompt": "a", "max_tokens": 0}', BadRequest, "max_tokens: Input should be greater than or equal to 1"),
+        (b'{"prompt": "a", "max_tokens": 5000}', BadRequest, "max_tokens: Input should be less than or equal"),
+        (b'{"prompt": "a", "temperature": -1}', BadRequest, "temperature"),
+        (b'{"prompt": "a", "top_p": 0}', BadRequest, "top_p"),
+        (b'{"prompt": "a", "top_p": 1.5}', BadRequest, "top_p"),
+        (b'{"input_ids": []}', BadRequest, "input_ids"),
+        (b'{"input_ids": ["a"]}', BadRequest, "input_ids.0"),
+        (b'{"prompt": "a", "colour": "red"}', BadRequest, "colour: Extra inputs are not permitted"),
+        (b'{"prompt": "a", "client_id": "a/b"}', BadRequest, "client_id"),
+    ],
+)
+def test_bad_requests(body: bytes, error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        parse_request(body)
+
+
+def test_error_reply_echoes_id_when_it_can() -> None:
+    assert request_id_of(b'{"id": "abc", "max_tokens": -1}') == "abc"
+    assert request_id_of(b"{broken") is None
