@@ -1,0 +1,131 @@
+"""The expert seam: per-expert weights, one expert's forward, grouping tokens by expert, combining.
+
+Pure torch, no I/O. The dense model yields one `MoECall` per MoE layer; whoever answers it (the
+in-process `LocalExperts`, or a gating service that sends each group to a remote expert host)
+computes `expert_forward(w, hidden[token_idx])` for every group of `group_by_expert` and hands
+the outputs to `combine`. Because every path uses these same three functions, greedy output
+through the network is bit-identical to the in-process run.
+
+Shape legend: T tokens in the step, D hidden size, I expert intermediate size, K experts per
+token (top-k), n tokens routed to one expert.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shared.model.errors import InputError
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One routed expert: down(silu(gate x) * up x). Held per expert so it can be moved alone."""
+
+    gate: Tensor  # [I, D]
+    up: Tensor  # [I, D]
+    down: Tensor  # [D, I]
+
+    def nbytes(self) -> int:
+        """Bytes held by the three matrices."""
+        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ExpertWeights:
+        """A copy on `device` in `dtype` (either may be None to keep it)."""
+        return ExpertWeights(*(t.to(device=device, dtype=dtype) for t in (self.gate, self.up, self.down)))
+
+
+def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
+    """Apply one SwiGLU expert: [n, D] -> [n, D] (same dtype as the weights)."""
+    return F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+
+
+@dataclass(frozen=True)
+class MoECall:
+    """What one MoE layer asks of its routed experts for one forward step."""
+
+    layer: int  # absolute decoder layer index
+    hidden: Tensor  # [T, D] the normed input of the routed experts
+    expert_ids: Tensor  # [T, K] int64
+    weights: Tensor  # [T, K] router weights, already normalised per family
+
+
+def group_by_expert(expert_ids: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+    """Group (token, k) choices by expert.
+
+    expert_ids: [T, K] int64. Returns (expert, token_idx [n], k_idx [n]) per chosen expert,
+    ascending by expert; within a group token_idx is ascending. Index tensors are on the device
+    of `expert_ids`.
+    """
+    T, K = expert_ids.shape
+    if T == 0:
+        return []
+    flat = expert_ids.reshape(-1)
+    # A stable sort keeps row-major (token, k) order inside each expert: deterministic groups.
+    sorted_ids, order = torch.sort(flat, stable=True)
+    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    groups = []
+    for expert, idx in zip(experts.tolist(), torch.split(order, counts.tolist()), strict=True):
+        groups.append((int(expert), idx // K, idx % K))
+    return groups
+
+
+def combine(call: MoECall, outputs: Mapping[int, Tensor]) -> Tensor:
+    """Weighted sum of expert outputs per token: [T, D] in the dtype of `call.hidden`.
+
+    outputs[e] is expert_forward of expert e on hidden[token_idx] for e's group (same order).
+    Experts are added in ascending order, each with one index_add_ (no token repeats within a
+    group), so the result does not depend on timing or device scheduling.
+    """
+    out = torch.zeros_like(call.hidden)
+    for expert, token_idx, k_idx in group_by_expert(call.expert_ids):
+        y = outputs.get(expert)
+        if y is None:
+            raise InputError(f"combine: no output for expert {expert} of layer {call.layer}")
+        if y.shape != (token_idx.numel(), out.shape[1]):
+            raise InputError(
+                f"combine: expert {expert} of layer {call.layer} returned shape {tuple(y.shape)}, "
+                f"expected {(token_idx.numel(), out.shape[1])}"
+            )
+        weighted = y * call.weights[token_idx, k_idx, None]
+        out.index_add_(0, token_idx, weighted.to(out.dtype))
+    return out
+
+
+class LocalExperts:
+    """Routed experts held in this process, per (layer, expert); answers MoECalls in-process."""
+
+    def __init__(self, weights: Mapping[tuple[int, int], ExpertWeights]) -> None:
+        self.weights: dict[tuple[int, int], ExpertWeights] = dict(weights)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        keys: Iterable[tuple[int, int]] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> LocalExperts:
+        """Load the experts `keys` ((layer, expert) pairs; None = all) from a checkpoint dir."""
+        from shared.model.checkpoint import load_experts
+
+        return cls(load_experts(path, keys, dtype=dtype, device=device))
+
+    def nbytes(self) -> int:
+        """Bytes held by all resident experts."""
+        return sum(w.nbytes() for w in self.weights.values())
+
+    def __call__(self, call: MoECall) -> Tensor:
+        """Run every chosen expert on its tokens and combine: [T, D]."""
+        outputs: dict[int, Tensor] = {}
+        for expert, token_idx, _ in group_by_expert(call.expert_ids):
+            w = self.weights.get((call.layer, expert))
+            if w is None:
+                raise InputError(f"expert ({call.layer}, {expert}) is not held by this LocalExperts")
+            outputs[expert] = expert_forward(w, call.hidden[token_idx])
+        return combine(call, outputs)
