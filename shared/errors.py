@@ -23,6 +23,23 @@ class PrismError(Exception):
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
 
+    def headers(self) -> dict[str, str]:
+        """nats.micro-style error headers; the string code rides in the description."""
+        return {ERROR_HEADER: f"{self.code}: {self.message}"[:1024], ERROR_CODE_HEADER: str(self.status)}
+
+
+ERROR_HEADER = "Nats-Service-Error"
+ERROR_CODE_HEADER = "Nats-Service-Error-Code"
+
+
+def error_from_headers(headers: dict[str, str] | None) -> PrismError | None:
+    """Rebuild the error a service replied with, or None when the reply is not an error."""
+    if not headers or ERROR_CODE_HEADER not in headers:
+        return None
+    code, _, message = headers.get(ERROR_HEADER, "").partition(": ")
+    cls = _BY_CODE.get(code, PrismError)
+    return cls(message or code or f"service error {headers[ERROR_CODE_HEADER]}")
+
 
 class BadRequest(PrismError):
     """The request is well-formed JSON but breaks the contract (range, exclusivity, types)."""
@@ -81,3 +98,15 @@ class Overloaded(PrismError):
 class ShuttingDown(PrismError):
     code = "shutting_down"
     status = 503
+
+
+_BY_CODE: dict[str, type[PrismError]] = {}
+
+
+def _index(cls: type[PrismError]) -> None:
+    _BY_CODE.setdefault(cls.code, cls)
+    for sub in cls.__subclasses__():
+        _index(sub)
+
+
+_index(PrismError)

@@ -1,0 +1,1 @@
+"""Expert host service: holds routed experts within a memory budget and answers token batches."""

@@ -1,0 +1,3 @@
+from services.expert_host.service import main_cli
+
+main_cli()

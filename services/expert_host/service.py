@@ -1,0 +1,242 @@
+"""Expert host: holds routed experts and answers token batches for them.
+
+Subjects:
+- `prism.v1.expert.<layer>.<expert>` (queue group `prism-experts`), one subscription per held expert:
+  request = tensor envelope of hidden states [n, D]; reply = envelope of expert outputs [n, D].
+- `prism.v1.host.<host>.cmd`: a nats.micro endpoint (service `prism-expert-host`, discoverable with
+  `$SRV.PING`); `{"kind": "status"}` answers the HostStatus.
+- `prism.v1.host.<host>.status`: HostStatus heartbeat every `heartbeat_interval_s`.
+
+Failure behaviour: a bad envelope, wrong hidden size or dtype, or an expert this host does not hold is
+answered with an error reply (Nats-Service-Error headers + JSON body) and the host keeps serving.
+Expert compute runs on a worker thread so heartbeats and pings keep flowing. `stop()` unsubscribes,
+then waits (bounded) for in-flight batches to be answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import structlog
+import torch
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats, Service, ServiceConfig
+
+from services.expert_host.settings import ExpertHostSettings
+from shared import subjects
+from shared.codec import decode_tensor, encode_tensor
+from shared.errors import BadRequest, BadTensor, PrismError, ShuttingDown, UnknownExpert
+from shared.model.moe import ExpertWeights, expert_forward
+from shared.schemas import HostStatus
+
+log = structlog.get_logger()
+SERVICE_NAME = "prism-expert-host"
+
+
+@dataclass
+class Counters:
+    batches: int = 0
+    tokens: int = 0
+    errors: int = 0
+    per_expert: dict[str, int] = field(default_factory=dict)
+
+
+class ExpertHost:
+    """Serves `weights` on NatsClient; `__init__` does no I/O."""
+
+    def __init__(
+        self,
+        nc: NatsClient,
+        settings: ExpertHostSettings,
+        weights: dict[tuple[int, int], ExpertWeights],
+        hidden_size: int,
+    ) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.weights = weights
+        self.hidden_size = hidden_size
+        self.dtype = getattr(torch, settings.dtype)
+        self.counters = Counters()
+        self._subscriptions: dict[tuple[int, int], Subscription] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"experts-{settings.host}")
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._stopping = False
+        self._micro: Service | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._micro = await add_service(
+            self.nc,
+            ServiceConfig(
+                name=SERVICE_NAME,
+                version="1.0.0",
+                description="Prism expert host",
+                metadata={"host": self.settings.host, "node": self.settings.node},
+                stats_handler=self._stats_data,
+            ),
+        )
+        await self._micro.add_endpoint(
+            name="cmd",
+            subject=subjects.host_cmd(self.settings.host),
+            handler=self._on_cmd,
+            queue_group=self.settings.host,
+        )
+        for key in sorted(self.weights):
+            await self.subscribe(key)
+        await self.nc.flush()
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.settings.host}")
+        log.info("expert_host_started", host=self.settings.host, node=self.settings.node, experts=len(self.weights))
+
+    async def subscribe(self, key: tuple[int, int]) -> None:
+        """Start answering batches for expert `key` (its weights must be resident)."""
+        if key not in self._subscriptions:
+            subject = subjects.expert(*key)
+            self._subscriptions[key] = await self.nc.subscribe(subject, queue=subjects.EXPERT_QUEUE, cb=self._on_batch)
+
+    # ---- data plane --------------------------------------------------------------------------
+
+    async def _on_batch(self, msg: Msg) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            key = subjects.parse_expert(msg.subject)
+            reply = await self._compute(key, msg.data)
+            self.counters.batches += 1
+            self.counters.per_expert[f"{key[0]}.{key[1]}"] = self.counters.per_expert.get(f"{key[0]}.{key[1]}", 0) + 1
+            await msg.respond(reply)
+        except PrismError as err:
+            self.counters.errors += 1
+            log.warning("batch_refused", subject=msg.subject, code=err.code, error=err.message)
+            await self._respond_error(msg, err)
+        finally:
+            self._in_flight -= 1
+            if self._in_flight == 0:
+                self._idle.set()
+
+    async def _compute(self, key: tuple[int, int], payload: bytes) -> bytes:
+        if self._stopping:
+            raise ShuttingDown(f"host {self.settings.host} is shutting down")
+        weights = self.weights.get(key)
+        if weights is None:
+            raise UnknownExpert(f"host {self.settings.host} does not hold expert {key[0]}.{key[1]}")
+        hidden, meta = decode_tensor(payload)
+        if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
+            raise BadTensor(f"expected hidden states of shape [n, {self.hidden_size}], got {list(hidden.shape)}")
+        if hidden.dtype != self.dtype:
+            raise BadTensor(f"expected dtype {self.settings.dtype}, got {str(hidden.dtype).removeprefix('torch.')}")
+        self.counters.tokens += hidden.shape[0]
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self._executor, self._run_expert, weights, hidden)
+        return encode_tensor(out, meta)
+
+    def _run_expert(self, weights: ExpertWeights, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return expert_forward(weights, hidden.to(weights.gate.device))
+
+    async def _respond_error(self, msg: Msg, err: PrismError) -> None:
+        if msg.reply:
+            body = json.dumps({"error": err.to_dict()}).encode()
+            await self.nc.publish(msg.reply, body, headers=err.headers())
+
+    # ---- control plane -----------------------------------------------------------------------
+
+    async def _on_cmd(self, request: Request) -> None:
+        try:
+            command = json.loads(request.data or b"{}")
+            if not isinstance(command, dict) or command.get("kind") != "status":
+                raise BadRequest("unknown command; accepted: {\"kind\": \"status\"}")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            err: PrismError = BadRequest("command must be JSON")
+            await request.respond(json.dumps({"error": err.to_dict()}).encode(), headers=err.headers())
+            return
+        except PrismError as exc:
+            await request.respond(json.dumps({"error": exc.to_dict()}).encode(), headers=exc.headers())
+            return
+        await request.respond(self.status().model_dump_json().encode())
+
+    def status(self) -> HostStatus:
+        used = sum(w.nbytes() for w in self.weights.values())
+        return HostStatus(
+            host=self.settings.host,
+            node=self.settings.node,
+            device=self.settings.device,
+            memory_used_bytes=used,
+            memory_limit_bytes=int(self.settings.memory_limit_mb * 2**20),
+            experts=sorted(self._subscriptions),
+            queue_depth=self._in_flight,
+            batches_served=self.counters.batches,
+            tokens_served=self.counters.tokens,
+            errors=self.counters.errors,
+        )
+
+    def _stats_data(self, endpoint: EndpointStats) -> dict[str, object]:
+        return {"status": self.status().model_dump(), "batches_per_expert": dict(self.counters.per_expert)}
+
+    async def _heartbeat_loop(self) -> None:
+        subject = subjects.host_status(self.settings.host)
+        while True:
+            with contextlib.suppress(Exception):  # a lost heartbeat is harmless; the next one follows
+                await self.nc.publish(subject, self.status().model_dump_json().encode())
+            await asyncio.sleep(self.settings.heartbeat_interval_s)
+
+    async def stop(self) -> None:
+        """Stop taking batches, answer the ones in flight (bounded), release resources."""
+        self._stopping = True
+        for sub in self._subscriptions.values():
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        self._subscriptions.clear()
+        started = time.monotonic()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.drain_timeout_s):
+                await self._idle.wait()
+        if self._heartbeat:
+            self._heartbeat.cancel()
+        if self._micro:
+            await self._micro.stop()
+        self._executor.shutdown(wait=False)
+        log.info("expert_host_stopped", host=self.settings.host, drain_s=round(time.monotonic() - started, 3))
+
+
+def load_weights(settings: ExpertHostSettings) -> tuple[dict[tuple[int, int], ExpertWeights], int]:
+    """Read the configured experts from the checkpoint, within the memory budget; returns (weights, D)."""
+    from services.expert_host.residency import check_budget, parse_experts
+    from shared.model.checkpoint import load_config, load_experts
+    from shared.model.config import list_moe_layers
+
+    config = load_config(settings.model)
+    keys = parse_experts(settings.experts, list_moe_layers(config), config.num_experts)
+    dtype = getattr(torch, settings.dtype)
+    check_budget(len(keys), config.expert_nbytes(dtype.itemsize), int(settings.memory_limit_mb * 2**20))
+    return load_experts(settings.model, keys, dtype=dtype, device=settings.device), config.hidden_size
+
+
+async def main(settings: ExpertHostSettings) -> None:
+    from shared.logs import configure_logging
+    from shared.runtime import connect, serve_until_stopped
+
+    configure_logging(settings.log_level, settings.log_format, service="expert_host", host=settings.host)
+    torch.set_num_threads(settings.compute_threads)
+    weights, hidden_size = load_weights(settings)
+    nc = await connect(settings, f"expert-host-{settings.host}")
+    host = ExpertHost(nc, settings, weights, hidden_size)
+    await serve_until_stopped(host.start(), host.stop, nc)
+
+
+def main_cli() -> None:
+    from shared.runtime import run
+    from shared.settings import from_cli
+
+    settings = from_cli(ExpertHostSettings)
+    run(lambda: main(settings))

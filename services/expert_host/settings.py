@@ -1,0 +1,25 @@
+"""Settings of one expert host (env prefix PRISM_HOST_, or --flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from shared.settings import ServiceSettings
+
+
+class ExpertHostSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="PRISM_HOST_", frozen=True, extra="forbid", cli_kebab_case=True)
+
+    host: str = Field("host0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="unique host name")
+    node: str = Field("node0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="node (edge server) of this host")
+    model: Path = Field(Path("models/demo"), description="checkpoint directory the experts are read from")
+    experts: str = Field("*:*", description="experts to hold: LAYERS:EXPERTS items, e.g. '1-3:0-7,5:*'")
+    memory_limit_mb: float = Field(4096.0, gt=0, le=2**24, description="memory budget for expert weights, MiB")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the experts")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="expert weight dtype")
+    heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="status heartbeat period, seconds")
+    compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for expert compute")

@@ -1,0 +1,69 @@
+"""What every service's `main` shares: connecting to NatsClient, waiting for a stop signal, running on uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import nats
+import structlog
+from nats.aio.client import Client as NatsClient
+
+from shared.settings import ServiceSettings
+
+log = structlog.get_logger()
+
+
+async def connect(settings: ServiceSettings, name: str) -> NatsClient:
+    """Connect with reconnects; connection problems are logged here, never left to nats-py's defaults."""
+
+    async def on_error(exc: Exception) -> None:
+        log.warning("nats_error", client=name, error=repr(exc))
+
+    async def on_disconnect() -> None:
+        log.warning("nats_disconnected", client=name)
+
+    async def on_reconnect() -> None:
+        log.info("nats_reconnected", client=name)
+
+    return await nats.connect(
+        settings.nats_url,
+        name=name,
+        user=settings.nats_user,
+        password=settings.nats_password,
+        error_cb=on_error,
+        disconnected_cb=on_disconnect,
+        reconnected_cb=on_reconnect,
+        max_reconnect_attempts=-1,
+        connect_timeout=5,
+    )
+
+
+def stop_event() -> asyncio.Event:
+    """An Event set by SIGINT or SIGTERM."""
+    event = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, event.set)
+    return event
+
+
+def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run `main()` on uvloop where available, else asyncio."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is pinned on every supported platform
+        asyncio.run(main())
+        return
+    uvloop.run(main())
+
+
+async def serve_until_stopped(start: Awaitable[None], stop: Callable[[], Awaitable[None]], nc: NatsClient) -> None:
+    """Start a component, wait for SIGINT/SIGTERM, stop it, drain the connection."""
+    stopped = stop_event()
+    await start
+    await stopped.wait()
+    await stop()
+    await nc.drain()
