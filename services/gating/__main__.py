@@ -1,0 +1,3 @@
+from services.gating.service import main_cli
+
+main_cli()

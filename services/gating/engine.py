@@ -1,0 +1,201 @@
+"""Continuous batching: every active sequence advances in one forward step; new ones join at step boundaries.
+
+The engine owns the dense model, its slot-based KV cache and the sampler. It knows nothing of NATS:
+routed experts are an async callable (`ExpertsFn`), so the same engine runs against remote hosts in
+the service and against in-process experts in tests. Model compute runs on one worker thread (the
+generator of `forward_steps` is resumed there) so the event loop stays free for intake and replies.
+
+A sequence whose expert failed is finished with that error after the step; the others in the same
+step are unaffected (attention is per sequence, experts are per token), and its tokens are left out of
+later layers' expert calls so a dead expert costs one timeout per step, not one per layer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+import structlog
+import torch
+from torch import Tensor
+
+from shared.errors import Overloaded, PrismError
+from shared.model.model import Batch, MoEModel
+from shared.model.moe import MoECall
+from shared.model.sampling import Sampler, SamplingParams
+
+log = structlog.get_logger()
+
+ExpertsFn = Callable[[MoECall, Tensor], Awaitable["ExpertsResult"]]
+"""(call, live [T] bool) -> combined output of the live tokens and which tokens failed."""
+
+
+@dataclass(frozen=True)
+class ExpertsResult:
+    output: Tensor  # [T, D] combined routed output (rows of failed or dead tokens are garbage)
+    failed: Tensor  # [T] bool, tokens whose expert did not answer
+    error: PrismError | None = None  # why, when any token failed
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    index: int
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: Literal["length", "stop"]
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    error: PrismError
+
+
+Event = TokenEvent | DoneEvent | ErrorEvent
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine. Its events arrive on `events`."""
+
+    prompt: list[int]
+    max_tokens: int
+    params: SamplingParams
+    key: int = field(default_factory=itertools.count().__next__)
+    events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
+    slot: int = -1
+    generated: list[int] = field(default_factory=list)
+    arrived: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+    first_token: float = 0.0
+    finished: float = 0.0
+    expert_wait_s: float = 0.0
+    error: PrismError | None = None
+
+    def next_tokens(self) -> list[int]:
+        return self.prompt if not self.generated else self.generated[-1:]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: MoEModel,
+        experts: ExpertsFn,
+        *,
+        max_slots: int,
+        max_len: int,
+        max_queue: int,
+        stop_ids: frozenset[int] = frozenset(),
+    ) -> None:
+        self.model = model
+        self.experts = experts
+        self.max_len = max_len
+        self.max_queue = max_queue
+        self.stop_ids = stop_ids
+        self.cache = model.new_cache(max_slots, max_len)
+        self.sampler = Sampler()
+        self.active: list[Sequence] = []
+        self.waiting: deque[Sequence] = deque()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dense")
+        self.steps = 0
+
+    def submit(self, seq: Sequence) -> None:
+        """Queue a sequence; it joins the batch at the next step boundary."""
+        if len(self.waiting) >= self.max_queue:
+            raise Overloaded(f"{len(self.waiting)} requests are already waiting; retry later")
+        self.waiting.append(seq)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Step forever (cancel to stop)."""
+        while True:
+            if not self.active and not self.waiting:
+                self._wake.clear()
+                await self._wake.wait()
+            self._admit()
+            if self.active:
+                await self.step()
+
+    def _admit(self) -> None:
+        now = time.perf_counter()
+        while self.waiting and self.cache.num_free() > 0:
+            seq = self.waiting.popleft()
+            seq.slot = self.cache.allocate()
+            seq.admitted = now
+            self.active.append(seq)
+
+    async def step(self) -> None:
+        """One forward step over every active sequence, then sample and retire finished ones."""
+        batch_seqs = list(self.active)
+        batch = Batch(slots=[s.slot for s in batch_seqs], tokens=[s.next_tokens() for s in batch_seqs])
+        owner = torch.repeat_interleave(torch.tensor([len(t) for t in batch.tokens]))  # [T] sequence of each token
+        failed_seqs = torch.zeros(len(batch_seqs), dtype=torch.bool)
+        try:
+            logits, wait_s = await self._forward(batch, batch_seqs, owner, failed_seqs)
+        except PrismError as err:
+            for seq in batch_seqs:
+                self._finish(seq, ErrorEvent(err))
+            return
+        self.steps += 1
+        for i, seq in enumerate(batch_seqs):
+            seq.expert_wait_s += wait_s
+            if seq.error is not None:
+                self._finish(seq, ErrorEvent(seq.error))
+            else:
+                self._advance(seq, logits[i])
+
+    async def _forward(
+        self, batch: Batch, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor
+    ) -> tuple[Tensor, float]:
+        loop = asyncio.get_running_loop()
+        steps = self.model.forward_steps(batch, self.cache)
+        wait_s = 0.0
+        try:
+            call = await loop.run_in_executor(self._executor, next, steps)
+            while True:
+                started = time.perf_counter()
+                result = await self.experts(call, ~failed_seqs[owner])
+                wait_s += time.perf_counter() - started
+                if result.error is not None:
+                    self._mark_failed(result, seqs, owner, failed_seqs)
+                call = await loop.run_in_executor(self._executor, steps.send, result.output)
+        except StopIteration as done:
+            logits: Tensor = done.value
+            return logits, wait_s
+
+    @staticmethod
+    def _mark_failed(result: ExpertsResult, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor) -> None:
+        for i in torch.unique(owner[result.failed]).tolist():
+            failed_seqs[i] = True
+            if seqs[i].error is None:
+                seqs[i].error = result.error
+
+    def _advance(self, seq: Sequence, logits: Tensor) -> None:
+        token = self.sampler.sample(logits, seq.params, key=seq.key)
+        if not seq.generated:
+            seq.first_token = time.perf_counter()
+        seq.generated.append(token)
+        seq.events.put_nowait(TokenEvent(token, len(seq.generated) - 1))
+        if token in self.stop_ids:
+            self._finish(seq, DoneEvent("stop"))
+        elif len(seq.generated) >= seq.max_tokens or len(seq.prompt) + len(seq.generated) >= self.max_len:
+            self._finish(seq, DoneEvent("length"))
+
+    def _finish(self, seq: Sequence, event: Event) -> None:
+        seq.finished = time.perf_counter()
+        self.active.remove(seq)
+        self.cache.free(seq.slot)
+        self.sampler.release(seq.key)
+        seq.events.put_nowait(event)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)

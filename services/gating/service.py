@@ -1,0 +1,238 @@
+"""Gating: request intake for one node, dense forward with continuous batching, replies.
+
+Subjects:
+- `prism.v1.infer.<node>` (nats.micro service `prism-gating`, endpoint `infer`): JSON InferRequest;
+  replies go to the message's reply subject, or for MQTT clients (no reply subject) to
+  `prism.v1.reply.<client_id>` (MQTT `prism/v1/reply/<client_id>`). Streaming requests get one
+  TokenChunk per token, then a FinalReply; errors are one ErrorReply plus Nats-Service-Error headers.
+- `prism.v1.expert.<layer>.<expert>`: token batches out (see dispatch.py).
+- `prism.v1.activations.<node>`: activation report every `activation_interval_s`.
+
+Failure behaviour: a bad request is answered with an error and touches nothing else; a missing
+expert fails the requests that needed it with `expert_unavailable` within the timeout while the
+others continue; when the queue is full new requests get `overloaded`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+import torch
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.micro import add_service
+from nats.micro.service import Service, ServiceConfig
+
+from services.gating.dispatch import RemoteExperts
+from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent
+from services.gating.settings import GatingSettings
+from shared import subjects
+from shared.activations import ActivationCounter
+from shared.errors import BadRequest, PrismError, PromptTooLong, TokenOutOfRange
+from shared.model.model import MoEModel
+from shared.model.sampling import SamplingParams
+from shared.model.tokenizer import Tokenizer
+from shared.schemas import ErrorBody, ErrorReply, FinalReply, InferRequest, Timings, TokenChunk, Usage, parse_request
+from shared.schemas import request_id_of as _request_id_of
+
+log = structlog.get_logger()
+SERVICE_NAME = "prism-gating"
+
+
+class Gating:
+    def __init__(
+        self,
+        nc: NatsClient,
+        settings: GatingSettings,
+        engine: Engine,
+        tokenizer: Tokenizer | None,
+        counter: ActivationCounter,
+    ) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.counter = counter
+        self.vocab_size = engine.model.config.vocab_size
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self._micro: Service | None = None
+        self._intake: Subscription | None = None
+
+    async def start(self) -> None:
+        # Discoverable with $SRV.PING/INFO; intake is a plain subscription because one request is
+        # answered by many messages (streaming) and MQTT requests carry no reply subject.
+        self._micro = await add_service(
+            self.nc,
+            ServiceConfig(
+                name=SERVICE_NAME,
+                version="1.0.0",
+                metadata={"node": self.settings.node, "subject": subjects.infer(self.settings.node)},
+            ),
+        )
+        self._intake = await self.nc.subscribe(
+            subjects.infer(self.settings.node), queue=f"gating-{self.settings.node}", cb=self._on_request
+        )
+        self._background = [
+            asyncio.create_task(self.engine.run(), name="engine"),
+            asyncio.create_task(self._report_activations(), name="activations"),
+        ]
+        await self.nc.flush()
+        log.info("gating_started", node=self.settings.node)
+
+    # ---- intake ------------------------------------------------------------------------------
+
+    async def _on_request(self, msg: Msg) -> None:
+        reply_to = msg.reply or None
+        try:
+            req = parse_request(msg.data)
+            if reply_to is None and req.client_id is not None:
+                reply_to = subjects.reply(req.client_id)
+            seq = Sequence(self._prompt_ids(req), req.max_tokens, SamplingParams(req.temperature, req.top_p, req.seed))
+            self.engine.submit(seq)
+        except PrismError as err:
+            await self._send_error(reply_to, _request_id_of(msg.data), err)
+            return
+        if reply_to is None:
+            log.warning("request_without_reply_subject", node=self.settings.node)
+            return
+        task = asyncio.create_task(self._respond(seq, req, reply_to), name=f"reply-{seq.key}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _prompt_ids(self, req: InferRequest) -> list[int]:
+        if req.input_ids is not None:
+            ids = req.input_ids
+            bad = [i for i in ids if not 0 <= i < self.vocab_size]
+            if bad:
+                raise TokenOutOfRange(f"input_ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        elif self.tokenizer is None:
+            raise BadRequest("this model has no tokenizer.json; send 'input_ids' instead of 'prompt'")
+        else:
+            ids = self.tokenizer.encode(req.prompt or "")
+            if not ids:
+                raise BadRequest("the prompt encodes to no tokens")
+        if len(ids) >= self.settings.max_context:
+            raise PromptTooLong(
+                f"prompt has {len(ids)} tokens; this node's context is {self.settings.max_context} "
+                "tokens including at least one generated"
+            )
+        return ids
+
+    # ---- replies -----------------------------------------------------------------------------
+
+    async def _respond(self, seq: Sequence, req: InferRequest, reply_to: str) -> None:
+        stream = self.tokenizer.stream() if self.tokenizer else None
+        while True:
+            event = await seq.events.get()
+            if isinstance(event, TokenEvent):
+                if req.stream:
+                    text = stream.push(event.token_id) if stream else ""
+                    chunk = TokenChunk(id=req.id, index=event.index, token_id=event.token_id, text=text)
+                    await self.nc.publish(reply_to, chunk.model_dump_json().encode())
+            elif isinstance(event, ErrorEvent):
+                await self._send_error(reply_to, req.id, event.error)
+                return
+            else:
+                await self.nc.publish(reply_to, self._final(seq, req, event).model_dump_json().encode())
+                return
+
+    def _final(self, seq: Sequence, req: InferRequest, done: DoneEvent) -> FinalReply:
+        text = self.tokenizer.decode(seq.generated) if self.tokenizer else ""
+        timings = Timings(
+            queue_s=seq.admitted - seq.arrived,
+            prefill_s=seq.first_token - seq.admitted,
+            decode_s=seq.finished - seq.first_token,
+            expert_wait_s=seq.expert_wait_s,
+            total_s=seq.finished - seq.arrived,
+        )
+        usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
+        return FinalReply(
+            id=req.id,
+            text=text,
+            token_ids=seq.generated,
+            finish_reason=done.finish_reason,
+            usage=usage,
+            timings=timings,
+        )
+
+    async def _send_error(self, reply_to: str | None, request_id: str | None, err: PrismError) -> None:
+        log.info("request_failed", node=self.settings.node, code=err.code, error=err.message)
+        if reply_to is None:
+            return
+        body = ErrorReply(id=request_id, error=ErrorBody(code=err.code, message=err.message))
+        await self.nc.publish(reply_to, body.model_dump_json().encode(), headers=err.headers())
+
+    # ---- activations -------------------------------------------------------------------------
+
+    async def _report_activations(self) -> None:
+        subject = subjects.activations(self.settings.node)
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.settings.activation_interval_s)
+            now = time.monotonic()
+            report = self.counter.take(now - last)
+            last = now
+            if report.tokens.any():
+                await self.nc.publish(subject, report.encode())
+
+    async def stop(self) -> None:
+        """Stop intake, let running requests finish (bounded), then stop the engine."""
+        if self._intake:
+            await self._intake.unsubscribe()
+        if self._micro:
+            await self._micro.stop()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.drain_timeout_s):
+                while self._tasks:
+                    await asyncio.gather(*self._tasks, return_exceptions=True)
+        for task in self._background:
+            task.cancel()
+        self.engine.close()
+        log.info("gating_stopped", node=self.settings.node)
+
+
+def build(nc: NatsClient, settings: GatingSettings) -> Gating:
+    """Load the dense model and tokenizer and wire the gating's components."""
+    from shared.model.config import list_moe_layers
+
+    model = MoEModel.from_checkpoint(settings.model, dtype=getattr(torch, settings.dtype), device=settings.device)
+    tokenizer = Tokenizer.from_dir(settings.model) if (settings.model / "tokenizer.json").exists() else None
+    config = model.config
+    counter = ActivationCounter(settings.node, list_moe_layers(config), config.num_experts)
+    experts = RemoteExperts(
+        nc, timeout_s=settings.expert_timeout_s, max_payload=settings.max_payload_bytes, counter=counter
+    )
+    stop_ids = frozenset([tokenizer.eos_token_id] if tokenizer and tokenizer.eos_token_id is not None else [])
+    engine = Engine(
+        model,
+        experts,
+        max_slots=settings.max_batch,
+        max_len=settings.max_context,
+        max_queue=settings.max_queue,
+        stop_ids=stop_ids,
+    )
+    return Gating(nc, settings, engine, tokenizer, counter)
+
+
+async def main(settings: GatingSettings) -> None:
+    from shared.logs import configure_logging
+    from shared.runtime import connect, serve_until_stopped
+
+    configure_logging(settings.log_level, settings.log_format, service="gating", node=settings.node)
+    torch.set_num_threads(settings.compute_threads)
+    nc = await connect(settings, f"gating-{settings.node}")
+    gating = build(nc, settings)
+    await serve_until_stopped(gating.start(), gating.stop, nc)
+
+
+def main_cli() -> None:
+    from shared.runtime import run
+    from shared.settings import from_cli
+
+    settings = from_cli(GatingSettings)
+    run(lambda: main(settings))

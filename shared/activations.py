@@ -1,0 +1,75 @@
+"""Activation reports: how many tokens each node sent to each (layer, expert) over a window.
+
+Published by every gating on `prism.v1.activations.<node>`, read by the placement service.
+msgpack on the wire: {"v", "node", "window_s", "layers", "num_experts", "counts": int64 LE bytes
+of shape [len(layers), num_experts], "tokens": tokens per layer}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgpack
+import numpy as np
+import numpy.typing as npt
+
+from shared.errors import BadTensor
+
+
+@dataclass(frozen=True)
+class ActivationReport:
+    node: str
+    window_s: float
+    layers: list[int]  # absolute indices of the MoE layers, one row of `counts` each
+    counts: npt.NDArray[np.int64]  # [len(layers), E] tokens routed to each expert in the window
+    tokens: npt.NDArray[np.int64]  # [len(layers)] tokens that went through each layer's router
+
+    def encode(self) -> bytes:
+        return msgpack.packb(
+            {
+                "v": 1,
+                "node": self.node,
+                "window_s": self.window_s,
+                "layers": self.layers,
+                "num_experts": int(self.counts.shape[1]),
+                "counts": self.counts.astype("<i8").tobytes(),
+                "tokens": self.tokens.astype("<i8").tobytes(),
+            }
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ActivationReport:
+        try:
+            data = msgpack.unpackb(payload)
+            layers = [int(x) for x in data["layers"]]
+            counts = np.frombuffer(data["counts"], dtype="<i8").reshape(len(layers), int(data["num_experts"]))
+            tokens = np.frombuffer(data["tokens"], dtype="<i8").reshape(len(layers))
+            return cls(str(data["node"]), float(data["window_s"]), layers, counts.copy(), tokens.copy())
+        except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
+            raise BadTensor(f"not an activation report: {exc}") from None
+
+
+class ActivationCounter:
+    """Accumulates counts between reports (owned by one gating)."""
+
+    def __init__(self, node: str, layers: list[int], num_experts: int) -> None:
+        self.node = node
+        self.layers = layers
+        self.row = {layer: i for i, layer in enumerate(layers)}
+        self.counts = np.zeros((len(layers), num_experts), dtype=np.int64)
+        self.tokens = np.zeros(len(layers), dtype=np.int64)
+        self.total = np.zeros((len(layers), num_experts), dtype=np.int64)
+
+    def add(self, layer: int, expert_ids: npt.NDArray[np.int64]) -> None:
+        """expert_ids: [T, K] choices of the live tokens of one MoE call."""
+        row = self.row[layer]
+        np.add.at(self.counts[row], expert_ids.reshape(-1), 1)
+        np.add.at(self.total[row], expert_ids.reshape(-1), 1)
+        self.tokens[row] += expert_ids.shape[0]
+
+    def take(self, window_s: float) -> ActivationReport:
+        """The report of the window so far; starts a new window."""
+        report = ActivationReport(self.node, window_s, self.layers, self.counts.copy(), self.tokens.copy())
+        self.counts[:] = 0
+        self.tokens[:] = 0
+        return report
