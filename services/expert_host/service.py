@@ -3,6 +3,7 @@
 Subjects:
 - `prism.v1.expert.<layer>.<expert>` (queue group `prism-experts`), one subscription per held expert:
   request = tensor envelope of hidden states [n, D]; reply = envelope of expert outputs [n, D].
+  An empty request is a reachability probe and gets an empty reply.
 - `prism.v1.host.<host>.cmd`: a nats.micro endpoint (service `prism-expert-host`, discoverable with
   `$SRV.PING`); `{"kind": "status"}` answers the HostStatus.
 - `prism.v1.host.<host>.status`: HostStatus heartbeat every `heartbeat_interval_s`.
@@ -107,6 +108,9 @@ class ExpertHost:
     # ---- data plane --------------------------------------------------------------------------
 
     async def _on_batch(self, msg: Msg) -> None:
+        if not msg.data:  # an empty request is a reachability probe (used for readiness checks)
+            await msg.respond(b"")
+            return
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -204,7 +208,8 @@ class ExpertHost:
         if self._heartbeat:
             self._heartbeat.cancel()
         if self._micro:
-            await self._micro.stop()
+            with contextlib.suppress(Exception):  # the connection may already be gone
+                await self._micro.stop()
         self._executor.shutdown(wait=False)
         log.info("expert_host_stopped", host=self.settings.host, drain_s=round(time.monotonic() - started, 3))
 

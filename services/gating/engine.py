@@ -16,7 +16,7 @@ import asyncio
 import itertools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
@@ -116,14 +116,20 @@ class Engine:
         self._wake.set()
 
     async def run(self) -> None:
-        """Step forever (cancel to stop)."""
+        """Step forever (cancel to stop). A step that crashes fails its sequences, not the engine."""
         while True:
             if not self.active and not self.waiting:
                 self._wake.clear()
                 await self._wake.wait()
             self._admit()
-            if self.active:
+            if not self.active:
+                continue
+            try:
                 await self.step()
+            except Exception as exc:  # a bug must not take every future request down with it
+                log.exception("step_failed")
+                for seq in list(self.active):
+                    self._finish(seq, ErrorEvent(PrismError(f"internal error in the forward step: {exc!r}")))
 
     def _admit(self) -> None:
         now = time.perf_counter()
@@ -159,18 +165,16 @@ class Engine:
         loop = asyncio.get_running_loop()
         steps = self.model.forward_steps(batch, self.cache)
         wait_s = 0.0
-        try:
-            call = await loop.run_in_executor(self._executor, next, steps)
-            while True:
-                started = time.perf_counter()
-                result = await self.experts(call, ~failed_seqs[owner])
-                wait_s += time.perf_counter() - started
-                if result.error is not None:
-                    self._mark_failed(result, seqs, owner, failed_seqs)
-                call = await loop.run_in_executor(self._executor, steps.send, result.output)
-        except StopIteration as done:
-            logits: Tensor = done.value
-            return logits, wait_s
+        call, logits = await loop.run_in_executor(self._executor, _resume, steps, None)
+        while call is not None:
+            started = time.perf_counter()
+            result = await self.experts(call, ~failed_seqs[owner])
+            wait_s += time.perf_counter() - started
+            if result.error is not None:
+                self._mark_failed(result, seqs, owner, failed_seqs)
+            call, logits = await loop.run_in_executor(self._executor, _resume, steps, result.output)
+        assert logits is not None  # the generator returned
+        return logits, wait_s
 
     @staticmethod
     def _mark_failed(result: ExpertsResult, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor) -> None:
@@ -199,3 +203,14 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
+
+
+def _resume(steps: Generator[MoECall, Tensor, Tensor], value: Tensor | None) -> tuple[MoECall | None, Tensor | None]:
+    """Advance the forward generator (on the worker thread): (next call, None) or (None, logits).
+
+    StopIteration cannot cross a Future, so the generator's return value is unpacked here.
+    """
+    try:
+        return steps.send(value), None  # type: ignore[arg-type]  # the first send must be None
+    except StopIteration as done:
+        return None, done.value
