@@ -1,0 +1,166 @@
+"""Train the demo MoE (Mixtral family) or its dense twin on the demo corpus, seeded and reproducible.
+
+``--variant moe``: Mixtral, 4 layers, hidden 256, 32 routed experts per layer (SwiGLU,
+intermediate 128), top-2, with the load-balancing auxiliary loss (``router_aux_loss_coef``).
+``--variant dense``: Mistral with the same attention and an MLP of intermediate 256, i.e. the MoE's
+active size per token (two experts of 128), trained on the same batches.
+
+Every step takes the same number of windows from each domain. One CPU thread, no dropout, a
+batch that is a function of (seed, step): the same seed gives the same weights. The run writes
+under ``--out``: ``log.jsonl`` (one line per logged step), ``init/`` (the weights at step 0, the
+random-init baseline), ``state.pt`` (every ``--save-every`` steps, to resume after an interrupt)
+and ``final/`` (the trained model in Hugging Face format, bf16, with its tokenizer).
+
+Usage: ``python -m tools.train_demo --variant moe --steps 640 [--out var/train/moe]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tools.demo_data import EOS_ID, streams, train_batch
+
+HIDDEN, LAYERS, HEADS, KV_HEADS = 256, 4, 4, 2
+EXPERTS, TOP_K, EXPERT_INTERMEDIATE = 32, 2, 128
+VOCAB, SEQ_LEN = 4096, 512
+
+
+def model_config(variant: str) -> Any:
+    """The transformers config of a variant ("moe" or "dense")."""
+    from transformers import MistralConfig, MixtralConfig
+
+    common: dict[str, Any] = {
+        "vocab_size": VOCAB, "hidden_size": HIDDEN, "num_hidden_layers": LAYERS,
+        "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HIDDEN // HEADS,
+        "max_position_embeddings": SEQ_LEN, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "bos_token_id": None, "eos_token_id": EOS_ID, "pad_token_id": None, "sliding_window": None,
+        "initializer_range": 0.02,
+    }
+    if variant == "moe":
+        return MixtralConfig(
+            intermediate_size=EXPERT_INTERMEDIATE, num_local_experts=EXPERTS, num_experts_per_tok=TOP_K,
+            output_router_logits=True, router_aux_loss_coef=0.01, router_jitter_noise=0.0, **common,
+        )
+    if variant == "dense":
+        return MistralConfig(intermediate_size=TOP_K * EXPERT_INTERMEDIATE, **common)
+    raise ValueError(f"unknown variant {variant!r}; accepted: 'moe', 'dense'")
+
+
+def build_model(variant: str, seed: int) -> Any:
+    """A freshly initialised model of the variant, deterministic in seed."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(  # type: ignore[no-untyped-call]
+        model_config(variant), dtype=torch.float32
+    )
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_hf(model: Any, directory: Path, tokenizer_file: Path) -> None:
+    """Save in Hugging Face format as bf16 (per-expert names), with the tokenizer and its config."""
+    training_flag = getattr(model.config, "output_router_logits", False)
+    model.config.output_router_logits = False  # inference does not need the auxiliary loss
+    model.to(torch.bfloat16).save_pretrained(directory)
+    model.to(torch.float32)
+    model.config.output_router_logits = training_flag
+    shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
+    tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
+                  "model_max_length": SEQ_LEN, "clean_up_tokenization_spaces": False}
+    (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
+
+
+def train_step(model: Any, optimizer: torch.optim.Optimizer, batch: torch.Tensor, lr: float) -> dict[str, float]:
+    """One AdamW step on batch [B, S]; returns the language-model loss and the auxiliary loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    out = model(input_ids=batch, labels=batch)
+    out.loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    aux = float(out.aux_loss.detach()) if getattr(out, "aux_loss", None) is not None else 0.0
+    coef = float(getattr(model.config, "router_aux_loss_coef", 0.0)) if aux else 0.0
+    return {"loss": float(out.loss) - coef * aux, "aux": aux, "grad_norm": float(norm)}
+
+
+def make_optimizer(model: Any, peak: float) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms)."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), eps=1e-8)
+
+
+def run(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    data = streams(args.corpus, args.tokenizer, "train")
+    model = build_model(args.variant, args.seed)
+    if not (out / "init").is_dir():
+        save_hf(model, out / "init", args.tokenizer)
+    optimizer = make_optimizer(model, args.lr)
+    start = 0
+    if (out / "state.pt").is_file():  # resume: weights, optimizer, step; batches depend on the step only
+        state = torch.load(out / "state.pt", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = int(state["step"])
+    model.train()
+    per_domain = args.batch // len(data)
+    t0 = time.time()
+    with (out / "log.jsonl").open("a") as log:
+        for step in range(start, args.steps):
+            batch = train_batch(data, args.seed, step, per_domain, SEQ_LEN)
+            lr = learning_rate(step, args.steps, args.lr, args.warmup)
+            stats = train_step(model, optimizer, batch, lr)
+            if step % args.log_every == 0 or step == args.steps - 1:
+                row = {"step": step, "lr": lr, "elapsed_s": round(time.time() - t0, 1), **stats}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if (step + 1) % args.save_every == 0 and step + 1 < args.steps:
+                torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1},
+                           out / "state.pt")
+    save_hf(model, out / "final", args.tokenizer)
+    (out / "state.pt").unlink(missing_ok=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variant", choices=("moe", "dense"), default="moe")
+    parser.add_argument("--steps", type=int, default=640)
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step (a multiple of the domains)")
+    parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=40)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--save-every", type=int, default=100)
+    parser.add_argument("--corpus", type=Path, default=Path("var/corpus"))
+    parser.add_argument("--tokenizer", type=Path, default=Path("var/tokenizer.json"))
+    parser.add_argument("--out", type=Path, default=None, help="default: var/train/<variant>")
+    args = parser.parse_args(argv)
+    args.out = args.out or Path("var/train") / args.variant
+    run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
