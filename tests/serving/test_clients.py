@@ -1,0 +1,64 @@
+"""The public contract from the client side: streaming over NATS, and IoT devices over MQTT."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from shared import subjects
+from tests.serving.conftest import LocalCluster, reference
+
+pytestmark = pytest.mark.slow
+
+
+async def test_streaming_sends_every_token_then_the_final_reply(cluster: LocalCluster, mixtral_dir: Path) -> None:
+    await cluster.add_node("a")
+    await cluster.add_host("a", "h", mixtral_dir, "*:*")
+    await cluster.add_gating("a", mixtral_dir)
+    nc = await cluster.connect("a")
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    prompt = [7, 8, 9, 10]
+    body = {"input_ids": prompt, "max_tokens": 6, "stream": True, "id": "s1"}
+    await nc.publish(subjects.infer(cluster.node("a")), json.dumps(body).encode(), reply=inbox)
+    chunks = []
+    async with asyncio.timeout(20):
+        while True:
+            chunks.append(json.loads((await sub.next_msg(timeout=20)).data))
+            if chunks[-1].get("done"):
+                break
+    final = chunks.pop()
+    assert [c["index"] for c in chunks] == list(range(6))
+    assert [c["token_id"] for c in chunks] == final["token_ids"] == reference(mixtral_dir, [prompt], 6)[0]
+    assert all(c["id"] == "s1" for c in chunks)
+    assert final["finish_reason"] == "length"
+    assert final["timings"]["total_s"] >= final["timings"]["decode_s"] >= 0
+
+
+async def test_mqtt_device_gets_its_answer(cluster: LocalCluster, mixtral_dir: Path, unique: str) -> None:
+    await cluster.add_node("a")
+    await cluster.add_host("a", "h", mixtral_dir, "*:*")
+    await cluster.add_gating("a", mixtral_dir)
+    mqtt_port = cluster.hub.cfg.mqtt_port
+    assert mqtt_port is not None
+    client_id = f"{unique}-dev"
+    prompt = [11, 12, 13]
+    async with aiomqtt.Client("127.0.0.1", mqtt_port, identifier=client_id) as client:
+        await client.subscribe(subjects.mqtt_reply_topic(client_id))
+        request = {"input_ids": prompt, "max_tokens": 4, "client_id": client_id}
+        async with asyncio.timeout(20):
+            # interest of the gating (on a leaf) reaches the hub asynchronously: repeat until answered
+            while True:
+                await client.publish(subjects.mqtt_infer_topic(cluster.node("a")), json.dumps(request).encode())
+                try:
+                    async with asyncio.timeout(2):
+                        message = await anext(aiter(client.messages))
+                    break
+                except TimeoutError:
+                    continue
+    reply = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+    assert reply["token_ids"] == reference(mixtral_dir, [prompt], 4)[0]
