@@ -131,7 +131,8 @@ def make_tiny_checkpoint(
     config = tiny_config(family, **config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        auto: Any = transformers.AutoModelForCausalLM
+        model = auto.from_config(config, dtype=torch.float32)
     model.eval()
     save_kwargs: dict[str, Any] = {}
     if fused:
