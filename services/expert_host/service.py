@@ -140,8 +140,10 @@ class ExpertHost:
         if hidden.dtype != self.dtype:
             raise BadTensor(f"expected dtype {self.settings.dtype}, got {str(hidden.dtype).removeprefix('torch.')}")
         self.counters.tokens += hidden.shape[0]
-        loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._executor, self._run_expert, weights, hidden)
+        if hidden.shape[0] <= self.settings.inline_max_tokens:  # a thread hop costs more than the math
+            out = self._run_expert(weights, hidden)
+        else:
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_expert, weights, hidden)
         return encode_tensor(out, meta)
 
     def _run_expert(self, weights: ExpertWeights, hidden: torch.Tensor) -> torch.Tensor:

@@ -22,4 +22,7 @@ class ExpertHostSettings(ServiceSettings):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the experts")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="expert weight dtype")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="status heartbeat period, seconds")
+    inline_max_tokens: int = Field(
+        64, ge=0, le=1_000_000, description="batches of at most this many tokens compute on the event loop"
+    )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for expert compute")

@@ -93,12 +93,14 @@ class Engine:
         max_slots: int,
         max_len: int,
         max_queue: int,
+        inline_max_tokens: int = 0,
         stop_ids: frozenset[int] = frozenset(),
     ) -> None:
         self.model = model
         self.experts = experts
         self.max_len = max_len
         self.max_queue = max_queue
+        self.inline_max_tokens = inline_max_tokens
         self.stop_ids = stop_ids
         self.cache = model.new_cache(max_slots, max_len)
         self.sampler = Sampler()
@@ -162,19 +164,28 @@ class Engine:
     async def _forward(
         self, batch: Batch, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor
     ) -> tuple[Tensor, float]:
-        loop = asyncio.get_running_loop()
         steps = self.model.forward_steps(batch, self.cache)
+        inline = len(owner) <= self.inline_max_tokens
         wait_s = 0.0
-        call, logits = await loop.run_in_executor(self._executor, _resume, steps, None)
+        call, logits = await self._compute(inline, steps, None)
         while call is not None:
             started = time.perf_counter()
             result = await self.experts(call, ~failed_seqs[owner])
             wait_s += time.perf_counter() - started
             if result.error is not None:
                 self._mark_failed(result, seqs, owner, failed_seqs)
-            call, logits = await loop.run_in_executor(self._executor, _resume, steps, result.output)
+            call, logits = await self._compute(inline, steps, result.output)
         assert logits is not None  # the generator returned
         return logits, wait_s
+
+    async def _compute(
+        self, inline: bool, steps: Generator[MoECall, Tensor, Tensor], value: Tensor | None
+    ) -> tuple[MoECall | None, Tensor | None]:
+        """Run dense compute up to the next MoE call: inline for small steps (a thread hop costs more
+        than the math), on the worker thread for big ones so intake and replies keep flowing."""
+        if inline:
+            return _resume(steps, value)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _resume, steps, value)
 
     @staticmethod
     def _mark_failed(result: ExpertsResult, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor) -> None:

@@ -214,6 +214,7 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
         max_slots=settings.max_batch,
         max_len=settings.max_context,
         max_queue=settings.max_queue,
+        inline_max_tokens=settings.inline_max_tokens,
         stop_ids=stop_ids,
     )
     return Gating(nc, settings, engine, tokenizer, counter)

@@ -23,4 +23,7 @@ class GatingSettings(ServiceSettings):
     max_queue: int = Field(256, ge=1, le=100000, description="requests waiting for a slot before 'overloaded'")
     expert_timeout_s: float = Field(2.0, gt=0, le=120, description="wait for one expert answer, seconds")
     activation_interval_s: float = Field(2.0, gt=0, le=3600, description="period of activation reports, seconds")
+    inline_max_tokens: int = Field(
+        64, ge=0, le=1_000_000, description="steps of at most this many tokens compute on the event loop"
+    )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for the dense model")
