@@ -12,6 +12,7 @@ import importlib
 import sys
 
 COMMANDS: tuple[str, ...] = (
+    "cli.trace",
 )
 
 
