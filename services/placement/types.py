@@ -237,19 +237,43 @@ class CoActivation:
         return cls(tokens=tokens, sets=sets)
 
     @classmethod
-    def independent(cls, freq: np.ndarray, top_k: int, samples_per_node: int = 128, seed: int = 0) -> CoActivation:
-        """Synthesise sets from f alone, assuming experts are chosen independently ∝ f (no co-activation).
+    def independent(cls, freq: np.ndarray, top_k: int, samples_per_node: int = 64, seed: int = 0) -> CoActivation:
+        """Synthesise sets from f alone: each token draws top_k distinct experts ∝ f, independently
+        of each other (no co-activation structure). freq [N, L, E]; tokens = Σ_e f / top_k. Seeded.
 
-        freq [N, L, E]; tokens are estimated as Σ_e f / top_k. Seeded, so deterministic.
+        Draws by inverse CDF and redraws duplicates; after a few rounds a remaining duplicate takes the
+        most used expert not chosen yet (only very peaked layers get there).
         """
         freq = np.asarray(freq, dtype=np.float64)
         n_nodes, n_layers, n_experts = freq.shape
         k = min(top_k, n_experts)
         rng = np.random.default_rng(seed)
-        p = freq + 1e-12
-        # Gumbel top-k = sampling k distinct experts without replacement ∝ p.
-        g = np.log(p)[:, None] - np.log(-np.log(rng.random((n_nodes, samples_per_node, n_layers, n_experts))))
-        sets = np.argsort(-g, axis=-1, kind="stable")[..., :k].astype(np.int32)
+        p = freq + 1e-12 * (freq.sum(-1, keepdims=True) == 0)  # a layer with no traffic: uniform
+        p = (p / p.sum(-1, keepdims=True)).reshape(-1, n_experts)
+        # Inverse CDF for all rows at once: row r's CDF shifted by r is one sorted array.
+        cdf = np.cumsum(p, axis=1)
+        offset = np.arange(p.shape[0])[:, None]
+        u = rng.random((p.shape[0], samples_per_node * k)) + offset
+        pos = np.searchsorted((cdf + offset).ravel(), u.ravel(), side="right").reshape(u.shape)
+        draws = np.minimum(pos - offset * n_experts, n_experts - 1)
+        sets = draws.reshape(n_nodes, n_layers, samples_per_node, k).transpose(0, 2, 1, 3).copy()
+        row = np.broadcast_to(
+            (np.arange(n_nodes)[:, None] * n_layers + np.arange(n_layers)[None, :])[:, None, :],
+            (n_nodes, samples_per_node, n_layers),
+        )
+        for j in range(1, k):
+            for _ in range(8):
+                dup = (sets[..., :j] == sets[..., j : j + 1]).any(axis=-1)
+                if not dup.any():
+                    break
+                r = row[dup]
+                u = rng.random(r.size)
+                sets[..., j][dup] = np.minimum((cdf[r] < u[:, None]).sum(axis=1), n_experts - 1)
+            dup = (sets[..., :j] == sets[..., j : j + 1]).any(axis=-1)
+            if dup.any():  # very peaked rows: take the most used expert not chosen yet
+                left = p[row[dup]].copy()
+                np.put_along_axis(left, sets[..., :j][dup], -np.inf, axis=1)
+                sets[..., j][dup] = np.argmax(left, axis=1)
         return cls(tokens=freq.sum(-1) / max(k, 1), sets=sets)
 
 

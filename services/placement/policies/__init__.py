@@ -10,15 +10,24 @@ from __future__ import annotations
 from typing import get_args
 
 from services.placement.errors import InvalidInputError
+from services.placement.policies.eplb import eplb
+from services.placement.policies.latency import latency
+from services.placement.policies.optimal import optimal
+from services.placement.policies.prism import prism
+from services.placement.policies.redundance import redundance
 from services.placement.policies.uniform import uniform
 from services.placement.types import Policy, PolicyName
 
 POLICIES: dict[PolicyName, Policy] = {
     "uniform": uniform,
+    "redundance": redundance,
+    "eplb": eplb,
+    "prism": prism,
+    "optimal": optimal,
+    "latency": latency,
 }
 
-# Step 1 of issue 4 registers `uniform` only; the other names land with their modules.
-_missing = set(POLICIES) - set(get_args(PolicyName))
+_missing = set(get_args(PolicyName)) ^ set(POLICIES)
 if _missing:  # an import-time check, so a renamed policy cannot silently vanish from the CLI
     raise ImportError(f"POLICIES and PolicyName disagree on {sorted(_missing)}")
 

@@ -1,0 +1,181 @@
+"""The latency cost model of the `latency` policy: expected MoE time of one decode step, per token.
+
+Shape legend: N nodes, H hosts, L layers, E experts, K top-k, S sampled tokens per node,
+B batch (tokens per decode step at a node), nb pseudo-batches of a node's sample.
+
+Model, per requesting node n and MoE layer l, for one decode step of B_n tokens:
+- Serving: an expert n holds is computed locally; otherwise by the holder nearest to n (lowest
+  round trip, then highest bandwidth, then the next node index after n, cyclically, so that
+  requesters spread over equally near replicas). The hosts of a node share its work
+  evenly (capacity Σ host speed); host-level imbalance inside a node is not modelled.
+- Work (queueing at the batch size): all nodes step together, so in layer l node m computes every
+  call it serves from every requester: calls[m, l] = Σ_n B_n Σ_e p[n, l, e]·[m serves (l, e) for n],
+  with p = f / tokens (calls per token), taking work[m, l] = calls · expert_time_s / speed_m.
+- Network: the tokens of a step that need node m travel as ONE message (a token's top-k are fetched
+  in parallel, and a token with several experts on m is sent once), costing
+  rtt[n, m] + 2 · c · bytes_per_token / bandwidth[n, m] + work[m, l] for c such tokens (there and back).
+  A (token, layer) with all experts local pays no round trip; one with any remote expert pays one.
+- The layer ends when the local work and the slowest remote group are done:
+  T[n, l] = max(work[n, l], max_m group[n, l, m]).
+- Co-activation enters through the sampled top-k sets of `CoActivation`: a node's sample is cut into
+  pseudo-batches of B_n consecutive tokens (cyclically re-used when S < B_n) and T is averaged over
+  them, so "any remote in the batch" and "distinct remote nodes" come from real sets, not from
+  independence assumptions.
+- Not modelled: link contention between requesters, stragglers, the dense part (same for every
+  placement).
+
+`expected_latency` = Σ_n w_n Σ_l T[n, l] (seconds per decode step, token-weighted mean over nodes,
+w_n ∝ tokens of node n). Pure numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
+
+
+def default_samples(num_nodes: int, num_layers: int) -> int:
+    """Tokens per node to synthesise when no CoActivation is given: 64, fewer on big clusters so the
+    sample stays near 2^16 (token, layer) rows (sampling and evaluation cost), never under 16."""
+    return int(np.clip(2**16 // max(num_nodes * num_layers, 1), 16, 64))
+
+
+def _pseudo_batches(valid: int, batch: int) -> np.ndarray:
+    """[nb, B] indices into a node's `valid` sample rows, cyclic when valid < batch."""
+    nb = max(1, valid // batch)
+    return np.arange(nb * batch).reshape(nb, batch) % valid
+
+
+class LatencyModel:
+    """Precomputed context for evaluating many placements of one (cluster, f, coact, workload)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        freq: np.ndarray,
+        coact: CoActivation | None = None,
+        workload: Workload | None = None,
+    ) -> None:
+        f = check_inputs(freq, cluster)
+        n_nodes, n_layers, _ = f.shape
+        self.cluster = cluster
+        self.workload = workload if workload is not None else Workload.uniform(n_nodes)
+        if self.workload.batch.shape != (n_nodes,):
+            raise ValueError(f"Workload.batch has {self.workload.batch.shape[0]} nodes, counts have {n_nodes}")
+        self.coact = coact if coact is not None else CoActivation.independent(
+            f, self.workload.top_k, samples_per_node=default_samples(n_nodes, n_layers)
+        )
+        if self.coact.sets.shape[0] != n_nodes or self.coact.sets.shape[2] != n_layers:
+            raise ValueError(
+                f"CoActivation sets {self.coact.sets.shape} do not match counts [N={n_nodes}, L={n_layers}, E]"
+            )
+        tokens = self.coact.tokens
+        self.p = np.divide(f, tokens[..., None], out=np.zeros_like(f), where=tokens[..., None] > 0)
+        tok = tokens.max(axis=1)
+        self.weight = tok / tok.sum() if tok.sum() > 0 else np.full(n_nodes, 1.0 / n_nodes)
+        self.speed = cluster.node_speed()
+        self.rtt = cluster.rtt_s
+        with np.errstate(divide="ignore"):
+            per_byte = 2.0 * self.workload.bytes_per_token / cluster.bandwidth_Bps  # there and back
+            self.byte_time = np.where(np.eye(n_nodes, dtype=bool), 0.0, per_byte)
+        # Serving order per requester: itself, then by (rtt, -bandwidth, next index cyclically); the
+        # cyclic tie-break spreads requesters over equally near replicas instead of piling on one.
+        cyc = (np.arange(n_nodes)[None, :] - np.arange(n_nodes)[:, None]) % n_nodes
+        self.order = np.stack(
+            [np.lexsort((cyc[n], -cluster.bandwidth_Bps[n], self.rtt[n])) for n in range(n_nodes)]
+        )
+        self.rank = np.argsort(self.order, axis=1)
+        self.uniform_links = bool(np.all(self.order == np.argsort(cyc, axis=1)))
+        valid = self.coact.valid
+        self.samples = [np.flatnonzero(valid[n]) for n in range(n_nodes)]
+        self.batches = [
+            _pseudo_batches(s.size, int(self.workload.batch[n])) if s.size else np.zeros((0, 1), dtype=int)
+            for n, s in enumerate(self.samples)
+        ]
+
+    def serve(self, view: np.ndarray) -> np.ndarray:
+        """[N, L', E] int: node serving (l, e) for each requester, from view [N, L', E] bool (all covered)."""
+        n_nodes = view.shape[0]
+        if self.uniform_links:
+            # Equal links: the next holder after n, cyclically, so requesters spread over replicas.
+            nxt = np.empty(view.shape, dtype=np.int64)
+            after = np.argmax(view, axis=0)  # wraps around to the first holder
+            for m in range(n_nodes - 1, -1, -1):
+                nxt[m] = after = np.where(view[m], m, after)
+            return np.where(view, np.arange(n_nodes)[:, None, None], np.roll(nxt, -1, axis=0))
+        out = np.empty(view.shape, dtype=np.int64)
+        for n in range(n_nodes):
+            key = np.where(view, self.rank[n][:, None, None], n_nodes)
+            out[n] = np.argmin(key, axis=0)
+        return out
+
+    def work(self, serve: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """[N, L'] seconds each node computes per step in each of `layers`."""
+        n_nodes, n_sub, _ = serve.shape
+        calls = self.p[:, layers, :] * self.workload.batch[:, None, None]  # [N, L', E]
+        idx = serve * n_sub + np.arange(n_sub)[None, :, None]
+        per = np.bincount(idx.ravel(), weights=calls.ravel(), minlength=n_nodes * n_sub).reshape(n_nodes, n_sub)
+        return np.asarray(per * self.workload.expert_time_s / self.speed[:, None])
+
+    def layer_times(self, view: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """T [N, L']: mean step time of each requester in each of `layers`; view [N, L', E] bool."""
+        n_nodes, n_sub, _ = view.shape
+        serve = self.serve(view)
+        work = self.work(serve, layers)
+        out = np.empty((n_nodes, n_sub))
+        for n in range(n_nodes):
+            out[n] = self._requester_times(n, serve[n], work, layers)
+        return out
+
+    def _requester_times(self, n: int, serve_n: np.ndarray, work: np.ndarray, layers: np.ndarray) -> np.ndarray:
+        """[L'] mean step time of requester n; serve_n [L', E], work [N, L']."""
+        batches = self.batches[n]
+        if batches.size == 0:
+            return np.asarray(work[n])
+        nb, batch = batches.shape
+        n_sub = serve_n.shape[0]
+        sets = self.coact.sets[n][self.samples[n][batches.ravel()]][:, layers, :]  # [nb·B, L', K]
+        srv = np.sort(serve_n[np.arange(n_sub)[None, :, None], sets], axis=2)  # serving node per expert
+        # A token is sent once to each distinct remote node among its experts.
+        sent = srv != n
+        sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
+        if batch == 1:
+            remote = work[srv, np.arange(n_sub)[None, :, None]]
+            group = np.where(sent, self.rtt[n][srv] + self.byte_time[n][srv] + remote, 0.0)
+            return np.asarray(np.maximum(work[n][None], group.max(axis=2)).mean(axis=0))
+        b_id = np.repeat(np.arange(nb), batch)[:, None, None]
+        idx = (b_id * n_sub + np.arange(n_sub)[None, :, None]) * self.rtt.shape[0] + srv
+        c = np.bincount(idx[sent], minlength=nb * n_sub * self.rtt.shape[0]).reshape(nb, n_sub, -1)
+        group = np.where(c > 0, self.rtt[n] + c * self.byte_time[n] + work.T[None], 0.0)
+        return np.asarray(np.maximum(work[n][None], group.max(axis=2)).mean(axis=0))
+
+    def node_view_cost(self, view: np.ndarray) -> float:
+        """Σ_n w_n Σ_l T[n, l] for a node-level view [N, L, E] bool (every expert covered)."""
+        t = self.layer_times(view, np.arange(view.shape[1]))
+        return float(self.weight @ t.sum(axis=1))
+
+    def cost(self, placement: Placement) -> float:
+        return self.node_view_cost(placement.node_view(self.cluster))
+
+
+def expected_latency(
+    placement: Placement,
+    cluster: Cluster,
+    freq: np.ndarray,
+    coact: CoActivation | None = None,
+    workload: Workload | None = None,
+) -> float:
+    """Expected MoE time of one decode step (s), token-weighted over nodes; see the module docstring.
+
+    freq [N, L, E] counts; coact defaults to independent sets drawn ∝ f with workload.top_k experts;
+    workload defaults to batch 1 everywhere. The placement must cover every expert.
+    """
+    return LatencyModel(cluster, freq, coact, workload).cost(placement)
+
+
+def migration_replicas(new_view: np.ndarray, current_view: np.ndarray | None) -> int:
+    """Replicas a node must load to go from current_view to new_view (both [N, L, E] bool)."""
+    if current_view is None:
+        return 0
+    return int(np.count_nonzero(new_view & ~current_view))

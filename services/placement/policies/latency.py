@@ -1,0 +1,165 @@
+"""`latency` (ours): minimise the expected decode latency of `latency_model`, not the remote-call proxy.
+
+Why: a token's top-k experts are fetched in parallel, so a (token, layer) pays one round trip if ANY
+of its experts is remote, and each distinct remote node is one message. When round trips dominate,
+giving a node whole layers beats the proxy optimum; when bytes or queueing dominate, the proxy
+optimum wins (see ARCHITECTURE.md, Placement). No single construction is best in every regime, so:
+
+1. Candidates (node-level views, every expert covered, each node within its slots):
+   - `proxy`: the proxy optimum (exact LP when N·L·E <= EXACT_LIMIT, else each node's top
+     experts plus the coverage repair);
+   - `whole_layers`: layer-major contiguous blocks ∝ node slots (whole layers per node), spare slots
+     filled with the node's most used experts;
+   - `slot_split`: per node, slot counts per layer chosen on the latency model itself — a Lagrangian
+     split of the node's slots over layers minimising the round trips plus bytes of its own tokens
+     given its top-s experts per layer (so a layer can get all E slots when that saves the round
+     trip), then the coverage repair;
+   - every other registered policy (uniform, redundance, eplb, prism), and `current` if given.
+2. Each is scored by `LatencyModel` (+ migration cost against `current`); the best is improved by
+   local search (slot trades between layers, `_local_search`) when the instance is small enough for
+   the search to stay within the time budget (SEARCH_LIMIT, counted in model work, so deterministic).
+3. Hysteresis against `current`: the new plan replaces it only if latency + migration_cost_s × new
+   replicas < latency(current) × (1 - min_gain); otherwise `current` is returned unchanged.
+
+Because the other policies are candidates and every later step only accepts improvements, the result
+is never worse than the best of them on this model. Ties go to the earlier candidate in the order
+above. Deterministic: no clocks, no unseeded randomness.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.placement.latency_model import LatencyModel
+from services.placement.policies._common import (
+    apportion,
+    assign_to_hosts,
+    expert_major_blocks,
+    fill_spare,
+    fill_top,
+    ranks,
+    repair_coverage,
+)
+from services.placement.policies._local_search import LocalSearch
+from services.placement.policies.eplb import eplb
+from services.placement.policies.optimal import solve_node_sets
+from services.placement.policies.prism import prism
+from services.placement.policies.redundance import redundance
+from services.placement.policies.uniform import uniform
+from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
+
+EXACT_LIMIT = 60_000  # N·L·E up to which the proxy candidate is the exact LP optimum
+SEARCH_LIMIT = 4e7  # model work (requesters × sampled tokens × K × L per pass) allowed for local search
+MAX_MOVES = 400
+
+
+def proxy_view(f: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
+    """The proxy optimum (exact when small), else each node's top experts overall plus repair."""
+    if f.size <= EXACT_LIMIT:
+        return solve_node_sets(f, node_slots)
+    view = fill_spare(np.zeros(f.shape, dtype=bool), f, np.minimum(node_slots, f.shape[1] * f.shape[2]))
+    return repair_coverage(view, f, node_slots)
+
+
+def whole_layers_view(f: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
+    """Layer-major blocks ∝ node slots (node n holds whole layers), spare slots by frequency."""
+    _, n_layers, n_experts = f.shape
+    counts = apportion(n_layers * n_experts, node_slots, node_slots)
+    # expert_major_blocks on the transposed shape gives layer-major order.
+    view = expert_major_blocks(counts, n_experts, n_layers).transpose(0, 2, 1)
+    return fill_spare(view, f, node_slots)
+
+
+def _layer_costs(model: LatencyModel, f: np.ndarray) -> np.ndarray:
+    """c [N, L, E + 1]: mean per-step network time of node n's tokens in layer l if it holds its
+    top-s experts there (s = 0..E) and everything else is one average link away."""
+    n_nodes, n_layers, n_experts = f.shape
+    rk = ranks(f)
+    out = np.zeros((n_nodes, n_layers, n_experts + 1))
+    off = ~np.eye(n_nodes, dtype=bool)
+    for n in range(n_nodes):
+        batches = model.batches[n]
+        if batches.size == 0 or n_nodes == 1:
+            continue
+        nb = batches.shape[0]
+        sets = model.coact.sets[n][model.samples[n][batches.ravel()]]  # [nb·B, L, K]
+        top = rk[n][np.arange(n_layers)[None, :, None], sets].max(axis=2)  # [nb·B, L] worst rank
+        worst_b = top.reshape(nb, -1, n_layers).max(axis=1)  # [nb, L]
+        rtt, bt = model.rtt[n][off[n]].mean(), model.byte_time[n][off[n]].mean()
+        for hist_src, scale in ((top, bt), (worst_b, rtt)):
+            hist = np.zeros((n_layers, n_experts + 1))
+            np.add.at(hist, (np.broadcast_to(np.arange(n_layers), hist_src.shape), hist_src + 1), 1.0)
+            # tokens (or batches) whose worst rank >= s pay: count of values > s - 1
+            out[n] += scale * (hist_src.shape[0] - np.cumsum(hist, axis=1)) / nb
+    return out
+
+
+def slot_split_view(model: LatencyModel, f: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
+    """Per node, split slots over layers by a Lagrangian on `_layer_costs`, fill top-s, repair."""
+    n_nodes, n_layers, n_experts = f.shape
+    c = _layer_costs(model, f)
+    s = np.arange(n_experts + 1)
+    budget = np.minimum(node_slots, n_layers * n_experts)
+    lo, hi = np.zeros(n_nodes), np.full(n_nodes, c.max() + 1.0)
+    for _ in range(40):  # smallest price per slot whose unconstrained choice fits the budget
+        mid = (lo + hi) / 2
+        fits = np.argmin(c + mid[:, None, None] * s, axis=2).sum(axis=1) <= budget
+        hi, lo = np.where(fits, mid, hi), np.where(fits, lo, mid)
+    counts = np.argmin(c + hi[:, None, None] * s, axis=2)
+    view = fill_spare(fill_top(f, counts), f, budget)
+    return repair_coverage(view, f, node_slots)
+
+
+def _candidates(
+    f: np.ndarray, cluster: Cluster, model: LatencyModel, current: Placement | None
+) -> list[np.ndarray]:
+    slots = cluster.node_slots()
+    views = [proxy_view(f, slots), whole_layers_view(f, slots), slot_split_view(model, f, slots)]
+    views += [p(f, cluster).node_view(cluster) for p in (uniform, redundance, eplb, prism)]
+    if current is not None:
+        views.append(current.node_view(cluster))
+    return views
+
+
+def _usable(current: Placement | None, cluster: Cluster, shape: tuple[int, ...]) -> Placement | None:
+    """`current` if it fits this cluster and model shape and is valid, else None (then ignored)."""
+    if current is None or current.hosts.shape != (cluster.num_hosts, *shape[1:]):
+        return None
+    h = current.hosts
+    if not h.any(axis=0).all() or np.any(h.sum(axis=(1, 2)) > cluster.host_slots):
+        return None
+    return current
+
+
+def latency(
+    freq: np.ndarray,
+    cluster: Cluster,
+    *,
+    coact: CoActivation | None = None,
+    current: Placement | None = None,
+    workload: Workload | None = None,
+) -> Placement:
+    """Best candidate on the latency model, refined by local search, with hysteresis. freq [N, L, E]."""
+    f = check_inputs(freq, cluster)
+    model = LatencyModel(cluster, f, coact, workload)
+    wl = model.workload
+    current = _usable(current, cluster, f.shape)
+    cur_view = current.node_view(cluster) if current is not None else np.zeros(f.shape, dtype=bool)
+    mig = np.where(cur_view, 0.0, wl.migration_cost_s) if current is not None else np.zeros(f.shape)
+    views = _candidates(f, cluster, model, current)
+    costs = [model.node_view_cost(v) + float(mig[v].sum()) for v in views]
+    best_i = int(np.argmin(costs))  # the first of equal costs
+    best_cost, best = costs[best_i], views[best_i]
+    work = cluster.num_nodes * sum(b.size for b in model.batches) * model.coact.top_k * f.shape[1]
+    if 2 * work <= SEARCH_LIMIT:
+        search = LocalSearch(model, f, best, cluster.node_slots(), mig)
+        view = search.run(MAX_MOVES)
+        cost = model.node_view_cost(view) + float(mig[view].sum())
+        if cost < best_cost:
+            best_cost, best = cost, view
+    if current is not None:
+        cur_cost = model.node_view_cost(cur_view)
+        if not best_cost < cur_cost * (1.0 - wl.min_gain):
+            return current
+    prefer = current.hosts if current is not None else None
+    return Placement(assign_to_hosts(best, cluster, f, prefer=prefer))
