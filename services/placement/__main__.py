@@ -1,0 +1,3 @@
+from services.placement.service import main_cli
+
+main_cli()

@@ -1,0 +1,218 @@
+"""Placement service: activation statistics → placement plans, one per cluster, connected to the hub.
+
+Subjects and stores:
+- `prism.v1.activations.*` in: each gating's activation reports, fed to windowed statistics with
+  workload-shift detection (services/placement/stats.py).
+- `prism.v1.host.*.status` in: host heartbeats; the live registry (also mirrored to KV `prism_hosts`,
+  whose TTL drops silent hosts).
+- KV `prism_placement`, key `plan` out: `{"epoch", "model", "policy", "hosts": {host: [[layer, expert]]},
+  "objective"}`; the epoch only grows.
+
+A plan is computed at start (once hosts are known), every `plan_interval_s`, and at once on a detected
+shift; it is published only when the migration rule accepts it (planner.worth_migrating). Reports from
+unknown nodes or with the wrong shape are logged and dropped; a failing policy keeps the current plan.
+KV writes from a leaf get "no responders" (FACTS.md), so this service connects to the hub.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.kv import KeyValue
+from pydantic import ValidationError
+
+from services.placement.errors import PlacementError
+from services.placement.planner import ClusterView, cluster_view, from_plan_hosts, to_plan_hosts, worth_migrating
+from services.placement.policies import get_policy
+from services.placement.settings import PlacementSettings
+from services.placement.stats import RoutingStats
+from shared import subjects
+from shared.activations import ActivationReport
+from shared.errors import PrismError
+from shared.schemas import HostStatus
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    moe_layers: list[int]
+    num_experts: int
+    top_k: int
+    expert_bytes: int
+
+
+class PlacementService:
+    def __init__(
+        self, nc: NatsClient, plans: KeyValue, hosts: KeyValue, settings: PlacementSettings, model: ModelShape
+    ) -> None:
+        self.nc = nc
+        self.plans = plans
+        self.hosts_kv = hosts
+        self.settings = settings
+        self.model = model
+        self.nodes = settings.node_list()
+        self.stats = RoutingStats(len(self.nodes), len(model.moe_layers), model.num_experts, model.top_k)
+        self.policy = get_policy(settings.policy)
+        self.plan: dict[str, Any] | None = None
+        self.published = 0
+        self._seen: dict[str, tuple[HostStatus, float]] = {}
+        self._replan = asyncio.Event()
+        self._subs: list[Subscription] = []
+        self._loop_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        with contextlib.suppress(Exception):  # no plan yet is normal
+            entry = await self.plans.get("plan")
+            self.plan = json.loads(entry.value or b"{}")
+        self._subs = [
+            await self.nc.subscribe(subjects.ALL_ACTIVATIONS, cb=self._on_activations),
+            await self.nc.subscribe(subjects.ALL_HOST_STATUS, cb=self._on_status),
+        ]
+        self._loop_task = asyncio.create_task(self._plan_loop(), name="plan-loop")
+        log.info("placement_started", nodes=self.nodes, policy=self.settings.policy)
+
+    async def _on_activations(self, msg: Msg) -> None:
+        try:
+            report = ActivationReport.decode(msg.data)
+            if report.node not in self.nodes or report.layers != self.model.moe_layers:
+                return
+            event = self.stats.add_counts(self.nodes.index(report.node), report.counts, int(report.tokens.max()))
+        except (PrismError, PlacementError) as err:
+            log.warning("activation_report_dropped", subject=msg.subject, error=str(err))
+            return
+        if event is not None:
+            log.info("workload_shift", node=report.node, distance=round(event.distance, 3))
+            self._replan.set()
+
+    async def _on_status(self, msg: Msg) -> None:
+        try:
+            status = HostStatus.model_validate_json(msg.data)
+        except ValidationError:
+            log.warning("host_status_dropped", subject=msg.subject)
+            return
+        new = status.host not in self._seen
+        self._seen[status.host] = (status, time.monotonic())
+        with contextlib.suppress(Exception):  # the in-memory registry is authoritative here
+            await self.hosts_kv.put(status.host, msg.data)
+        if new and status.node in self.nodes:
+            self._replan.set()
+
+    def live_hosts(self) -> list[HostStatus]:
+        horizon = time.monotonic() - self.settings.host_ttl_s
+        return [status for status, seen in self._seen.values() if seen >= horizon]
+
+    async def _plan_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.plan_interval_s):
+                    await self._replan.wait()
+            self._replan.clear()
+            try:
+                await self.plan_once()
+            except PlacementError as err:
+                log.warning("plan_failed", error=str(err))
+
+    async def plan_once(self) -> bool:
+        """Compute a plan and publish it if the migration rule accepts it; True when published."""
+        statuses = self.live_hosts()
+        if not any(s.node in self.nodes for s in statuses):
+            return False
+        view = cluster_view(
+            statuses,
+            self.nodes,
+            self.model.expert_bytes,
+            self.settings.rtt_ms / 1e3,
+            self.settings.bandwidth_mbit * 1e6 / 8,
+        )
+        freq = self.stats.counts()
+        current = self._current_placement(view)
+        if current is not None and self.stats.window_tokens().sum() < self.settings.min_window_tokens:
+            return False
+        proposed = self.policy(freq, view.cluster, coact=self.stats.coactivation(), current=current)
+        if current is not None:
+            accept, before, after = worth_migrating(
+                freq, current, proposed, view.cluster, self.settings.migration_cost_calls
+            )
+            if not accept:
+                log.debug("plan_kept", cost=before, proposed_with_migration=after)
+                return False
+        await self._publish(proposed, view, freq)
+        return True
+
+    def _current_placement(self, view: ClusterView) -> Any:
+        if self.plan is None or "hosts" not in self.plan:
+            return None
+        return from_plan_hosts(self.plan["hosts"], view, self.model.moe_layers, self.model.num_experts)
+
+    async def _publish(self, placement: Any, view: ClusterView, freq: np.ndarray) -> None:
+        from services.placement.types import proxy_objective
+
+        plan = {
+            "epoch": (self.plan or {}).get("epoch", 0) + 1,
+            "model": self.model.name,
+            "policy": self.settings.policy,
+            "hosts": to_plan_hosts(placement, view, self.model.moe_layers),
+            "objective": proxy_objective(freq, placement, view.cluster),
+        }
+        await self.plans.put("plan", json.dumps(plan).encode())
+        self.plan = plan
+        self.published += 1
+        log.info("plan_published", epoch=plan["epoch"], objective=plan["objective"], hosts=len(view.hosts))
+
+    async def stop(self) -> None:
+        for sub in self._subs:
+            with contextlib.suppress(Exception):
+                await sub.unsubscribe()
+        if self._loop_task:
+            self._loop_task.cancel()
+
+
+def model_shape(settings: PlacementSettings) -> ModelShape:
+    from shared.model.checkpoint import load_config
+    from shared.model.config import list_moe_layers
+
+    config = load_config(settings.model)
+    return ModelShape(
+        name=settings.model.name,
+        moe_layers=list_moe_layers(config),
+        num_experts=config.num_experts,
+        top_k=config.top_k,
+        expert_bytes=config.expert_nbytes(settings.expert_dtype_bytes),
+    )
+
+
+async def build(nc: NatsClient, settings: PlacementSettings) -> PlacementService:
+    js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
+    plans = await js.create_key_value(bucket=settings.plans_bucket, history=16)
+    hosts = await js.create_key_value(bucket=settings.hosts_bucket, ttl=settings.host_ttl_s)
+    return PlacementService(nc, plans, hosts, settings, model_shape(settings))
+
+
+async def main(settings: PlacementSettings) -> None:
+    from shared.logs import configure_logging
+    from shared.runtime import connect, serve_until_stopped
+
+    configure_logging(settings.log_level, settings.log_format, service="placement")
+    nc = await connect(settings, "placement")
+    service = await build(nc, settings)
+    await serve_until_stopped(service.start(), service.stop, nc)
+
+
+def main_cli() -> None:
+    from shared.runtime import run
+    from shared.settings import from_cli
+
+    settings = from_cli(PlacementSettings)
+    run(lambda: main(settings))

@@ -1,0 +1,36 @@
+"""Settings of the placement service (env prefix PRISM_PLACEMENT_, or --flags)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.placement.types import PolicyName
+from shared import subjects
+from shared.settings import ServiceSettings
+
+
+class PlacementSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="PRISM_PLACEMENT_", frozen=True, extra="forbid", cli_kebab_case=True)
+
+    nodes: str = Field(
+        "node0", pattern=r"^[A-Za-z0-9_-]{1,64}(,[A-Za-z0-9_-]{1,64})*$", description="node names, comma-separated"
+    )
+    model: Path = Field(Path("models/demo"), description="checkpoint directory (layers, experts, expert size)")
+    policy: PolicyName = Field("prism", description="placement policy")
+    expert_dtype_bytes: int = Field(4, ge=1, le=8, description="bytes per expert parameter on the hosts")
+    plan_interval_s: float = Field(10.0, gt=0, le=86400, description="period of re-planning, seconds")
+    host_ttl_s: float = Field(5.0, ge=1, le=3600, description="a host without heartbeat this long is gone, seconds")
+    migration_cost_calls: float = Field(
+        50.0, ge=0, le=1e12, description="cost of loading one expert, in remote (token, expert) calls"
+    )
+    rtt_ms: float = Field(4.0, ge=0, le=10000, description="round trip between nodes, milliseconds")
+    bandwidth_mbit: float = Field(500.0, gt=0, le=1e6, description="bandwidth between nodes, Mbit/s")
+    plans_bucket: str = Field(subjects.KV_PLACEMENT, description="KV bucket of the plan (key 'plan')")
+    hosts_bucket: str = Field(subjects.KV_HOSTS, description="KV bucket of live hosts (TTL = host_ttl_s)")
+    min_window_tokens: int = Field(256, ge=0, le=10**9, description="tokens a window needs before re-planning")
+
+    def node_list(self) -> list[str]:
+        return self.nodes.split(",")

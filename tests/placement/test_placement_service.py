@@ -1,0 +1,116 @@
+"""The placement service over real NATS: an informed plan, none while steady, a new one after a shift."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import nats
+import numpy as np
+import pytest
+
+from services.placement.service import PlacementService, build
+from services.placement.settings import PlacementSettings
+from shared import subjects
+from shared.activations import ActivationReport
+from shared.model.checkpoint import load_config
+from shared.model.config import list_moe_layers
+from shared.nats_server import NatsServer
+from shared.schemas import HostStatus
+from tests.checkpoints import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("placement-model"), seed=3)
+
+
+def usage(hot: list[int], num_experts: int) -> np.ndarray:
+    """An expert distribution that puts most weight on `hot`."""
+    p = np.full(num_experts, 0.02)
+    p[hot] = 1.0
+    return p / p.sum()
+
+
+async def send_reports(nc: nats.NATS, node: str, layers: list[int], p: np.ndarray, *, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        counts = np.stack([rng.multinomial(128, p) for _ in layers]).astype(np.int64)  # 64 tokens, top-2
+        report = ActivationReport(node, 1.0, layers, counts, np.full(len(layers), 64, dtype=np.int64))
+        await nc.publish(subjects.activations(node), report.encode())
+    await nc.flush()
+
+
+async def register_hosts(nc: nats.NATS, nodes: list[str], expert_bytes: int, slots: int) -> None:
+    for node in nodes:
+        status = HostStatus(
+            host=f"{node}-h0",
+            node=node,
+            device="cpu",
+            memory_used_bytes=0,
+            memory_limit_bytes=slots * expert_bytes,
+            experts=[],
+            queue_depth=0,
+            batches_served=0,
+            tokens_served=0,
+            errors=0,
+        )
+        await nc.publish(subjects.host_status(status.host), status.model_dump_json().encode())
+    await nc.flush()
+
+
+async def next_plan(service: PlacementService, after_epoch: int) -> dict:
+    """The first plan in KV with an epoch above `after_epoch` (a KV watch, no polling)."""
+    watcher = await service.plans.watch("plan")
+    try:
+        async with asyncio.timeout(15):
+            while True:
+                entry = await watcher.updates(timeout=15)
+                if entry is not None and entry.value and json.loads(entry.value)["epoch"] > after_epoch:
+                    return json.loads(entry.value)
+    finally:
+        await watcher.stop()
+
+
+async def test_plans_follow_shifts_not_noise(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
+    nodes = [f"{unique}-a", f"{unique}-b"]
+    settings = PlacementSettings(
+        nodes=",".join(nodes),
+        model=model_dir,
+        policy="prism",
+        plan_interval_s=0.2,
+        plans_bucket=f"{unique}-plans",
+        hosts_bucket=f"{unique}-hosts",
+        expert_dtype_bytes=4,
+    )
+    nc = await nats.connect(nats_hub.cfg.client_url())
+    service = await build(nc, settings)
+    await service.start()
+    try:
+        config = load_config(model_dir)
+        layers, E = list_moe_layers(config), config.num_experts
+        code, prose = usage([0, 1, 2], E), usage([5, 6, 7], E)
+        await send_reports(nc, nodes[0], layers, code, n=20, seed=1)
+        await send_reports(nc, nodes[1], layers, prose, n=20, seed=2)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots=len(layers) * E * 5 // 8)
+        first = await next_plan(service, 0)
+        held = {host: {tuple(x) for x in experts} for host, experts in first["hosts"].items()}
+        assert {(layers[0], 0), (layers[0], 1)} <= held[f"{nodes[0]}-h0"], "node a's hot experts stay local"
+        assert {(layers[0], 6), (layers[0], 7)} <= held[f"{nodes[1]}-h0"]
+
+        await send_reports(nc, nodes[0], layers, code, n=30, seed=3)  # steady: same workload, new noise
+        await send_reports(nc, nodes[1], layers, prose, n=30, seed=4)
+        await nc.flush()
+        assert not await service.plan_once(), "a steady workload must not move experts"
+        assert service.plan["epoch"] == first["epoch"]
+
+        await send_reports(nc, nodes[0], layers, prose, n=12, seed=5)  # node a switches domain
+        await send_reports(nc, nodes[1], layers, code, n=12, seed=6)
+        shifted = await next_plan(service, first["epoch"])
+        held = {host: {tuple(x) for x in experts} for host, experts in shifted["hosts"].items()}
+        assert {(layers[0], 6), (layers[0], 7)} <= held[f"{nodes[0]}-h0"], "after the shift a's new hot set is local"
+        assert shifted["epoch"] > first["epoch"]
+    finally:
+        await service.stop()
+        await nc.close()
