@@ -13,6 +13,7 @@ import sys
 
 COMMANDS: tuple[str, ...] = (
     "cli.trace",
+    "cli.place",
 )
 
 
