@@ -22,14 +22,37 @@ from torch import Tensor
 
 from shared.model.errors import InputError
 
+# Fresh torch allocations are aligned to 64 bytes. Some CPU BLAS kernels give different last bits
+# for small batches when an operand is not 16-byte aligned (measured: [n<=3, D] inputs), so every
+# operand of an expert is made an aligned, compact tensor first: same values, same bits, wherever
+# the tensor came from (a zero-copy network decode, a slice of a fused checkpoint tensor).
+_ALIGN = 64
+
+
+def aligned(t: Tensor) -> Tensor:
+    """`t` itself if it is contiguous, 64-byte aligned and owns its storage; else a compact copy."""
+    if (
+        t.is_contiguous()
+        and t.data_ptr() % _ALIGN == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    ):
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
 
 @dataclass(frozen=True)
 class ExpertWeights:
-    """One routed expert: down(silu(gate x) * up x). Held per expert so it can be moved alone."""
+    """One routed expert: down(silu(gate x) * up x). Held per expert so it can be moved alone.
+
+    The three tensors are stored aligned and compact (see `aligned`), copied if needed."""
 
     gate: Tensor  # [I, D]
     up: Tensor  # [I, D]
     down: Tensor  # [D, I]
+
+    def __post_init__(self) -> None:
+        for name in ("gate", "up", "down"):
+            object.__setattr__(self, name, aligned(getattr(self, name)))
 
     def nbytes(self) -> int:
         """Bytes held by the three matrices."""
@@ -42,6 +65,7 @@ class ExpertWeights:
 
 def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
     """Apply one SwiGLU expert: [n, D] -> [n, D] (same dtype as the weights)."""
+    x = aligned(x)
     return F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
 
 

@@ -1,0 +1,193 @@
+"""The expert seam: grouping, combining, LocalExperts, and driving forward_steps from elsewhere."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.model.errors import InputError
+from shared.model.model import Batch, MoEModel
+from shared.model.moe import (
+    ExpertWeights,
+    LocalExperts,
+    MoECall,
+    combine,
+    expert_forward,
+    group_by_expert,
+)
+
+PROMPTS = [[5, 17, 99, 3, 250, 41, 8, 77, 120, 64, 9, 31, 200, 11, 6, 150], [7, 8, 9], [300, 12, 44, 19, 2, 3]]
+
+
+@st.composite
+def routings(draw: st.DrawFn) -> torch.Tensor:
+    E = draw(st.integers(1, 12))
+    K = draw(st.integers(1, E))
+    T = draw(st.integers(0, 20))
+    rows = [draw(st.permutations(range(E)))[:K] for _ in range(T)]
+    return torch.tensor(rows, dtype=torch.int64).reshape(T, K)
+
+
+@settings(max_examples=60, deadline=None)
+@given(routings())
+def test_group_by_expert_partitions_choices(expert_ids: torch.Tensor) -> None:
+    groups = group_by_expert(expert_ids)
+    experts = [e for e, _, _ in groups]
+    assert experts == sorted(set(expert_ids.flatten().tolist()))
+    seen = set()
+    for expert, token_idx, k_idx in groups:
+        assert token_idx.tolist() == sorted(token_idx.tolist())
+        assert (expert_ids[token_idx, k_idx] == expert).all()
+        seen |= set(zip(token_idx.tolist(), k_idx.tolist(), strict=True))
+    assert seen == {(t, k) for t in range(expert_ids.shape[0]) for k in range(expert_ids.shape[1])}
+
+
+def _random_experts(E: int, D: int, inner: int, seed: int = 0) -> dict[int, ExpertWeights]:
+    g = torch.Generator().manual_seed(seed)
+    return {e: ExpertWeights(*(torch.randn(s, generator=g) * 0.2 for s in ((inner, D), (inner, D), (D, inner))))
+            for e in range(E)}
+
+
+def test_combine_equals_per_token_sum() -> None:
+    T, D, E, K = 9, 16, 5, 2
+    experts = _random_experts(E, D, 24)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+    call = MoECall(3, torch.randn(T, D, generator=g), ids, torch.rand(T, K, generator=g))
+    outputs = {e: expert_forward(experts[e], call.hidden[t]) for e, t, _ in group_by_expert(ids)}
+    out = combine(call, outputs)
+    for t in range(T):
+        expect = sum(call.weights[t, k] * expert_forward(experts[int(ids[t, k])], call.hidden[t : t + 1])[0]
+                     for k in range(K))
+        assert torch.allclose(out[t], expect, atol=1e-6)
+    with pytest.raises(InputError, match="no output for expert"):
+        combine(call, {e: y for e, y in outputs.items() if e != int(ids[0, 0])})
+    bad = dict(outputs)
+    bad[int(ids[0, 0])] = torch.zeros(1, D + 1)
+    with pytest.raises(InputError, match="returned shape"):
+        combine(call, bad)
+
+
+def _unaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """The tensor as a network decode would give it: a zero-copy view at an odd byte offset."""
+    raw = bytearray(4) + t.numpy().tobytes()
+    view = torch.from_numpy(np.frombuffer(raw, dtype=np.float32, offset=4).reshape(t.shape))
+    assert view.data_ptr() % 16 != 0 or t.numel() == 0
+    return view
+
+
+def test_remote_path_is_bit_identical_to_local(tiny_dir: Callable[..., Path]) -> None:
+    """Each group sent 'over the wire' (bytes, unaligned decode) and combined gives the same bits."""
+    path = tiny_dir("mixtral")
+    model, local = MoEModel.from_checkpoint(path), LocalExperts.from_checkpoint(path)
+
+    def remote(call: MoECall) -> torch.Tensor:
+        outputs = {}
+        for expert, token_idx, _ in group_by_expert(call.expert_ids):
+            wire_in = _unaligned_copy(call.hidden[token_idx])
+            weights = local.weights[(call.layer, expert)]
+            host_copy = ExpertWeights(*(_unaligned_copy(w) for w in (weights.gate, weights.up, weights.down)))
+            outputs[expert] = _unaligned_copy(expert_forward(host_copy, wire_in))
+        return combine(call, outputs)
+
+    for batch_prompts in (PROMPTS[:1], PROMPTS):
+        results = []
+        for experts in (local, remote):
+            cache = model.new_cache(3, 40)
+            slots = [cache.allocate() for _ in batch_prompts]
+            logits = model.forward(Batch(slots, batch_prompts), cache, experts)
+            step = model.forward(Batch(slots, [[int(x)] for x in logits.argmax(-1)]), cache, experts)
+            results.append(torch.cat([logits, step]))
+        assert torch.equal(results[0], results[1])
+
+
+def test_generator_resumed_from_other_threads(tiny_dir: Callable[..., Path]) -> None:
+    path = tiny_dir("qwen2_moe")
+    model, experts = MoEModel.from_checkpoint(path), LocalExperts.from_checkpoint(path)
+    cache = model.new_cache(3, 40)
+    slots = [cache.allocate() for _ in PROMPTS]
+    expected = model.forward(Batch(slots, PROMPTS), cache, experts)
+    for slot in slots:
+        cache.reset(slot)
+    layers = []
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        steps = model.forward_steps(Batch(slots, PROMPTS), cache)
+        call = pool.submit(next, steps).result()
+        while True:
+            layers.append(call.layer)
+            assert call.hidden.shape == (sum(map(len, PROMPTS)), 64)
+            assert call.expert_ids.shape == call.weights.shape == (call.hidden.shape[0], 2)
+            routed = pool.submit(experts, call).result()
+            try:
+                call = pool.submit(steps.send, routed).result()
+            except StopIteration as done:
+                logits = done.value
+                break
+    assert layers == [0, 2]  # layer 1 of the tiny Qwen2-MoE is dense
+    assert torch.equal(logits, expected)
+    assert [cache.length(s) for s in slots] == [len(p) for p in PROMPTS]
+
+
+def test_wrong_routed_output_is_rejected(tiny_dir: Callable[..., Path]) -> None:
+    path = tiny_dir("mixtral")
+    model = MoEModel.from_checkpoint(path)
+    cache = model.new_cache(1, 8)
+    slot = cache.allocate()
+    steps = model.forward_steps(Batch([slot], [[1, 2, 3]]), cache)
+    next(steps)
+    with pytest.raises(InputError, match=r"routed output must be a tensor of shape \(3, 64\)"):
+        steps.send(torch.zeros(2, 64))
+    assert cache.length(slot) == 0
+
+
+def test_local_experts_subset(tiny_dir: Callable[..., Path]) -> None:
+    path = tiny_dir("olmoe")
+    subset = LocalExperts.from_checkpoint(path, keys=[(0, 1), (1, 5)])
+    assert set(subset.weights) == {(0, 1), (1, 5)}
+    assert subset.nbytes() == 2 * 3 * 48 * 64 * 4
+    call = MoECall(0, torch.randn(2, 64), torch.tensor([[1, 2], [1, 3]]), torch.ones(2, 2))
+    with pytest.raises(InputError, match=r"expert \(0, 2\) is not held"):
+        subset(call)
+    full = LocalExperts.from_checkpoint(path, dtype=torch.bfloat16)
+    assert len(full.weights) == 16
+    assert full.weights[(1, 7)].gate.dtype == torch.bfloat16
+
+
+def test_batch_validation(tiny_dir: Callable[..., Path]) -> None:
+    path = tiny_dir("mixtral")
+    model, experts = MoEModel.from_checkpoint(path), LocalExperts.from_checkpoint(path)
+    cache = model.new_cache(2, 8)
+    slot = cache.allocate()
+    cases = [
+        (Batch([1], [[1]]), "slot 1 is not allocated"),
+        (Batch([slot, slot], [[1], [2]]), "lists a cache slot twice"),
+        (Batch([slot], [[]]), "at least one token"),
+        (Batch([slot], [[1, 320]]), r"token ids \[320\] outside the vocabulary 0..319"),
+        (Batch([slot], [list(range(9))]), "exceed max_len 8"),
+        (Batch([slot], [[1], [2]]), "one token list per slot"),
+    ]
+    for batch, message in cases:
+        with pytest.raises(InputError, match=message):
+            model.forward(batch, cache, experts)
+    cache.allocate()
+    with pytest.raises(InputError, match="all 2 slots are in use"):
+        cache.allocate()
+
+
+def test_model_path_does_not_import_transformers() -> None:
+    code = (
+        "import sys; import shared.model.model, shared.model.generate, shared.model.tokenizer, "
+        "shared.model.sampling, shared.model.checkpoint; "
+        "sys.exit('transformers' in sys.modules)"
+    )
+    root = Path(__file__).resolve().parents[2]
+    assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
