@@ -116,9 +116,9 @@ class Gating:
             ids = self.tokenizer.encode(req.prompt or "")
             if not ids:
                 raise BadRequest("the prompt encodes to no tokens")
-        if len(ids) >= self.settings.max_context:
+        if len(ids) >= self.engine.max_len:
             raise PromptTooLong(
-                f"prompt has {len(ids)} tokens; this node's context is {self.settings.max_context} "
+                f"prompt has {len(ids)} tokens; this node's context is {self.engine.max_len} "
                 "tokens including at least one generated"
             )
         return ids
@@ -207,12 +207,15 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     experts = RemoteExperts(
         nc, timeout_s=settings.expert_timeout_s, max_payload=settings.max_payload_bytes, counter=counter
     )
-    stop_ids = frozenset([tokenizer.eos_token_id] if tokenizer and tokenizer.eos_token_id is not None else [])
+    # Stop where the model's own config says (as transformers' generate does), else at the tokenizer's EOS.
+    stop_ids = frozenset(config.eos_token_ids) or frozenset(
+        [tokenizer.eos_token_id] if tokenizer and tokenizer.eos_token_id is not None else []
+    )
     engine = Engine(
         model,
         experts,
         max_slots=settings.max_batch,
-        max_len=settings.max_context,
+        max_len=min(settings.max_context, config.max_position_embeddings),
         max_queue=settings.max_queue,
         inline_max_tokens=settings.inline_max_tokens,
         stop_ids=stop_ids,

@@ -133,11 +133,7 @@ def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> lis
     from shared.model.model import MoEModel
     from shared.model.moe import LocalExperts
     from shared.model.sampling import SamplingParams
-    from shared.model.tokenizer import Tokenizer
-
     model = MoEModel.from_checkpoint(model_dir)
     experts = LocalExperts.from_checkpoint(model_dir)
-    eos = Tokenizer.from_dir(model_dir).eos_token_id
-    stop = [] if eos is None else [eos]
-    with torch.inference_mode():
-        return generate(model, experts, prompts, max_tokens, SamplingParams(), eos_token_id=stop)
+    with torch.inference_mode():  # stops at the config's EOS ids, like the gating and transformers
+        return generate(model, experts, prompts, max_tokens, SamplingParams())
