@@ -1,0 +1,76 @@
+"""Expert weights in the JetStream object store `prism_weights`: one object per expert.
+
+Object `<model>/<layer>/<expert>` holds safetensors bytes with tensors `gate [I, D]`, `up [I, D]` and
+`down [D, I]`. nats-py checks each object's SHA-256 digest on read; we also check names and shapes,
+so a corrupt or foreign object is an error, never a silently wrong expert.
+"""
+
+from __future__ import annotations
+
+import torch
+from nats.js.errors import NotFoundError, ObjectNotFoundError
+from nats.js.object_store import ObjectStore
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from shared.errors import PrismError
+from shared.model.moe import ExpertWeights
+
+
+class WeightsError(PrismError):
+    """An expert's weights are missing from the store or do not match the model."""
+
+    code = "weights_unavailable"
+    status = 503
+
+
+def object_name(model: str, layer: int, expert: int) -> str:
+    return f"{model}/{layer}/{expert}"
+
+
+def expert_bytes(weights: ExpertWeights) -> bytes:
+    tensors = {"gate": weights.gate, "up": weights.up, "down": weights.down}
+    return save_safetensors({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+
+
+def expert_from_bytes(data: bytes, hidden_size: int, name: str) -> ExpertWeights:
+    """Parse and check one expert object: [I, D], [I, D], [D, I] with D = hidden_size."""
+    try:
+        tensors = load_safetensors(data)
+        gate, up, down = tensors["gate"], tensors["up"], tensors["down"]
+    except Exception as exc:  # safetensors raises its own error types for corrupt bytes
+        raise WeightsError(f"object {name} is not an expert's safetensors: {exc}") from None
+    inter = gate.shape[0]
+    if gate.shape != (inter, hidden_size) or up.shape != gate.shape or down.shape != (hidden_size, inter):
+        raise WeightsError(
+            f"object {name} has shapes gate {list(gate.shape)}, up {list(up.shape)}, down {list(down.shape)}; "
+            f"expected [I, {hidden_size}], [I, {hidden_size}], [{hidden_size}, I]"
+        )
+    return ExpertWeights(gate, up, down)
+
+
+async def upload_expert(store: ObjectStore, model: str, key: tuple[int, int], weights: ExpertWeights) -> bool:
+    """Put one expert unless an object of the same name and bytes exists; True when uploaded."""
+    name = object_name(model, *key)
+    data = expert_bytes(weights)
+    try:
+        info = await store.get_info(name)
+        if info.size == len(data):
+            return False
+    except (ObjectNotFoundError, NotFoundError):
+        pass
+    await store.put(name, data)
+    return True
+
+
+async def fetch_expert(
+    store: ObjectStore, model: str, key: tuple[int, int], *, hidden_size: int, dtype: torch.dtype, device: str
+) -> ExpertWeights:
+    name = object_name(model, *key)
+    try:
+        result = await store.get(name)
+    except (ObjectNotFoundError, NotFoundError):
+        raise WeightsError(f"object {name} is not in the weights store") from None
+    if result.data is None:
+        raise WeightsError(f"object {name} is empty")
+    return expert_from_bytes(result.data, hidden_size, name).to(dtype=dtype, device=device)
