@@ -1,0 +1,197 @@
+"""Topology files: the nodes (edge servers), their expert hosts and each node's link to the hub.
+
+A topology is TOML or JSON with the same structure (see `topologies/*.toml`):
+
+    dtype = "float32"                 # expert weight dtype on the hosts (sizes the placement)
+    [[nodes]]
+    name = "edge-a"
+    link = { delay_ms = 2.0, rate_mbit = 500 }   # one way; omit for an ideal link
+    [[nodes.hosts]]
+    name = "edge-a-gpu0"
+    memory_mb = 64                    # budget for routed expert weights, MiB
+    device = "cpu"                    # or "cuda", "cuda:1"
+    speed = 1.0                       # relative compute speed (placement input)
+
+`initial_placement` is the static placement the launcher uses until the placement service exists:
+every (layer, expert) on exactly one host, dealt round-robin over the hosts (nodes interleaved),
+never over a host's memory. Pure: no NATS, no files besides `load_topology`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from shared.linkemu import LinkShape
+from shared.schemas import describe_validation_error
+
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+class TopologyError(ValueError):
+    """A topology file is unreadable or invalid; the message names the file and the field."""
+
+
+class PlacementError(TopologyError):
+    """The topology's hosts cannot hold every expert of the model."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HostSpec(_Spec):
+    name: str = Field(pattern=NAME_PATTERN, description="unique host name (a subject token)")
+    memory_mb: float = Field(gt=0, le=2**24, description="memory budget for routed experts, MiB")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the experts")
+    speed: float = Field(1.0, gt=0, le=1000, description="relative compute speed (1.0 = reference)")
+
+
+class LinkSpec(_Spec):
+    delay_ms: float = Field(0.0, ge=0, le=10_000, description="one-way delay to the hub, milliseconds")
+    rate_mbit: float | None = Field(None, gt=0, le=1_000_000, description="Mbit/s per direction; None = unlimited")
+
+    def shape(self) -> LinkShape:
+        return LinkShape.from_ms_mbit(self.delay_ms, self.rate_mbit)
+
+
+class NodeSpec(_Spec):
+    name: str = Field(pattern=NAME_PATTERN, description="node (edge server) name (a subject token)")
+    hosts: list[HostSpec] = Field(min_length=1, description="expert hosts of this node")
+    link: LinkSpec = Field(LinkSpec(delay_ms=0.0, rate_mbit=None), description="this node's link to the hub")
+
+
+class Topology(_Spec):
+    nodes: list[NodeSpec] = Field(min_length=1, max_length=64)
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="expert weight dtype")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Topology:
+        _check_unique((n.name for n in self.nodes), "node")
+        _check_unique((h.name for n in self.nodes for h in n.hosts), "host")
+        return self
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise TopologyError(f"no node {name!r}; the topology has {', '.join(n.name for n in self.nodes)}")
+
+    def hosts(self) -> list[tuple[NodeSpec, HostSpec]]:
+        """Every (node, host), node by node."""
+        return [(node, host) for node in self.nodes for host in node.hosts]
+
+    def host_node(self) -> dict[str, str]:
+        """Host name → node name."""
+        return {host.name: node.name for node, host in self.hosts()}
+
+
+def _check_unique(names: Iterable[str], what: str) -> None:
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what} name {name!r} appears more than once; {what} names must be unique")
+        seen.add(name)
+
+
+def parse_topology(data: Any, source: str = "topology") -> Topology:
+    """Validate already-decoded TOML/JSON data; errors name `source` and the offending field."""
+    if not isinstance(data, dict):
+        raise TopologyError(f"{source}: expected a table/object with 'nodes', got {type(data).__name__}")
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as exc:
+        raise TopologyError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+def load_topology(path: str | Path) -> Topology:
+    """Read a `.toml` or `.json` topology file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError(f"cannot read topology file {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise TopologyError(f"{path} is not valid {kind}: {exc}") from None
+    return parse_topology(data, str(path))
+
+
+def simple_topology(
+    nodes: int,
+    hosts_per_node: int,
+    *,
+    memory_mb: float = 4096.0,
+    delay_ms: float = 0.0,
+    rate_mbit: float | None = None,
+) -> Topology:
+    """`nodes` nodes `node0..`, each with `hosts_per_node` CPU hosts `node0-h0..`, equal links."""
+    if not 1 <= nodes <= 64 or not 1 <= hosts_per_node <= 64:
+        raise TopologyError(f"nodes and hosts per node must be 1..64, got {nodes} and {hosts_per_node}")
+    data = {
+        "nodes": [
+            {
+                "name": f"node{n}",
+                "hosts": [{"name": f"node{n}-h{h}", "memory_mb": memory_mb} for h in range(hosts_per_node)],
+                "link": {"delay_ms": delay_ms, "rate_mbit": rate_mbit},
+            }
+            for n in range(nodes)
+        ]
+    }
+    return parse_topology(data, "--nodes/--hosts-per-node")
+
+
+def host_slots(host: HostSpec, expert_bytes: int) -> int:
+    """Experts of `expert_bytes` bytes that fit in the host's memory budget."""
+    if expert_bytes <= 0:
+        raise PlacementError(f"expert size must be > 0 bytes, got {expert_bytes}")
+    return math.floor(host.memory_mb * 2**20 / expert_bytes)
+
+
+def initial_placement(
+    topology: Topology, layers: Iterable[int], num_experts: int, expert_bytes: int
+) -> dict[str, list[tuple[int, int]]]:
+    """Host name → sorted (layer, expert) pairs: each expert once, round-robin, within memory.
+
+    layers: the model's MoE layer indices; num_experts: routed experts per layer (E);
+    expert_bytes: bytes of one expert at the topology's dtype. Hosts are visited with nodes
+    interleaved (node0's first host, node1's first host, ..., node0's second host, ...) so that
+    consecutive experts land on different nodes; a full host is skipped.
+    Raises PlacementError when the hosts together have fewer slots than the model has experts.
+    """
+    keys = [(layer, expert) for layer in sorted(layers) for expert in range(num_experts)]
+    order = _interleaved_hosts(topology)
+    free = {host.name: host_slots(host, expert_bytes) for host in order}
+    capacity = sum(free.values())
+    if capacity < len(keys):
+        need_mb = len(keys) * expert_bytes / 2**20
+        have_mb = sum(h.memory_mb for h in order)
+        raise PlacementError(
+            f"the topology cannot hold the model: {len(keys)} experts of {expert_bytes / 2**20:.2f} MiB "
+            f"need {need_mb:.1f} MiB, but its {len(order)} hosts have {have_mb:.1f} MiB "
+            f"({capacity} expert slots); add hosts or memory_mb"
+        )
+    plan: dict[str, list[tuple[int, int]]] = {host.name: [] for host in order}
+    cursor = 0
+    for key in keys:
+        while free[order[cursor % len(order)].name] == 0:
+            cursor += 1
+        name = order[cursor % len(order)].name
+        plan[name].append(key)
+        free[name] -= 1
+        cursor += 1
+    return plan
+
+
+def _interleaved_hosts(topology: Topology) -> list[HostSpec]:
+    deepest = max(len(node.hosts) for node in topology.nodes)
+    return [node.hosts[i] for i in range(deepest) for node in topology.nodes if i < len(node.hosts)]

@@ -1,0 +1,153 @@
+"""Topology files load and validate with clear errors; the static placement covers every expert
+once, stays within each host's memory, spreads round-robin, and refuses what cannot fit."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shared.topology import (
+    PlacementError,
+    TopologyError,
+    host_slots,
+    initial_placement,
+    load_topology,
+    parse_topology,
+    simple_topology,
+)
+
+MIB = 2**20
+
+
+def test_every_bundled_topology_loads(repo_root: Path) -> None:
+    files = sorted((repo_root / "topologies").iterdir())
+    assert files
+    for file in files:
+        topology = load_topology(file)
+        assert topology.nodes, file
+
+
+def test_toml_and_json_give_the_same_topology(tmp_path: Path) -> None:
+    data = {
+        "nodes": [
+            {"name": "a", "hosts": [{"name": "a0", "memory_mb": 8, "device": "cuda:1", "speed": 2}],
+             "link": {"delay_ms": 3, "rate_mbit": 100}},
+        ]
+    }
+    (tmp_path / "t.json").write_text(json.dumps(data))
+    (tmp_path / "t.toml").write_text(
+        '[[nodes]]\nname = "a"\nlink = { delay_ms = 3, rate_mbit = 100 }\n'
+        '[[nodes.hosts]]\nname = "a0"\nmemory_mb = 8\ndevice = "cuda:1"\nspeed = 2\n'
+    )
+    assert load_topology(tmp_path / "t.json") == load_topology(tmp_path / "t.toml")
+    link = load_topology(tmp_path / "t.toml").nodes[0].link.shape()
+    assert link.delay_s == 0.003
+    assert link.rate_Bps == 100e6 / 8
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, "nodes: Field required"),
+        ({"nodes": []}, "nodes: List should have at least 1 item"),
+        ({"nodes": [{"name": "a", "hosts": []}]}, "nodes.0.hosts: List should have at least 1 item"),
+        ({"nodes": [{"name": "a.b", "hosts": [{"name": "h", "memory_mb": 1}]}]}, "nodes.0.name"),
+        ({"nodes": [{"name": "a", "hosts": [{"name": "h", "memory_mb": 0}]}]}, "nodes.0.hosts.0.memory_mb"),
+        ({"nodes": [{"name": "a", "hosts": [{"name": "h", "memory_mb": 1, "device": "tpu"}]}]}, "device"),
+        ({"nodes": [{"name": "a", "hosts": [{"name": "h", "memory_mb": 1}], "link": {"delay_ms": -1}}]}, "delay_ms"),
+        ({"nodes": [{"name": "a", "hosts": [{"name": "h", "memory_mb": 1, "gpus": 2}]}]}, "gpus: Extra inputs"),
+        (
+            {"nodes": [{"name": "a", "hosts": [{"name": "h", "memory_mb": 1}]},
+                       {"name": "b", "hosts": [{"name": "h", "memory_mb": 1}]}]},
+            "host name 'h' appears more than once",
+        ),
+        ([1, 2], "expected a table/object"),
+    ],
+)
+def test_invalid_topologies_name_the_field(data: object, message: str) -> None:
+    with pytest.raises(TopologyError, match="^my.toml: .*" + message.replace(".", r"\.").replace("(", r"\(")):
+        parse_topology(data, "my.toml")
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match="cannot read topology file"):
+        load_topology(tmp_path / "missing.toml")
+    (tmp_path / "bad.toml").write_text("[[nodes]\n")
+    with pytest.raises(TopologyError, match="is not valid TOML"):
+        load_topology(tmp_path / "bad.toml")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(TopologyError, match="is not valid JSON"):
+        load_topology(tmp_path / "bad.json")
+
+
+def test_simple_topology_names_and_links() -> None:
+    t = simple_topology(3, 2, memory_mb=10, delay_ms=2, rate_mbit=500)
+    assert [n.name for n in t.nodes] == ["node0", "node1", "node2"]
+    assert [h.name for h in t.nodes[1].hosts] == ["node1-h0", "node1-h1"]
+    assert t.host_node()["node2-h1"] == "node2"
+    assert t.nodes[2].link.delay_ms == 2
+    with pytest.raises(TopologyError, match=r"1\.\.64"):
+        simple_topology(0, 1)
+
+
+def test_round_robin_interleaves_nodes() -> None:
+    t = simple_topology(2, 2, memory_mb=1)
+    plan = initial_placement(t, [0, 1], 4, MIB // 4)  # 4 slots per host, 8 experts
+    assert plan == {
+        "node0-h0": [(0, 0), (1, 0)],
+        "node1-h0": [(0, 1), (1, 1)],
+        "node0-h1": [(0, 2), (1, 2)],
+        "node1-h1": [(0, 3), (1, 3)],
+    }
+
+
+def test_full_hosts_are_skipped_and_impossible_is_an_error() -> None:
+    data = {"nodes": [{"name": "a", "hosts": [{"name": "small", "memory_mb": 1}, {"name": "big", "memory_mb": 10}]}]}
+    t = parse_topology(data)
+    plan = initial_placement(t, [0], 11, MIB)  # 1 + 10 slots, exactly enough
+    assert len(plan["small"]) == 1
+    assert len(plan["big"]) == 10
+    with pytest.raises(PlacementError, match=r"cannot hold the model: 12 experts .* \(11 expert slots\)"):
+        initial_placement(t, [0], 12, MIB)
+    with pytest.raises(PlacementError, match="expert size"):
+        host_slots(t.nodes[0].hosts[0], 0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    memories=st.lists(st.lists(st.integers(0, 12), min_size=1, max_size=3), min_size=1, max_size=4),
+    num_layers=st.integers(1, 4),
+    num_experts=st.integers(1, 8),
+)
+def test_placement_invariants(memories: list[list[int]], num_layers: int, num_experts: int) -> None:
+    """Each expert exactly once, no host over budget, host loads differ by at most one when
+    memory does not bind — or a PlacementError exactly when the slots are too few."""
+    data = {
+        "nodes": [
+            {"name": f"n{i}", "hosts": [{"name": f"n{i}h{j}", "memory_mb": m + 0.5} for j, m in enumerate(hosts)]}
+            for i, hosts in enumerate(memories)
+        ]
+    }
+    t = parse_topology(data)
+    slots = {h.name: host_slots(h, MIB) for _, h in t.hosts()}
+    layers = list(range(0, 2 * num_layers, 2))  # MoE layers need not be contiguous
+    need = num_layers * num_experts
+    if sum(slots.values()) < need:
+        with pytest.raises(PlacementError):
+            initial_placement(t, layers, num_experts, MIB)
+        return
+    plan = initial_placement(t, layers, num_experts, MIB)
+    placed = Counter(key for keys in plan.values() for key in keys)
+    assert set(placed) == {(layer, e) for layer in layers for e in range(num_experts)}
+    assert set(placed.values()) == {1}
+    for host, keys in plan.items():
+        assert len(keys) <= slots[host]
+        assert keys == sorted(keys)
+    if min(slots.values()) * len(slots) >= need:
+        loads = [len(keys) for keys in plan.values()]
+        assert max(loads) - min(loads) <= 1
