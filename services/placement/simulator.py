@@ -1,0 +1,376 @@
+"""Trace-driven, event-driven simulator of MoE decoding across nodes for a given expert placement.
+
+Model (ARCHITECTURE.md, "Data flow of one decode step"):
+- Requests of the trace arrive at their node as a Poisson process (seeded); each trace token of a
+  request is one decode step of it (prefill is not simulated).
+- Continuous batching: a node runs decode steps back to back; a step takes every active request
+  (up to `max_batch`, admitted at step boundaries in arrival order) one token further.
+- Per MoE layer of a step at node n: the dense part (attention, router, shared experts) runs on the
+  node's first host; then the step's tokens are grouped by chosen expert. A group whose expert has a
+  replica on n is computed by that local host; otherwise it goes to the nearest node holding a
+  replica (lowest round trip, then highest bandwidth, then the next index after n cyclically) as one
+  message (one NATS request per expert, as the gating does): link delay rtt/2 + bytes / bandwidth
+  there, host compute, the same back. Bytes per message = tokens × hidden × dtype bytes + envelope.
+- Queueing: every host and every directed link is a timeline of busy intervals; a job takes the
+  earliest gap at or after its ready time that fits it (FIFO with back-filling, which is what a link
+  or a GPU stream does with jobs that become ready at different times). Jobs are booked per layer in
+  the order the layers start, so contention between nodes is modelled.
+- A layer ends when its slowest group has returned; the next layer starts then.
+- Host compute of a group of m tokens: (expert_time_s + m · expert_time_per_token_s) / host speed.
+- A placement change (migration) takes a share of the bandwidth of every link into a node that
+  loads experts, for as long as the weights take at that share; the new placement serves from then.
+
+Shape legend: T tokens, L MoE layers, K top-k, E experts, N nodes, H hosts, B batch.
+Pure numpy and heapq; nothing here imports nats.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.placement.errors import InvalidInputError
+from services.placement.traces import RoutingTrace
+from services.placement.types import Cluster, Placement, validate
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Timing and load of one simulation; times in seconds at host speed 1.0."""
+
+    max_batch: int = 8                    # requests per decode step per node
+    arrival_rate: float = 1.0             # requests per second per node (Poisson)
+    dense_time_s: float = 150e-6          # dense part of one layer of one step (attention, router)
+    dense_time_per_token_s: float = 2e-6
+    expert_time_s: float = 40e-6          # one expert call: weight read + launch
+    expert_time_per_token_s: float = 0.5e-6
+    shared_experts: int = 0               # computed locally inside the dense part
+    envelope_bytes: int = 128             # per message, besides the hidden states
+    migration_share: float = 0.5          # share of a link a migration may take
+    expert_bytes: int = 17_300_000        # weights moved per replica a migration loads
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.arrival_rate <= 0 or not 0 < self.migration_share < 1:
+            raise InvalidInputError("need max_batch >= 1, arrival_rate > 0 and 0 < migration_share < 1")
+        if min(self.dense_time_s, self.dense_time_per_token_s, self.expert_time_s,
+               self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts) < 0:
+            raise InvalidInputError("SimConfig times and sizes must be >= 0")
+
+
+@dataclass
+class SimResult:
+    """What one simulation measured. Calls are (token, expert) pairs; messages are one-way requests
+    that crossed nodes (each has a reply); bytes count both directions."""
+
+    requests: int = 0
+    tokens: int = 0
+    local_calls: int = 0
+    remote_calls: int = 0
+    messages: int = 0
+    bytes_across: float = 0.0
+    steps: int = 0
+    makespan_s: float = 0.0
+    migrations: int = 0
+    migrated_replicas: int = 0
+    latencies_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    arrivals_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    request_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    events: list[str] = field(default_factory=list)
+
+    @property
+    def mean_latency_s(self) -> float:
+        return float(self.latencies_s.mean()) if self.latencies_s.size else float("nan")
+
+    @property
+    def p99_latency_s(self) -> float:
+        return float(np.percentile(self.latencies_s, 99)) if self.latencies_s.size else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.makespan_s if self.makespan_s > 0 else float("nan")
+
+    @property
+    def remote_share(self) -> float:
+        return self.remote_calls / max(self.local_calls + self.remote_calls, 1)
+
+    @property
+    def mean_batch(self) -> float:
+        return self.tokens / max(self.steps, 1)
+
+
+class Timeline:
+    """Busy intervals of one resource (a host or a directed link), sorted and disjoint."""
+
+    __slots__ = ("busy",)
+
+    def __init__(self) -> None:
+        self.busy: list[tuple[float, float]] = []
+
+    def book(self, ready: float, duration: float, now: float) -> float:
+        """Book `duration` seconds at the earliest gap starting at or after `ready`; return the end.
+        Intervals that ended before `now` are dropped: no later booking can start before `now`."""
+        b = self.busy
+        while b and b[0][1] <= now:
+            del b[0]
+        if not b or ready >= b[-1][1]:                       # the common case: after everything booked
+            end = ready + duration
+            if b and b[-1][1] == ready:
+                b[-1] = (b[-1][0], end)
+            else:
+                b.append((ready, end))
+            return end
+        start, pos = ready, len(b)
+        for k, (s, e) in enumerate(b):
+            if start + duration <= s:
+                pos = k
+                break
+            start = max(start, e)
+        end = start + duration
+        # merge with touching neighbours, so a saturated resource stays one interval, not thousands
+        end_merged = end
+        if pos < len(b) and b[pos][0] == end:
+            end_merged = b[pos][1]
+            del b[pos]
+        if pos > 0 and b[pos - 1][1] == start:
+            b[pos - 1] = (b[pos - 1][0], end_merged)
+        else:
+            b.insert(pos, (start, end_merged))
+        return end
+
+
+def serving_nodes(view: np.ndarray, cluster: Cluster) -> np.ndarray:
+    """[N, L, E] int: the node that serves requester n's calls to (l, e): n itself if it holds a
+    replica, else the nearest holder (lowest rtt, highest bandwidth, next index after n cyclically)."""
+    N = cluster.num_nodes
+    out = np.empty(view.shape, dtype=np.int64)
+    for n in range(N):
+        others = [m for m in range(N) if m != n]
+        ranked = sorted(others, key=lambda m: (cluster.rtt_s[n, m], -cluster.bandwidth_Bps[n, m], (m - n) % N))
+        order = np.array([n, *ranked])
+        first = np.argmax(view[order], axis=0)             # [L, E] index into `order` of the first holder
+        out[n] = order[first]
+    return out
+
+
+def serving_hosts(placement: Placement, cluster: Cluster) -> np.ndarray:
+    """[N, L, E] int: the host that computes requester n's calls to (l, e), on the serving node. When
+    several hosts of that node hold a replica, requesters are spread over them by (n + e) (a queue
+    group spreads requests too; a fixed rule keeps runs deterministic)."""
+    hosts = placement.hosts
+    serve = serving_nodes(placement.node_view(cluster), cluster)        # [N, L, E]
+    N, _, E = serve.shape
+    out = np.empty_like(serve)
+    e_idx = np.arange(E)[None, :]
+    for m in range(N):
+        hs = cluster.hosts_of(m)
+        held = hosts[hs]                                                # [h_m, L, E]
+        count = held.sum(axis=0)                                        # [L, E]
+        rank = np.cumsum(held, axis=0) - 1                              # replica rank on each host
+        for n in range(N):
+            want = (n + e_idx) % np.maximum(count, 1)                   # [L, E]
+            pick = np.argmax(held & (rank == want[None]), axis=0)       # [L, E] index into hs
+            mask = serve[n] == m
+            out[n][mask] = hs[pick][mask]
+    return out
+
+
+# A controller sees each finished step and may schedule a new placement: (node, experts [B, L, K],
+# now, current placement) -> None or (new placement, replicas to load per node [N]).
+Controller = Callable[[int, np.ndarray, float, Placement], "tuple[Placement, np.ndarray] | None"]
+
+
+@dataclass
+class _Node:
+    """One node's requests and decode loop state."""
+
+    tokens: list[np.ndarray]              # per request (arrival order): trace token indices by position
+    arrival: np.ndarray                   # [R] arrival times
+    next_req: int = 0                     # first request not yet admitted
+    active: list[list[int]] = field(default_factory=list)   # [request, next position]
+    layer: int = 0
+    step: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # token indices
+    plan: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per layer: (host, calls, groups)
+
+
+class Simulator:
+    """One simulation of `trace` on `cluster` starting from `placement`; see the module docstring."""
+
+    def __init__(self, trace: RoutingTrace, cluster: Cluster, placement: Placement, config: SimConfig,
+                 controller: Controller | None = None) -> None:
+        validate(placement, cluster, trace.num_layers, trace.num_experts)
+        if trace.num_nodes > cluster.num_nodes:
+            raise InvalidInputError(f"trace has {trace.num_nodes} nodes, the cluster {cluster.num_nodes}")
+        self.trace, self.cluster, self.cfg, self.controller = trace, cluster, config, controller
+        self.placement, self.route = placement, serving_hosts(placement, cluster)
+        self.pending: tuple[float, Placement] | None = None
+        self.bpt = float(trace.meta.bytes_per_token)
+        self.experts = trace.experts.astype(np.int64)
+        N, H = cluster.num_nodes, cluster.num_hosts
+        self.E, self.H, self.L = trace.num_experts, H, trace.num_layers
+        self.hosts = [Timeline() for _ in range(H)]
+        self.links = [[Timeline() for _ in range(N)] for _ in range(N)]
+        self.slow_until = np.zeros((N, N))
+        # plain Python lists: the per-layer loop reads them far faster than numpy scalars
+        self.first_host = [int(cluster.hosts_of(n)[0]) for n in range(N)]
+        self.speed = cluster.host_speed.tolist()
+        self.host_node = cluster.host_node.tolist()
+        self.half_rtt = (cluster.rtt_s / 2).tolist()
+        self.bw = cluster.bandwidth_Bps.tolist()
+        self.migrating = False
+        self.nodes = self._nodes(np.random.default_rng(config.seed))
+        self.result = SimResult()
+        self._done: list[tuple[int, float, float]] = []   # (node, arrival, completion)
+
+    def _nodes(self, rng: np.random.Generator) -> list[_Node]:
+        t = self.trace
+        order = np.lexsort((t.position, t.request))
+        req_sorted = t.request[order]
+        starts = np.flatnonzero(np.r_[True, req_sorted[1:] != req_sorted[:-1]])
+        groups = np.split(order, starts[1:])              # token indices per request, by request id
+        first_token = np.array([g[0] for g in groups])
+        nodes = []
+        for n in range(self.cluster.num_nodes):
+            mine = [groups[i] for i in np.argsort(first_token) if t.node[groups[i][0]] == n]
+            gaps = rng.exponential(1.0 / self.cfg.arrival_rate, size=len(mine))
+            nodes.append(_Node(tokens=mine, arrival=np.cumsum(gaps)))
+        return nodes
+
+    def run(self) -> SimResult:
+        heap = [(float(nd.arrival[0]), n) for n, nd in enumerate(self.nodes) if len(nd.tokens)]
+        heapq.heapify(heap)
+        while heap:
+            now, n = heapq.heappop(heap)
+            if self.pending is not None and now >= self.pending[0]:
+                self._activate(self.pending[1])
+            nxt = self._event(n, now)
+            if nxt is not None:
+                heapq.heappush(heap, (nxt, n))
+        done = sorted(self._done, key=lambda d: d[1])
+        r = self.result
+        r.requests = len(done)
+        r.request_node = np.array([d[0] for d in done], dtype=np.int64)
+        r.arrivals_s = np.array([d[1] for d in done])
+        r.latencies_s = np.array([d[2] - d[1] for d in done])
+        if done:
+            r.makespan_s = max(d[2] for d in done) - min(d[1] for d in done)
+        return r
+
+    def _event(self, n: int, now: float) -> float | None:
+        """Run the next layer of node n (starting a step if needed); return the next event time."""
+        nd = self.nodes[n]
+        if nd.layer == 0:
+            while (nd.next_req < len(nd.tokens) and nd.arrival[nd.next_req] <= now
+                   and len(nd.active) < self.cfg.max_batch):
+                nd.active.append([nd.next_req, 0])
+                nd.next_req += 1
+            if not nd.active:
+                return float(nd.arrival[nd.next_req]) if nd.next_req < len(nd.tokens) else None
+            nd.step = np.array([nd.tokens[r][p] for r, p in nd.active], dtype=np.int64)
+            nd.plan = self._group(n, nd.step)
+        end = self._layer(n, nd.plan[nd.layer], nd.step.size, now)
+        nd.layer += 1
+        if nd.layer == self.L:
+            nd.layer = 0
+            self._finish_step(n, nd, end)
+        return end
+
+    def _finish_step(self, n: int, nd: _Node, end: float) -> None:
+        self.result.steps += 1
+        self.result.tokens += len(nd.active)
+        still = []
+        for r, p in nd.active:
+            if p + 1 < len(nd.tokens[r]):
+                still.append([r, p + 1])
+            else:
+                self._done.append((n, float(nd.arrival[r]), end))
+        nd.active = still
+        if self.controller is not None and self.pending is None:
+            plan = self.controller(n, self.experts[nd.step], end, self.placement)
+            if plan is not None:
+                self._migrate(plan[0], plan[1], end)
+
+    def _group(self, n: int, step: np.ndarray) -> list[list[tuple[int, int, int]]]:
+        """For each layer of node n's step: (host, calls, groups) per host it needs, local hosts too.
+        One numpy pass for the whole step; a group is the tokens of one expert (one message)."""
+        L, E, H = self.trace.num_layers, self.E, self.H
+        ex = self.experts[step]                                        # [B, L, K]
+        host = np.take_along_axis(self.route[n][None], ex, axis=2)     # [B, L, K] serving host
+        lay = np.arange(L)[None, :, None]
+        key = np.sort(((lay * H + host) * E + ex).ravel())             # layer·H·E + host·E + expert
+        first = np.ones(key.size, dtype=bool)
+        first[1:] = key[1:] != key[:-1]
+        lh = key // E                                                  # layer·H + host
+        calls = np.bincount(lh, minlength=L * H).reshape(L, H)
+        groups = np.bincount(lh[first], minlength=L * H).reshape(L, H)
+        nz_l, nz_h = np.nonzero(calls)
+        plan: list[list[tuple[int, int, int]]] = [[] for _ in range(L)]
+        for layer, h, m, g in zip(nz_l.tolist(), nz_h.tolist(), calls[nz_l, nz_h].tolist(),
+                                  groups[nz_l, nz_h].tolist(), strict=True):
+            plan[layer].append((h, m, g))
+        return plan
+
+    def _layer(self, n: int, plan: list[tuple[int, int, int]], batch: int, now: float) -> float:
+        """Book one layer of node n's step; return when its slowest group is back.
+
+        Groups going to one host are booked together: their link transfer as one block (the
+        messages leave back to back) and their compute as one block (the host runs them in a row)."""
+        cfg = self.cfg
+        dense = cfg.dense_time_s + batch * cfg.dense_time_per_token_s
+        dense += cfg.shared_experts * (cfg.expert_time_s + batch * cfg.expert_time_per_token_s)
+        h0 = self.first_host[n]
+        t0 = self.hosts[h0].book(now, dense / self.speed[h0], now)
+        end, res = t0, self.result
+        for h, m, g in plan:
+            work = (g * cfg.expert_time_s + m * cfg.expert_time_per_token_s) / self.speed[h]
+            node = self.host_node[h]
+            if node == n:
+                res.local_calls += m
+                end = max(end, self.hosts[h].book(t0, work, now))
+                continue
+            res.remote_calls += m
+            res.messages += g
+            size = m * self.bpt + g * cfg.envelope_bytes
+            res.bytes_across += 2 * size
+            half = self.half_rtt[n][node]
+            there = self._send(n, node, t0, size, now) + half
+            done = self.hosts[h].book(there, work, now)
+            end = max(end, self._send(node, n, done, size, now) + half)
+        return end
+
+    def _send(self, a: int, b: int, ready: float, size: float, now: float) -> float:
+        bw = self.bw[a][b]
+        if self.migrating and ready < self.slow_until[a, b]:
+            bw *= 1.0 - self.cfg.migration_share
+        return self.links[a][b].book(ready, size / bw, now)
+
+    def _migrate(self, placement: Placement, loads: np.ndarray, now: float) -> None:
+        """Start loading `loads[m]` replicas into each node m; the plan serves once all are loaded."""
+        cl, cfg = self.cluster, self.cfg
+        finish = now
+        for m in np.flatnonzero(loads > 0):
+            peers = [k for k in range(cl.num_nodes) if k != m]
+            bw_in = max((cl.bandwidth_Bps[k, m] for k in peers), default=np.inf)
+            took = loads[m] * cfg.expert_bytes / (cfg.migration_share * bw_in)
+            for k in peers:
+                self.slow_until[k, m] = max(self.slow_until[k, m], now + took)
+            self.migrating = True
+            finish = max(finish, now + took)
+        self.pending = (finish, placement)
+        self.result.migrations += 1
+        self.result.migrated_replicas += int(loads.sum())
+        self.result.events.append(f"migration decided at {now:.2f}s, serving from {finish:.2f}s "
+                                  f"({int(loads.sum())} replicas)")
+
+    def _activate(self, placement: Placement) -> None:
+        self.placement, self.route = placement, serving_hosts(placement, self.cluster)
+        self.pending = None
+
+
+def simulate(trace: RoutingTrace, cluster: Cluster, placement: Placement, config: SimConfig,
+             controller: Controller | None = None) -> SimResult:
+    """Run one simulation; see `Simulator`."""
+    return Simulator(trace, cluster, placement, config, controller).run()
