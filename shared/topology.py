@@ -49,9 +49,22 @@ class _Spec(BaseModel):
 
 class HostSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN, description="unique host name (a subject token)")
-    memory_mb: float = Field(gt=0, le=2**24, description="memory budget for routed experts, MiB")
+    memory_mb: float | None = Field(None, gt=0, le=2**24, description="memory budget for routed experts, MiB")
+    slots: int | None = Field(None, ge=0, le=2**20, description="most experts it holds (and within memory_mb)")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the experts")
     speed: float = Field(1.0, gt=0, le=1000, description="relative compute speed (1.0 = reference)")
+
+    @model_validator(mode="after")
+    def _sized(self) -> HostSpec:
+        if self.memory_mb is None and self.slots is None:
+            raise ValueError(f"host {self.name!r} needs memory_mb (MiB) or slots (expert count)")
+        return self
+
+    def memory_limit_mb(self, expert_bytes: int) -> float:
+        """The expert host's memory budget, MiB: memory_mb, or room for its slots (plus 1 MiB)."""
+        if self.memory_mb is not None:
+            return self.memory_mb
+        return (self.slots or 0) * expert_bytes / 2**20 + 1.0
 
 
 class LinkSpec(_Spec):
@@ -102,13 +115,97 @@ def _check_unique(names: Iterable[str], what: str) -> None:
 
 
 def parse_topology(data: Any, source: str = "topology") -> Topology:
-    """Validate already-decoded TOML/JSON data; errors name `source` and the offending field."""
+    """Validate already-decoded TOML/JSON data; errors name `source` and the offending field.
+
+    Files in the `prism place` format (services/placement/topology.py: `link_defaults`, `expert_mb`,
+    hosts with `slots` / `memory_gb`) are accepted too and converted (see `_from_placement_format`).
+    """
     if not isinstance(data, dict):
         raise TopologyError(f"{source}: expected a table/object with 'nodes', got {type(data).__name__}")
+    if _is_placement_format(data):
+        data = _from_placement_format(data, source)
     try:
         return Topology.model_validate(data)
     except ValidationError as exc:
         raise TopologyError(f"{source}: {describe_validation_error(exc)}") from None
+
+
+_PLACEMENT_TOP_KEYS = {"expert_mb", "link_defaults", "links", "nodes"}
+_PLACEMENT_HOST_KEYS = {"slots", "memory_gb", "speed"}
+PLACEMENT_DEFAULT_RTT_MS = 4.0
+PLACEMENT_DEFAULT_RATE_MBIT = 500.0
+
+
+def _is_placement_format(data: dict[str, Any]) -> bool:
+    if {"expert_mb", "link_defaults", "links"} & data.keys():
+        return True
+    nodes = data.get("nodes")
+    hosts = [h for n in nodes if isinstance(n, dict) for h in n.get("hosts") or []] if isinstance(nodes, list) else []
+    return any(isinstance(h, dict) and "name" not in h and _PLACEMENT_HOST_KEYS & h.keys() for h in hosts)
+
+
+def _from_placement_format(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """`prism place` topology → this format. Its links are node-to-node round trips; here every
+    node reaches the others through the hub, so a default round trip R becomes a one-way delay
+    R/4 per node (node → hub → node = 2 × 2 × R/4 = R). Per-pair [[links]] cannot be a star."""
+    unknown = set(data) - _PLACEMENT_TOP_KEYS
+    if unknown:
+        raise TopologyError(f"{source}: unknown keys {sorted(unknown)}; accepted: {sorted(_PLACEMENT_TOP_KEYS)}")
+    if data.get("links"):
+        raise TopologyError(
+            f"{source}: per-pair [[links]] cannot be emulated (each node links to the hub); "
+            "use [link_defaults] or a per-node `link = {delay_ms, rate_mbit}`"
+        )
+    defaults = data.get("link_defaults") or {}
+    if not isinstance(defaults, dict):
+        raise TopologyError(f"{source}: link_defaults must be a table/object")
+    where = f"{source}: link_defaults"
+    link = {
+        "delay_ms": _number(defaults.get("rtt_ms", PLACEMENT_DEFAULT_RTT_MS), f"{where}.rtt_ms") / 4,
+        "rate_mbit": _number(defaults.get("rate_mbit", PLACEMENT_DEFAULT_RATE_MBIT), f"{where}.rate_mbit"),
+    }
+    nodes = data.get("nodes")
+    if not isinstance(nodes, list):
+        raise TopologyError(f"{source}: needs a list `nodes`")
+    return {"nodes": [_placement_node(node, i, link, source) for i, node in enumerate(nodes)]}
+
+
+def _placement_node(node: Any, i: int, link: dict[str, float], source: str) -> dict[str, Any]:
+    if not isinstance(node, dict) or not isinstance(node.get("hosts"), list):
+        raise TopologyError(f"{source}: nodes[{i}] needs a list `hosts`")
+    name = str(node.get("name", f"node{i}"))
+    hosts = []
+    for j, host in enumerate(node["hosts"]):
+        if not isinstance(host, dict) or set(host) - _PLACEMENT_HOST_KEYS:
+            raise TopologyError(f"{source}: nodes[{i}].hosts[{j}] accepts {sorted(_PLACEMENT_HOST_KEYS)}")
+        spec: dict[str, Any] = {"name": f"{name}-h{j}", "speed": host.get("speed", 1.0)}
+        if "slots" in host:
+            spec["slots"] = host["slots"]
+        if "memory_gb" in host:
+            spec["memory_mb"] = _number(host["memory_gb"], f"{source}: nodes[{i}].hosts[{j}].memory_gb") * 1024
+        hosts.append(spec)
+    return {"name": name, "hosts": hosts, "link": link}
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TopologyError(f"{where} must be a number, got {value!r}")
+    return float(value)
+
+
+def pairwise_links(topology: Topology) -> tuple[list[list[float]], list[list[float]]]:
+    """Node-to-node round trip (s) and rate (bytes/s) through the hub, [N][N] each (0 / inf on the
+    diagonal), for the placement policies: rtt(a, b) = 2 × (delay_a + delay_b), rate = the slower link."""
+    n = len(topology.nodes)
+    rtt = [[0.0] * n for _ in range(n)]
+    rate = [[math.inf] * n for _ in range(n)]
+    for a, node_a in enumerate(topology.nodes):
+        for b, node_b in enumerate(topology.nodes):
+            if a != b:
+                rtt[a][b] = 2 * (node_a.link.delay_ms + node_b.link.delay_ms) / 1000
+                rates = [x.link.rate_mbit * 1e6 / 8 for x in (node_a, node_b) if x.link.rate_mbit is not None]
+                rate[a][b] = min(rates, default=math.inf)
+    return rtt, rate
 
 
 def load_topology(path: str | Path) -> Topology:
@@ -151,10 +248,11 @@ def simple_topology(
 
 
 def host_slots(host: HostSpec, expert_bytes: int) -> int:
-    """Experts of `expert_bytes` bytes that fit in the host's memory budget."""
+    """Experts of `expert_bytes` bytes the host holds: what fits in memory_mb, at most `slots`."""
     if expert_bytes <= 0:
         raise PlacementError(f"expert size must be > 0 bytes, got {expert_bytes}")
-    return math.floor(host.memory_mb * 2**20 / expert_bytes)
+    fit = math.floor(host.memory_mb * 2**20 / expert_bytes) if host.memory_mb is not None else 2**20
+    return min(fit, host.slots) if host.slots is not None else fit
 
 
 def initial_placement(
@@ -174,7 +272,7 @@ def initial_placement(
     capacity = sum(free.values())
     if capacity < len(keys):
         need_mb = len(keys) * expert_bytes / 2**20
-        have_mb = sum(h.memory_mb for h in order)
+        have_mb = sum(h.memory_limit_mb(expert_bytes) for h in order)
         raise PlacementError(
             f"the topology cannot hold the model: {len(keys)} experts of {expert_bytes / 2**20:.2f} MiB "
             f"need {need_mb:.1f} MiB, but its {len(order)} hosts have {have_mb:.1f} MiB "

@@ -151,3 +151,59 @@ def test_placement_invariants(memories: list[list[int]], num_layers: int, num_ex
     if min(slots.values()) * len(slots) >= need:
         loads = [len(keys) for keys in plan.values()]
         assert max(loads) - min(loads) <= 1
+
+
+PLACE_FORMAT = """
+expert_mb = 0.5
+[link_defaults]
+rtt_ms = 8.0
+rate_mbit = 100
+[[nodes]]
+name = "edge-a"
+hosts = [{ slots = 4 }]
+[[nodes]]
+hosts = [{ memory_gb = 0.0029296875, speed = 2.0 }, { slots = 2 }]
+"""
+
+
+def test_the_place_command_format_loads_with_the_same_hosts_and_links(tmp_path: Path) -> None:
+    """A `prism place` topology file gives the same slots, speeds and node round trips here."""
+    import numpy as np
+
+    from services.placement.topology import load_topology as load_place_topology
+    from shared.topology import pairwise_links
+
+    path = tmp_path / "place.toml"
+    path.write_text(PLACE_FORMAT)
+    cluster, names = load_place_topology(path)
+    topology = load_topology(path)
+    assert [n.name for n in topology.nodes] == names == ["edge-a", "node1"]
+    expert_bytes = MIB // 2  # expert_mb of the file
+    hosts = [h for _, h in topology.hosts()]
+    assert [host_slots(h, expert_bytes) for h in hosts] == cluster.host_slots.tolist() == [4, 6, 2]
+    assert [h.speed for h in hosts] == cluster.host_speed.tolist()
+    assert [h.name for h in hosts] == ["edge-a-h0", "node1-h0", "node1-h1"]
+    rtt, rate = pairwise_links(topology)
+    np.testing.assert_allclose(np.array(rtt), cluster.rtt_s)
+    np.testing.assert_allclose(np.array(rate), cluster.bandwidth_Bps)
+    assert topology.nodes[0].link.delay_ms == 2.0  # one way to the hub: a quarter of the node round trip
+
+
+def test_place_format_errors_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match=r"per-pair \[\[links\]\] cannot be emulated"):
+        parse_topology({"links": [{"nodes": [0, 1]}], "nodes": [{"hosts": [{"slots": 1}]}] * 2}, "p.toml")
+    with pytest.raises(TopologyError, match="unknown keys"):
+        parse_topology({"expert_mb": 1, "nodez": []}, "p.toml")
+    with pytest.raises(TopologyError, match=r"hosts\[0\] accepts"):
+        parse_topology({"expert_mb": 1, "nodes": [{"hosts": [{"slots": 1, "gpu": 1}]}]}, "p.toml")
+
+
+def test_slots_cap_what_memory_allows() -> None:
+    t = parse_topology({"nodes": [{"name": "a", "hosts": [
+        {"name": "h0", "slots": 3}, {"name": "h1", "slots": 9, "memory_mb": 2}, {"name": "h2", "memory_mb": 2}]}]})
+    h0, h1, h2 = t.nodes[0].hosts
+    assert [host_slots(h, MIB) for h in (h0, h1, h2)] == [3, 2, 2]
+    assert h0.memory_limit_mb(MIB) == 4.0  # room for its 3 slots plus 1 MiB
+    assert h1.memory_limit_mb(MIB) == 2.0
+    with pytest.raises(TopologyError, match="needs memory_mb"):
+        parse_topology({"nodes": [{"name": "a", "hosts": [{"name": "h0"}]}]})
