@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 # Special tokens at fixed ids (Mixtral's defaults: bos 1, eos 2); pad 0.
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -49,6 +49,20 @@ _COMMON: dict[str, Any] = {
     "bos_token_id": BOS_ID,
     "eos_token_id": EOS_ID,
     "vocab_size": 320,
+}
+
+_DEEPSEEK_MLA: dict[str, Any] = {
+    "num_key_value_heads": 4,  # MLA: one latent per token, as many kv heads as heads
+    "intermediate_size": 96,  # the dense MLP of layers < first_k_dense_replace
+    "moe_intermediate_size": 32,
+    "num_hidden_layers": 3,
+    "first_k_dense_replace": 1,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 3,
+    "kv_lora_rank": 32,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
 }
 
 _DEFAULTS: dict[str, dict[str, Any]] = {
@@ -84,6 +98,29 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
         "num_experts_per_tok": 2,
         "norm_topk_prob": False,
     },
+    # V2-Lite's shape at tiny widths (no q-LoRA, yarn with mscale, layer 0 dense, 2 shared experts),
+    # with V2's group-limited routing and a non-trivial scaling factor.
+    "deepseek_v2": {
+        **_DEEPSEEK_MLA,
+        "q_lora_rank": None,
+        "topk_method": "group_limited_greedy",
+        "n_group": 4,
+        "topk_group": 2,
+        "n_shared_experts": 2,
+        "routed_scaling_factor": 1.5,
+        "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                            "original_max_position_embeddings": 64, "mscale": 0.707, "mscale_all_dim": 0.707},
+    },
+    # V3: q-LoRA, sigmoid scores with a correction bias (randomised at build time), noaux_tc groups.
+    "deepseek_v3": {
+        **_DEEPSEEK_MLA,
+        "q_lora_rank": 24,
+        "n_group": 4,
+        "topk_group": 2,
+        "n_shared_experts": 1,
+        "routed_scaling_factor": 2.5,
+        "norm_topk_prob": True,
+    },
 }
 
 
@@ -96,6 +133,8 @@ def tiny_config(family: str, **overrides: Any) -> Any:
         "qwen2_moe": transformers.Qwen2MoeConfig,
         "qwen3_moe": transformers.Qwen3MoeConfig,
         "olmoe": transformers.OlmoeConfig,
+        "deepseek_v2": transformers.DeepseekV2Config,
+        "deepseek_v3": transformers.DeepseekV3Config,
     }
     if family not in classes:
         raise ValueError(f"unknown family {family!r}; accepted: {', '.join(FAMILIES)}")
@@ -116,7 +155,7 @@ def make_tiny_checkpoint(
 ) -> Path:
     """Build a tiny random `family` model and save it as a Hugging Face checkpoint directory.
 
-    family: "mixtral", "qwen2_moe", "qwen3_moe" or "olmoe".
+    family: one of FAMILIES ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3").
     path: directory to write (created if needed); returned.
     seed: seeds the weights (`torch.manual_seed`); same seed, same tensors.
     fused: write fused `experts.gate_up_proj [E, 2I, H]` / `experts.down_proj [E, H, I]` names
@@ -133,6 +172,7 @@ def make_tiny_checkpoint(
         torch.manual_seed(seed)
         auto: Any = transformers.AutoModelForCausalLM
         model = auto.from_config(config, dtype=torch.float32)
+        _randomize_correction_bias(model)
     model.eval()
     save_kwargs: dict[str, Any] = {}
     if fused:
@@ -142,6 +182,15 @@ def make_tiny_checkpoint(
     model.save_pretrained(path, **save_kwargs)
     write_tokenizer(path / "tokenizer.json", config.vocab_size)
     return path
+
+
+def _randomize_correction_bias(model: Any) -> None:
+    """DeepSeek-V3 initialises e_score_correction_bias to zeros; give it values that change which
+    experts win (std 0.1 against sigmoid scores spread about as much) so tests see its effect."""
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn(buffer.shape) * 0.1)
 
 
 def write_tokenizer(path: Path, vocab_size: int) -> Path:

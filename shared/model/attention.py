@@ -152,10 +152,19 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, ctx: StepContext, window: in
 
 AttentionLoader = Callable[[TensorReader, ModelConfig, int], Attention]
 
+
+def _load_mla(reader: TensorReader, config: ModelConfig, layer: int) -> Attention:
+    from shared.model.mla import MLAttention  # mla.py builds on this module: imported on use
+
+    return MLAttention.load(reader, config, layer)
+
+
 # family -> how to load its attention block of one layer.
 ATTENTIONS: dict[str, AttentionLoader] = {
     "mixtral": GQAAttention.load,
     "qwen2_moe": GQAAttention.load,
     "qwen3_moe": GQAAttention.load,
     "olmoe": GQAAttention.load,
+    "deepseek_v2": _load_mla,
+    "deepseek_v3": _load_mla,
 }

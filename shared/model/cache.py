@@ -4,7 +4,12 @@ Each running sequence owns one slot; `allocate` hands out a free slot (its lengt
 `free` returns it. The model writes a step's keys and values at positions
 `length(slot) .. length(slot) + n - 1` of the slot and then advances the length with `advance`.
 
-Shape legend: L layers, S slots, Hkv key/value heads, P max_len positions, Dh head dim.
+Multi-head latent attention (DeepSeek, `config.mla`) caches one compressed row per token and layer:
+`keys[l]` is [S, 1, P, R + Dr] holding [latent (R) | rotary key (Dr)], and `values[l]` is a view of
+its latent part (no bytes of its own): per token only R + Dr values per layer, as MLA promises.
+
+Shape legend: L layers, S slots, Hkv key/value heads, P max_len positions, Dh head dim,
+R kv_lora_rank, Dr qk_rope_head_dim.
 """
 
 from __future__ import annotations
@@ -32,11 +37,22 @@ class KVCache:
         self.max_slots = max_slots
         self.max_len = max_len
         shape = (max_slots, config.num_kv_heads, max_len, config.head_dim)  # [S, Hkv, P, Dh]
+        if config.mla is not None:
+            shape = (max_slots, 1, max_len, config.mla.cache_width)  # [S, 1, P, R + Dr]
         self.keys: list[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
-        self.values: list[Tensor] = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        if config.mla is not None:
+            self.values: list[Tensor] = [k[..., : config.mla.kv_lora_rank] for k in self.keys]  # views
+        else:
+            self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)]
+        self._values_are_views = config.mla is not None
         self._lengths = [0] * max_slots
         self._free = list(range(max_slots - 1, -1, -1))  # pop() hands out slot 0 first
         self._used: set[int] = set()
+
+    def nbytes_per_token(self) -> int:
+        """Bytes of cache storage per token position, over all layers (keys and values)."""
+        tensors = self.keys if self._values_are_views else self.keys + self.values
+        return sum(t.numel() * t.element_size() for t in tensors) // (self.max_slots * self.max_len)
 
     def allocate(self) -> int:
         """Take a free slot (length 0). Raises InputError when all slots are in use."""

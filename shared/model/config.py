@@ -16,9 +16,11 @@ from typing import Literal
 from shared.model.errors import ConfigError
 
 QKNorm = Literal["none", "per_head", "full"]
+Scoring = Literal["softmax", "sigmoid"]
+TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
 
 # The families the forward path implements; `family` selects the attention and router variant.
-SUPPORTED_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_FAMILIES: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,56 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MLAConfig:
+    """DeepSeek multi-head latent attention (MLA) shapes.
+
+    Keys and values are decompressed from a per-token latent of `kv_lora_rank` values (after an
+    RMSNorm) plus one rotary key part of `qk_rope_head_dim` shared by all heads; the cache holds only
+    those two. Each head's query / key has `qk_nope_head_dim` + `qk_rope_head_dim` dims, its value
+    `v_head_dim`. `q_lora_rank` None projects queries directly (V2-Lite), else through a normed
+    low-rank bottleneck. `rope_interleave`: rotary pairs are adjacent dims (V2 always; V3's flag).
+    `attention_bias`: biases on q_a / kv_a / o projections.
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    rope_interleave: bool = True
+    attention_bias: bool = False
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Query / key dims per head (no-position part + rotary part)."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_width(self) -> int:
+        """Values cached per token and layer: the latent plus the shared rotary key."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class GroupRouting:
+    """DeepSeek's router: expert scores, group-limited top-k, scaled weights.
+
+    scoring: softmax (V2) or sigmoid (V3) of the gate logits, in fp32.
+    topk_method: "greedy" (plain top-k), "group_limited_greedy" (V2: keep the `topk_group` groups
+    with the highest max score), "noaux_tc" (V3: groups ranked by the sum of their top-2 scores
+    plus `e_score_correction_bias`, which steers selection only, never the weights).
+    Experts are split into `n_group` equal, contiguous groups. Weights are multiplied by
+    `routed_scaling_factor` (after renormalisation when `ModelConfig.norm_topk_prob` applies).
+    """
+
+    scoring: Scoring
+    topk_method: TopkMethod
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Shapes and options of one MoE decoder model.
 
@@ -57,6 +109,8 @@ class ModelConfig:
     `qk_norm`: "per_head" RMS-normalises q and k per head (Qwen3-MoE), "full" over the whole
     projection (OLMoE). `clip_qkv` clamps q, k, v to [-c, c] (OLMoE). `sliding_layers` use a
     sliding attention window of `sliding_window` tokens.
+    DeepSeek families set `mla` (then `head_dim` is the rotary dim, `num_kv_heads == num_heads`)
+    and `routing`; their shared experts are `shared_expert_intermediate_size` wide, ungated.
     """
 
     family: str
@@ -89,6 +143,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    mla: MLAConfig | None = None
+    routing: GroupRouting | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -139,11 +195,40 @@ def _validate(c: ModelConfig) -> None:
         raise ConfigError(f"{dense} dense layers need intermediate_size > 0")
     if c.sliding_layers and not c.sliding_window:
         raise ConfigError("sliding_layers are set but sliding_window is not")
+    if c.family.startswith("deepseek"):
+        _validate_deepseek(c)
+
+
+def _validate_deepseek(c: ModelConfig) -> None:
+    """MLA and group routing are present and consistent (each group must be able to fill top-k)."""
+    if c.mla is None or c.routing is None:
+        raise ConfigError(f"family {c.family} needs both `mla` and `routing` settings")
+    m, r = c.mla, c.routing
+    dims = {"kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+            "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim,
+            "q_lora_rank": m.q_lora_rank or 1, "n_group": r.n_group, "topk_group": r.topk_group}
+    bad = {k: v for k, v in dims.items() if v <= 0}
+    if bad:
+        raise ConfigError(f"{', '.join(bad)} must be > 0, got {bad}")
+    if c.head_dim != m.qk_rope_head_dim or c.num_kv_heads != c.num_heads:
+        raise ConfigError("MLA configs need head_dim == qk_rope_head_dim and num_kv_heads == num_heads")
+    if c.num_experts % r.n_group or r.topk_group > r.n_group:
+        raise ConfigError(
+            f"n_group ({r.n_group}) must divide num_experts ({c.num_experts}) and be >= topk_group ({r.topk_group})"
+        )
+    per_group = c.num_experts // r.n_group
+    if r.topk_method != "greedy" and c.top_k > r.topk_group * per_group:
+        raise ConfigError(f"top_k ({c.top_k}) exceeds the {r.topk_group} groups x {per_group} experts it may use")
+    if r.topk_method == "noaux_tc" and per_group < 2:
+        raise ConfigError(f"noaux_tc ranks groups by their top-2 scores; groups have {per_group} expert(s)")
 
 
 def _all(n: int) -> tuple[int, ...]:
     return tuple(range(n))
 
+
+# DeepSeek-V2(-Lite)'s yarn: 40x context extension of a 4096-token pretraining window.
+_V2_LITE_YARN = RopeConfig("yarn", 10000.0, 40.0, 4096, mscale=0.707, mscale_all_dim=0.707)
 
 PRESETS: dict[str, ModelConfig] = {
     # Same shape as tests/checkpoints.py's tiny Mixtral.
@@ -184,6 +269,25 @@ PRESETS: dict[str, ModelConfig] = {
         head_dim=128, num_experts=64, top_k=8, moe_intermediate_size=1024, moe_layers=_all(16),
         norm_topk_prob=False, qk_norm="full", rms_norm_eps=1e-5, max_position_embeddings=4096,
         eos_token_ids=(50279,), pad_token_id=1,
+    ),
+    # DeepSeek-V2-Lite (15.7B): MLA without q-LoRA, layer 0 dense, 26 MoE layers x 64 experts, top-6, 2 shared.
+    "deepseek-v2-lite": ModelConfig(
+        family="deepseek_v2", vocab_size=102400, hidden_size=2048, num_layers=27, num_heads=16,
+        num_kv_heads=16, head_dim=64, num_experts=64, top_k=6, moe_intermediate_size=1408,
+        moe_layers=tuple(range(1, 27)), intermediate_size=10944, shared_expert_intermediate_size=2 * 1408,
+        norm_topk_prob=False, router_weights_fp32=True, max_position_embeddings=163840,
+        rope=_V2_LITE_YARN, mla=MLAConfig(512, 128, 64, 128), routing=GroupRouting("softmax", "greedy"),
+        bos_token_id=100000, eos_token_ids=(100001,),
+    ),
+    # The same layer / expert / top-k / shared structure at tiny widths (simulation, benchmarks, tests).
+    "deepseek-v2-lite-tiny": ModelConfig(
+        family="deepseek_v2", vocab_size=320, hidden_size=64, num_layers=27, num_heads=4, num_kv_heads=4,
+        head_dim=8, num_experts=64, top_k=6, moe_intermediate_size=32, moe_layers=tuple(range(1, 27)),
+        intermediate_size=96, shared_expert_intermediate_size=2 * 32, norm_topk_prob=False,
+        router_weights_fp32=True, max_position_embeddings=256,
+        rope=RopeConfig("yarn", 10000.0, 4.0, 64, mscale=0.707, mscale_all_dim=0.707),
+        mla=MLAConfig(32, 16, 8, 16), routing=GroupRouting("softmax", "greedy"),
+        bos_token_id=1, eos_token_ids=(2,), pad_token_id=0,
     ),
 }
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from shared.model.config import ModelConfig, RopeConfig
+from shared.model.config import GroupRouting, MLAConfig, ModelConfig, RopeConfig
 from shared.model.errors import ConfigError, UnsupportedModelError
 
 Json = Mapping[str, Any]
@@ -24,11 +24,13 @@ class Family:
     moe_prefixes: names of the MoE block inside a layer, tried in order (Mixtral's original
     format says `block_sparse_moe`, transformers' in-memory/fused format says `mlp`).
     expert_names: per-expert (gate, up, down) module names.
+    shared_expert: module name of the always-on expert(s) inside the MoE block.
     """
 
     parse: Callable[[Json], ModelConfig]
     moe_prefixes: tuple[str, ...]
     expert_names: tuple[str, str, str]
+    shared_expert: str = "shared_expert"
 
 
 def parse_hf_config(data: Json) -> ModelConfig:
@@ -223,6 +225,95 @@ def parse_olmoe(data: Json) -> ModelConfig:
     )
 
 
+# transformers' defaults for fields a DeepSeek config.json may omit.
+_DEEPSEEK_DEFAULTS: dict[str, dict[str, Any]] = {
+    "deepseek_v2": {"kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                    "v_head_dim": 128, "n_shared_experts": 2, "first_k_dense_replace": 0, "n_group": None,
+                    "topk_group": None, "topk_method": "greedy", "routed_scaling_factor": 1.0,
+                    "scoring_func": "softmax"},
+    "deepseek_v3": {"kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+                    "v_head_dim": 128, "n_shared_experts": 1, "first_k_dense_replace": 3, "n_group": 8,
+                    "topk_group": 4, "topk_method": "noaux_tc", "routed_scaling_factor": 2.5,
+                    "norm_topk_prob": True, "scoring_func": "sigmoid"},
+}
+
+
+def _deepseek_common(data: Json) -> dict[str, Any]:
+    """MLA shapes, dense / MoE layers and shared experts, as DeepSeek-V2 and V3 spell them."""
+    common = _common(data, default_theta=10000.0)
+    heads = common["num_heads"]
+    if common["num_kv_heads"] != heads:
+        got = common["num_kv_heads"]
+        raise ConfigError(f"MLA needs num_key_value_heads == num_attention_heads ({heads}), got {got}")
+    if data.get("mlp_bias"):
+        raise UnsupportedModelError("mlp_bias is not supported; accepted: false")
+    if data.get("quantization_config"):
+        raise UnsupportedModelError("quantized (e.g. FP8) DeepSeek checkpoints are not supported; use bf16 weights")
+    q_rank = data.get("q_lora_rank")
+    mla = MLAConfig(
+        kv_lora_rank=int(data["kv_lora_rank"]),
+        qk_nope_head_dim=int(data["qk_nope_head_dim"]),
+        qk_rope_head_dim=int(data["qk_rope_head_dim"]),
+        v_head_dim=int(data["v_head_dim"]),
+        q_lora_rank=None if q_rank is None else int(q_rank),
+        rope_interleave=bool(data.get("rope_interleave", True)),
+        attention_bias=bool(data.get("attention_bias", False)),
+    )
+    common["head_dim"] = mla.qk_rope_head_dim  # RoPE covers only the decoupled rotary part
+    n, moe_width = common["num_layers"], int(data["moe_intermediate_size"])
+    first_dense, freq = int(data["first_k_dense_replace"] or 0), int(data.get("moe_layer_freq") or 1)
+    return {
+        "num_experts": int(data["n_routed_experts"]),
+        "top_k": int(data["num_experts_per_tok"]),
+        "moe_intermediate_size": moe_width,
+        "moe_layers": tuple(i for i in range(n) if i >= first_dense and i % freq == 0),
+        "intermediate_size": int(data["intermediate_size"]),
+        "shared_expert_intermediate_size": moe_width * int(data["n_shared_experts"] or 0),
+        "router_weights_fp32": True,  # DeepSeek keeps its gate and its routing weights in fp32
+        "mla": mla,
+        **common,
+    }
+
+
+def _deepseek_routing(data: Json, scoring: str, methods: tuple[str, ...]) -> GroupRouting:
+    method = str(data["topk_method"])
+    if method not in methods or data["scoring_func"] != scoring:
+        raise UnsupportedModelError(
+            f"{data['model_type']}: topk_method {method!r} / scoring_func {data['scoring_func']!r} not supported; "
+            f"accepted: {', '.join(methods)} with {scoring}"
+        )
+    grouped = method != "greedy"
+    return GroupRouting(
+        scoring="softmax" if scoring == "softmax" else "sigmoid",
+        topk_method="greedy" if not grouped else ("noaux_tc" if method == "noaux_tc" else "group_limited_greedy"),
+        n_group=int(data["n_group"]) if grouped else 1,
+        topk_group=int(data["topk_group"]) if grouped else 1,
+        routed_scaling_factor=float(data["routed_scaling_factor"]),
+    )
+
+
+def parse_deepseek_v2(data: Json) -> ModelConfig:
+    data = {**_DEEPSEEK_DEFAULTS["deepseek_v2"], **data}
+    return ModelConfig(
+        family="deepseek_v2",
+        routing=_deepseek_routing(data, "softmax", ("greedy", "group_limited_greedy")),
+        # transformers' DeepseekV2 (our numerical oracle) scales the top-k softmax scores and never
+        # renormalises them, whatever `norm_topk_prob` says; every published V2 config sets it false.
+        norm_topk_prob=False,
+        **_deepseek_common(data),
+    )
+
+
+def parse_deepseek_v3(data: Json) -> ModelConfig:
+    data = {**_DEEPSEEK_DEFAULTS["deepseek_v3"], **data}
+    return ModelConfig(
+        family="deepseek_v3",
+        routing=_deepseek_routing(data, "sigmoid", ("noaux_tc",)),
+        norm_topk_prob=bool(data["norm_topk_prob"]),
+        **_deepseek_common(data),
+    )
+
+
 _GATE_UP_DOWN = ("gate_proj", "up_proj", "down_proj")
 
 FAMILIES: dict[str, Family] = {
@@ -230,6 +321,8 @@ FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family(parse_qwen2_moe, ("mlp",), _GATE_UP_DOWN),
     "qwen3_moe": Family(parse_qwen3_moe, ("mlp",), _GATE_UP_DOWN),
     "olmoe": Family(parse_olmoe, ("mlp",), _GATE_UP_DOWN),
+    "deepseek_v2": Family(parse_deepseek_v2, ("mlp",), _GATE_UP_DOWN, shared_expert="shared_experts"),
+    "deepseek_v3": Family(parse_deepseek_v3, ("mlp",), _GATE_UP_DOWN, shared_expert="shared_experts"),
 }
 
 

@@ -27,6 +27,7 @@ from shared.model.cache import KVCache
 from shared.model.checkpoint import TensorReader, load_config
 from shared.model.config import ModelConfig
 from shared.model.errors import InputError
+from shared.model.families import family_of
 from shared.model.moe import ExpertWeights, MoECall, expert_forward
 from shared.model.rope import Rotary
 from shared.model.router import ROUTERS, Router
@@ -84,7 +85,8 @@ def _load_layer(reader: TensorReader, config: ModelConfig, i: int) -> DecoderLay
         router = ROUTERS[config.family](reader, config, i)
         if config.shared_expert_intermediate_size:
             gate = reader.get(f"{p}.mlp.shared_expert_gate.weight", (1, D)) if config.shared_expert_gate else None
-            mlp = _load_mlp(reader, f"{p}.mlp.shared_expert", D, config.shared_expert_intermediate_size)
+            name = f"{p}.mlp.{family_of(config).shared_expert}"
+            mlp = _load_mlp(reader, name, D, config.shared_expert_intermediate_size)
             shared = SharedExpert(mlp, gate)
     else:
         dense = _load_mlp(reader, f"{p}.mlp", D, config.intermediate_size)

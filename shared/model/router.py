@@ -20,6 +20,7 @@ from torch import Tensor
 
 from shared.model.checkpoint import TensorReader
 from shared.model.config import ModelConfig
+from shared.model.deepseek import DeepSeekRouter
 from shared.model.errors import CheckpointError
 from shared.model.families import family_of
 
@@ -70,4 +71,6 @@ ROUTERS: dict[str, RouterLoader] = {
     "qwen2_moe": SoftmaxTopK.load,
     "qwen3_moe": SoftmaxTopK.load,
     "olmoe": SoftmaxTopK.load,
+    "deepseek_v2": DeepSeekRouter.load,
+    "deepseek_v3": DeepSeekRouter.load,
 }
