@@ -14,6 +14,7 @@ import sys
 COMMANDS: tuple[str, ...] = (
     "cli.trace",
     "cli.place",
+    "cli.run",
 )
 
 

@@ -22,12 +22,15 @@ def generate(  # noqa: PLR0917 - the seam others call positionally
     max_tokens: int,
     params: list[SamplingParams] | SamplingParams,
     eos_token_id: int | Sequence[int] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
 ) -> list[list[int]]:
     """Generate up to `max_tokens` ids per prompt; returns the generated ids (prompt excluded).
 
     A sequence stops after emitting an end-of-sequence id (included in its output).
     eos_token_id: None = the model config's eos ids; an empty sequence = never stop early.
     params: one SamplingParams for all prompts, or one per prompt (seeded per prompt).
+    on_token: called as on_token(prompt_index, token_id) for every token as it is drawn
+    (streaming output).
     """
     per_prompt = _per_prompt_params(params, len(prompts))
     _check_prompts(prompts, model.config.vocab_size, max_tokens)
@@ -45,6 +48,8 @@ def generate(  # noqa: PLR0917 - the seam others call positionally
         for row, i in enumerate(active):
             token = sampler.sample(logits[row], per_prompt[i], key=i)
             outputs[i].append(token)
+            if on_token is not None:
+                on_token(i, token)
             if token not in stop and len(outputs[i]) < max_tokens:
                 still.append(i)
         active = still
