@@ -100,6 +100,13 @@ class ShuttingDown(PrismError):
     status = 503
 
 
+class OverBudget(PrismError):
+    """Loading these experts would exceed the host's memory limit."""
+
+    code = "over_budget"
+    status = 507
+
+
 _BY_CODE: dict[str, type[PrismError]] = {}
 
 

@@ -8,9 +8,9 @@ or one `ErrorReply`.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.errors import BadRequest, InvalidJSON
 
@@ -135,3 +135,34 @@ class HostStatus(Message):
     batches_served: int
     tokens_served: int
     errors: int
+
+
+class StatusCommand(Message):
+    kind: Literal["status"] = "status"
+
+
+class LoadCommand(Message):
+    """Fetch these experts from the weights store, hold them and subscribe (make-before-break: add)."""
+
+    kind: Literal["load"] = "load"
+    epoch: int = Field(ge=0)
+    experts: list[tuple[int, int]] = Field(min_length=1)
+
+
+class UnloadCommand(Message):
+    """Unsubscribe these experts, answer the batches already received, then free them (break)."""
+
+    kind: Literal["unload"] = "unload"
+    epoch: int = Field(ge=0)
+    experts: list[tuple[int, int]] = Field(min_length=1)
+
+
+HostCommand = Annotated[StatusCommand | LoadCommand | UnloadCommand, Field(discriminator="kind")]
+HOST_COMMAND: TypeAdapter[StatusCommand | LoadCommand | UnloadCommand] = TypeAdapter(HostCommand)
+
+
+def parse_host_command(payload: bytes) -> StatusCommand | LoadCommand | UnloadCommand:
+    try:
+        return HOST_COMMAND.validate_json(payload)
+    except ValidationError as exc:
+        raise BadRequest(f"bad host command ({describe_validation_error(exc)}); kinds: status, load, unload") from None

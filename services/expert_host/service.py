@@ -5,7 +5,9 @@ Subjects:
   request = tensor envelope of hidden states [n, D]; reply = envelope of expert outputs [n, D].
   An empty request is a reachability probe and gets an empty reply.
 - `prism.v1.host.<host>.cmd`: a nats.micro endpoint (service `prism-expert-host`, discoverable with
-  `$SRV.PING`); `{"kind": "status"}` answers the HostStatus.
+  `$SRV.PING`): `{"kind": "status"}`, `{"kind": "load", "epoch", "experts"}` (fetch from the object
+  store `prism_weights`, then subscribe) and `{"kind": "unload", ...}` (drain, then free); each
+  answers the HostStatus after the change, or an error.
 - `prism.v1.host.<host>.status`: HostStatus heartbeat every `heartbeat_interval_s`.
 
 Failure behaviour: a bad envelope, wrong hidden size or dtype, or an expert this host does not hold is
@@ -28,6 +30,7 @@ import torch
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js.object_store import ObjectStore
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service, ServiceConfig
@@ -35,9 +38,10 @@ from nats.micro.service import EndpointStats, Service, ServiceConfig
 from services.expert_host.settings import ExpertHostSettings
 from shared import subjects
 from shared.codec import decode_tensor, encode_tensor
-from shared.errors import BadRequest, BadTensor, PrismError, ShuttingDown, UnknownExpert
+from shared.errors import BadRequest, BadTensor, OverBudget, PrismError, ShuttingDown, UnknownExpert
 from shared.model.moe import ExpertWeights, expert_forward
-from shared.schemas import HostStatus
+from shared.schemas import HostStatus, LoadCommand, UnloadCommand, parse_host_command
+from shared.weights import fetch_expert
 
 log = structlog.get_logger()
 SERVICE_NAME = "prism-expert-host"
@@ -60,8 +64,11 @@ class ExpertHost:
         settings: ExpertHostSettings,
         weights: dict[tuple[int, int], ExpertWeights],
         hidden_size: int,
+        store: ObjectStore | None = None,
     ) -> None:
         self.nc = nc
+        self.store = store
+        self.model_id = settings.model_id or settings.model.name
         self.settings = settings
         self.weights = weights
         self.hidden_size = hidden_size
@@ -159,17 +166,47 @@ class ExpertHost:
 
     async def _on_cmd(self, request: Request) -> None:
         try:
-            command = json.loads(request.data or b"{}")
-            if not isinstance(command, dict) or command.get("kind") != "status":
-                raise BadRequest("unknown command; accepted: {\"kind\": \"status\"}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            err: PrismError = BadRequest("command must be JSON")
+            command = parse_host_command(request.data or b"{}")
+            if isinstance(command, LoadCommand):
+                await self.load(command.experts)
+            elif isinstance(command, UnloadCommand):
+                await self.unload(command.experts)
+        except PrismError as err:
+            log.warning("command_refused", host=self.settings.host, code=err.code, error=err.message)
             await request.respond(json.dumps({"error": err.to_dict()}).encode(), headers=err.headers())
             return
-        except PrismError as exc:
-            await request.respond(json.dumps({"error": exc.to_dict()}).encode(), headers=exc.headers())
-            return
         await request.respond(self.status().model_dump_json().encode())
+
+    async def load(self, keys: list[tuple[int, int]]) -> None:
+        """Fetch `keys` from the weights store within the memory budget, then subscribe to them."""
+        if self.store is None:
+            raise BadRequest(f"host {self.settings.host} has no weights store to load from")
+        limit = int(self.settings.memory_limit_mb * 2**20)
+        for key in sorted(set(keys) - set(self.weights)):
+            weights = await fetch_expert(
+                self.store,
+                self.model_id,
+                key,
+                hidden_size=self.hidden_size,
+                dtype=self.dtype,
+                device=self.settings.device,
+            )
+            used = sum(w.nbytes() for w in self.weights.values())
+            if used + weights.nbytes() > limit:
+                raise OverBudget(f"expert {key[0]}.{key[1]} does not fit: {used + weights.nbytes()} > {limit} bytes")
+            self.weights[key] = weights
+            await self.subscribe(key)
+            log.info("expert_loaded", host=self.settings.host, layer=key[0], expert=key[1])
+        await self.nc.flush()
+
+    async def unload(self, keys: list[tuple[int, int]]) -> None:
+        """Stop taking batches for `keys`, answer the ones already received (drain), then free them."""
+        for key in sorted(set(keys)):
+            sub = self._subscriptions.pop(key, None)
+            if sub is not None:
+                await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
+            if self.weights.pop(key, None) is not None:
+                log.info("expert_unloaded", host=self.settings.host, layer=key[0], expert=key[1])
 
     def status(self) -> HostStatus:
         used = sum(w.nbytes() for w in self.weights.values())
@@ -229,6 +266,15 @@ def load_weights(settings: ExpertHostSettings) -> tuple[dict[tuple[int, int], Ex
     return load_experts(settings.model, keys, dtype=dtype, device=settings.device), config.hidden_size
 
 
+async def open_store(nc: NatsClient, bucket: str) -> ObjectStore | None:
+    """The weights store through the hub's JetStream domain; None (and a warning) where there is none."""
+    try:
+        return await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).object_store(bucket)
+    except Exception as exc:  # no JetStream or no bucket yet: serve the settings' experts, refuse loads
+        log.warning("weights_store_unavailable", bucket=bucket, error=repr(exc))
+        return None
+
+
 async def main(settings: ExpertHostSettings) -> None:
     from shared.logs import configure_logging
     from shared.runtime import connect, serve_until_stopped
@@ -237,7 +283,8 @@ async def main(settings: ExpertHostSettings) -> None:
     torch.set_num_threads(settings.compute_threads)
     weights, hidden_size = load_weights(settings)
     nc = await connect(settings, f"expert-host-{settings.host}")
-    host = ExpertHost(nc, settings, weights, hidden_size)
+    store = await open_store(nc, settings.weights_bucket)
+    host = ExpertHost(nc, settings, weights, hidden_size, store)
     await serve_until_stopped(host.start(), host.stop, nc)
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from shared import subjects
 from shared.settings import ServiceSettings
 
 
@@ -17,6 +18,8 @@ class ExpertHostSettings(ServiceSettings):
     host: str = Field("host0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="unique host name")
     node: str = Field("node0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="node (edge server) of this host")
     model: Path = Field(Path("models/demo"), description="checkpoint directory the experts are read from")
+    model_id: str = Field("", description="name of the model's objects in the weights store (default: dir name)")
+    weights_bucket: str = Field(subjects.OBJECT_WEIGHTS, description="object store bucket of expert weights")
     experts: str = Field("*:*", description="experts to hold: LAYERS:EXPERTS items, e.g. '1-3:0-7,5:*'")
     memory_limit_mb: float = Field(4096.0, gt=0, le=2**24, description="memory budget for expert weights, MiB")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the experts")
