@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from services.placement import Cluster, Placement, proxy_objective, validate
-from services.placement.policies import POLICIES
+from services.placement.policies import POLICIES, get_policy
 from services.placement.policies.prism import entropy_counts
 
 
@@ -129,4 +129,4 @@ def test_latency_gives_whole_layers_when_round_trips_dominate() -> None:
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_every_policy_covers_the_golden_instance(name: str) -> None:
     c = Cluster.from_slots([4, 4])
-    validate(POLICIES[name](PRISM_F, c), c, 2, 4)
+    validate(get_policy(name)(PRISM_F, c), c, 2, 4)
