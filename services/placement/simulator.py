@@ -79,6 +79,7 @@ class SimResult:
     latencies_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     arrivals_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     request_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    request_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # within its node
     events: list[str] = field(default_factory=list)
 
     @property
@@ -199,8 +200,9 @@ class _Node:
 class Simulator:
     """One simulation of `trace` on `cluster` starting from `placement`; see the module docstring."""
 
-    def __init__(self, trace: RoutingTrace, cluster: Cluster, placement: Placement, config: SimConfig,
-                 controller: Controller | None = None) -> None:
+    def __init__(self, trace: RoutingTrace, cluster: Cluster, placement: Placement, config: SimConfig, *,
+                 controller: Controller | None = None, arrivals: list[np.ndarray] | None = None) -> None:
+        """`arrivals` (per node, ascending, one per request of that node) replaces the Poisson draw."""
         validate(placement, cluster, trace.num_layers, trace.num_experts)
         if trace.num_nodes > cluster.num_nodes:
             raise InvalidInputError(f"trace has {trace.num_nodes} nodes, the cluster {cluster.num_nodes}")
@@ -221,11 +223,11 @@ class Simulator:
         self.half_rtt = (cluster.rtt_s / 2).tolist()
         self.bw = cluster.bandwidth_Bps.tolist()
         self.migrating = False
-        self.nodes = self._nodes(np.random.default_rng(config.seed))
+        self.nodes = self._nodes(np.random.default_rng(config.seed), arrivals)
         self.result = SimResult()
-        self._done: list[tuple[int, float, float]] = []   # (node, arrival, completion)
+        self._done: list[tuple[int, float, float, int]] = []   # (node, arrival, completion, index)
 
-    def _nodes(self, rng: np.random.Generator) -> list[_Node]:
+    def _nodes(self, rng: np.random.Generator, arrivals: list[np.ndarray] | None) -> list[_Node]:
         t = self.trace
         order = np.lexsort((t.position, t.request))
         req_sorted = t.request[order]
@@ -236,7 +238,10 @@ class Simulator:
         for n in range(self.cluster.num_nodes):
             mine = [groups[i] for i in np.argsort(first_token) if t.node[groups[i][0]] == n]
             gaps = rng.exponential(1.0 / self.cfg.arrival_rate, size=len(mine))
-            nodes.append(_Node(tokens=mine, arrival=np.cumsum(gaps)))
+            at = np.cumsum(gaps) if arrivals is None else np.asarray(arrivals[n], dtype=np.float64)
+            if at.shape != (len(mine),) or np.any(np.diff(at) < 0):
+                raise InvalidInputError(f"node {n} has {len(mine)} requests: give as many ascending arrivals")
+            nodes.append(_Node(tokens=mine, arrival=at))
         return nodes
 
     def run(self) -> SimResult:
@@ -253,6 +258,7 @@ class Simulator:
         r = self.result
         r.requests = len(done)
         r.request_node = np.array([d[0] for d in done], dtype=np.int64)
+        r.request_index = np.array([d[3] for d in done], dtype=np.int64)
         r.arrivals_s = np.array([d[1] for d in done])
         r.latencies_s = np.array([d[2] - d[1] for d in done])
         if done:
@@ -286,7 +292,7 @@ class Simulator:
             if p + 1 < len(nd.tokens[r]):
                 still.append([r, p + 1])
             else:
-                self._done.append((n, float(nd.arrival[r]), end))
+                self._done.append((n, float(nd.arrival[r]), end, r))
         nd.active = still
         if self.controller is not None and self.pending is None:
             plan = self.controller(n, self.experts[nd.step], end, self.placement)
@@ -370,7 +376,7 @@ class Simulator:
         self.pending = None
 
 
-def simulate(trace: RoutingTrace, cluster: Cluster, placement: Placement, config: SimConfig,
-             controller: Controller | None = None) -> SimResult:
+def simulate(trace: RoutingTrace, cluster: Cluster, placement: Placement, config: SimConfig, *,
+             controller: Controller | None = None, arrivals: list[np.ndarray] | None = None) -> SimResult:
     """Run one simulation; see `Simulator`."""
-    return Simulator(trace, cluster, placement, config, controller).run()
+    return Simulator(trace, cluster, placement, config, controller=controller, arrivals=arrivals).run()
