@@ -73,6 +73,10 @@ def host_status(host: str) -> str:
 ALL_HOST_STATUS = f"{ROOT}.host.*.status"
 
 
+PLAN_EVENTS = f"{ROOT}.plan.applied"
+"""The migrator publishes here when an epoch's plan is applied (or refused), as JSON."""
+
+
 def mqtt_infer_topic(node: str) -> str:
     """The MQTT topic IoT devices publish requests to; the broker maps it onto `infer(node)`."""
     return f"prism/{VERSION}/infer/{check_token(node, 'node')}"

@@ -24,6 +24,8 @@ from shared.codec import check_size, decode_tensor, encode_tensor, max_rows_per_
 from shared.errors import ExpertUnavailable, PrismError, error_from_headers
 from shared.model.moe import MoECall, combine, group_by_expert
 
+NO_RESPONDERS_RETRY_S = 0.02
+
 
 class RemoteExperts:
     """The gating's `ExpertsFn`: routed experts over NATS."""
@@ -68,14 +70,27 @@ class RemoteExperts:
         return ExpertsResult(combine(call, outputs), failed, error)
 
     async def _ask(self, layer: int, expert: int, hidden: Tensor) -> Tensor | PrismError:
-        """One request; every failure becomes an ExpertUnavailable value (never raised)."""
+        """One request; every failure becomes an ExpertUnavailable value (never raised).
+
+        "No responders" is retried until the timeout: while an expert moves, its new holder's interest
+        may still be crossing the leaf connections when the old holder has already let go.
+        """
         payload = encode_tensor(hidden)
         name = f"expert {layer}.{expert}"
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         try:
             check_size(payload, None, self.max_payload)
-            msg = await self.nc.request(subjects.expert(layer, expert), payload, timeout=self.timeout_s)
-        except NoRespondersError:
-            return ExpertUnavailable(f"{name}: no host holds it (no responders)")
+            while True:
+                try:
+                    msg = await self.nc.request(
+                        subjects.expert(layer, expert), payload, timeout=max(deadline - loop.time(), 1e-3)
+                    )
+                    break
+                except NoRespondersError:
+                    if loop.time() + NO_RESPONDERS_RETRY_S >= deadline:
+                        return ExpertUnavailable(f"{name}: no host holds it (no responders for {self.timeout_s:g} s)")
+                    await asyncio.sleep(NO_RESPONDERS_RETRY_S)
         except (NatsTimeoutError, TimeoutError):
             return ExpertUnavailable(f"{name}: no answer within {self.timeout_s:g} s")
         except PrismError as err:

@@ -1,0 +1,3 @@
+from services.migrator.service import main_cli
+
+main_cli()

@@ -1,0 +1,180 @@
+"""Migrator: turns each new placement plan into weight moves, make-before-break.
+
+Stores and subjects:
+- object store `prism_weights`: at start, every expert of the model is uploaded once
+  (`<model>/<layer>/<expert>`, safetensors; see shared/weights.py).
+- KV `prism_placement` key `plan` (watched): `{"epoch", "hosts": {host: [[layer, expert]]}}`.
+- `prism.v1.host.<host>.cmd` out: status, then load / unload commands in the order of
+  `steps.plan_steps` (loads acked before any unload that depends on them).
+- `prism.v1.plan.applied` out: `{"epoch", "ok", "steps", "error"}`.
+
+Failure behaviour: a host that fails or times out stops the epoch where it is; everything unloaded so
+far had another holder, so the old holders keep serving and no request is lost. The next plan starts
+again from the hosts' real residency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import structlog
+import torch
+from nats.aio.client import Client as NatsClient
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.kv import KeyValue
+from nats.js.object_store import ObjectStore
+
+from services.migrator.settings import MigratorSettings
+from services.migrator.steps import MigrationPlanError, Step, plan_steps
+from shared import subjects
+from shared.errors import PrismError, error_from_headers
+from shared.schemas import HostStatus, LoadCommand, UnloadCommand
+from shared.weights import upload_expert
+
+log = structlog.get_logger()
+
+
+class MigrationFailed(PrismError):
+    code = "migration_failed"
+
+
+class Migrator:
+    def __init__(self, nc: NatsClient, plans: KeyValue, store: ObjectStore, settings: MigratorSettings) -> None:
+        self.nc = nc
+        self.plans = plans
+        self.store = store
+        self.settings = settings
+        self.model_id = settings.model_id or settings.model.name
+        self.applied_epoch = 0
+        self.expert_bytes = _expert_bytes(settings)
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.upload_weights()
+        self._watch = asyncio.create_task(self._watch_plans(), name="watch-plans")
+
+    async def upload_weights(self) -> int:
+        """Put every expert of the model into the store (skipping those already there)."""
+        from shared.model.checkpoint import load_experts
+
+        experts = await asyncio.to_thread(
+            load_experts, self.settings.model, None, dtype=getattr(torch, self.settings.dtype)
+        )
+        uploaded = 0
+        for key, weights in sorted(experts.items()):
+            uploaded += await upload_expert(self.store, self.model_id, key, weights)
+        log.info("weights_uploaded", model=self.model_id, experts=len(experts), new=uploaded)
+        return uploaded
+
+    async def _watch_plans(self) -> None:
+        watcher = await self.plans.watch("plan")
+        while True:
+            try:
+                entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
+            except NatsTimeoutError:
+                continue
+            if entry is None or not entry.value:
+                continue
+            plan = json.loads(entry.value)
+            if plan.get("epoch", 0) > self.applied_epoch:
+                await self.apply(plan)
+
+    async def apply(self, plan: dict[str, Any]) -> bool:
+        """Move weights until the hosts hold `plan`; publish the outcome. True when fully applied."""
+        epoch = int(plan["epoch"])
+        target = {host: {(int(layer), int(e)) for layer, e in keys} for host, keys in plan["hosts"].items()}
+        done: list[Step] = []
+        try:
+            current, capacity = await self._residency(list(target))
+            steps = plan_steps(current, target, capacity)
+            for group in _consecutive_by_kind(steps):
+                await asyncio.gather(*(self._run(step, epoch) for step in group))
+                done.extend(group)
+        except (PrismError, MigrationPlanError) as err:
+            log.warning("migration_failed", epoch=epoch, error=str(err), steps_done=len(done))
+            await self._announce(epoch, ok=False, steps=len(done), error=str(err))
+            return False
+        self.applied_epoch = epoch
+        log.info("plan_applied", epoch=epoch, steps=len(done))
+        await self._announce(epoch, ok=True, steps=len(done), error=None)
+        return True
+
+    async def _residency(self, hosts: list[str]) -> tuple[dict[str, set[tuple[int, int]]], dict[str, int]]:
+        statuses = await asyncio.gather(*(self._command(h, {"kind": "status"}) for h in hosts))
+        current = {host: {(int(k[0]), int(k[1])) for k in s.experts} for host, s in zip(hosts, statuses, strict=True)}
+        capacity = {host: s.memory_limit_bytes // self.expert_bytes for host, s in zip(hosts, statuses, strict=True)}
+        return current, capacity
+
+    async def _run(self, step: Step, epoch: int) -> None:
+        cls = LoadCommand if step.kind == "load" else UnloadCommand
+        command = cls(epoch=epoch, experts=list(step.experts))
+        await self._command(step.host, command.model_dump())
+
+    async def _command(self, host: str, command: dict[str, Any]) -> HostStatus:
+        try:
+            msg = await self.nc.request(
+                subjects.host_cmd(host), json.dumps(command).encode(), timeout=self.settings.command_timeout_s
+            )
+        except (NoRespondersError, NatsTimeoutError):
+            raise MigrationFailed(f"host {host} did not answer {command['kind']}") from None
+        error = error_from_headers(msg.headers)
+        if error is not None:
+            raise MigrationFailed(f"host {host} refused {command['kind']}: {error.message}")
+        return HostStatus.model_validate_json(msg.data)
+
+    async def _announce(self, epoch: int, *, ok: bool, steps: int, error: str | None) -> None:
+        event = {"epoch": epoch, "ok": ok, "steps": steps, "error": error}
+        await self.nc.publish(subjects.PLAN_EVENTS, json.dumps(event).encode())
+
+    async def stop(self) -> None:
+        if self._watch:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+
+
+def _expert_bytes(settings: MigratorSettings) -> int:
+    """Bytes of one expert on a host (hosts use the migrator's dtype)."""
+    from shared.model.checkpoint import load_config
+
+    return load_config(settings.model).expert_nbytes(getattr(torch, settings.dtype).itemsize)
+
+
+def _consecutive_by_kind(steps: list[Step]) -> list[list[Step]]:
+    """Runs of loads or unloads: a run goes in parallel, runs go in order."""
+    groups: list[list[Step]] = []
+    for step in steps:
+        if groups and groups[-1][0].kind == step.kind:
+            groups[-1].append(step)
+        else:
+            groups.append([step])
+    return groups
+
+
+async def build(nc: NatsClient, settings: MigratorSettings) -> Migrator:
+    js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
+    plans = await js.create_key_value(bucket=settings.plans_bucket, history=16)
+    store = await js.create_object_store(bucket=settings.weights_bucket)
+    return Migrator(nc, plans, store, settings)
+
+
+async def main(settings: MigratorSettings) -> None:
+    from shared.logs import configure_logging
+    from shared.runtime import connect, serve_until_stopped
+
+    configure_logging(settings.log_level, settings.log_format, service="migrator")
+    nc = await connect(settings, "migrator")
+    migrator = await build(nc, settings)
+    await serve_until_stopped(migrator.start(), migrator.stop, nc)
+
+
+def main_cli() -> None:
+    from shared.runtime import run
+    from shared.settings import from_cli
+
+    settings = from_cli(MigratorSettings)
+    run(lambda: main(settings))

@@ -1,0 +1,90 @@
+"""Runtime migration over real NATS: experts move from node a to node b while b serves, losing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import nats
+import pytest
+
+from services.migrator.service import Migrator, build
+from services.migrator.settings import MigratorSettings
+from shared import subjects
+from tests.serving.conftest import LocalCluster, ask, reference
+
+pytestmark = pytest.mark.slow
+
+
+async def test_experts_move_while_requests_run(cluster: LocalCluster, mixtral_dir: Path, unique: str) -> None:
+    hub = await nats.connect(cluster.hub.cfg.client_url())
+    settings = MigratorSettings(
+        model=mixtral_dir, model_id=unique, plans_bucket=f"{unique}-plans", weights_bucket=f"{unique}-weights"
+    )
+    migrator: Migrator = await build(hub, settings)
+    await migrator.upload_weights()
+    await cluster.add_node("a")
+    await cluster.add_node("b")
+    store_kw = {"model_id": unique, "weights_bucket": f"{unique}-weights"}
+    a0 = await cluster.add_host("a", "a0", mixtral_dir, "*:*", **store_kw)
+    b0 = await cluster.add_host("b", "b0", mixtral_dir, "", **store_kw)
+    await cluster.add_gating("b", mixtral_dir)
+    await cluster.settle()
+    for host in (a0, b0):  # the in-process hosts get the weights store like the real service does
+        host.store = await host.nc.jetstream(domain="hub").object_store(f"{unique}-weights")
+
+    nc = await cluster.connect("b")
+    node = cluster.node("b")
+    batch = [[20 + i, 30 + i, 40 + i] for i in range(8)]
+    expected = reference(mixtral_dir, batch, 24)
+    events = await hub.subscribe(subjects.PLAN_EVENTS)
+    requests = [asyncio.create_task(ask(nc, node, {"input_ids": p, "max_tokens": 24})) for p in batch]
+    await asyncio.sleep(0)  # the requests are in flight before the plan lands
+    keys = sorted(a0.weights)
+    plan = {
+        "epoch": 1,
+        "hosts": {
+            a0.settings.host: [list(k) for k in keys[: len(keys) // 2]],
+            b0.settings.host: [list(k) for k in keys],
+        },
+    }
+    await migrator.plans.put("plan", json.dumps(plan).encode())
+    await migrator.start()
+    async with asyncio.timeout(60):
+        event = json.loads((await events.next_msg(timeout=60)).data)
+        in_flight_at_move = sum(not t.done() for t in requests)
+        replies = await asyncio.gather(*requests)
+    assert in_flight_at_move > 0, "the move happened while requests were being served"
+    assert event == {"epoch": 1, "ok": True, "steps": 2, "error": None}
+    assert [r["token_ids"] for r, _ in replies] == expected, "no request failed or changed during the move"
+    assert sorted(b0.weights) == keys
+    assert sorted(a0.weights) == keys[: len(keys) // 2]
+
+    served_by_a = a0.counters.batches
+    reply, _ = await ask(nc, node, {"input_ids": batch[0], "max_tokens": 8})
+    assert reply["token_ids"] == expected[0][:8]
+    assert a0.counters.batches == served_by_a, "after the move node b serves itself"
+    await migrator.stop()
+    await hub.close()
+
+
+async def test_refused_step_leaves_old_holders_serving(cluster: LocalCluster, mixtral_dir: Path, unique: str) -> None:
+    hub = await nats.connect(cluster.hub.cfg.client_url())
+    settings = MigratorSettings(
+        model=mixtral_dir, model_id=unique, plans_bucket=f"{unique}-p", weights_bucket=f"{unique}-w"
+    )
+    migrator = await build(hub, settings)  # weights never uploaded: every load must fail
+    await cluster.add_node("a")
+    a0 = await cluster.add_host("a", "a0", mixtral_dir, "*:*")
+    a1 = await cluster.add_host("a", "a1", mixtral_dir, "")
+    a1.store = await a1.nc.jetstream(domain="hub").object_store(f"{unique}-w")
+    await cluster.add_gating("a", mixtral_dir)
+    await cluster.settle()
+    keys = sorted(a0.weights)
+    ok = await migrator.apply({"epoch": 3, "hosts": {a0.settings.host: [], a1.settings.host: [list(k) for k in keys]}})
+    assert ok is False
+    assert sorted(a0.weights) == keys, "nothing was unloaded"
+    reply, _ = await ask(await cluster.connect("a"), cluster.node("a"), {"input_ids": [5, 6, 7], "max_tokens": 4})
+    assert reply["token_ids"] == reference(mixtral_dir, [[5, 6, 7]], 4)[0]
+    await hub.close()
