@@ -41,6 +41,19 @@ def default_samples(num_nodes: int, num_layers: int) -> int:
     return int(np.clip(2**16 // max(num_nodes * num_layers, 1), 16, 64))
 
 
+def max_samples(num_nodes: int, num_layers: int) -> int:
+    """Sampled tokens per node the model evaluates: all up to 2^17 (token, layer) rows in total, so
+    big clusters stay fast (64 × 58 layers → 35 per node), never under 16."""
+    return max(16, 2**17 // max(num_nodes * num_layers, 1))
+
+
+def _evenly(rows: np.ndarray, cap: int) -> np.ndarray:
+    """At most `cap` of `rows`, evenly spaced (deterministic)."""
+    if rows.size <= cap:
+        return rows
+    return rows[np.linspace(0, rows.size - 1, cap).astype(np.int64)]
+
+
 def _pseudo_batches(valid: int, batch: int) -> np.ndarray:
     """[nb, B] indices into a node's `valid` sample rows, cyclic when valid < batch."""
     nb = max(1, valid // batch)
@@ -88,7 +101,8 @@ class LatencyModel:
         self.rank = np.argsort(self.order, axis=1)
         self.uniform_links = bool(np.all(self.order == np.argsort(cyc, axis=1)))
         valid = self.coact.valid
-        self.samples = [np.flatnonzero(valid[n]) for n in range(n_nodes)]
+        cap = max_samples(n_nodes, n_layers)
+        self.samples = [_evenly(np.flatnonzero(valid[n]), cap) for n in range(n_nodes)]
         self.batches = [
             _pseudo_batches(s.size, int(self.workload.batch[n])) if s.size else np.zeros((0, 1), dtype=int)
             for n, s in enumerate(self.samples)

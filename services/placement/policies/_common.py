@@ -119,9 +119,11 @@ def ranks(freq: np.ndarray) -> np.ndarray:
     return out
 
 
-def fill_top(freq: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """[N, L, E] bool: node n holds its counts[n, l] most used experts of layer l (ties: lower index)."""
-    return ranks(freq) < np.asarray(counts)[..., None]
+def fill_top(freq: np.ndarray, counts: np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
+    """[N, L, E] bool: node n holds its counts[n, l] most used experts of layer l (ties: lower index).
+
+    rank: `ranks(freq)` if the caller already has it."""
+    return (ranks(freq) if rank is None else rank) < np.asarray(counts)[..., None]
 
 
 def top_indices(values: np.ndarray, k: int) -> np.ndarray:
@@ -222,8 +224,9 @@ class _Repair:
     def run(self, uncovered: np.ndarray) -> None:
         uncovered = uncovered[np.argsort(-self.ff[:, uncovered].sum(axis=0), kind="stable")]
         ff_t = np.ascontiguousarray(self.ff[:, uncovered].T)  # [U, N]
+        buf = np.empty_like(self.cost)
         for i, u in enumerate(uncovered.tolist()):
-            n = int(np.argmin(self.cost - ff_t[i]))
+            n = int(np.subtract(self.cost, ff_t[i], out=buf).argmin())
             if self.free[n] > 0:
                 self.free[n] -= 1
             else:

@@ -16,8 +16,9 @@ optimum wins (see ARCHITECTURE.md, Placement). No single construction is best in
      trip), then the coverage repair;
    - every other registered policy (uniform, redundance, eplb, prism), and `current` if given.
 2. Each is scored by `LatencyModel` (+ migration cost against `current`); the best is improved by
-   local search (slot trades between layers, `_local_search`) when the instance is small enough for
-   the search to stay within the time budget (SEARCH_LIMIT, counted in model work, so deterministic).
+   local search (slot trades between layers, `_local_search`) for as many moves as fit a work budget
+   (SEARCH_BUDGET, counted in model work rather than seconds, so the result is deterministic; big
+   clusters skip the search).
 3. Hysteresis against `current`: the new plan replaces it only if latency + migration_cost_s × new
    replicas < latency(current) × (1 - min_gain); otherwise `current` is returned unchanged.
 
@@ -43,14 +44,25 @@ from services.placement.policies._common import (
 from services.placement.policies._local_search import LocalSearch
 from services.placement.policies.eplb import eplb
 from services.placement.policies.optimal import solve_node_sets
-from services.placement.policies.prism import prism
+from services.placement.policies.prism import prism_view
 from services.placement.policies.redundance import redundance
 from services.placement.policies.uniform import uniform
 from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
 
 EXACT_LIMIT = 60_000  # N·L·E up to which the proxy candidate is the exact LP optimum
-SEARCH_LIMIT = 4e7  # model work (requesters × sampled tokens × K × L per pass) allowed for local search
+SEARCH_BUDGET = 1e7  # local-search work, in (sampled token, expert, pseudo-layer) visits (~0.5 s)
 MAX_MOVES = 400
+
+
+def search_moves(model: LatencyModel, num_layers: int) -> int:
+    """How many local-search moves fit SEARCH_BUDGET (0: skip the search). With U = Σ_n sampled
+    tokens × K, the first pass evaluates 2·N·L pseudo-layers (2·U·N·L visits), a move 4·N (4·U·N)."""
+    n_nodes = model.cluster.num_nodes
+    visits = sum(b.size for b in model.batches) * model.coact.top_k
+    first, per_move = 2 * visits * n_nodes * num_layers, 4 * visits * n_nodes
+    if per_move == 0 or first >= SEARCH_BUDGET:
+        return 0
+    return int(min(MAX_MOVES, (SEARCH_BUDGET - first) // per_move))
 
 
 def proxy_view(f: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
@@ -70,11 +82,10 @@ def whole_layers_view(f: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
     return fill_spare(view, f, node_slots)
 
 
-def _layer_costs(model: LatencyModel, f: np.ndarray) -> np.ndarray:
+def _layer_costs(model: LatencyModel, f: np.ndarray, rk: np.ndarray) -> np.ndarray:
     """c [N, L, E + 1]: mean per-step network time of node n's tokens in layer l if it holds its
     top-s experts there (s = 0..E) and everything else is one average link away."""
     n_nodes, n_layers, n_experts = f.shape
-    rk = ranks(f)
     out = np.zeros((n_nodes, n_layers, n_experts + 1))
     off = ~np.eye(n_nodes, dtype=bool)
     for n in range(n_nodes):
@@ -94,19 +105,19 @@ def _layer_costs(model: LatencyModel, f: np.ndarray) -> np.ndarray:
     return out
 
 
-def slot_split_view(model: LatencyModel, f: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
+def slot_split_view(model: LatencyModel, f: np.ndarray, node_slots: np.ndarray, rk: np.ndarray) -> np.ndarray:
     """Per node, split slots over layers by a Lagrangian on `_layer_costs`, fill top-s, repair."""
     n_nodes, n_layers, n_experts = f.shape
-    c = _layer_costs(model, f)
+    c = _layer_costs(model, f, rk)
     s = np.arange(n_experts + 1)
     budget = np.minimum(node_slots, n_layers * n_experts)
     lo, hi = np.zeros(n_nodes), np.full(n_nodes, c.max() + 1.0)
-    for _ in range(40):  # smallest price per slot whose unconstrained choice fits the budget
+    for _ in range(24):  # smallest price per slot whose unconstrained choice fits the budget
         mid = (lo + hi) / 2
         fits = np.argmin(c + mid[:, None, None] * s, axis=2).sum(axis=1) <= budget
         hi, lo = np.where(fits, mid, hi), np.where(fits, lo, mid)
     counts = np.argmin(c + hi[:, None, None] * s, axis=2)
-    view = fill_spare(fill_top(f, counts), f, budget)
+    view = fill_spare(fill_top(f, counts, rk), f, budget)
     return repair_coverage(view, f, node_slots)
 
 
@@ -114,8 +125,10 @@ def _candidates(
     f: np.ndarray, cluster: Cluster, model: LatencyModel, current: Placement | None
 ) -> list[np.ndarray]:
     slots = cluster.node_slots()
-    views = [proxy_view(f, slots), whole_layers_view(f, slots), slot_split_view(model, f, slots)]
-    views += [p(f, cluster).node_view(cluster) for p in (uniform, redundance, eplb, prism)]
+    rk = ranks(f)
+    views = [proxy_view(f, slots), whole_layers_view(f, slots), slot_split_view(model, f, slots, rk)]
+    views += [p(f, cluster).node_view(cluster) for p in (uniform, redundance, eplb)]
+    views.append(prism_view(f, slots, rk))
     if current is not None:
         views.append(current.node_view(cluster))
     return views
@@ -147,13 +160,19 @@ def latency(
     cur_view = current.node_view(cluster) if current is not None else np.zeros(f.shape, dtype=bool)
     mig = np.where(cur_view, 0.0, wl.migration_cost_s) if current is not None else np.zeros(f.shape)
     views = _candidates(f, cluster, model, current)
-    costs = [model.node_view_cost(v) + float(mig[v].sum()) for v in views]
+    costs: list[float] = []
+    seen: dict[bytes, float] = {}  # identical views (e.g. uniform = redundance without spare) score once
+    for v in views:
+        key = np.packbits(v).tobytes()
+        if key not in seen:
+            seen[key] = model.node_view_cost(v) + float(mig[v].sum())
+        costs.append(seen[key])
     best_i = int(np.argmin(costs))  # the first of equal costs
     best_cost, best = costs[best_i], views[best_i]
-    work = cluster.num_nodes * sum(b.size for b in model.batches) * model.coact.top_k * f.shape[1]
-    if 2 * work <= SEARCH_LIMIT:
+    moves = search_moves(model, f.shape[1])
+    if moves > 0:
         search = LocalSearch(model, f, best, cluster.node_slots(), mig)
-        view = search.run(MAX_MOVES)
+        view = search.run(moves)
         cost = model.node_view_cost(view) + float(mig[view].sum())
         if cost < best_cost:
             best_cost, best = cost, view

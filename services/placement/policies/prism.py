@@ -60,7 +60,10 @@ def prism(
 ) -> Placement:
     """Entropy-proportional layer counts, each node's top experts, coverage repair. freq [N, L, E]."""
     f = check_inputs(freq, cluster)
-    node_slots = cluster.node_slots()
-    view = fill_top(f, entropy_counts(f, node_slots))
-    view = repair_coverage(view, f, node_slots)
-    return Placement(assign_to_hosts(view, cluster, f))
+    return Placement(assign_to_hosts(prism_view(f, cluster.node_slots()), cluster, f))
+
+
+def prism_view(f: np.ndarray, node_slots: np.ndarray, rank: np.ndarray | None = None) -> np.ndarray:
+    """The node-level result [N, L, E] bool; rank: `ranks(f)` if the caller has it."""
+    view = fill_top(f, entropy_counts(f, node_slots), rank)
+    return repair_coverage(view, f, node_slots)
