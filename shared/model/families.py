@@ -261,12 +261,14 @@ def _deepseek_common(data: Json) -> dict[str, Any]:
     )
     common["head_dim"] = mla.qk_rope_head_dim  # RoPE covers only the decoupled rotary part
     n, moe_width = common["num_layers"], int(data["moe_intermediate_size"])
-    first_dense, freq = int(data["first_k_dense_replace"] or 0), int(data.get("moe_layer_freq") or 1)
+    # Like transformers (which loads these checkpoints), every layer from first_k_dense_replace on is
+    # MoE; DeepSeek's own `moe_layer_freq` is 1 in every published config and is not read.
+    first_dense = int(data["first_k_dense_replace"] or 0)
     return {
         "num_experts": int(data["n_routed_experts"]),
         "top_k": int(data["num_experts_per_tok"]),
         "moe_intermediate_size": moe_width,
-        "moe_layers": tuple(i for i in range(n) if i >= first_dense and i % freq == 0),
+        "moe_layers": tuple(range(first_dense, n)),
         "intermediate_size": int(data["intermediate_size"]),
         "shared_expert_intermediate_size": moe_width * int(data["n_shared_experts"] or 0),
         "router_weights_fp32": True,  # DeepSeek keeps its gate and its routing weights in fp32
