@@ -10,6 +10,8 @@ optimum wins (see ARCHITECTURE.md, Placement). No single construction is best in
      experts plus the coverage repair);
    - `whole_layers`: layer-major contiguous blocks ∝ node slots (whole layers per node), spare slots
      filled with the node's most used experts;
+   - `most_whole_layers`: every node holds as many whole layers as fit (each layer at least once,
+     then the layers that save the node most), leftover slots by frequency;
    - `slot_split`: per node, slot counts per layer chosen on the latency model itself — a Lagrangian
      split of the node's slots over layers minimising the round trips plus bytes of its own tokens
      given its top-s experts per layer (so a layer can get all E slots when that saves the round
@@ -40,6 +42,7 @@ from services.placement.policies._common import (
     fill_top,
     ranks,
     repair_coverage,
+    top_indices,
 )
 from services.placement.policies._local_search import LocalSearch
 from services.placement.policies.eplb import eplb
@@ -82,6 +85,27 @@ def whole_layers_view(f: np.ndarray, node_slots: np.ndarray) -> np.ndarray:
     return fill_spare(view, f, node_slots)
 
 
+def most_whole_layers_view(f: np.ndarray, node_slots: np.ndarray, saving: np.ndarray) -> np.ndarray | None:
+    """Each node holds as many whole layers as its slots allow: first every layer once (blocks ∝
+    whole-layer capacity), then each node adds the layers that save it most (saving [N, L]; ties:
+    lower layer); leftover slots by frequency. None if whole layers cannot cover every layer."""
+    n_nodes, n_layers, n_experts = f.shape
+    whole = np.minimum(np.asarray(node_slots) // n_experts, n_layers)
+    if whole.sum() < n_layers:
+        return None
+    first = apportion(n_layers, whole, whole)
+    owner = np.repeat(np.arange(n_nodes), first)  # layer-major blocks: layer l's first holder
+    layers = np.zeros((n_nodes, n_layers), dtype=bool)
+    layers[owner, np.arange(n_layers)] = True
+    for n in range(n_nodes):
+        extra = int(whole[n] - first[n])
+        if extra > 0:
+            gain = np.where(layers[n], -np.inf, saving[n])
+            layers[n, top_indices(gain, extra)] = True
+    view = np.repeat(layers[:, :, None], n_experts, axis=2)
+    return fill_spare(view, f, node_slots)
+
+
 def _layer_costs(model: LatencyModel, f: np.ndarray, rk: np.ndarray) -> np.ndarray:
     """c [N, L, E + 1]: mean per-step network time of node n's tokens in layer l if it holds its
     top-s experts there (s = 0..E) and everything else is one average link away."""
@@ -105,10 +129,9 @@ def _layer_costs(model: LatencyModel, f: np.ndarray, rk: np.ndarray) -> np.ndarr
     return out
 
 
-def slot_split_view(model: LatencyModel, f: np.ndarray, node_slots: np.ndarray, rk: np.ndarray) -> np.ndarray:
-    """Per node, split slots over layers by a Lagrangian on `_layer_costs`, fill top-s, repair."""
+def slot_split_view(f: np.ndarray, node_slots: np.ndarray, rk: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Per node, split slots over layers by a Lagrangian on c = `_layer_costs`, fill top-s, repair."""
     n_nodes, n_layers, n_experts = f.shape
-    c = _layer_costs(model, f, rk)
     s = np.arange(n_experts + 1)
     budget = np.minimum(node_slots, n_layers * n_experts)
     lo, hi = np.zeros(n_nodes), np.full(n_nodes, c.max() + 1.0)
@@ -126,7 +149,11 @@ def _candidates(
 ) -> list[np.ndarray]:
     slots = cluster.node_slots()
     rk = ranks(f)
-    views = [proxy_view(f, slots), whole_layers_view(f, slots), slot_split_view(model, f, slots, rk)]
+    c = _layer_costs(model, f, rk)
+    views = [proxy_view(f, slots), whole_layers_view(f, slots), slot_split_view(f, slots, rk, c)]
+    most = most_whole_layers_view(f, slots, c[:, :, 0] - c[:, :, -1])
+    if most is not None:
+        views.append(most)
     views += [p(f, cluster).node_view(cluster) for p in (uniform, redundance, eplb)]
     views.append(prism_view(f, slots, rk))
     if current is not None:
