@@ -69,7 +69,7 @@ def run(scenario: Scenario, policy: str, *, replan: bool = False, detect: bool =
         stats = RoutingStats(scenario.cluster.num_nodes, shape.num_layers, shape.num_experts, shape.top_k)
         controller = Replanner(get_policy(policy), scenario.cluster, scenario.workload, stats,
                                expert_bytes=shape.expert_bytes, migration_share=scenario.config.migration_share,
-                               detect=detect)
+                               detect=detect, local_load_bytes_per_s=scenario.config.local_load_bytes_per_s)
     sim = simulate(scenario.test, scenario.cluster, placement, scenario.config, controller=controller)
     log = tuple(controller.log) + tuple(sim.events) if controller is not None else ()
     return PolicyRun(scenario=scenario.name, policy=policy, solve_s=solve, proxy=proxy,

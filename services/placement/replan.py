@@ -4,8 +4,9 @@ Used by the simulator as its controller; the placement service applies the same 
 finished decode step the node's routing goes into `RoutingStats`; a plan is computed when the
 statistics report a workload shift (if `detect`) or every `period_tokens` tokens of the cluster.
 The published rule moves to P' only when C(P') + T_mig < C(P), with C the expected latency of a
-decode step (`latency_model.expected_latency`) over the steps of one period, and T_mig the time the
-new replicas take to load at the migration's share of the links into their nodes.
+decode step (`latency_model.expected_latency`) summed over a horizon, and T_mig the time the new
+replicas take to load. The paper leaves the horizon open; here it is the tokens served since the last
+accepted plan (at least one period): the new workload is expected to last as long as the last one did.
 
 Pure numpy; nothing here imports nats.
 """
@@ -26,8 +27,12 @@ def replicas_to_load(new: Placement, current: Placement, cluster: Cluster) -> np
     return np.asarray((new.node_view(cluster) & ~current.node_view(cluster)).sum(axis=(1, 2)))
 
 
-def migration_time(loads: np.ndarray, cluster: Cluster, expert_bytes: float, share: float) -> float:
-    """Seconds until every node has loaded its replicas over its best incoming link at `share` of it."""
+def migration_time(loads: np.ndarray, cluster: Cluster, expert_bytes: float, share: float,
+                   local_load_bytes_per_s: float = 0.0) -> float:
+    """Seconds until every node has loaded its replicas: from local storage at `local_load_bytes_per_s` when
+    that is > 0, else over its best incoming link at `share` of it (as the simulator does)."""
+    if local_load_bytes_per_s > 0:
+        return float(loads.max(initial=0)) * expert_bytes / local_load_bytes_per_s
     N = cluster.num_nodes
     worst = 0.0
     for m in np.flatnonzero(loads > 0):
@@ -48,13 +53,16 @@ class Replanner:
     migration_share: float = 0.5
     period_tokens: int = 8192            # cluster tokens between periodic replans
     detect: bool = True                  # replan on a detected shift too
+    local_load_bytes_per_s: float = 0.0          # as SimConfig.local_load_bytes_per_s
     log: list[str] = field(default_factory=list)
     _since: int = 0
+    _since_plan: int = 0
 
     def __call__(self, node: int, experts: np.ndarray, now: float, current: Placement
                  ) -> tuple[Placement, np.ndarray] | None:
         event = self.stats.add_tokens(node, experts)
         self._since += experts.shape[0]
+        self._since_plan += experts.shape[0]
         shifted = self.detect and event is not None
         if not shifted and self._since < self.period_tokens:
             return None
@@ -65,18 +73,24 @@ class Replanner:
 
     def _plan(self, now: float, current: Placement) -> tuple[Placement, np.ndarray] | None:
         f, coact = self.stats.counts(), self.stats.coactivation()
-        steps = self.period_tokens / max(float(self.workload.batch.sum()), 1.0)  # decode steps per node
-        per_replica = self.expert_bytes / (self.migration_share * float(np.min(
-            self.cluster.bandwidth_Bps[~np.eye(self.cluster.num_nodes, dtype=bool)], initial=np.inf)))
-        wl = replace(self.workload, migration_cost_s=per_replica / max(steps, 1.0))
+        horizon = max(self._since_plan, self.period_tokens)
+        steps = horizon / max(float(self.workload.batch.sum()), 1.0)     # decode steps per node
+        one = migration_time(np.ones(1), self.cluster, self.expert_bytes, self.migration_share,
+                             self.local_load_bytes_per_s)
+        wl = replace(self.workload, migration_cost_s=one / max(steps, 1.0))
         new = self.policy(f, self.cluster, coact=coact, current=current, workload=wl)
         loads = replicas_to_load(new, current, self.cluster)
         if loads.sum() == 0:
+            self.log.append(f"{now:.2f}s plan: the policy keeps the current placement")
             return None
-        t_mig = migration_time(loads, self.cluster, self.expert_bytes, self.migration_share)
+        t_mig = migration_time(loads, self.cluster, self.expert_bytes, self.migration_share,
+                               self.local_load_bytes_per_s)
         c_new = expected_latency(new, self.cluster, f, coact, self.workload) * steps
         c_cur = expected_latency(current, self.cluster, f, coact, self.workload) * steps
         accept = c_new + t_mig < c_cur
         self.log.append(f"{now:.2f}s plan: C(P')={c_new:.2f}s + T_mig={t_mig:.2f}s vs C(P)={c_cur:.2f}s, "
                         f"{int(loads.sum())} replicas: {'accepted' if accept else 'rejected'}")
-        return (new, loads) if accept else None
+        if not accept:
+            return None
+        self._since_plan = 0
+        return new, loads

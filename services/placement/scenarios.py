@@ -29,6 +29,7 @@ LAUNCH_S = 10e-6
 DENSE_TIME_S = {"deepseek-v2-lite": 150e-6, "mixtral-8x7b": 250e-6, "deepseek-v3": 400e-6}
 PUBLISHED_RTT_S = 0.004          # the testbed's round trip is not published; 4 ms as in ARCHITECTURE.md
 PUBLISHED_BW_BPS = 500e6 / 8     # 500 Mbit/s
+LOCAL_LOAD_BPS = 2e9             # NVMe → GPU when a node keeps the full weights locally
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,14 @@ def build(name: str, shape: ModelShape, cluster: Cluster, traffic: Traffic, *, m
                       shifts=tuple(replace(s, at_request=2 * s.at_request) for s in traffic.shifts))
     profile, test = split(generate(shape, doubled, seed=seed))
     lo, hi = traffic.tokens_per_request
-    rate = arrival_rate(shape, cluster, max_batch, (lo + hi) / 2, load)
+    config, workload = _timing_and_load(shape, cluster, max_batch, (lo + hi) / 2, seed=seed, load=load)
+    return Scenario(name=name, shape=shape, cluster=cluster, profile=profile, test=test, config=config,
+                    workload=workload, note=note)
+
+
+def _timing_and_load(shape: ModelShape, cluster: Cluster, max_batch: int, mean_tokens: float, *, seed: int,
+                     load: float = 0.5) -> tuple[SimConfig, Workload]:
+    rate = arrival_rate(shape, cluster, max_batch, mean_tokens, load)
     t = timing(shape)
     config = SimConfig(max_batch=max_batch, arrival_rate=rate, shared_experts=shape.num_shared_experts,
                        expert_bytes=shape.expert_bytes, seed=seed, dense_time_s=t["dense_time_s"],
@@ -129,8 +137,7 @@ def build(name: str, shape: ModelShape, cluster: Cluster, traffic: Traffic, *, m
                        expert_time_per_token_s=t["expert_time_per_token_s"])
     workload = Workload.uniform(cluster.num_nodes, batch=max_batch, bytes_per_token=shape.bytes_per_token,
                                 expert_time_s=config.expert_time_s, top_k=shape.top_k)
-    return Scenario(name=name, shape=shape, cluster=cluster, profile=profile, test=test, config=config,
-                    workload=workload, note=note)
+    return config, workload
 
 
 def published_testbed(model: str, regime: str = "rtt-b8", *, requests_per_node: int = 60, seed: int = 0,
@@ -159,8 +166,12 @@ def shift(requests_before: int = 200, seed: int = 0) -> Scenario:
     traffic = Traffic.dedicated(3, 3, 2 * requests_before, purity=0.9, tokens_per_request=(8, 32))
     base = build("shift", shape, cluster, traffic, max_batch=reg.max_batch, seed=seed)
     switched = generate(shape, replace(traffic, shifts=()).with_switch(requests_before, purity=0.9), seed=seed)
-    return replace(base, test=switched,
-                   note=f"testbed, each node switches domain after {requests_before} requests; replanning on")
+    # Every node keeps the full weights on local NVMe (~2 GB/s): over the 500 Mbit/s links, re-placing
+    # ~1000 replicas of 17.3 MB would take minutes and the migration rule rejects every plan.
+    config = replace(base.config, local_load_bytes_per_s=LOCAL_LOAD_BPS)
+    return replace(base, test=switched, config=config,
+                   note=f"testbed, each node switches domain after {requests_before} requests; replanning on, "
+                        f"replicas load from local storage at {LOCAL_LOAD_BPS / 1e9:g} GB/s")
 
 
 def sweep_cluster(shape: ModelShape, gpus: int, bytes_per_s: float, seed: int = 0) -> Cluster:
@@ -183,3 +194,40 @@ def sweep(gpus: int, mbit: float, seed: int = 0, requests: int = 240) -> Scenari
     traffic = Traffic.dedicated(n, min(n, 8), max(2, requests // n), purity=0.9, tokens_per_request=(16, 48))
     return build(f"sweep-{gpus}gpu-{mbit:g}mbit", shape, cluster, traffic, max_batch=8, seed=seed,
                  note=f"{n} nodes, {gpus} GPUs, {mbit:g} Mbit/s")
+
+
+def shape_of(trace: RoutingTrace) -> ModelShape:
+    """The ModelShape of a recorded trace: a preset's when the MoE shape matches one (for expert size
+    and routing), else the trace's own sizes with expert_bytes from meta.extra or 3·hidden²·dtype."""
+    m = trace.meta
+    for p in PRESETS.values():
+        if (p.num_layers, p.num_experts, p.top_k) == (trace.num_layers, m.num_experts, m.top_k):
+            return replace(p, name=m.model, hidden_size=m.hidden_size, num_shared_experts=m.num_shared_experts,
+                           bytes_per_element=m.bytes_per_element)
+    size = int(m.extra.get("expert_bytes", 3 * m.hidden_size * m.hidden_size * m.bytes_per_element))
+    return replace(PRESETS["deepseek-v2-lite"], name=m.model, num_layers=trace.num_layers,
+                   num_experts=m.num_experts, top_k=m.top_k, num_shared_experts=m.num_shared_experts,
+                   hidden_size=m.hidden_size, bytes_per_element=m.bytes_per_element, expert_bytes=size)
+
+
+def trace_testbed(trace: RoutingTrace, regime: str = "rtt-b8", memory_share: float = 0.3, seed: int = 0) -> Scenario:
+    """The testbed cluster fed by a recorded trace (at most 3 nodes): alternate requests of each node
+    form the profile and the test."""
+    if trace.num_nodes > 3:
+        raise InvalidInputError(f"the testbed has 3 nodes; the trace names {trace.num_nodes}")
+    if regime not in REGIMES:
+        raise InvalidInputError(f"unknown regime {regime!r}; accepted: {', '.join(REGIMES)}")
+    if not 0 < memory_share <= 1:
+        raise InvalidInputError(f"memory share must be in (0, 1], got {memory_share}")
+    shape, reg = shape_of(trace), REGIMES[regime]
+    cluster = edge_cluster(shape, memory_share, rtt_s=reg.rtt_s, bytes_per_s=reg.bytes_per_s)
+    if int(cluster.host_slots.sum()) < shape.num_layers * shape.num_experts:
+        raise InvalidInputError(f"memory share {memory_share} leaves too few slots for every expert")
+    profile, test = split(trace)
+    if test.num_tokens == 0:
+        raise InvalidInputError("the trace needs at least two requests per node (profile and test)")
+    mean_tokens = test.num_tokens / max(len(np.unique(test.request)), 1)
+    config, workload = _timing_and_load(shape, cluster, reg.max_batch, mean_tokens, seed=seed)
+    return Scenario(name=f"trace-{trace.meta.model}-{regime}", shape=shape, cluster=cluster, profile=profile,
+                    test=test, config=config, workload=workload,
+                    note=f"recorded trace on the testbed, {memory_share:.0%} experts per GPU, {regime}")

@@ -51,13 +51,15 @@ class SimConfig:
     envelope_bytes: int = 128             # per message, besides the hidden states
     migration_share: float = 0.5          # share of a link a migration may take
     expert_bytes: int = 17_300_000        # weights moved per replica a migration loads
+    local_load_bytes_per_s: float = 0.0           # > 0: nodes load new replicas from local storage at this rate
+                                          # (links untouched); 0: over the links from the nearest peer
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.arrival_rate <= 0 or not 0 < self.migration_share < 1:
             raise InvalidInputError("need max_batch >= 1, arrival_rate > 0 and 0 < migration_share < 1")
         if min(self.dense_time_s, self.dense_time_per_token_s, self.expert_time_s,
-               self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts) < 0:
+               self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts, self.local_load_bytes_per_s) < 0:
             raise InvalidInputError("SimConfig times and sizes must be >= 0")
 
 
@@ -358,6 +360,9 @@ class Simulator:
         cl, cfg = self.cluster, self.cfg
         finish = now
         for m in np.flatnonzero(loads > 0):
+            if cfg.local_load_bytes_per_s > 0:
+                finish = max(finish, now + loads[m] * cfg.expert_bytes / cfg.local_load_bytes_per_s)
+                continue
             peers = [k for k in range(cl.num_nodes) if k != m]
             bw_in = max((cl.bandwidth_Bps[k, m] for k in peers), default=np.inf)
             took = loads[m] * cfg.expert_bytes / (cfg.migration_share * bw_in)
