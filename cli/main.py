@@ -14,7 +14,10 @@ import sys
 COMMANDS: tuple[str, ...] = (
     "cli.trace",
     "cli.place",
+    "cli.sim",
     "cli.run",
+    "cli.up",
+    "cli.infer",
 )
 
 
