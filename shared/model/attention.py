@@ -130,11 +130,11 @@ def attend(q: Tensor, keys: Tensor, values: Tensor, ctx: StepContext, window: in
     """Scaled dot-product attention of the step's queries q [T, H, Dh] against each sequence's
     cached keys/values ([S, Hkv, Pmax, Dh] caches, already holding this step): [T, H, Dh]."""
     B, Q, P = ctx.batch_size, ctx.q_max, ctx.k_max
-    if B == 1:
-        s = ctx.first_slot
-        k, v = keys[s : s + 1, :, :P], values[s : s + 1, :, :P]  # views, no copy
+    if ctx.slot_start is not None:  # consecutive slots (always for B == 1): views, no copy
+        s = ctx.slot_start
+        k, v = keys[s : s + B, :, :P], values[s : s + B, :, :P]  # [B, Hkv, P, Dh]
     else:
-        k, v = keys[ctx.slots, :, :P], values[ctx.slots, :, :P]  # [B, Hkv, P, Dh]
+        k, v = keys[ctx.slots, :, :P], values[ctx.slots, :, :P]  # gathered copies
     if ctx.uniform:
         qb = q.view(B, Q, *q.shape[1:])
     else:

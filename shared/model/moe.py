@@ -29,12 +29,11 @@ from shared.model.errors import InputError
 _ALIGN = 64
 
 
-def aligned(t: Tensor) -> Tensor:
-    """`t` itself if it is contiguous, 64-byte aligned and owns its storage; else a compact copy."""
-    if (
-        t.is_contiguous()
-        and t.data_ptr() % _ALIGN == 0
-        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+def aligned(t: Tensor, compact: bool = True) -> Tensor:
+    """`t` itself if it is contiguous, 64-byte aligned and (when `compact`) owns its whole
+    storage; else a compact copy. (`compact` keeps a view from pinning a bigger buffer.)"""
+    if t.is_contiguous() and t.data_ptr() % _ALIGN == 0 and (
+        not compact or t.untyped_storage().nbytes() == t.numel() * t.element_size()
     ):
         return t
     return t.clone(memory_format=torch.contiguous_format)
@@ -65,7 +64,7 @@ class ExpertWeights:
 
 def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
     """Apply one SwiGLU expert: [n, D] -> [n, D] (same dtype as the weights)."""
-    x = aligned(x)
+    x = aligned(x, compact=False)
     return F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
 
 
@@ -79,7 +78,10 @@ class MoECall:
     weights: Tensor  # [T, K] router weights, already normalised per family
 
 
-def group_by_expert(expert_ids: Tensor) -> list[tuple[int, Tensor, Tensor]]:
+Groups = list[tuple[int, Tensor, Tensor]]  # (expert, token_idx [n], k_idx [n]) per chosen expert
+
+
+def group_by_expert(expert_ids: Tensor) -> Groups:
     """Group (token, k) choices by expert.
 
     expert_ids: [T, K] int64. Returns (expert, token_idx [n], k_idx [n]) per chosen expert,
@@ -99,15 +101,16 @@ def group_by_expert(expert_ids: Tensor) -> list[tuple[int, Tensor, Tensor]]:
     return groups
 
 
-def combine(call: MoECall, outputs: Mapping[int, Tensor]) -> Tensor:
+def combine(call: MoECall, outputs: Mapping[int, Tensor], *, groups: Groups | None = None) -> Tensor:
     """Weighted sum of expert outputs per token: [T, D] in the dtype of `call.hidden`.
 
     outputs[e] is expert_forward of expert e on hidden[token_idx] for e's group (same order).
     Experts are added in ascending order, each with one index_add_ (no token repeats within a
-    group), so the result does not depend on timing or device scheduling.
+    group), so the result does not depend on timing or device scheduling. `groups`, if given,
+    must be `group_by_expert(call.expert_ids)` (saves computing it twice).
     """
     out = torch.zeros_like(call.hidden)
-    for expert, token_idx, k_idx in group_by_expert(call.expert_ids):
+    for expert, token_idx, k_idx in group_by_expert(call.expert_ids) if groups is None else groups:
         y = outputs.get(expert)
         if y is None:
             raise InputError(f"combine: no output for expert {expert} of layer {call.layer}")
@@ -147,9 +150,10 @@ class LocalExperts:
     def __call__(self, call: MoECall) -> Tensor:
         """Run every chosen expert on its tokens and combine: [T, D]."""
         outputs: dict[int, Tensor] = {}
-        for expert, token_idx, _ in group_by_expert(call.expert_ids):
+        groups = group_by_expert(call.expert_ids)
+        for expert, token_idx, _ in groups:
             w = self.weights.get((call.layer, expert))
             if w is None:
                 raise InputError(f"expert ({call.layer}, {expert}) is not held by this LocalExperts")
             outputs[expert] = expert_forward(w, call.hidden[token_idx])
-        return combine(call, outputs)
+        return combine(call, outputs, groups=groups)

@@ -36,15 +36,12 @@ class StepContext:
     q_max: int  # Q
     k_max: int  # P
     last_token: Tensor  # [B] int64, packed index of each sequence's last new token
+    uniform: bool  # every sequence appends Q tokens: [T] reshapes to [B, Q] directly
+    slot_start: int | None  # slots are slot_start, slot_start + 1, ...: caches are read as views
 
     @property
     def batch_size(self) -> int:
         return len(self.counts)
-
-    @property
-    def uniform(self) -> bool:
-        """Every sequence appends the same number of tokens: [T] reshapes to [B, Q] directly."""
-        return all(n == self.q_max for n in self.counts)
 
     def attention_mask(self, window: int | None) -> Tensor | None:
         """Boolean mask [B, 1, Q, P] (True = attend), or None when no key needs masking.
@@ -112,4 +109,6 @@ def build_context(
         q_max=max(counts),
         k_max=max(b + n for b, n in zip(before, counts, strict=True)),
         last_token=starts + count_t - 1,
+        uniform=all(n == counts[0] for n in counts),
+        slot_start=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None,
     )
