@@ -39,7 +39,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of traffic, routing and arrivals")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--regime", default="rtt-b8", help="testbed links/batch: rtt-b1, rtt-b8, bw-b1, bw-b8")
-    p.add_argument("--requests", type=int, help="requests per node (testbed 60, shift: before the switch 200)")
+    p.add_argument("--requests", type=int,
+                   help="requests per node (testbed 60; shift: before the switch, 200; sweep: 240 in all)")
     p.add_argument("--gpus", default="4,16,64,256", help="sweep: GPU counts")
     p.add_argument("--mbit", default="100,1000", help="sweep: link rates in Mbit/s")
     p.set_defaults(func=handler)
@@ -80,7 +81,7 @@ def _scenarios(args: argparse.Namespace) -> list[Any]:
     if name == "shift":
         return [sc.shift(args.requests or 200, seed)]
     gpus, mbits = _ints(args.gpus, "--gpus"), _ints(args.mbit, "--mbit")
-    return [sc.sweep(int(g), m, seed) for g in gpus for m in mbits]
+    return [sc.sweep(int(g), m, seed, args.requests) for g in gpus for m in mbits]
 
 
 def handler(args: argparse.Namespace) -> int:

@@ -186,12 +186,14 @@ def sweep_cluster(shape: ModelShape, gpus: int, bytes_per_s: float, seed: int = 
     return edge_cluster(shape, 0.3, rtt_s=rtt, bytes_per_s=bytes_per_s, gpus_per_node=tuple(per_node))
 
 
-def sweep(gpus: int, mbit: float, seed: int = 0, requests: int = 240) -> Scenario:
-    """Scaling sweep point: DeepSeek-V2-Lite, `gpus` GPUs, links of `mbit` Mbit/s, ~`requests` in all."""
+def sweep(gpus: int, mbit: float, seed: int = 0, requests_per_node: int | None = None) -> Scenario:
+    """Scaling sweep point: DeepSeek-V2-Lite, `gpus` GPUs, links of `mbit` Mbit/s, ~240 requests in all
+    unless `requests_per_node` says otherwise; 8 domains at most, 90% of a node's requests its own."""
     shape = PRESETS["deepseek-v2-lite"]
     cluster = sweep_cluster(shape, gpus, mbit * 1e6 / 8, seed)
     n = cluster.num_nodes
-    traffic = Traffic.dedicated(n, min(n, 8), max(2, requests // n), purity=0.9, tokens_per_request=(16, 48))
+    per_node = requests_per_node if requests_per_node is not None else max(2, 240 // n)
+    traffic = Traffic.dedicated(n, min(n, 8), per_node, purity=0.9, tokens_per_request=(16, 48))
     return build(f"sweep-{gpus}gpu-{mbit:g}mbit", shape, cluster, traffic, max_batch=8, seed=seed,
                  note=f"{n} nodes, {gpus} GPUs, {mbit:g} Mbit/s")
 
