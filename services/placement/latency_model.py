@@ -85,6 +85,7 @@ class LatencyModel:
             )
         tokens = self.coact.tokens
         self.p = np.divide(f, tokens[..., None], out=np.zeros_like(f), where=tokens[..., None] > 0)
+        self.calls = self.p * self.workload.batch[:, None, None]  # [N, L, E] calls per step
         tok = tokens.max(axis=1)
         self.weight = tok / tok.sum() if tok.sum() > 0 else np.full(n_nodes, 1.0 / n_nodes)
         self.speed = cluster.node_speed()
@@ -107,6 +108,21 @@ class LatencyModel:
             _pseudo_batches(s.size, int(self.workload.batch[n])) if s.size else np.zeros((0, 1), dtype=int)
             for n, s in enumerate(self.samples)
         ]
+        self._flatten_tokens()
+
+    def _flatten_tokens(self) -> None:
+        """All requesters' batched sample tokens in one array, so evaluation has no per-node loop.
+
+        tok_sets [R, L, K] experts, tok_req [R] requester, tok_batch [R] global batch id (batches are
+        contiguous per requester), batch_req [NB] requester of each batch, nb [N] batches per node.
+        """
+        sets = [self.coact.sets[n][self.samples[n][b.ravel()]] for n, b in enumerate(self.batches)]
+        self.tok_sets = np.concatenate(sets).astype(np.int64)
+        self.tok_req = np.concatenate([np.full(b.size, n) for n, b in enumerate(self.batches)]).astype(np.int64)
+        self.nb = np.array([b.shape[0] if b.size else 0 for b in self.batches])
+        self.batch_req = np.repeat(np.arange(self.nb.size), self.nb)
+        self.tok_batch = np.repeat(np.arange(self.batch_req.size), [b.shape[1] for b in self.batches for _ in b])
+        self.all_batch_1 = bool(np.all([b.shape[1] == 1 for b in self.batches if b.size]))
 
     def serve(self, view: np.ndarray) -> np.ndarray:
         """[N, L', E] int: node serving (l, e) for each requester, from view [N, L', E] bool (all covered)."""
@@ -127,42 +143,46 @@ class LatencyModel:
     def work(self, serve: np.ndarray, layers: np.ndarray) -> np.ndarray:
         """[N, L'] seconds each node computes per step in each of `layers`."""
         n_nodes, n_sub, _ = serve.shape
-        calls = self.p[:, layers, :] * self.workload.batch[:, None, None]  # [N, L', E]
+        calls = self.calls[:, layers, :]  # [N, L', E]
         idx = serve * n_sub + np.arange(n_sub)[None, :, None]
         per = np.bincount(idx.ravel(), weights=calls.ravel(), minlength=n_nodes * n_sub).reshape(n_nodes, n_sub)
         return np.asarray(per * self.workload.expert_time_s / self.speed[:, None])
 
     def layer_times(self, view: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        """T [N, L']: mean step time of each requester in each of `layers`; view [N, L', E] bool."""
-        n_nodes, n_sub, _ = view.shape
+        """T [N, L']: mean step time of each requester in each of `layers`; view [N, L', E] bool.
+
+        The layers may repeat (the local search evaluates variants of one layer side by side).
+        """
+        n_nodes, n_sub, n_experts = view.shape
         serve = self.serve(view)
         work = self.work(serve, layers)
-        out = np.empty((n_nodes, n_sub))
-        for n in range(n_nodes):
-            out[n] = self._requester_times(n, serve[n], work, layers)
-        return out
-
-    def _requester_times(self, n: int, serve_n: np.ndarray, work: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        """[L'] mean step time of requester n; serve_n [L', E], work [N, L']."""
-        batches = self.batches[n]
-        if batches.size == 0:
-            return np.asarray(work[n])
-        nb, batch = batches.shape
-        n_sub = serve_n.shape[0]
-        sets = self.coact.sets[n][self.samples[n][batches.ravel()]][:, layers, :]  # [nb·B, L', K]
-        srv = np.sort(serve_n[np.arange(n_sub)[None, :, None], sets], axis=2)  # serving node per expert
+        out = work.copy()  # a node without sampled tokens only computes
+        if self.tok_req.size == 0:
+            return out
+        req = self.tok_req[:, None, None]
+        lay = np.arange(n_sub)[None, :, None]
+        srv = np.sort(serve.ravel()[(req * n_sub + lay) * n_experts + self.tok_sets[:, layers, :]], axis=2)
         # A token is sent once to each distinct remote node among its experts.
-        sent = srv != n
+        sent = srv != req
         sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
-        if batch == 1:
-            remote = work[srv, np.arange(n_sub)[None, :, None]]
-            group = np.where(sent, self.rtt[n][srv] + self.byte_time[n][srv] + remote, 0.0)
-            return np.asarray(np.maximum(work[n][None], group.max(axis=2)).mean(axis=0))
-        b_id = np.repeat(np.arange(nb), batch)[:, None, None]
-        idx = (b_id * n_sub + np.arange(n_sub)[None, :, None]) * self.rtt.shape[0] + srv
-        c = np.bincount(idx[sent], minlength=nb * n_sub * self.rtt.shape[0]).reshape(nb, n_sub, -1)
-        group = np.where(c > 0, self.rtt[n] + c * self.byte_time[n] + work.T[None], 0.0)
-        return np.asarray(np.maximum(work[n][None], group.max(axis=2)).mean(axis=0))
+        if self.all_batch_1:
+            trip = self.rtt[:, :, None] + self.byte_time[:, :, None] + work[None, :, :]  # [N req, N srv, L']
+            group = np.where(sent, trip.ravel()[(req * n_nodes + srv) * n_sub + lay], 0.0).max(axis=2)
+            per = np.maximum(work[self.tok_req], group)  # [R, L']
+        else:
+            n_batches = self.batch_req.size
+            key = (self.tok_batch[:, None, None] * n_sub + lay) * n_nodes + srv
+            c = np.bincount(key[sent], minlength=n_batches * n_sub * n_nodes).reshape(n_batches, n_sub, n_nodes)
+            b_req = self.batch_req
+            trip = self.rtt[b_req][:, None, :] + c * self.byte_time[b_req][:, None, :] + work.T[None]
+            per = np.maximum(work[b_req], np.where(c > 0, trip, 0.0).max(axis=2))  # [NB, L']
+        owner = self.tok_req if self.all_batch_1 else self.batch_req
+        counts = np.bincount(owner, minlength=n_nodes)
+        sums = np.zeros((n_nodes, n_sub))
+        np.add.at(sums, owner, per)
+        has = counts > 0
+        out[has] = sums[has] / counts[has, None]
+        return out
 
     def node_view_cost(self, view: np.ndarray) -> float:
         """Σ_n w_n Σ_l T[n, l] for a node-level view [N, L, E] bool (every expert covered)."""

@@ -21,7 +21,10 @@ Choices the paper leaves open, and ours:
   expert held by at least two nodes), cost f[n, victim] - f[n, uncovered]; ties: lower node index.
 - No load balancing term: the published objective is the remote-call proxy alone.
 
-Worked example: 1 node... see tests/placement/test_policies_golden.py (2 nodes × 2 layers × 4 experts).
+Worked example (tests/placement/test_policies_golden.py): 2 nodes × 4 slots, 2 layers × 4 experts;
+node 0 uses layer 0 as (4, 4, 0, 0) and layer 1 as (1, 1, 1, 1) → entropies (ln 2, ln 4) → counts
+(1, 3); node 1 uses (0, 0, 3, 1) and (0, 0, 0, 8) → (0.56, 0) → (4, 0). Filling leaves expert (1, 3)
+uncovered; node 1 evicts its duplicate (0, 0) (cost 0 - 8) rather than node 0 (cost 4 - 1).
 """
 
 from __future__ import annotations
