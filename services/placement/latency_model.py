@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.placement.errors import InvalidInputError
 from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
 
 
@@ -75,12 +76,12 @@ class LatencyModel:
         self.cluster = cluster
         self.workload = workload if workload is not None else Workload.uniform(n_nodes)
         if self.workload.batch.shape != (n_nodes,):
-            raise ValueError(f"Workload.batch has {self.workload.batch.shape[0]} nodes, counts have {n_nodes}")
+            raise InvalidInputError(f"Workload.batch has {self.workload.batch.shape[0]} nodes, counts have {n_nodes}")
         self.coact = coact if coact is not None else CoActivation.independent(
             f, self.workload.top_k, samples_per_node=default_samples(n_nodes, n_layers)
         )
         if self.coact.sets.shape[0] != n_nodes or self.coact.sets.shape[2] != n_layers:
-            raise ValueError(
+            raise InvalidInputError(
                 f"CoActivation sets {self.coact.sets.shape} do not match counts [N={n_nodes}, L={n_layers}, E]"
             )
         tokens = self.coact.tokens
