@@ -161,6 +161,19 @@ def _candidates(
     return views
 
 
+def _best_candidate(model: LatencyModel, views: list[np.ndarray], mig: np.ndarray) -> tuple[float, np.ndarray]:
+    """(cost, view) of the cheapest view on latency + migration; the first of equal costs wins."""
+    costs: list[float] = []
+    seen: dict[bytes, float] = {}  # identical views (e.g. uniform = redundance without spare) score once
+    for v in views:
+        key = np.packbits(v).tobytes()
+        if key not in seen:
+            seen[key] = model.node_view_cost(v) + float(mig[v].sum())
+        costs.append(seen[key])
+    best = int(np.argmin(costs))
+    return costs[best], views[best]
+
+
 def _usable(current: Placement | None, cluster: Cluster, shape: tuple[int, ...]) -> Placement | None:
     """`current` if it fits this cluster and model shape and is valid, else None (then ignored)."""
     if current is None or current.hosts.shape != (cluster.num_hosts, *shape[1:]):
@@ -186,16 +199,7 @@ def latency(
     current = _usable(current, cluster, f.shape)
     cur_view = current.node_view(cluster) if current is not None else np.zeros(f.shape, dtype=bool)
     mig = np.where(cur_view, 0.0, wl.migration_cost_s) if current is not None else np.zeros(f.shape)
-    views = _candidates(f, cluster, model, current)
-    costs: list[float] = []
-    seen: dict[bytes, float] = {}  # identical views (e.g. uniform = redundance without spare) score once
-    for v in views:
-        key = np.packbits(v).tobytes()
-        if key not in seen:
-            seen[key] = model.node_view_cost(v) + float(mig[v].sum())
-        costs.append(seen[key])
-    best_i = int(np.argmin(costs))  # the first of equal costs
-    best_cost, best = costs[best_i], views[best_i]
+    best_cost, best = _best_candidate(model, _candidates(f, cluster, model, current), mig)
     moves = search_moves(model, f.shape[1])
     if moves > 0:
         search = LocalSearch(model, f, best, cluster.node_slots(), mig)
