@@ -45,9 +45,11 @@ class RemoteExperts:
         if self.counter is not None:
             self.counter.add(call.layer, call.expert_ids[live].cpu().numpy())
         rows = max_rows_per_message(D * call.hidden.element_size(), self.max_payload)
+        groups = group_by_expert(call.expert_ids)
+        everyone = bool(live.all())
         jobs, slices = [], []
-        for expert, token_idx, _ in group_by_expert(call.expert_ids):
-            positions = torch.nonzero(live[token_idx]).flatten()  # live rows of this group
+        for expert, token_idx, _ in groups:
+            positions = torch.arange(token_idx.numel()) if everyone else torch.nonzero(live[token_idx]).flatten()
             for chunk in torch.split(positions, rows):
                 jobs.append(self._ask(call.layer, expert, call.hidden[token_idx[chunk]]))
                 slices.append((expert, token_idx, chunk))
@@ -55,19 +57,19 @@ class RemoteExperts:
         answers = await asyncio.gather(*jobs)
         self.wait_s += time.perf_counter() - started
         self.messages += len(jobs)
-        outputs: dict[int, Tensor] = {}
+        # rows of dead tokens stay zero: they are never read, but combine needs every group's shape
+        outputs = {expert: torch.zeros(idx.numel(), D, dtype=call.hidden.dtype) for expert, idx, _ in groups}
         failed = torch.zeros(T, dtype=torch.bool)
         error: PrismError | None = None
         for (expert, token_idx, chunk), answer in zip(slices, answers, strict=True):
-            y = outputs.setdefault(expert, torch.zeros(token_idx.numel(), D, dtype=call.hidden.dtype))
             if isinstance(answer, PrismError):
                 failed[token_idx[chunk]] = True
                 error = error or answer
+            elif chunk.numel() == token_idx.numel():
+                outputs[expert] = answer.to(call.hidden.dtype)
             else:
-                y[chunk] = answer.to(y.dtype)
-        for expert, token_idx, _ in group_by_expert(call.expert_ids):
-            outputs.setdefault(expert, torch.zeros(token_idx.numel(), D, dtype=call.hidden.dtype))
-        return ExpertsResult(combine(call, outputs), failed, error)
+                outputs[expert][chunk] = answer.to(call.hidden.dtype)
+        return ExpertsResult(combine(call, outputs, groups=groups), failed, error)
 
     async def _ask(self, layer: int, expert: int, hidden: Tensor) -> Tensor | PrismError:
         """One request; every failure becomes an ExpertUnavailable value (never raised).
