@@ -1,0 +1,56 @@
+"""Properties of the repository itself: pure logic stays free of NATS, git holds no generated files."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+# Modules that talk to NATS: services' service.py files, the runtime, the weights store, the CLI.
+NATS_ALLOWED = {"shared/runtime.py", "shared/weights.py", "shared/nats_server.py"}
+PURE_PACKAGES = ["shared", "services"]
+
+
+def imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def pure_modules() -> list[Path]:
+    files = [p for pkg in PURE_PACKAGES for p in (ROOT / pkg).rglob("*.py")]
+    return [
+        p
+        for p in files
+        if p.name not in {"service.py", "dispatch.py", "__main__.py"}
+        and str(p.relative_to(ROOT)) not in NATS_ALLOWED
+    ]
+
+
+@pytest.mark.parametrize("path", pure_modules(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_pure_logic_does_not_import_nats(path: Path) -> None:
+    assert not {name for name in imports_of(path) if name == "nats" or name.startswith("nats.")}
+
+
+def test_git_holds_no_generated_or_large_files() -> None:
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    generated = [f for f in files if any(part in f for part in ("__pycache__", ".venv/", ".egg-info", "/var/"))]
+    assert not generated
+    large = [f for f in files if (ROOT / f).exists() and (ROOT / f).stat().st_size > 2_000_000]
+    assert set(large) <= {"models/demo/model.safetensors"}, large
+    assert sum((ROOT / f).stat().st_size for f in large) <= 50 * 2**20
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "./run-tests" in readme
+    assert "./prism demo" in readme
+    assert "./run-tests" in (ROOT / ".ci" / "run").read_text()
