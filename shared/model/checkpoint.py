@@ -160,11 +160,9 @@ def _expert_from(reader: TensorReader, config: ModelConfig, layer: int, expert: 
                 down=reader.get(f"{base}.{expert}.{down_name}.weight", (D, inner)),
             )
         if reader.has(f"{base}.gate_up_proj"):
-            gate_up = reader.get_rows(f"{base}.gate_up_proj", expert, (2 * inner, D))
-            return ExpertWeights(
-                gate=gate_up[:inner].contiguous(),
-                up=gate_up[inner:].contiguous(),
-                down=reader.get_rows(f"{base}.down_proj", expert, (D, inner)),
+            return ExpertWeights.from_gate_up(
+                reader.get_rows(f"{base}.gate_up_proj", expert, (2 * inner, D)),
+                reader.get_rows(f"{base}.down_proj", expert, (D, inner)),
             )
     tried = ", ".join(f"model.layers.{layer}.{m}.experts.{{{expert}.{gate_name}.weight|gate_up_proj}}"
                       for m in family.moe_prefixes)

@@ -28,7 +28,7 @@ from shared.model.checkpoint import TensorReader, load_config
 from shared.model.config import ModelConfig
 from shared.model.errors import InputError
 from shared.model.families import family_of
-from shared.model.moe import ExpertWeights, MoECall, expert_forward
+from shared.model.moe import MoECall
 from shared.model.rope import Rotary
 from shared.model.router import ROUTERS, Router
 from shared.model.step import build_context
@@ -44,14 +44,28 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class DenseMLP:
+    """A SwiGLU MLP that stays in the dense model (dense layers, shared experts): separate gate
+    and up matmuls, as transformers computes these (routed experts fuse them: `moe.py`)."""
+
+    gate: Tensor  # [I, D]
+    up: Tensor  # [I, D]
+    down: Tensor  # [D, I]
+
+    def __call__(self, h: Tensor) -> Tensor:
+        """[T, D] -> [T, D]."""
+        return F.linear(F.silu(F.linear(h, self.gate)) * F.linear(h, self.up), self.down)
+
+
+@dataclass(frozen=True)
 class SharedExpert:
     """Qwen2-MoE's always-on expert, scaled by sigmoid(h @ gate^T) when it has a gate."""
 
-    mlp: ExpertWeights
+    mlp: DenseMLP
     gate: Tensor | None  # [1, D]
 
     def __call__(self, h: Tensor) -> Tensor:
-        out = expert_forward(self.mlp, h)
+        out = self.mlp(h)
         if self.gate is None:
             return out
         return torch.sigmoid(F.linear(h, self.gate)) * out
@@ -65,13 +79,13 @@ class DecoderLayer:
     input_norm: Tensor  # [D]
     post_norm: Tensor  # [D]
     attention: Attention
-    dense: ExpertWeights | None  # dense SwiGLU MLP of a non-MoE layer
+    dense: DenseMLP | None  # dense SwiGLU MLP of a non-MoE layer
     router: Router | None
     shared: SharedExpert | None
 
 
-def _load_mlp(reader: TensorReader, prefix: str, hidden: int, inner: int) -> ExpertWeights:
-    return ExpertWeights(
+def _load_mlp(reader: TensorReader, prefix: str, hidden: int, inner: int) -> DenseMLP:
+    return DenseMLP(
         gate=reader.get(f"{prefix}.gate_proj.weight", (inner, hidden)),
         up=reader.get(f"{prefix}.up_proj.weight", (inner, hidden)),
         down=reader.get(f"{prefix}.down_proj.weight", (hidden, inner)),
@@ -162,7 +176,7 @@ class MoEModel:
             x = x + layer.attention(rms_norm(x, layer.input_norm, eps), ctx, cos_sin, cache, layer.index)
             h = rms_norm(x, layer.post_norm, eps)
             if layer.router is None:
-                x = x + expert_forward(_dense(layer), h)
+                x = x + _dense(layer)(h)
                 continue
             ids, weights = layer.router(h)
             routed = yield MoECall(layer.index, h, ids, weights)
@@ -200,7 +214,7 @@ class MoEModel:
             return logits
 
 
-def _dense(layer: DecoderLayer) -> ExpertWeights:
+def _dense(layer: DecoderLayer) -> DenseMLP:
     if layer.dense is None:
         raise InputError(f"layer {layer.index} has neither a router nor a dense MLP")
     return layer.dense

@@ -13,7 +13,7 @@ token (top-k), n tokens routed to one expert.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -43,29 +43,64 @@ def aligned(t: Tensor, compact: bool = True) -> Tensor:
 class ExpertWeights:
     """One routed expert: down(silu(gate x) * up x). Held per expert so it can be moved alone.
 
-    The three tensors are stored aligned and compact (see `aligned`), copied if needed."""
+    `gate` and `up` are views of one aligned `gate_up` buffer [2I, D] (built on construction, no
+    extra memory): the expert runs one [n, D] x [D, 2I] matmul for both, as transformers does, so
+    logits match it bit for bit where the computation order allows. `down` is stored aligned too.
+    """
 
     gate: Tensor  # [I, D]
     up: Tensor  # [I, D]
     down: Tensor  # [D, I]
+    gate_up: Tensor = field(init=False, repr=False, compare=False)  # [2I, D]; gate = [:I], up = [I:]
 
     def __post_init__(self) -> None:
-        for name in ("gate", "up", "down"):
-            object.__setattr__(self, name, aligned(getattr(self, name)))
+        gate, up, down = self.gate, self.up, self.down
+        if gate.dim() != 2 or up.shape != gate.shape or down.shape != (gate.shape[1], gate.shape[0]):
+            raise InputError(
+                f"expert weights need gate [I, D], up [I, D], down [D, I]; got {list(gate.shape)}, "
+                f"{list(up.shape)}, {list(down.shape)}"
+            )
+        gate_up = _fused_base(gate, up)
+        if gate_up is None:
+            gate_up = torch.cat([gate, up.to(device=gate.device, dtype=gate.dtype)])
+        inner = gate.shape[0]
+        object.__setattr__(self, "gate_up", gate_up)
+        object.__setattr__(self, "gate", gate_up[:inner])
+        object.__setattr__(self, "up", gate_up[inner:])
+        object.__setattr__(self, "down", aligned(down))
+
+    @classmethod
+    def from_gate_up(cls, gate_up: Tensor, down: Tensor) -> ExpertWeights:
+        """From transformers' fused layout: gate_up [2I, D] (gate first), down [D, I]."""
+        inner = gate_up.shape[0] // 2
+        base = aligned(gate_up)
+        return cls(base[:inner], base[inner:], down)
 
     def nbytes(self) -> int:
         """Bytes held by the three matrices."""
-        return sum(t.numel() * t.element_size() for t in (self.gate, self.up, self.down))
+        return sum(t.numel() * t.element_size() for t in (self.gate_up, self.down))
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> ExpertWeights:
         """A copy on `device` in `dtype` (either may be None to keep it)."""
-        return ExpertWeights(*(t.to(device=device, dtype=dtype) for t in (self.gate, self.up, self.down)))
+        return ExpertWeights.from_gate_up(
+            self.gate_up.to(device=device, dtype=dtype), self.down.to(device=device, dtype=dtype)
+        )
+
+
+def _fused_base(gate: Tensor, up: Tensor) -> Tensor | None:
+    """The aligned [2I, D] tensor whose two halves are `gate` and `up`, if there is one."""
+    base = gate._base
+    if base is None or up._base is not base or base.dim() != 2 or base.shape[0] != 2 * gate.shape[0]:
+        return None
+    if gate.data_ptr() != base.data_ptr() or up.data_ptr() != base.data_ptr() + gate.numel() * gate.element_size():
+        return None
+    return base if aligned(base) is base else None
 
 
 def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
     """Apply one SwiGLU expert: [n, D] -> [n, D] (same dtype as the weights)."""
-    x = aligned(x, compact=False)
-    return F.linear(F.silu(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+    gate, up = F.linear(aligned(x, compact=False), w.gate_up).chunk(2, dim=-1)  # [n, I] each
+    return F.linear(F.silu(gate) * up, w.down)
 
 
 @dataclass(frozen=True)

@@ -191,3 +191,24 @@ def test_model_path_does_not_import_transformers() -> None:
     )
     root = Path(__file__).resolve().parents[2]
     assert subprocess.run([sys.executable, "-c", code], cwd=root, check=False).returncode == 0
+
+
+def test_expert_weights_layout() -> None:
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g), torch.randn(4, 6, generator=g)
+    w = ExpertWeights(gate, up, down)
+    assert w.gate_up.shape == (12, 4)
+    assert w.gate.data_ptr() == w.gate_up.data_ptr()  # views of the fused buffer, no second copy
+    assert torch.equal(w.gate, gate)
+    assert torch.equal(w.up, up)
+    assert w.nbytes() == 3 * 6 * 4 * 4
+    x = torch.randn(3, 4, generator=g)
+    expect = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+    assert torch.allclose(expert_forward(w, x), expect, atol=1e-6)
+    again = ExpertWeights(w.gate, w.up, w.down)  # already fused: the buffer is reused
+    assert again.gate_up.data_ptr() == w.gate_up.data_ptr()
+    half = w.to(dtype=torch.bfloat16)
+    assert half.gate_up.dtype == torch.bfloat16
+    assert half.gate.data_ptr() == half.gate_up.data_ptr()
+    with pytest.raises(InputError, match=r"gate \[I, D\], up \[I, D\], down \[D, I\]"):
+        ExpertWeights(gate, up, down.T.contiguous())
