@@ -1,13 +1,15 @@
 """`prism run`: generate with one model in this process (no NATS), as a reference and a demo.
 
     prism run [--model DIR] (--prompt TEXT | --input-ids 1,2,3) [--max-tokens N]
-              [--temperature T] [--top-p P] [--seed S] [--dtype fp32|bf16|fp16]
+              [--temperature T] [--top-p P] [--seed S] [--dtype auto|fp32|bf16|fp16]
               [--device cpu|cuda] [--ignore-eos] [--json]
 
 DIR is a Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json); it
-defaults to the bundled demo model `models/demo` when that exists. Without `--json` the generated
-text is streamed to stdout. With `--json` one JSON object is printed: `token_ids` (generated ids),
-`text` (their decoding; null when the checkpoint has no tokenizer.json and ids were given),
+defaults to the bundled demo model `models/demo` when that exists. `--dtype auto` (the default)
+computes in the dtype config.json names (`dtype` / `torch_dtype`), as transformers does, else fp32.
+Without `--json` the generated text is streamed to stdout. With `--json` one JSON object is
+printed: `token_ids` (generated ids), `text` (their decoding; null when the checkpoint has no
+tokenizer.json and ids were given),
 `prompt_ids`, `finish_reason` ("stop" at an end-of-sequence id, else "length"), `usage` and
 `timings` (seconds). Greedy decoding (temperature 0, the default) is deterministic; a distributed
 Prism run must produce the same `token_ids`.
@@ -27,7 +29,8 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
-DTYPES = ("fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+_HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
 
 def register(subparsers: Any) -> None:
@@ -41,7 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampler (sampling only)")
-    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="compute dtype (default fp32)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="compute dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N also accepted)")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop at the end-of-sequence id")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
@@ -144,6 +147,8 @@ def _load(model_dir: Path, dtype_name: str, device: str) -> tuple[Any, Any]:
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is available")
+    if dtype_name == "auto":
+        dtype_name = checkpoint_dtype(model_dir)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     model = MoEModel.from_checkpoint(model_dir, dtype=dtype, device=device)
     return model, LocalExperts.from_checkpoint(model_dir, dtype=dtype, device=device)
@@ -159,3 +164,13 @@ def _tokenizer(model_dir: Path, needed: bool) -> Any:
     if not needed and not (model_dir / "tokenizer.json").is_file():
         return None
     return Tokenizer.from_dir(model_dir)
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """fp32 / bf16 / fp16 as config.json's `dtype` (or older `torch_dtype`) says; fp32 otherwise."""
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return "fp32"  # load_config reports a missing or broken config.json
+    name = config.get("dtype") or config.get("torch_dtype") if isinstance(config, dict) else None
+    return _HF_DTYPES.get(str(name), "fp32")

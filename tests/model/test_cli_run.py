@@ -130,3 +130,24 @@ def test_console_script_error_exit_code() -> None:
     done = prism("--model", "/does/not/exist", "--input-ids", "1")
     assert done.returncode == 2
     assert done.stderr == "prism run: error: checkpoint directory /does/not/exist does not exist\n"
+
+
+def test_dtype_auto_follows_the_checkpoint_like_transformers(
+    tiny_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import transformers
+
+    path = tmp_path / "bf16"
+    shutil.copytree(tiny_dir("qwen3_moe"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    prompt = [5, 17, 99, 3, 250, 41, 8, 77]
+    auto = run_json(capsys, "--model", str(path), "--input-ids", ",".join(map(str, prompt)), "--max-tokens", "10")
+    bf16 = run_json(capsys, "--model", str(path), "--input-ids", ",".join(map(str, prompt)), "--max-tokens", "10",
+                    "--dtype", "bf16")
+    assert auto["token_ids"] == bf16["token_ids"]
+    hf: Any = transformers.AutoModelForCausalLM.from_pretrained(path).eval()  # transformers' default: auto
+    assert next(hf.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):]
+    assert auto["token_ids"] == ref.tolist()
