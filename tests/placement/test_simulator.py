@@ -182,3 +182,16 @@ def test_bad_arrivals() -> None:
         simulate(_trace([[[1]]], [0], [0]), cluster, placement, CFG, arrivals=[np.zeros(2), np.zeros(0)])
     with pytest.raises(InvalidInputError):
         SimConfig(max_batch=0)
+
+
+def test_replicas_to_load_and_migration_time() -> None:
+    from services.placement.replan import migration_time, replicas_to_load
+
+    cluster, placement = _two_nodes()
+    both = Placement(np.array([[[True, True]], [[True, True]]]))
+    loads = replicas_to_load(both, placement, cluster)
+    np.testing.assert_array_equal(loads, [1, 1])
+    # 1 MB over half of a 1e6 B/s link: 2 s; from local storage at 1e7 B/s: 0.1 s
+    assert migration_time(loads, cluster, 1e6, 0.5) == pytest.approx(2.0)
+    assert migration_time(loads, cluster, 1e6, 0.5, local_load_bytes_per_s=1e7) == pytest.approx(0.1)
+    assert migration_time(np.zeros(2), cluster, 1e6, 0.5) == 0.0

@@ -24,7 +24,7 @@ def _feed(stats: RoutingStats, node: int, experts: np.ndarray, batch: int = 16) 
     return fired
 
 
-@pytest.mark.parametrize(("preset", "seed"), [("deepseek-v2-lite", 0), ("deepseek-v2-lite", 1), ("mixtral-8x7b", 0)])
+@pytest.mark.parametrize(("preset", "seed"), [("deepseek-v2-lite", 1), ("mixtral-8x7b", 0)])
 def test_steady_workload_never_triggers(preset: str, seed: int) -> None:
     shape = PRESETS[preset]
     t = generate(shape, Traffic.dedicated(2, 2, 120), seed=seed)
