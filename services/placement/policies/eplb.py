@@ -34,16 +34,23 @@ from services.placement.types import Cluster, CoActivation, Placement, Workload,
 
 def replicate(weight: np.ndarray, phys: np.ndarray, max_count: np.ndarray) -> np.ndarray:
     """Replica counts [L, E] int: each of the phys[l] - E redundant slots of layer l goes to the expert
-    with the highest weight / count (ties: lower index), never above max_count[l]."""
+    with the highest weight / count (ties: lower index), never above max_count[l].
+
+    That greedy takes, per layer, the largest quotients w_e / k (k = 1 .. max_count - 1; taking w_e / k
+    gives expert e its (k + 1)-th replica), as in D'Hondt apportionment; ties in the order of the
+    greedy (lower expert, then lower k). Computed that way in one selection per layer.
+    """
     n_layers, n_experts = weight.shape
     count = np.ones((n_layers, n_experts), dtype=np.int64)
     extra = np.minimum(phys - n_experts, (max_count - 1) * n_experts)
-    rows = np.arange(n_layers)
-    for i in range(int(extra.max(initial=0))):
-        live = extra > i
-        score = np.where(count < max_count[:, None], weight / count, -np.inf)
-        pick = np.argmax(score, axis=1)
-        count[rows[live], pick[live]] += 1
+    for lay in range(n_layers):
+        m, x = int(max_count[lay]) - 1, int(extra[lay])
+        if x <= 0 or m <= 0:
+            continue
+        q = weight[lay][:, None] / np.arange(1, m + 1)[None, :]  # [E, m] quotients
+        e_idx, k_idx = np.divmod(np.arange(q.size), m)
+        order = np.lexsort((k_idx, e_idx, -q.ravel()))[:x]
+        count[lay] += np.bincount(e_idx[order], minlength=n_experts)
     return count
 
 

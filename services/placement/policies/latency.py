@@ -57,13 +57,16 @@ SEARCH_BUDGET = 1e7  # local-search work, in (sampled token, expert, pseudo-laye
 MAX_MOVES = 400
 
 
-def search_moves(model: LatencyModel, num_layers: int) -> int:
-    """How many local-search moves fit SEARCH_BUDGET (0: skip the search). With U = Σ_n sampled
-    tokens × K, the first pass evaluates 2·N·L pseudo-layers (2·U·N·L visits), a move 4·N (4·U·N)."""
+def search_moves(model: LatencyModel, num_layers: int, num_experts: int) -> int:
+    """How many local-search moves fit SEARCH_BUDGET (0: skip the search).
+
+    One pseudo-layer evaluation visits U = Σ_n sampled tokens × K token-experts plus ~4·N·E cells of
+    the serving and work maps. The first pass evaluates 2·N·L pseudo-layers, a move 4·N.
+    """
     n_nodes = model.cluster.num_nodes
-    visits = sum(b.size for b in model.batches) * model.coact.top_k
-    first, per_move = 2 * visits * n_nodes * num_layers, 4 * visits * n_nodes
-    if per_move == 0 or first >= SEARCH_BUDGET:
+    per_layer = sum(b.size for b in model.batches) * model.coact.top_k + 4 * n_nodes * num_experts
+    first, per_move = 2 * n_nodes * num_layers * per_layer, 4 * n_nodes * per_layer
+    if first >= SEARCH_BUDGET:
         return 0
     return int(min(MAX_MOVES, (SEARCH_BUDGET - first) // per_move))
 
@@ -200,7 +203,7 @@ def latency(
     cur_view = current.node_view(cluster) if current is not None else np.zeros(f.shape, dtype=bool)
     mig = np.where(cur_view, 0.0, wl.migration_cost_s) if current is not None else np.zeros(f.shape)
     best_cost, best = _best_candidate(model, _candidates(f, cluster, model, current), mig)
-    moves = search_moves(model, f.shape[1])
+    moves = search_moves(model, f.shape[1], f.shape[2])
     if moves > 0:
         search = LocalSearch(model, f, best, cluster.node_slots(), mig)
         view = search.run(moves)
