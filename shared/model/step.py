@@ -10,7 +10,7 @@ step, Dh head dim.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -38,6 +38,7 @@ class StepContext:
     last_token: Tensor  # [B] int64, packed index of each sequence's last new token
     uniform: bool  # every sequence appends Q tokens: [T] reshapes to [B, Q] directly
     slot_start: int | None  # slots are slot_start, slot_start + 1, ...: caches are read as views
+    _masks: dict[int | None, Tensor | None] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def batch_size(self) -> int:
@@ -48,7 +49,13 @@ class StepContext:
 
         Causal against each sequence's own positions; keys past a sequence's length are masked;
         with `window`, keys at or before position - window too (transformers' sliding window).
+        Built once per step and window, then shared by the layers.
         """
+        if window not in self._masks:
+            self._masks[window] = self._build_mask(window)
+        return self._masks[window]
+
+    def _build_mask(self, window: int | None) -> Tensor | None:
         if window is None and self.q_max == 1 and all(
             before + 1 == self.k_max for before in self.lens_before
         ):
