@@ -122,22 +122,38 @@ def build(name: str, shape: ModelShape, cluster: Cluster, traffic: Traffic, *, m
                       shifts=tuple(replace(s, at_request=2 * s.at_request) for s in traffic.shifts))
     profile, test = split(generate(shape, doubled, seed=seed))
     lo, hi = traffic.tokens_per_request
-    config, workload = _timing_and_load(shape, cluster, max_batch, (lo + hi) / 2, seed=seed, load=load)
+    config = _timing_and_load(shape, cluster, max_batch, (lo + hi) / 2, seed=seed, load=load)
+    workload = pilot_workload(shape, cluster, profile, config)
     return Scenario(name=name, shape=shape, cluster=cluster, profile=profile, test=test, config=config,
                     workload=workload, note=note)
 
 
 def _timing_and_load(shape: ModelShape, cluster: Cluster, max_batch: int, mean_tokens: float, *, seed: int,
-                     load: float = 0.5) -> tuple[SimConfig, Workload]:
+                     load: float = 0.5) -> SimConfig:
     rate = arrival_rate(shape, cluster, max_batch, mean_tokens, load)
     t = timing(shape)
-    config = SimConfig(max_batch=max_batch, arrival_rate=rate, shared_experts=shape.num_shared_experts,
-                       expert_bytes=shape.expert_bytes, seed=seed, dense_time_s=t["dense_time_s"],
-                       dense_time_per_token_s=t["dense_time_per_token_s"], expert_time_s=t["expert_time_s"],
-                       expert_time_per_token_s=t["expert_time_per_token_s"])
-    workload = Workload.uniform(cluster.num_nodes, batch=max_batch, bytes_per_token=shape.bytes_per_token,
-                                expert_time_s=config.expert_time_s, top_k=shape.top_k)
-    return config, workload
+    return SimConfig(max_batch=max_batch, arrival_rate=rate, shared_experts=shape.num_shared_experts,
+                     expert_bytes=shape.expert_bytes, seed=seed, dense_time_s=t["dense_time_s"],
+                     dense_time_per_token_s=t["dense_time_per_token_s"], expert_time_s=t["expert_time_s"],
+                     expert_time_per_token_s=t["expert_time_per_token_s"])
+
+
+def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, config: SimConfig) -> Workload:
+    """What the policies are told about the traffic: the mean batch per node measured by simulating the
+    profile trace with the `eplb` placement (a running system knows its batch sizes), and the compute
+    of one (token, expert) call with the per-group weight read shared by the tokens of a group."""
+    from services.placement.policies import get_policy
+    from services.placement.simulator import simulate
+
+    batch = np.ones(cluster.num_nodes, dtype=np.int64)
+    if config.max_batch > 1:
+        placement = get_policy("eplb")(profile.counts(cluster.num_nodes), cluster)
+        pilot = simulate(profile, cluster, placement, config)
+        batch = np.full(cluster.num_nodes, max(1, round(pilot.mean_batch)), dtype=np.int64)
+    B, K, E = float(batch.mean()), shape.top_k, shape.num_experts
+    distinct = E * (1.0 - (1.0 - K / E) ** B)                     # experts a step's tokens choose per layer
+    per_call = config.expert_time_per_token_s + config.expert_time_s * distinct / (B * K)
+    return Workload(batch=batch, bytes_per_token=shape.bytes_per_token, expert_time_s=per_call, top_k=K)
 
 
 def published_testbed(model: str, regime: str = "rtt-b8", *, requests_per_node: int = 60, seed: int = 0,
@@ -229,7 +245,8 @@ def trace_testbed(trace: RoutingTrace, regime: str = "rtt-b8", memory_share: flo
     if test.num_tokens == 0:
         raise InvalidInputError("the trace needs at least two requests per node (profile and test)")
     mean_tokens = test.num_tokens / max(len(np.unique(test.request)), 1)
-    config, workload = _timing_and_load(shape, cluster, reg.max_batch, mean_tokens, seed=seed)
+    config = _timing_and_load(shape, cluster, reg.max_batch, mean_tokens, seed=seed)
+    workload = pilot_workload(shape, cluster, profile, config)
     return Scenario(name=f"trace-{trace.meta.model}-{regime}", shape=shape, cluster=cluster, profile=profile,
                     test=test, config=config, workload=workload,
                     note=f"recorded trace on the testbed, {memory_share:.0%} experts per GPU, {regime}")
