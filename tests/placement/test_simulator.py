@@ -195,3 +195,12 @@ def test_replicas_to_load_and_migration_time() -> None:
     assert migration_time(loads, cluster, 1e6, 0.5) == pytest.approx(2.0)
     assert migration_time(loads, cluster, 1e6, 0.5, local_load_bytes_per_s=1e7) == pytest.approx(0.1)
     assert migration_time(np.zeros(2), cluster, 1e6, 0.5) == 0.0
+
+
+def test_pure_modules_do_not_import_nats() -> None:
+    import subprocess
+    import sys
+
+    mods = "traces, synthetic, calibration, stats, simulator, scenarios, replan, evaluate"
+    code = f"import sys; from services.placement import {mods}; sys.exit('nats' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
