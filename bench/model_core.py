@@ -19,6 +19,7 @@ ratio = Prism / transformers (> 1: Prism is faster). Goal: ratio >= 1 / 1.2 = 0.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import tempfile
@@ -144,6 +145,19 @@ def runners_params(path: Path) -> list[torch.Tensor]:
     return [t for f in sorted(path.glob("*.safetensors")) for t in load_file(f).values()]
 
 
+def _cpu_name() -> str:
+    """CPU model and core count, e.g. 'AMD EPYC (2 cores)'."""
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", default=",".join(CONFIGS), help="comma separated: " + ", ".join(CONFIGS))
@@ -156,8 +170,8 @@ def main() -> None:
     dtype = torch.float32 if args.dtype == "fp32" else torch.bfloat16
     import transformers
 
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    print(f"machine: {platform.machine()} {device_name}, {args.threads} torch thread(s), device {args.device}, "
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    print(f"machine: {device_name}, {args.threads} torch thread(s), device {args.device}, "
           f"{args.dtype}; torch {torch.__version__}, transformers {transformers.__version__}")
     header = ["config", "params", "phase", "batch", "tokens", "prism tok/s", "transformers tok/s", "ratio"]
     print(" | ".join(header), flush=True)
