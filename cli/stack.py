@@ -1,0 +1,397 @@
+"""LocalStack: one machine, everything Prism needs, started and stopped as one unit (`prism up`).
+
+On 127.0.0.1: a hub `nats-server` (JetStream with domain `hub`, MQTT listener, monitoring, leaf
+port), one leaf `nats-server` per node whose connection to the hub goes through a link emulator
+when the node's link has a delay or a rate, and per node a gating plus its expert hosts as child
+processes (`python -m services.gating` / `services.expert_host`, configured by environment
+variables only). Experts are placed by `shared.topology.initial_placement` until the placement
+service exists.
+
+Children run in their own session (a Ctrl-C on the terminal reaches only the launcher, which
+stops them in order: services, leaves, links, hub) and, on Linux, get SIGTERM if the launcher dies.
+Each writes its log to `<run_dir>/<name>.log`. `start()` either returns with every node answering
+a one-token request and every host reporting its experts, or stops what it started and raises
+StackError with one line saying what went wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+
+from cli.client import InferError, PrismClient
+from shared.linkemu import LinkEmulator
+from shared.nats_server import LeafRemote, NatsServerError, ServerConfig, find_binary, free_port, port_is_free
+from shared.nats_server import render_config as render_nats_config
+from shared.topology import DTYPE_BYTES, Topology, TopologyError, initial_placement
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MIB = 2**20
+MIN_PAYLOAD = 8 * MIB
+MAX_PAYLOAD = 64 * MIB  # the services' max_payload_bytes bound (and NATS's hard limit)
+
+
+class StackError(RuntimeError):
+    """The stack could not start (bad model, taken port, topology too small, a child failed)."""
+
+
+@dataclass(frozen=True)
+class StackOptions:
+    """What `prism up` starts. Ports: `port` 0 picks a free one; 0 disables MQTT / monitoring."""
+
+    topology: Topology
+    model: Path
+    run_dir: Path
+    port: int = 4222
+    mqtt_port: int = 1883
+    http_port: int = 8222
+    max_context: int = 1024
+    expert_timeout_s: float = 2.0
+    activation_interval_s: float = 2.0
+    ready_timeout_s: float = 180.0
+    stop_timeout_s: float = 10.0
+    log_level: str = "info"
+
+
+def max_payload_for(hidden_size: int, max_context: int) -> int:
+    """Server max_payload (bytes): a whole prompt's fp32 hidden states to one expert, twice over
+    for headers and envelope, at least 8 MiB, at most 64 MiB (dispatch splits larger batches)."""
+    return min(MAX_PAYLOAD, max(MIN_PAYLOAD, 2 * max_context * hidden_size * 4))
+
+
+class Child:
+    """One child process with its log file; `stop()` sends SIGTERM, then SIGKILL after a bound."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.env = env
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                cwd=REPO_ROOT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    def failure(self) -> str | None:
+        """'<name> exited with code N: <last log line> (log: <path>)' once it has exited."""
+        if self.returncode is None:
+            return None
+        return f"{self.name} exited with code {self.returncode}: {_last_line(self.log_path)} (log: {self.log_path})"
+
+    async def stop(self, timeout_s: float) -> None:
+        process = self.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await process.wait()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the forked child
+    """Linux: ask the kernel to SIGTERM this child when the launcher dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return "(no log)"
+    return lines[-1][-300:] if lines else "(empty log)"
+
+
+class LocalStack:
+    """`async with LocalStack(options) as stack:` runs everything; see the module docstring."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.run_dir = options.run_dir
+        self.port = options.port or free_port()
+        self.hub_url = f"nats://127.0.0.1:{self.port}"
+        self.leaf_urls: dict[str, str] = {}
+        self.placement: dict[str, list[tuple[int, int]]] = {}
+        self.servers: list[Child] = []
+        self.services: list[Child] = []
+        self.links: dict[str, LinkEmulator] = {}
+        self.max_payload = MIN_PAYLOAD
+        self.hub_leaf_port = 0
+        self._expert_bytes = 0
+
+    # ---- start ---------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start everything and wait until it serves; on any failure stop what started and raise."""
+        try:
+            self._plan()
+            self._check_ports()
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            await self._start_hub()
+            await asyncio.gather(*(self._start_leaf(node.name) for node in self.options.topology.nodes))
+            await self._start_services()
+            self._write_manifest(ready=False)
+            await self.wait_ready()
+            self._write_manifest(ready=True)
+        except BaseException:
+            await self.stop()
+            raise
+
+    def _plan(self) -> None:
+        from shared.model.checkpoint import load_config
+        from shared.model.config import list_moe_layers
+        from shared.model.errors import ModelError
+
+        opts = self.options
+        try:
+            config = load_config(opts.model)
+        except ModelError as exc:
+            raise StackError(f"invalid model directory {opts.model}: {exc}") from None
+        self._expert_bytes = config.expert_nbytes(DTYPE_BYTES[opts.topology.dtype])
+        try:
+            self.placement = initial_placement(
+                opts.topology, list_moe_layers(config), config.num_experts, self._expert_bytes
+            )
+        except TopologyError as exc:
+            raise StackError(str(exc)) from None
+        self.max_payload = max_payload_for(config.hidden_size, opts.max_context)
+
+    def _check_ports(self) -> None:
+        opts = self.options
+        named = {"--port (hub clients)": self.port, "--mqtt-port": opts.mqtt_port, "--http-port": opts.http_port}
+        for what, port in named.items():
+            if port and not port_is_free(port):
+                raise StackError(f"port 127.0.0.1:{port} ({what}) is already in use; choose another or stop its user")
+        try:
+            find_binary()
+        except NatsServerError as exc:
+            raise StackError(str(exc)) from None
+
+    async def _start_server(self, cfg: ServerConfig) -> None:
+        conf = self.run_dir / f"{cfg.name}.conf"
+        conf.write_text(render_nats_config(cfg))
+        child = Child(cfg.name, [str(find_binary()), "-c", str(conf)], self.run_dir / f"{cfg.name}.log")
+        self.servers.append(child)
+        await child.start()
+        for port in (cfg.port, cfg.mqtt_port, cfg.leaf_port):
+            if port is not None:
+                await self._until_ready(f"{cfg.name} on port {port}", [child], functools.partial(_accepts, port), 15)
+
+    async def _start_hub(self) -> None:
+        opts = self.options
+        self.hub_leaf_port = free_port()
+        await self._start_server(
+            ServerConfig(
+                name="hub",
+                port=self.port,
+                http_port=opts.http_port or None,
+                store_dir=self.run_dir / "jetstream",
+                domain="hub",
+                mqtt_port=opts.mqtt_port or None,
+                leaf_port=self.hub_leaf_port,
+                max_payload=self.max_payload,
+            )
+        )
+
+    async def _start_leaf(self, node: str) -> None:
+        shape = self.options.topology.node(node).link.shape()
+        hub_port = self.hub_leaf_port
+        if not shape.is_ideal:
+            link = LinkEmulator("127.0.0.1", hub_port, shape)
+            await link.start()
+            self.links[node] = link
+            hub_port = link.port
+        cfg = ServerConfig(
+            name=f"leaf-{node}",
+            port=free_port(),
+            leaf_remotes=(LeafRemote(f"nats://127.0.0.1:{hub_port}"),),
+            max_payload=self.max_payload,
+        )
+        self.leaf_urls[node] = cfg.client_url()
+        await self._start_server(cfg)
+
+    async def _start_services(self) -> None:
+        opts = self.options
+        for node, host in opts.topology.hosts():
+            env = {
+                "PRISM_HOST_HOST": host.name,
+                "PRISM_HOST_NODE": node.name,
+                "PRISM_HOST_EXPERTS": _format_experts(self.placement[host.name]),
+                "PRISM_HOST_MEMORY_LIMIT_MB": f"{host.memory_limit_mb(self._expert_bytes):.6f}",
+                "PRISM_HOST_DEVICE": host.device,
+                "PRISM_HOST_DTYPE": opts.topology.dtype,
+            }
+            child = self._service(f"host-{host.name}", "services.expert_host", "PRISM_HOST_", node.name, env)
+            self.services.append(child)
+        for node in opts.topology.nodes:
+            env = {
+                "PRISM_GATING_NODE": node.name,
+                "PRISM_GATING_MAX_CONTEXT": str(opts.max_context),
+                "PRISM_GATING_EXPERT_TIMEOUT_S": str(opts.expert_timeout_s),
+                "PRISM_GATING_ACTIVATION_INTERVAL_S": str(opts.activation_interval_s),
+            }
+            child = self._service(f"gating-{node.name}", "services.gating", "PRISM_GATING_", node.name, env)
+            self.services.append(child)
+        await asyncio.gather(*(child.start() for child in self.services))
+
+    def _service(self, name: str, module: str, prefix: str, node: str, own: dict[str, str]) -> Child:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            f"{prefix}MODEL": str(self.options.model.resolve()),
+            f"{prefix}NATS_URL": self.leaf_urls[node],
+            f"{prefix}MAX_PAYLOAD_BYTES": str(self.max_payload),
+            f"{prefix}LOG_LEVEL": self.options.log_level,
+            f"{prefix}LOG_FORMAT": "json",
+            **own,
+        }
+        return Child(name, [sys.executable, "-m", module], self.run_dir / f"{name}.log", env)
+
+    # ---- readiness ------------------------------------------------------------------------------
+
+    async def wait_ready(self) -> None:
+        """Every host answers `status` with its experts; every node answers a one-token request."""
+        client = await PrismClient.connect(self.hub_url)
+        try:
+            for node, host in self.options.topology.hosts():
+                want = len(self.placement[host.name])
+                probe = functools.partial(self._host_ready, client, host.name, want)
+                await self._until_ready(f"host {host.name} of {node.name}", self._all(), probe)
+            for node in self.options.topology.nodes:
+                probe = functools.partial(_node_ready, client, node.name)
+                await self._until_ready(f"gating of {node.name}", self._all(), probe)
+        finally:
+            await client.close()
+
+    async def _host_ready(self, client: PrismClient, host: str, want: int) -> bool:
+        from shared import subjects
+
+        try:
+            msg = await client.nc.request(subjects.host_cmd(host), b'{"kind": "status"}', timeout=1.0)
+            status = json.loads(msg.data)
+        except (NoRespondersError, NatsTimeoutError, json.JSONDecodeError):
+            return False  # not subscribed yet
+        return isinstance(status, dict) and len(status.get("experts", [])) == want
+
+    def _all(self) -> list[Child]:
+        return [*self.servers, *self.services]
+
+    async def _until_ready(
+        self, what: str, watch: list[Child], probe: Callable[[], Awaitable[bool]], timeout_s: float | None = None
+    ) -> None:
+        """Poll `probe` until True; fail fast when a watched child exits; bounded by the ready timeout."""
+        timeout_s = timeout_s or self.options.ready_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while True:
+            for child in watch:
+                if (failure := child.failure()) is not None:
+                    raise StackError(failure)
+            if await probe():
+                return
+            if loop.time() > deadline:
+                raise StackError(f"{what} was not ready within {timeout_s:g} s; logs in {self.run_dir}")
+            await asyncio.sleep(0.1)
+
+    # ---- stop -----------------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Services first (they drain through the still-running servers), then leaves, links, hub."""
+        bound = self.options.stop_timeout_s
+        await asyncio.gather(*(child.stop(bound) for child in self.services))
+        leaves = [c for c in self.servers if c.name != "hub"]
+        await asyncio.gather(*(child.stop(bound) for child in leaves))
+        for link in self.links.values():
+            await link.stop()
+        await asyncio.gather(*(child.stop(bound) for child in self.servers))
+
+    async def __aenter__(self) -> LocalStack:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ---- reporting ------------------------------------------------------------------------------
+
+    def children(self) -> list[Child]:
+        return self._all()
+
+    def _write_manifest(self, *, ready: bool) -> None:
+        """`<run_dir>/stack.json`: URLs, pids and placement, for tools and tests (rewritten when ready)."""
+        data = {
+            "ready": ready,
+            "hub_url": self.hub_url,
+            "leaf_urls": self.leaf_urls,
+            "pids": {child.name: child.pid for child in self._all()},
+            "placement": {host: [list(k) for k in keys] for host, keys in self.placement.items()},
+            "max_payload": self.max_payload,
+        }
+        (self.run_dir / "stack.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _format_experts(keys: list[tuple[int, int]]) -> str:
+    from services.expert_host.residency import format_experts
+
+    return format_experts(keys)
+
+
+async def _accepts(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def _node_ready(client: PrismClient, node: str) -> bool:
+    """A one-token request answers: the gating is up and reaches a holder of every expert it chose."""
+    try:
+        await client.infer(node, {"input_ids": [0], "max_tokens": 1}, timeout_s=10.0)
+    except InferError as exc:
+        if exc.code in {"no_responders", "timeout", "expert_unavailable"}:
+            return False
+        raise StackError(f"node {node} answered a test request with error {exc.code}: {exc.message}") from None
+    return True

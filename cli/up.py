@@ -1,0 +1,181 @@
+"""`prism up`: run the whole system on this machine until Ctrl-C or SIGTERM.
+
+    prism up [--topology FILE | --nodes N --hosts-per-node H [--memory-mb M] [--delay-ms D] [--rate-mbit R]]
+             [--model DIR] [--port P] [--mqtt-port Q] [--http-port R] [--run-dir DIR]
+
+Starts the hub, one leaf per node (behind a link emulator where the link has a delay or rate),
+a gating per node and the expert hosts (see cli/stack.py), waits until every node answers, prints
+how to send a request, and on Ctrl-C / SIGTERM stops every child (SIGKILL after a bound).
+Errors (taken port, invalid model, topology that cannot hold the model, a child that fails to
+start) are one line on stderr, exit code 1, nothing left running. Exit code 0 after a clean stop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("up", help="run hub, leaves, gatings and expert hosts on this machine")
+    add_stack_arguments(p)
+    p.set_defaults(func=handler)
+
+
+def add_stack_arguments(p: argparse.ArgumentParser, *, nodes: int = 2, hosts: int = 2, delay_ms: float = 0.0) -> None:
+    """Flags shared by `prism up` and `prism demo`."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--topology", type=Path, help="topology file (.toml or .json), see topologies/")
+    where.add_argument("--nodes", type=int, help=f"number of nodes without a topology file (default {nodes})")
+    p.add_argument("--hosts-per-node", type=int, default=hosts, help=f"expert hosts per node (default {hosts})")
+    p.add_argument("--memory-mb", type=float, default=4096.0, help="expert memory per host, MiB (default 4096)")
+    p.add_argument("--delay-ms", type=float, default=delay_ms, help=f"one-way hub delay, ms (default {delay_ms:g})")
+    p.add_argument("--rate-mbit", type=float, default=None, help="link rate per direction, Mbit/s (default unlimited)")
+    p.add_argument("--model", type=Path, default=Path("models/demo"), help="checkpoint directory (default models/demo)")
+    p.add_argument("--port", type=int, default=4222, help="hub client port (default 4222)")
+    p.add_argument("--mqtt-port", type=int, default=1883, help="hub MQTT port, 0 = off (default 1883)")
+    p.add_argument("--http-port", type=int, default=8222, help="hub monitoring port, 0 = off (default 8222)")
+    p.add_argument("--run-dir", type=Path, help="logs and configs (default var/run-<timestamp>)")
+    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for every node (default 180)")
+    p.set_defaults(default_nodes=nodes)
+
+
+def build_options(args: argparse.Namespace, **overrides: Any) -> Any:
+    """StackOptions from the parsed flags; raises TopologyError on a bad topology."""
+    from cli.stack import StackOptions
+    from shared.topology import load_topology, simple_topology
+
+    if args.topology is not None:
+        topology = load_topology(args.topology)
+    else:
+        topology = simple_topology(
+            args.nodes or args.default_nodes,
+            args.hosts_per_node,
+            memory_mb=args.memory_mb,
+            delay_ms=args.delay_ms,
+            rate_mbit=args.rate_mbit,
+        )
+    run_dir = args.run_dir or Path("var") / time.strftime("run-%Y%m%d-%H%M%S")
+    return StackOptions(
+        topology=topology,
+        model=args.model,
+        run_dir=run_dir,
+        port=args.port,
+        mqtt_port=args.mqtt_port,
+        http_port=args.http_port,
+        ready_timeout_s=args.ready_timeout,
+        **overrides,
+    )
+
+
+def handler(args: argparse.Namespace) -> int:
+    from shared.topology import TopologyError
+
+    try:
+        options = build_options(args)
+    except TopologyError as exc:
+        return fail(str(exc))
+    return run_until_signal(options, serve_forever)
+
+
+async def serve_forever(stack: Any, stopped: asyncio.Event) -> int:
+    print(describe(stack), flush=True)
+    watcher = asyncio.create_task(_watch_children(stack, stopped))
+    await stopped.wait()
+    watcher.cancel()
+    print("prism up: stopping", file=sys.stderr, flush=True)
+    return 0
+
+
+def run_until_signal(options: Any, body: Any) -> int:
+    """Start the stack, run `body(stack, stopped)` and stop the stack; SIGINT/SIGTERM end it early."""
+    from cli.stack import LocalStack, StackError
+    from shared.runtime import run
+
+    result: list[int] = []
+
+    async def main() -> None:
+        stopped = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopped.set)
+        try:
+            await start_run_stop(stopped)
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    async def start_run_stop(stopped: asyncio.Event) -> None:
+        stack = LocalStack(options)
+        print(f"prism: starting; logs in {options.run_dir}/", file=sys.stderr, flush=True)
+        starting = asyncio.create_task(stack.start())
+        interrupted = asyncio.create_task(stopped.wait())
+        await asyncio.wait({starting, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():
+            starting.cancel()  # start() stops what it started
+            await asyncio.gather(starting, return_exceptions=True)
+            result.append(fail("interrupted while starting; everything is stopped", EXIT_INTERRUPTED))
+            return
+        interrupted.cancel()
+        try:
+            starting.result()
+        except StackError as exc:
+            result.append(fail(str(exc)))
+            return
+        try:
+            result.append(await body(stack, stopped))
+        finally:
+            await stack.stop()
+
+    run(main)
+    return result[0] if result else EXIT_FAILED
+
+
+def fail(message: str, code: int = EXIT_FAILED) -> int:
+    print(f"prism: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
+async def _watch_children(stack: Any, stopped: asyncio.Event) -> None:
+    """Report a child that dies while serving (the rest keeps running)."""
+    reported: set[str] = set()
+    while not stopped.is_set():
+        for child in stack.children():
+            if child.name not in reported and (failure := child.failure()) is not None:
+                reported.add(child.name)
+                print(f"prism up: warning: {failure}", file=sys.stderr, flush=True)
+        await asyncio.sleep(0.5)
+
+
+def describe(stack: Any) -> str:
+    """What is running and how to send a request."""
+    opts = stack.options
+    first = opts.topology.nodes[0].name
+    lines = [f"prism is up: {len(opts.topology.nodes)} nodes, model {opts.model}"]
+    extras = [f"monitoring http://127.0.0.1:{opts.http_port}" if opts.http_port else "",
+              f"MQTT 127.0.0.1:{opts.mqtt_port}" if opts.mqtt_port else ""]
+    lines.append(f"  hub    {stack.hub_url}  {'  '.join(x for x in extras if x)}")
+    for node in opts.topology.nodes:
+        link = node.link
+        shape = "ideal link" if link.shape().is_ideal else (
+            f"link {link.delay_ms:g} ms one way, " + (f"{link.rate_mbit:g} Mbit/s" if link.rate_mbit else "unlimited")
+        )
+        hosts = ", ".join(f"{h.name} ({len(stack.placement[h.name])} experts)" for h in node.hosts)
+        lines.append(f"  node   {node.name}: leaf {stack.leaf_urls[node.name]}, {shape}; hosts {hosts}")
+    lines += [
+        "send a request:",
+        f'  prism infer --url {stack.hub_url} --node {first} "Hello"',
+        f"  raw NATS: request subject prism.v1.infer.{first} with "
+        '{"prompt": "Hello", "max_tokens": 16}  (MQTT: topic prism/v1/infer/' + first + ' plus "client_id")',
+        f"logs: {opts.run_dir}/   (stack.json lists URLs and pids)",
+        "Ctrl-C stops everything.",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,199 @@
+"""`prism up` end to end, as a user runs it: a subprocess on ephemeral ports with a tiny checkpoint;
+`prism infer` against it; SIGTERM stops every child; bad setups fail with one clear line and leave
+nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.nats_server import free_port
+
+PRISM = [sys.executable, "-c", "from cli.main import main; main()"]
+START_TIMEOUT_S = 150
+
+
+def ports() -> list[str]:
+    return ["--port", str(free_port()), "--mqtt-port", str(free_port()), "--http-port", str(free_port())]
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def launcher(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, str]]:
+    """`prism up` with 2 nodes × 1 host, 1 ms links; yields (process, run dir, hub URL) once up."""
+    run_dir = tmp_path / "run"
+    flags = ports()
+    args = ["up", "--nodes", "2", "--hosts-per-node", "1", "--delay-ms", "1", "--rate-mbit", "200",
+            "--model", str(tiny_model), "--run-dir", str(run_dir), *flags]
+    process = subprocess.Popen([*PRISM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        wait_for_line(process, "prism is up", START_TIMEOUT_S)
+        yield process, run_dir, f"nats://127.0.0.1:{flags[1]}"
+    finally:
+        if process.poll() is None:
+            process.kill()  # the test failed before its own SIGTERM; children get SIGTERM from the kernel
+            process.wait()
+
+
+def wait_for_line(process: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
+    assert process.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    lines: list[str] = []
+    os.set_blocking(process.stdout.fileno(), False)
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if line:
+            lines.append(line)
+            if marker in line:
+                return lines
+            continue
+        if process.poll() is not None:
+            stderr = process.stderr.read() if process.stderr else ""
+            pytest.fail(f"prism up exited with {process.returncode}: {stderr}")
+        time.sleep(0.1)
+    pytest.fail(f"prism up printed no {marker!r} within {timeout_s} s: {lines}")
+
+
+def test_up_serves_infer_and_stops_every_child_on_sigterm(
+    launcher: tuple[subprocess.Popen[str], Path, str],
+) -> None:
+    process, run_dir, url = launcher
+    manifest = json.loads((run_dir / "stack.json").read_text())
+    assert manifest["ready"] is True
+    pids = manifest["pids"]
+    assert set(pids) == {"hub", "leaf-node0", "leaf-node1", "host-node0-h0", "host-node1-h0",
+                         "gating-node0", "gating-node1"}
+    assert all(alive(pid) for pid in pids.values())
+    placed = sorted(tuple(k) for keys in manifest["placement"].values() for k in keys)
+    assert len(placed) == len(set(placed)) == 2 * 8  # qwen2_moe tiny: MoE layers 0 and 2, 8 experts
+
+    # All at once (each is its own `prism infer` process):
+    json_req = ["--json", "--max-tokens", "6", "--input-ids", "5,6,7"]
+    calls = {
+        "node0": ["--node", "node0", *json_req],
+        "node1": ["--node", "node1", *json_req],
+        "stream": ["--max-tokens", "5", "Hello"],  # node found by $SRV.PING
+        "bad": ["--node", "node1", "--input-ids", "1,100000"],
+        "missing": ["--node", "nowhere", "hi"],
+    }
+    running = {k: subprocess.Popen([*PRISM, "infer", "--url", url, *v], stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True, cwd=REPO) for k, v in calls.items()}
+    done = {k: (p.wait(timeout=60), *p.communicate()) for k, p in running.items()}
+
+    # Greedy answers are the same from both nodes (each reaches half its experts across the link).
+    answers = []
+    for node in ("node0", "node1"):
+        code, out, err = done[node]
+        assert code == 0, err
+        answers.append(json.loads(out))
+    assert answers[0]["token_ids"] == answers[1]["token_ids"]
+    assert len(answers[0]["token_ids"]) == 6 or answers[0]["finish_reason"] == "stop"
+    code, out, err = done["stream"]
+    assert code == 0, err
+    assert "generated tokens" in err
+    code, out, err = done["bad"]
+    assert code == 1
+    assert err.startswith("error token_out_of_range: ")
+    code, out, err = done["missing"]
+    assert code == 1
+    assert err.startswith("error no_responders: ")
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    assert not [name for name, pid in pids.items() if alive(pid)]
+    assert "gating_stopped" in (run_dir / "gating-node0.log").read_text()  # a clean stop, not a kill
+
+
+def prism_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
+    """Run `prism ARGS` in this process (same code path as the console script); (exit code, stderr).
+    Used for the failures: it saves an interpreter start and a torch import per case."""
+    from cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    return int(exit_info.value.code or 0), capsys.readouterr().err
+
+
+def assert_clean_failure(code: int, stderr: str, message: str, run_dir: Path) -> None:
+    assert code == 1, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("prism: error:")]
+    assert len(errors) == 1, stderr
+    assert message in errors[0], errors[0]
+    manifest = run_dir / "stack.json"
+    if manifest.exists():  # children had started: every one of them is gone
+        pids = json.loads(manifest.read_text())["pids"]
+        assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+def test_taken_port_is_a_clear_error(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, err = prism_in_process(capsys, "up", "--model", str(tiny_model), "--run-dir", str(run_dir),
+                                     "--port", str(port), "--mqtt-port", "0", "--http-port", "0")
+    assert_clean_failure(code, err, f"port 127.0.0.1:{port} (--port (hub clients)) is already in use", run_dir)
+
+
+def test_invalid_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    run_dir = tmp_path / "run"
+    code, err = prism_in_process(capsys, "up", "--model", str(tmp_path / "empty"), "--run-dir", str(run_dir), *ports())
+    assert_clean_failure(code, err, f"invalid model directory {tmp_path / 'empty'}: no config.json", run_dir)
+
+
+def test_topology_that_cannot_hold_the_model_is_a_clear_error(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 16 experts of 3 × 64 × 48 × 4 bytes = 36 KiB each need 0.56 MiB; two hosts of 0.1 MiB hold 4.
+    run_dir = tmp_path / "run"
+    code, err = prism_in_process(capsys, "up", "--model", str(tiny_model), "--nodes", "2", "--hosts-per-node", "1",
+                                 "--memory-mb", "0.1", "--run-dir", str(run_dir), *ports())
+    assert_clean_failure(code, err, "the topology cannot hold the model: 16 experts", run_dir)
+    bad_file = tmp_path / "bad.toml"
+    bad_file.write_text('[[nodes]]\nname = "a"\n')
+    code, err = prism_in_process(capsys, "up", "--topology", str(bad_file), "--model", str(tiny_model), *ports())
+    assert_clean_failure(code, err, "nodes.0.hosts: Field required", run_dir)
+
+
+def test_a_child_failing_at_start_stops_everything(
+    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A host that cannot load (a CUDA device on a machine without one) fails the start; the hub,
+    leaves and other services that were already running are stopped."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    topology = tmp_path / "cuda.toml"
+    topology.write_text(
+        '[[nodes]]\nname = "a"\n[[nodes.hosts]]\nname = "a0"\nmemory_mb = 64\ndevice = "cuda"\n'
+    )
+    run_dir = tmp_path / "run"
+    code, err = prism_in_process(capsys, "up", "--topology", str(topology), "--model", str(tiny_model),
+                                 "--run-dir", str(run_dir), *ports())
+    assert_clean_failure(code, err, "host-a0 exited with code 1", run_dir)
+    pids = json.loads((run_dir / "stack.json").read_text())["pids"]  # it got as far as starting children
+    assert set(pids) == {"hub", "leaf-a", "host-a0", "gating-a"}
+    assert f"(log: {run_dir / 'host-a0.log'})" in err
