@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", type=int, default=1, help="tokens per decode step per node (latency policy)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token (latency policy)")
     p.add_argument("--bytes-per-token", type=float, default=4096.0, help="hidden × dtype bytes (latency)")
-    p.add_argument("--expert-time-us", type=float, default=50.0, help="one (token, expert) call (latency)")
+    p.add_argument("--expert-time-us", type=float, default=40.0, help="one active expert per step (latency)")
     p.set_defaults(func=handler)
 
 

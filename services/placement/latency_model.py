@@ -9,11 +9,16 @@ Model, per requesting node n and MoE layer l, for one decode step of B_n tokens:
   requesters spread over equally near replicas). The hosts of a node share its work
   evenly (capacity Σ host speed); host-level imbalance inside a node is not modelled.
 - Work (queueing at the batch size): all nodes step together, so in layer l node m computes every
-  call it serves from every requester: calls[m, l] = Σ_n B_n Σ_e p[n, l, e]·[m serves (l, e) for n],
-  with p = f / tokens (calls per token), taking work[m, l] = calls · expert_time_s / speed_m.
-- Network: the tokens of a step that need node m travel as ONE message (a token's top-k are fetched
-  in parallel, and a token with several experts on m is sent once), costing
-  rtt[n, m] + 2 · c · bytes_per_token / bandwidth[n, m] + work[m, l] for c such tokens (there and back).
+  group it serves for every requester. Requester n's step calls (l, e) λ = B_n · p[n, l, e] times
+  (p = f / tokens, calls per token); its group for (l, e) is one invocation (one request per expert,
+  as the gating sends), present with probability 1 - exp(-λ), costing expert_time_s (weight read +
+  launch, memory-bound at small batches) plus λ · expert_time_per_token_s:
+  work[m, l] = Σ_{(n, e) served by m} (1 - e^-λ)·t_expert + λ·t_token, over speed_m.
+- Network: a token's top-k are fetched in parallel, so the traffic of a step to node m is one group
+  paying ONE round trip, and a step with no remote expert pays none. The group costs
+  rtt[n, m] + 2 · c · bytes_per_token / bandwidth[n, m] + work[m, l] (there and back), where c counts
+  a token once per remote expert on m (`Workload.per_expert_messages`, the default: one request per
+  activated expert, as the gating sends) or once per node (a gating that batches per node).
   A (token, layer) with all experts local pays no round trip; one with any remote expert pays one.
 - The layer ends when the local work and the slowest remote group are done:
   T[n, l] = max(work[n, l], max_m group[n, l, m]).
@@ -86,7 +91,11 @@ class LatencyModel:
             )
         tokens = self.coact.tokens
         self.p = np.divide(f, tokens[..., None], out=np.zeros_like(f), where=tokens[..., None] > 0)
-        self.calls = self.p * self.workload.batch[:, None, None]  # [N, L, E] calls per step
+        # Work a requester's step brings to whoever serves (l, e), on a speed-1.0 host: each requester's
+        # group is its own invocation (one request per expert), active with probability 1 - e^-calls.
+        calls = self.p * self.workload.batch[:, None, None]  # [N, L, E] calls per step
+        wl = self.workload
+        self.unit_work = -np.expm1(-calls) * wl.expert_time_s + calls * wl.expert_time_per_token_s
         tok = tokens.max(axis=1)
         self.weight = tok / tok.sum() if tok.sum() > 0 else np.full(n_nodes, 1.0 / n_nodes)
         self.speed = cluster.node_speed()
@@ -124,6 +133,7 @@ class LatencyModel:
         self.batch_req = np.repeat(np.arange(self.nb.size), self.nb)
         self.tok_batch = np.repeat(np.arange(self.batch_req.size), [b.shape[1] for b in self.batches for _ in b])
         self.all_batch_1 = bool(np.all([b.shape[1] == 1 for b in self.batches if b.size]))
+        self.per_expert = self.workload.per_expert_messages
 
     def serve(self, view: np.ndarray) -> np.ndarray:
         """[N, L', E] int: node serving (l, e) for each requester, from view [N, L', E] bool (all covered)."""
@@ -142,12 +152,11 @@ class LatencyModel:
         return out
 
     def work(self, serve: np.ndarray, layers: np.ndarray) -> np.ndarray:
-        """[N, L'] seconds each node computes per step in each of `layers`."""
+        """[N, L'] seconds each node computes per step in each of `layers` (see `unit_work`)."""
         n_nodes, n_sub, _ = serve.shape
-        calls = self.calls[:, layers, :]  # [N, L', E]
         idx = serve * n_sub + np.arange(n_sub)[None, :, None]
-        per = np.bincount(idx.ravel(), weights=calls.ravel(), minlength=n_nodes * n_sub).reshape(n_nodes, n_sub)
-        return np.asarray(per * self.workload.expert_time_s / self.speed[:, None])
+        per = np.bincount(idx.ravel(), weights=self.unit_work[:, layers, :].ravel(), minlength=n_nodes * n_sub)
+        return np.asarray(per.reshape(n_nodes, n_sub) / self.speed[:, None])
 
     def layer_times(self, view: np.ndarray, layers: np.ndarray) -> np.ndarray:
         """T [N, L']: mean step time of each requester in each of `layers`; view [N, L', E] bool.
@@ -163,12 +172,15 @@ class LatencyModel:
         req = self.tok_req[:, None, None]
         lay = np.arange(n_sub)[None, :, None]
         srv = np.sort(serve.ravel()[(req * n_sub + lay) * n_experts + self.tok_sets[:, layers, :]], axis=2)
-        # A token is sent once to each distinct remote node among its experts.
         sent = srv != req
-        sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
+        if not self.per_expert:  # a token goes once to each distinct remote node
+            sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
         if self.all_batch_1:
-            trip = self.rtt[:, :, None] + self.byte_time[:, :, None] + work[None, :, :]  # [N req, N srv, L']
-            group = np.where(sent, trip.ravel()[(req * n_nodes + srv) * n_sub + lay], 0.0).max(axis=2)
+            # copies of the token each remote node receives: its number of experts there, or 1
+            copies = (srv[:, :, :, None] == srv[:, :, None, :]).sum(axis=3) if self.per_expert else 1
+            at = req * n_nodes + srv  # [R, L', K] flat (requester, server)
+            rtt, bt = self.rtt.ravel()[at], self.byte_time.ravel()[at]
+            group = np.where(sent, rtt + copies * bt + work[srv, lay], 0.0).max(axis=2)
             per = np.maximum(work[self.tok_req], group)  # [R, L']
         else:
             n_batches = self.batch_req.size

@@ -284,7 +284,13 @@ class Workload:
     batch          [N] int  tokens in one decode step at each node (continuous batching), >= 1
     bytes_per_token  float  bytes of one token's hidden state in one direction (hidden × dtype bytes);
                             a remote group sends and returns it: 2 × bytes per token per group
-    expert_time_s    float  compute time of one (token, expert) call on a speed-1.0 host
+    expert_time_s    float  one expert invocation in a step on a speed-1.0 host, paid once per active
+                            expert (weight read + launch; the simulator's SimConfig.expert_time_s)
+    expert_time_per_token_s float  extra compute per (token, expert) call on a speed-1.0 host
+    per_expert_messages bool  True (default): a token's hidden state travels once per remote expert
+                            (one request per activated expert, as the gating sends today, see
+                            ARCHITECTURE.md "Data flow"); False: once per remote node holding some of
+                            its experts (a gating that batches per node). Round trips overlap either way.
     migration_cost_s float  objective seconds charged per replica that `current` lacks (loading it)
     min_gain         float  relative gain a new plan must bring over `current` to be chosen (hysteresis)
     top_k            int    experts per token; used only when no CoActivation is given
@@ -292,7 +298,9 @@ class Workload:
 
     batch: np.ndarray
     bytes_per_token: float = 2048 * 2
-    expert_time_s: float = 50e-6
+    expert_time_s: float = 40e-6
+    expert_time_per_token_s: float = 0.0
+    per_expert_messages: bool = True
     migration_cost_s: float = 0.0
     min_gain: float = 0.0
     top_k: int = 2
@@ -301,7 +309,7 @@ class Workload:
         batch = np.asarray(self.batch)
         if batch.ndim != 1 or np.any(batch < 1) or np.any(batch != np.round(batch)):
             raise InvalidInputError(f"Workload.batch must be [N] integers >= 1, got {batch.tolist()}")
-        for name in ("bytes_per_token", "expert_time_s", "migration_cost_s", "min_gain"):
+        for name in ("bytes_per_token", "expert_time_s", "expert_time_per_token_s", "migration_cost_s", "min_gain"):
             v = float(getattr(self, name))
             if not np.isfinite(v) or v < 0:
                 raise InvalidInputError(f"Workload.{name} must be finite and >= 0, got {v}")

@@ -19,11 +19,12 @@ SPLIT = Placement(np.array([[[True, False]], [[False, True]]]))
 
 
 def test_expected_latency_batch_1_by_hand() -> None:
-    """Bytes 1000 → 2·1000/1e6 = 2 ms there and back; expert call 1 ms. Calls per token: node 0
+    """Bytes 1000 → 2·1000/1e6 = 2 ms there and back; 1 ms per (token, expert) call, nothing per
+    active expert. Calls per token: node 0
     (0.75, 0.25), node 1 (0, 1). Work per step: node 0 serves 0.75 calls → 0.75 ms, node 1 serves
     0.25 + 1 → 1.25 ms. Node 0's tokens: 3 local (0.75 ms each), 1 remote: 10 + 2 + 1.25 = 13.25 ms →
     mean 3.875 ms. Node 1: all local, 1.25 ms. Equal token weights → 2.5625 ms."""
-    wl = Workload.uniform(2, 1, bytes_per_token=1000.0, expert_time_s=1e-3)
+    wl = Workload.uniform(2, 1, bytes_per_token=1000.0, expert_time_s=0.0, expert_time_per_token_s=1e-3)
     assert expected_latency(SPLIT, CLUSTER, F, COACT, wl) == pytest.approx(2.5625e-3)
 
 
@@ -31,21 +32,35 @@ def test_expected_latency_batch_2_by_hand() -> None:
     """Batch 2: node 0's sample makes batches (0, 0) and (0, 1). Work doubles: node 0 1.5 ms, node 1
     2.5 ms. Batch (0, 0): local only, 1.5 ms; batch (0, 1): one token to node 1, 10 + 2 + 2.5 =
     14.5 ms → mean 8 ms. Node 1: 2.5 ms. Mean over nodes: 5.25 ms."""
-    wl = Workload.uniform(2, 2, bytes_per_token=1000.0, expert_time_s=1e-3)
+    wl = Workload.uniform(2, 2, bytes_per_token=1000.0, expert_time_s=0.0, expert_time_per_token_s=1e-3)
     assert expected_latency(SPLIT, CLUSTER, F, COACT, wl) == pytest.approx(5.25e-3)
 
 
 def test_one_message_per_remote_node_and_token() -> None:
-    """Top-2 tokens whose two experts both live on the other node pay ONE round trip, not two: with
-    rtt 10 ms, bytes free and compute free the step costs 10 ms for node 0 (node 1 holds both)."""
+    """Top-2 tokens whose two experts both live on node 1: node 0 pays ONE round trip (10 ms) and,
+    with one message per node, sends the token once (2·1000 B / 1e6 B/s = 2 ms): 12 ms; with one
+    request per expert the bytes double: 14 ms. Node 1 pays nothing (compute free); mean of the two."""
     f = np.array([[[1.0, 1.0]], [[1.0, 1.0]]])
     sets = np.array([[[[0, 1]]], [[[0, 1]]]])
     coact = CoActivation(tokens=np.array([[1.0], [1.0]]), sets=sets)
-    c = Cluster.from_slots([0, 2], rtt_s=0.01, bandwidth_Bps=np.inf)
+    c = Cluster.from_slots([0, 2], rtt_s=0.01, bandwidth_Bps=1e6)
     p = Placement(np.array([[[False, False]], [[True, True]]]))
-    wl = Workload.uniform(2, 1, bytes_per_token=0.0, expert_time_s=0.0)
-    # node 0 pays 10 ms, node 1 nothing; equal weights
-    assert expected_latency(p, c, f, coact, wl) == pytest.approx(0.005)
+    per_node = Workload.uniform(2, 1, bytes_per_token=1000.0, expert_time_s=0.0, per_expert_messages=False)
+    assert expected_latency(p, c, f, coact, per_node) == pytest.approx(0.006)
+    per_expert = Workload.uniform(2, 1, bytes_per_token=1000.0, expert_time_s=0.0, per_expert_messages=True)
+    assert expected_latency(p, c, f, coact, per_expert) == pytest.approx(0.007)
+
+
+def test_active_expert_costs_once_per_step() -> None:
+    """One node, one layer, two experts, top-1, tokens 4 with counts (4 ln 2, 4 - 4 ln 2): λ = (ln 2,
+    1 - ln 2) calls per step, so the experts are active with probability 1 - e^-λ = (1/2, 1 - 2/e);
+    at 1 ms per active expert the step computes 1.5 - 2/e ms."""
+    f = np.array([[[4 * np.log(2), 4 - 4 * np.log(2)]]])
+    coact = CoActivation(tokens=np.array([[4.0]]), sets=np.array([[[[0]], [[1]]]]))
+    c = Cluster.from_slots([2])
+    p = Placement(np.ones((1, 1, 2), dtype=bool))
+    wl = Workload.uniform(1, 1, expert_time_s=1e-3)
+    assert expected_latency(p, c, f, coact, wl) == pytest.approx((1.5 - 2 / np.e) * 1e-3)
 
 
 def _instance(seed: int, rtt: float, rate: float) -> tuple[np.ndarray, Cluster, CoActivation]:
