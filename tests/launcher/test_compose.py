@@ -1,0 +1,242 @@
+"""docker-compose.yml without a Docker engine: its structure, that every PRISM_* variable is a real
+settings field with a valid value, that every referenced file exists, that the static expert
+placement covers the demo model, and that the nats configs work with real nats-server processes
+(credentials from the environment, leaf to hub)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import subprocess
+import tomllib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+import yaml
+
+from services.expert_host.settings import ExpertHostSettings
+from services.gating.settings import GatingSettings
+from shared.nats_server import find_binary, free_port
+from shared.topology import load_topology
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = {
+    "services.gating": (GatingSettings, "PRISM_GATING_"),
+    "services.expert_host": (ExpertHostSettings, "PRISM_HOST_"),
+}
+VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+@pytest.fixture(scope="module")
+def example_env() -> dict[str, str]:
+    lines = (REPO / "docker" / "env.example").read_text().splitlines()
+    pairs = [line.split("=", 1) for line in lines if line.strip() and not line.startswith("#")]
+    return dict(pairs)
+
+
+def substitute(value: str, env: dict[str, str]) -> str:
+    """Compose-style ${VAR}, ${VAR:-default}, ${VAR:?message} with `env`."""
+    return VAR.sub(lambda m: env[m.group(1)], value)
+
+
+def python_services(compose: dict[str, Any]) -> dict[str, tuple[str, dict[str, str]]]:
+    """Service name → (module, environment) of every service that runs a Prism Python module."""
+    out = {}
+    for name, service in compose["services"].items():
+        command = service.get("command", [])
+        if command[:2] == ["python", "-m"]:
+            out[name] = (command[2], service["environment"])
+    return out
+
+
+def test_services_match_the_demo_topology(compose: dict[str, Any]) -> None:
+    topology = load_topology(REPO / "topologies" / "demo.toml")
+    services = compose["services"]
+    expected = {"hub"} | {f"leaf-{n.name}" for n in topology.nodes} | {f"gating-{n.name}" for n in topology.nodes}
+    expected |= {f"host-{h.name}" for _, h in topology.hosts()}
+    assert set(services) == expected
+    for node, host in topology.hosts():
+        env = services[f"host-{host.name}"]["environment"]
+        assert env["PRISM_HOST_HOST"] == host.name
+        assert env["PRISM_HOST_NODE"] == node.name
+        assert float(env["PRISM_HOST_MEMORY_LIMIT_MB"]) == host.memory_mb
+        assert env["PRISM_HOST_NATS_URL"] == f"nats://leaf-{node.name}:4222"  # its own node's leaf
+    for node in topology.nodes:
+        assert services[f"leaf-{node.name}"]["environment"]["PRISM_NODE"] == node.name
+        gating = services[f"gating-{node.name}"]["environment"]
+        assert gating["PRISM_GATING_NODE"] == node.name
+        assert gating["PRISM_GATING_NATS_URL"] == f"nats://leaf-{node.name}:4222"
+
+
+def test_python_service_variables_are_settings_fields_with_valid_values(
+    compose: dict[str, Any], example_env: dict[str, str]
+) -> None:
+    services = python_services(compose)
+    assert {module for module, _ in services.values()} == set(SETTINGS)
+    for name, (module, env) in services.items():
+        cls, prefix = SETTINGS[module]
+        values = {}
+        for key, value in env.items():
+            assert key.startswith(prefix), f"{name}: {key} is not a {cls.__name__} variable ({prefix}*)"
+            field = key.removeprefix(prefix).lower()
+            assert field in cls.model_fields, f"{name}: {key} is not a field of {cls.__name__}"
+            values[field] = substitute(str(value), example_env)
+        cls.model_validate(values)  # every value passes the field's validation
+        assert env[f"{prefix}NATS_USER"], f"{name} must authenticate"
+        assert env[f"{prefix}NATS_PASSWORD"], f"{name} must authenticate"
+
+
+def test_every_variable_has_an_example_and_ports_stay_on_loopback(
+    compose: dict[str, Any], example_env: dict[str, str]
+) -> None:
+    used = set(VAR.findall((REPO / "docker-compose.yml").read_text()))
+    assert used <= set(example_env), f"missing from docker/env.example: {sorted(used - set(example_env))}"
+    assert example_env["PRISM_BIND"] == "127.0.0.1"
+    for name, service in compose["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("${PRISM_BIND:-127.0.0.1}:"), f"{name} publishes {port} beyond loopback"
+    assert [name for name, s in compose["services"].items() if s.get("ports")] == ["hub"]
+
+
+def test_referenced_files_exist(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./") and source != "./models":  # the model is data, checked below
+                assert (REPO / source).exists(), f"{name} mounts missing {source}"
+        if "build" in service:
+            assert (REPO / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY "):
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), f"Dockerfile copies missing {source}"
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_pin = next(p for p in pins if p.startswith("torch=="))
+    assert f'"{torch_pin}"' in dockerfile, "the Dockerfile must install pyproject's torch pin"
+
+
+def test_static_placement_covers_the_demo_model(compose: dict[str, Any]) -> None:
+    """Every (layer, expert) of models/demo is held by some host, each within its memory limit."""
+    from services.expert_host.residency import check_budget, parse_experts
+
+    if not (REPO / "models" / "demo" / "config.json").is_file():
+        pytest.skip("models/demo is not there yet")
+    from shared.model.checkpoint import load_config
+    from shared.model.config import list_moe_layers
+
+    config = load_config(REPO / "models" / "demo")
+    held: set[tuple[int, int]] = set()
+    for _, env in python_services(compose).values():
+        if "PRISM_HOST_EXPERTS" in env:
+            keys = parse_experts(env["PRISM_HOST_EXPERTS"], list_moe_layers(config), config.num_experts)
+            check_budget(len(keys), config.expert_nbytes(4), int(float(env["PRISM_HOST_MEMORY_LIMIT_MB"]) * 2**20))
+            held |= set(keys)
+    assert held == {(layer, e) for layer in list_moe_layers(config) for e in range(config.num_experts)}
+
+
+# ---- the nats configs, run for real -------------------------------------------------------------
+
+
+def conf_vars(path: Path) -> set[str]:
+    """$VARIABLES referenced outside comments."""
+    code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+    return set(re.findall(r"\$([A-Z_][A-Z0-9_]*)", code))
+
+
+def test_nats_config_variables_come_from_the_service_environment(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    hub_env = set(services["hub"]["environment"])
+    assert conf_vars(REPO / "docker" / "nats" / "hub.conf") == hub_env
+    for name, service in services.items():
+        if name.startswith("leaf-"):
+            assert conf_vars(REPO / "docker" / "nats" / "leaf.conf") == set(service["environment"])
+
+
+def localise(path: Path, replacements: dict[str, str], out: Path) -> Path:
+    """The config with container addresses swapped for free loopback ports (each must occur once)."""
+    text = path.read_text()
+    for old, new in replacements.items():
+        assert text.count(old) == 1, f"{old!r} in {path}"
+        text = text.replace(old, new)
+    out.write_text(text)
+    return out
+
+
+@contextlib.asynccontextmanager
+async def nats_process(conf: Path, env: dict[str, str], port: int) -> AsyncIterator[None]:
+    process = await asyncio.create_subprocess_exec(
+        str(find_binary()), "-c", str(conf), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    break
+                except OSError:
+                    await asyncio.sleep(0.05)
+        yield
+    finally:
+        process.terminate()
+        await process.wait()
+
+
+async def test_hub_and_leaf_configs_authenticate_and_connect(tmp_path: Path, example_env: dict[str, str]) -> None:
+    env = dict(example_env)
+    hub_port, leaf_listen, leaf_client = free_port(), free_port(), free_port()
+    hub_conf = localise(REPO / "docker" / "nats" / "hub.conf", {
+        '"0.0.0.0:4222"': f'"127.0.0.1:{hub_port}"', '"0.0.0.0:8222"': f'"127.0.0.1:{free_port()}"',
+        '"0.0.0.0:1883"': f'"127.0.0.1:{free_port()}"', '"0.0.0.0:7422"': f'"127.0.0.1:{leaf_listen}"',
+        '"/data/jetstream"': f'"{tmp_path / "js"}"'}, tmp_path / "hub.conf")
+    leaf_conf = localise(REPO / "docker" / "nats" / "leaf.conf", {
+        '"0.0.0.0:4222"': f'"127.0.0.1:{leaf_client}"'}, tmp_path / "leaf.conf")
+    user, password = env["PRISM_CLIENT_USER"], env["PRISM_CLIENT_PASSWORD"]
+    leaf_url = f"nats://{env['PRISM_LEAF_USER']}:{env['PRISM_LEAF_PASSWORD']}@127.0.0.1:{leaf_listen}"
+    leaf_env = {**env, "PRISM_NODE": "edge-a", "PRISM_HUB_LEAF_URL": leaf_url}
+    async with nats_process(hub_conf, env, hub_port), nats_process(leaf_conf, leaf_env, leaf_client):
+        with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # no credentials, no connection
+            await nats.connect(f"nats://127.0.0.1:{hub_port}", allow_reconnect=False, max_reconnect_attempts=1,
+                               error_cb=ignore)
+        hub = await nats.connect(f"nats://127.0.0.1:{hub_port}", user=user, password=password)
+        leaf = await nats.connect(f"nats://127.0.0.1:{leaf_client}", user=user, password=password)
+        try:
+            async def pong(msg: nats.aio.msg.Msg) -> None:
+                await msg.respond(b"pong")
+
+            await hub.subscribe("compose.check", cb=pong)
+            await hub.flush()
+            async with asyncio.timeout(10):  # the leaf connection (with its credentials) carries it
+                while True:
+                    try:
+                        reply = await leaf.request("compose.check", b"ping", timeout=0.5)
+                        break
+                    except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+                        await asyncio.sleep(0.1)
+            assert reply.data == b"pong"
+        finally:
+            await leaf.close()
+            await hub.close()
+
+
+async def ignore(exc: Exception) -> None:
+    """The expected authorization error is asserted through the raised exception."""
+
+
+def test_nats_configs_refuse_to_start_without_credentials(tmp_path: Path) -> None:
+    result = subprocess.run([str(find_binary()), "-t", "-c", str(REPO / "docker" / "nats" / "hub.conf")],
+                            capture_output=True, text=True, env={}, check=False, timeout=30)
+    assert result.returncode != 0
+    assert "PRISM_" in result.stderr + result.stdout
