@@ -66,6 +66,14 @@ def _pseudo_batches(valid: int, batch: int) -> np.ndarray:
     return np.arange(nb * batch).reshape(nb, batch) % valid
 
 
+def _run_lengths(a: np.ndarray) -> np.ndarray:
+    """How many entries of its row (last axis, K small) equal each entry: [.., K] → [.., K] int."""
+    out = np.zeros(a.shape, dtype=np.int64)
+    for j in range(a.shape[-1]):
+        out += a == a[..., j : j + 1]
+    return out
+
+
 class LatencyModel:
     """Precomputed context for evaluating many placements of one (cluster, f, coact, workload)."""
 
@@ -176,8 +184,7 @@ class LatencyModel:
         if not self.per_expert:  # a token goes once to each distinct remote node
             sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
         if self.all_batch_1:
-            # copies of the token each remote node receives: its number of experts there, or 1
-            copies = (srv[:, :, :, None] == srv[:, :, None, :]).sum(axis=3) if self.per_expert else 1
+            copies = _run_lengths(srv) if self.per_expert else 1  # the token's experts on that node
             at = req * n_nodes + srv  # [R, L', K] flat (requester, server)
             rtt, bt = self.rtt.ravel()[at], self.byte_time.ravel()[at]
             group = np.where(sent, rtt + copies * bt + work[srv, lay], 0.0).max(axis=2)
@@ -189,12 +196,11 @@ class LatencyModel:
             b_req = self.batch_req
             trip = self.rtt[b_req][:, None, :] + c * self.byte_time[b_req][:, None, :] + work.T[None]
             per = np.maximum(work[b_req], np.where(c > 0, trip, 0.0).max(axis=2))  # [NB, L']
-        owner = self.tok_req if self.all_batch_1 else self.batch_req
-        counts = np.bincount(owner, minlength=n_nodes)
-        sums = np.zeros((n_nodes, n_sub))
-        np.add.at(sums, owner, per)
-        has = counts > 0
-        out[has] = sums[has] / counts[has, None]
+        owner = self.tok_req if self.all_batch_1 else self.batch_req  # sorted: rows grouped by requester
+        has = np.bincount(owner, minlength=n_nodes) > 0
+        starts = np.searchsorted(owner, np.flatnonzero(has))
+        counts = np.diff(np.append(starts, owner.size))
+        out[has] = np.add.reduceat(per, starts, axis=0) / counts[:, None]
         return out
 
     def node_view_cost(self, view: np.ndarray) -> float:

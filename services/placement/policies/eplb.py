@@ -38,11 +38,20 @@ def replicate(weight: np.ndarray, phys: np.ndarray, max_count: np.ndarray) -> np
 
     That greedy takes, per layer, the largest quotients w_e / k (k = 1 .. max_count - 1; taking w_e / k
     gives expert e its (k + 1)-th replica), as in D'Hondt apportionment; ties in the order of the
-    greedy (lower expert, then lower k). Computed that way in one selection per layer.
+    greedy (lower expert, then lower k). With many redundant slots it is computed that way, one
+    selection per layer; with few, by the greedy itself (vectorised over layers).
     """
     n_layers, n_experts = weight.shape
     count = np.ones((n_layers, n_experts), dtype=np.int64)
     extra = np.minimum(phys - n_experts, (max_count - 1) * n_experts)
+    if extra.max(initial=0) <= 16 * (max_count.max(initial=1) - 1):  # few redundant slots: the greedy is cheaper
+        rows = np.arange(n_layers)
+        for i in range(int(extra.max(initial=0))):
+            live = extra > i
+            score = np.where(count < max_count[:, None], weight / count, -np.inf)
+            pick = np.argmax(score, axis=1)
+            count[rows[live], pick[live]] += 1
+        return count
     for lay in range(n_layers):
         m, x = int(max_count[lay]) - 1, int(extra[lay])
         if x <= 0 or m <= 0:
