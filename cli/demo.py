@@ -198,8 +198,8 @@ def summary_table(
     )
     lines = ["", header, "-" * len(header)]
     for run in runs:
-        held = {tuple(k) for h, keys in placement.items() if host_node[h] == run.node for k in keys}
-        token_share = activity.local_share(run.node, held)  # type: ignore[arg-type]
+        held = {(k[0], k[1]) for h, keys in placement.items() if host_node[h] == run.node for k in keys}
+        token_share = activity.local_share(run.node, held)
         ok = len(run.latencies_s)
         p50 = f"{percentile(run.latencies_s, 50) * 1000:.0f}" if ok else "-"
         p99 = f"{percentile(run.latencies_s, 99) * 1000:.0f}" if ok else "-"

@@ -40,7 +40,7 @@ def add_stack_arguments(p: argparse.ArgumentParser, *, nodes: int = 2, hosts: in
     p.add_argument("--delay-ms", type=float, default=delay_ms, help=f"one-way hub delay, ms (default {delay_ms:g})")
     p.add_argument("--rate-mbit", type=float, default=None, help="link rate per direction, Mbit/s (default unlimited)")
     p.add_argument("--model", type=Path, default=Path("models/demo"), help="checkpoint directory (default models/demo)")
-    p.add_argument("--port", type=int, default=4222, help="hub client port (default 4222)")
+    p.add_argument("--port", type=int, default=4222, help="hub client port, 0 = any free one (default 4222)")
     p.add_argument("--mqtt-port", type=int, default=1883, help="hub MQTT port, 0 = off (default 1883)")
     p.add_argument("--http-port", type=int, default=8222, help="hub monitoring port, 0 = off (default 8222)")
     p.add_argument("--run-dir", type=Path, help="logs and configs (default var/run-<timestamp>)")
@@ -162,7 +162,7 @@ def describe(stack: Any) -> str:
     lines = [f"prism is up: {len(opts.topology.nodes)} nodes, model {opts.model}"]
     extras = [f"monitoring http://127.0.0.1:{opts.http_port}" if opts.http_port else "",
               f"MQTT 127.0.0.1:{opts.mqtt_port}" if opts.mqtt_port else ""]
-    lines.append(f"  hub    {stack.hub_url}  {'  '.join(x for x in extras if x)}")
+    lines.append(f"  hub    {stack.hub_url}  {'  '.join(x for x in extras if x)}".rstrip())
     for node in opts.topology.nodes:
         link = node.link
         shape = "ideal link" if link.shape().is_ideal else (
