@@ -25,9 +25,10 @@ import argparse
 import json
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy and the placement package load in the handler, not at CLI start
+    import numpy as np
 
 EXIT_BAD_INPUT = 2
 
@@ -56,6 +57,8 @@ def _fail(message: str) -> int:
 
 
 def _load_counts(path: str) -> np.ndarray:
+    import numpy as np
+
     from services.placement.errors import InvalidInputError
 
     try:
@@ -87,6 +90,8 @@ def _cluster(args: argparse.Namespace) -> Any:
 
 def summary(freq: np.ndarray, placement: Any, cluster: Any) -> dict[str, Any]:
     """Per-node calls, remote calls, slots and use, plus the proxy objective."""
+    import numpy as np
+
     view = placement.node_view(cluster)
     calls = freq.sum(axis=(1, 2))
     remote = np.where(view, 0.0, freq).sum(axis=(1, 2))
@@ -112,6 +117,8 @@ def _print_table(name: str, info: dict[str, Any], solve_s: float) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from services.placement.errors import PlacementError
     from services.placement.policies import get_policy
     from services.placement.types import Workload, check_inputs
@@ -147,6 +154,7 @@ def handler(args: argparse.Namespace) -> int:
 def plot(freq: np.ndarray, view: np.ndarray, path: str, title: str) -> None:
     """One panel per node: layer × expert shares of that node's calls, held experts as white dots."""
     import matplotlib
+    import numpy as np
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
