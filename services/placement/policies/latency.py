@@ -1,7 +1,8 @@
 """`latency` (ours): minimise the expected decode latency of `latency_model`, not the remote-call proxy.
 
 Why: a token's top-k experts are fetched in parallel, so a (token, layer) pays one round trip if ANY
-of its experts is remote, and each distinct remote node is one message. When round trips dominate,
+of its experts is remote, and the traffic to each distinct remote node is one group on its link (the
+bytes count per remote expert, or per node; see `latency_model`). When round trips dominate,
 giving a node whole layers beats the proxy optimum; when bytes or queueing dominate, the proxy
 optimum wins (see ARCHITECTURE.md, Placement). No single construction is best in every regime, so:
 
@@ -24,9 +25,10 @@ optimum wins (see ARCHITECTURE.md, Placement). No single construction is best in
 3. Hysteresis against `current`: the new plan replaces it only if latency + migration_cost_s × new
    replicas < latency(current) × (1 - min_gain); otherwise `current` is returned unchanged.
 
-Because the other policies are candidates and every later step only accepts improvements, the result
-is never worse than the best of them on this model. Ties go to the earlier candidate in the order
-above. Deterministic: no clocks, no unseeded randomness.
+Because the other policies are candidates (`optimal` as the exact proxy candidate, up to EXACT_LIMIT;
+above it the LP takes seconds and the greedy proxy candidate stands in) and every later step only
+accepts improvements, the result is never worse than the best of them on this model. Ties go to the
+earlier candidate in the order above. Deterministic: no clocks, no unseeded randomness.
 """
 
 from __future__ import annotations
