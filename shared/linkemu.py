@@ -9,8 +9,11 @@ node's connection to the hub. Every connection accepted on `listen_host:port` is
 - delay: a chunk is delivered `delay_s` seconds after it has been put on the link.
 
 So a chunk read at time t is written at `max(t, link_free) + n / rate + delay`; delivery times
-never decrease, so byte order is preserved. Large reads are cut into pieces of `PIECE_BYTES` so
-pacing stays smooth. The queue per direction is bounded (backpressure to the sender, as a real TCP
+never decrease, so byte order is preserved. Large reads are cut into pieces (16 KiB, or what the
+rate carries in 1 ms when that is more) so pacing stays smooth without a timer per few bytes;
+pieces already due are written together. Times come from `time.monotonic()`, not the loop clock:
+uvloop's clock has 1 ms steps and its timers may fire up to 1 ms early, and a delay must never be
+shorter than configured. The queue per direction is bounded (backpressure to the sender, as a real TCP
 window would), and closing either side closes the relay of that connection.
 """
 
@@ -19,13 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 
 PIECE_BYTES = 16 * 1024
-"""Largest piece put on the emulated link at once (bytes)."""
+"""Smallest piece size the emulated link is paced in (bytes)."""
+
+MAX_PIECE_BYTES = 256 * 1024
 
 QUEUE_PIECES = 4096
-"""Pieces in flight per direction before the relay stops reading (4096 × 16 KiB = 64 MiB)."""
+"""Pieces in flight per direction before the relay stops reading (at most 4096 × 256 KiB)."""
 
 _READ_BYTES = 256 * 1024
 
@@ -53,6 +59,12 @@ class LinkShape:
         return cls(delay_ms / 1000.0, None if rate_mbit is None else rate_mbit * 1e6 / 8)
 
     @property
+    def piece_bytes(self) -> int:
+        """Bytes per paced piece: 16 KiB, or 1 ms worth of the rate, at most 256 KiB."""
+        per_ms = int(self.rate_Bps / 1000) if self.rate_Bps else 0
+        return min(MAX_PIECE_BYTES, max(PIECE_BYTES, per_ms))
+
+    @property
     def is_ideal(self) -> bool:
         """No delay and no rate limit: the relay would only add its own overhead."""
         return self.delay_s == 0 and self.rate_Bps is None
@@ -69,7 +81,7 @@ class LinkStats:
 
 @dataclass
 class _Direction:
-    """One direction of one connection: the time the emulated link is next free (loop clock, s)."""
+    """One direction of one connection: the time the emulated link is next free (monotonic, s)."""
 
     shape: LinkShape
     link_free: float = 0.0
@@ -78,7 +90,7 @@ class _Direction:
     )
 
     def schedule(self, now: float, size: int) -> float:
-        """Delivery time (loop clock, s) of a piece of `size` bytes read at `now`."""
+        """Delivery time (monotonic, s) of a piece of `size` bytes read at `now`."""
         start = max(now, self.link_free)
         self.link_free = start + (size / self.shape.rate_Bps if self.shape.rate_Bps else 0.0)
         return self.link_free + self.shape.delay_s
@@ -175,12 +187,13 @@ class LinkEmulator:
         """Read → schedule → deliver for one direction; at EOF, delivers what is queued, then half-closes."""
         direction = _Direction(self.shape)
         deliver = asyncio.create_task(self._deliver(direction, writer, upstream=upstream))
-        loop = asyncio.get_running_loop()
+        step = self.shape.piece_bytes
         try:
             while data := await reader.read(_READ_BYTES):
-                for start in range(0, len(data), PIECE_BYTES):
-                    piece = data[start : start + PIECE_BYTES]
-                    await direction.queue.put((direction.schedule(loop.time(), len(piece)), piece))
+                now = time.monotonic()
+                for start in range(0, len(data), step):
+                    piece = data[start : start + step]
+                    await direction.queue.put((direction.schedule(now, len(piece)), piece))
             await direction.queue.put(None)
             await deliver
         finally:
@@ -190,15 +203,25 @@ class LinkEmulator:
             writer.write_eof()
 
     async def _deliver(self, direction: _Direction, writer: asyncio.StreamWriter, *, upstream: bool) -> None:
-        loop = asyncio.get_running_loop()
-        while (item := await direction.queue.get()) is not None:
-            due, piece = item
-            wait = due - loop.time()
-            if wait > 0:
-                await asyncio.sleep(wait)
-            writer.write(piece)
+        queue = direction.queue
+        item = await queue.get()
+        while item is not None:
+            await _sleep_until(item[0])
+            writer.write(item[1])
+            sent = len(item[1])
+            item = await queue.get()
+            while item is not None and item[0] <= time.monotonic():  # already due: no timer, one drain
+                writer.write(item[1])
+                sent += len(item[1])
+                item = await queue.get()
             if upstream:
-                self.stats.upstream_bytes += len(piece)
+                self.stats.upstream_bytes += sent
             else:
-                self.stats.downstream_bytes += len(piece)
+                self.stats.downstream_bytes += sent
             await writer.drain()  # returns at once below the transport's high-water mark
+
+
+async def _sleep_until(due: float) -> None:
+    """Sleep until `time.monotonic() >= due`; sleeps again when a timer fires early (uvloop: 1 ms steps)."""
+    while (wait := due - time.monotonic()) > 0:  # noqa: ASYNC110 - a deadline, not an event to wait for
+        await asyncio.sleep(wait)
