@@ -10,8 +10,8 @@ node's connection to the hub. Every connection accepted on `listen_host:port` is
 
 So a chunk read at time t is written at `max(t, link_free) + n / rate + delay`; delivery times
 never decrease, so byte order is preserved. Large reads are cut into pieces (16 KiB, or what the
-rate carries in 1 ms when that is more) so pacing stays smooth without a timer per few bytes;
-pieces already due are written together. Times come from `time.monotonic()`, not the loop clock:
+rate carries in 1 ms when that is more) so pacing stays smooth without a timer per few bytes.
+Times come from `time.monotonic()`, not the loop clock:
 uvloop's clock has 1 ms steps and its timers may fire up to 1 ms early, and a delay must never be
 shorter than configured. The queue per direction is bounded (backpressure to the sender, as a real TCP
 window would), and closing either side closes the relay of that connection.
@@ -204,20 +204,14 @@ class LinkEmulator:
 
     async def _deliver(self, direction: _Direction, writer: asyncio.StreamWriter, *, upstream: bool) -> None:
         queue = direction.queue
-        item = await queue.get()
-        while item is not None:
-            await _sleep_until(item[0])
-            writer.write(item[1])
-            sent = len(item[1])
-            item = await queue.get()
-            while item is not None and item[0] <= time.monotonic():  # already due: no timer, one drain
-                writer.write(item[1])
-                sent += len(item[1])
-                item = await queue.get()
+        while (item := await queue.get()) is not None:
+            due, piece = item
+            await _sleep_until(due)  # returns without a timer when the piece is already due
+            writer.write(piece)
             if upstream:
-                self.stats.upstream_bytes += sent
+                self.stats.upstream_bytes += len(piece)
             else:
-                self.stats.downstream_bytes += sent
+                self.stats.downstream_bytes += len(piece)
             await writer.drain()  # returns at once below the transport's high-water mark
 
 
