@@ -4,8 +4,9 @@ On 127.0.0.1: a hub `nats-server` (JetStream with domain `hub`, MQTT listener, m
 port), one leaf `nats-server` per node whose connection to the hub goes through a link emulator
 when the node's link has a delay or a rate, and per node a gating plus its expert hosts as child
 processes (`python -m services.gating` / `services.expert_host`, configured by environment
-variables only). Experts are placed by `shared.topology.initial_placement` until the placement
-service exists.
+variables only). The hosts start with `shared.topology.initial_placement`, written as epoch 1 of
+the plan; the placement service (`services.placement`) and the migrator (`services.migrator`) run on
+the hub and move experts when the nodes' activation statistics justify it.
 
 Children run in their own session (a Ctrl-C on the terminal reaches only the launcher, which
 stops them in order: services, leaves, links, hub) and, on Linux, get SIGTERM if the launcher dies.
@@ -35,7 +36,7 @@ from cli.client import InferError, PrismClient
 from shared.linkemu import LinkEmulator
 from shared.nats_server import LeafRemote, NatsServerError, ServerConfig, find_binary, free_port, port_is_free
 from shared.nats_server import render_config as render_nats_config
-from shared.topology import DTYPE_BYTES, Topology, TopologyError, initial_placement
+from shared.topology import DTYPE_BYTES, Topology, TopologyError, initial_placement, pairwise_links
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -63,6 +64,8 @@ class StackOptions:
     ready_timeout_s: float = 180.0
     stop_timeout_s: float = 10.0
     log_level: str = "info"
+    policy: str = "prism"
+    plan_interval_s: float = 10.0
 
 
 def max_payload_for(hidden_size: int, max_context: int) -> int:
@@ -166,6 +169,7 @@ class LocalStack:
             self._check_ports()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             await self._start_hub()
+            await self._write_initial_plan()
             await asyncio.gather(*(self._start_leaf(node.name) for node in self.options.topology.nodes))
             await self._start_services()
             self._write_manifest(ready=False)
@@ -270,15 +274,58 @@ class LocalStack:
             }
             child = self._service(f"gating-{node.name}", "services.gating", "PRISM_GATING_", node.name, env)
             self.services.append(child)
+        self.services.extend(self._control_plane())
         await asyncio.gather(*(child.start() for child in self.services))
 
-    def _service(self, name: str, module: str, prefix: str, node: str, own: dict[str, str]) -> Child:
+    def _control_plane(self) -> list[Child]:
+        """The placement service and the migrator, on the hub (KV writes need it, FACTS.md)."""
+        opts = self.options
+        rtt_s, rate_bytes_s = pairwise_links(opts.topology)  # the slowest pair stands for every link
+        rtt_ms = 1000 * max(max(row) for row in rtt_s)
+        slowest = min(min(row) for row in rate_bytes_s)
+        rate_mbit = min(slowest * 8 / 1e6, 1e6)
+        placement: dict[str, str] = {
+            "PRISM_PLACEMENT_NODES": ",".join(node.name for node in opts.topology.nodes),
+            "PRISM_PLACEMENT_POLICY": opts.policy,
+            "PRISM_PLACEMENT_EXPERT_DTYPE_BYTES": str(DTYPE_BYTES[opts.topology.dtype]),
+            "PRISM_PLACEMENT_PLAN_INTERVAL_S": str(opts.plan_interval_s),
+            "PRISM_PLACEMENT_RTT_MS": f"{rtt_ms:g}",
+            "PRISM_PLACEMENT_BANDWIDTH_MBIT": f"{rate_mbit:g}",
+        }
+        migrator = {"PRISM_MIGRATOR_DTYPE": str(opts.topology.dtype)}
+        return [
+            self._service("placement", "services.placement", "PRISM_PLACEMENT_", None, placement),
+            self._service("migrator", "services.migrator", "PRISM_MIGRATOR_", None, migrator),
+        ]
+
+    async def _write_initial_plan(self) -> None:
+        """Epoch 1 of KV `prism_placement`: the static placement the hosts start with. The placement
+        service takes over from it once activation statistics justify a move."""
+        import nats
+
+        from shared import subjects
+
+        plan = {
+            "epoch": 1,
+            "model": self.options.model.resolve().name,
+            "policy": "initial",
+            "hosts": {host: [list(k) for k in keys] for host, keys in self.placement.items()},
+        }
+        nc = await nats.connect(self.hub_url, max_reconnect_attempts=1)
+        try:
+            js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
+            kv = await js.create_key_value(bucket=subjects.KV_PLACEMENT, history=16)
+            await kv.put("plan", json.dumps(plan).encode())
+        finally:
+            await nc.close()
+
+    def _service(self, name: str, module: str, prefix: str, node: str | None, own: dict[str, str]) -> Child:
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
             f"{prefix}MODEL": str(self.options.model.resolve()),
-            f"{prefix}NATS_URL": self.leaf_urls[node],
+            f"{prefix}NATS_URL": self.leaf_urls[node] if node else self.hub_url,
             f"{prefix}MAX_PAYLOAD_BYTES": str(self.max_payload),
             f"{prefix}LOG_LEVEL": self.options.log_level,
             f"{prefix}LOG_FORMAT": "json",

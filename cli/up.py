@@ -45,6 +45,8 @@ def add_stack_arguments(p: argparse.ArgumentParser, *, nodes: int = 2, hosts: in
     p.add_argument("--http-port", type=int, default=8222, help="hub monitoring port, 0 = off (default 8222)")
     p.add_argument("--run-dir", type=Path, help="logs and configs (default var/run-<timestamp>)")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for every node (default 180)")
+    p.add_argument("--policy", default="prism", help="placement policy of the placement service (default prism)")
+    p.add_argument("--plan-interval", type=float, default=10.0, help="seconds between re-plans (default 10)")
     p.set_defaults(default_nodes=nodes)
 
 
@@ -72,6 +74,8 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> Any:
         mqtt_port=args.mqtt_port,
         http_port=args.http_port,
         ready_timeout_s=args.ready_timeout,
+        policy=args.policy,
+        plan_interval_s=args.plan_interval,
         **overrides,
     )
 

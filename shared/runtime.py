@@ -66,4 +66,7 @@ async def serve_until_stopped(start: Awaitable[None], stop: Callable[[], Awaitab
     await start
     await stopped.wait()
     await stop()
-    await nc.drain()
+    try:
+        await nc.drain()
+    except Exception:  # the server may already be gone (e.g. the launcher was killed): just close
+        await nc.close()

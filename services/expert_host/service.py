@@ -179,8 +179,10 @@ class ExpertHost:
 
     async def load(self, keys: list[tuple[int, int]]) -> None:
         """Fetch `keys` from the weights store within the memory budget, then subscribe to them."""
+        if self.store is None:  # the migrator may have created the bucket after this host started
+            self.store = await open_store(self.nc, self.settings.weights_bucket)
         if self.store is None:
-            raise BadRequest(f"host {self.settings.host} has no weights store to load from")
+            raise BadRequest(f"host {self.settings.host} has no weights store ({self.settings.weights_bucket})")
         limit = int(self.settings.memory_limit_mb * 2**20)
         for key in sorted(set(keys) - set(self.weights)):
             weights = await fetch_expert(

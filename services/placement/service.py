@@ -68,6 +68,7 @@ class PlacementService:
         self.plan: dict[str, Any] | None = None
         self.published = 0
         self._seen: dict[str, tuple[HostStatus, float]] = {}
+        self._started = time.monotonic()
         self._replan = asyncio.Event()
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -138,6 +139,8 @@ class PlacementService:
         )
         freq = self.stats.counts()
         current = self._current_placement(view)
+        if current is None and self._plan_hosts_may_still_come(view):
+            return False
         if current is not None and self.stats.window_tokens().sum() < self.settings.min_window_tokens:
             return False
         proposed = self.policy(freq, view.cluster, coact=self.stats.coactivation(), current=current)
@@ -150,6 +153,14 @@ class PlacementService:
                 return False
         await self._publish(proposed, view, freq)
         return True
+
+    def _plan_hosts_may_still_come(self, view: ClusterView) -> bool:
+        """A host of the current plan not heard from yet, shortly after start: wait for it rather
+        than re-plan without it (a host silent for longer than the TTL since start counts as lost)."""
+        if self.plan is None or "hosts" not in self.plan:
+            return False
+        missing = set(self.plan["hosts"]) - set(view.hosts)
+        return bool(missing) and time.monotonic() - self._started < 2 * self.settings.host_ttl_s
 
     def _current_placement(self, view: ClusterView) -> Any:
         if self.plan is None or "hosts" not in self.plan:

@@ -82,7 +82,7 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     assert manifest["ready"] is True
     pids = manifest["pids"]
     assert set(pids) == {"hub", "leaf-node0", "leaf-node1", "host-node0-h0", "host-node1-h0",
-                         "gating-node0", "gating-node1"}
+                         "gating-node0", "gating-node1", "placement", "migrator"}
     assert all(alive(pid) for pid in pids.values())
     placed = sorted(tuple(k) for keys in manifest["placement"].values() for k in keys)
     assert len(placed) == len(set(placed)) == 2 * 8  # qwen2_moe tiny: MoE layers 0 and 2, 8 experts
@@ -195,5 +195,5 @@ def test_a_child_failing_at_start_stops_everything(
                                  "--run-dir", str(run_dir), *ports())
     assert_clean_failure(code, err, "host-a0 exited with code 1", run_dir)
     pids = json.loads((run_dir / "stack.json").read_text())["pids"]  # it got as far as starting children
-    assert set(pids) == {"hub", "leaf-a", "host-a0", "gating-a"}
+    assert set(pids) == {"hub", "leaf-a", "host-a0", "gating-a", "placement", "migrator"}
     assert f"(log: {run_dir / 'host-a0.log'})" in err
