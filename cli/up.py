@@ -24,6 +24,9 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
+POLICY_NAMES = ("uniform", "redundance", "eplb", "prism", "optimal", "latency")  # services.placement's PolicyName
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("up", help="run hub, leaves, gatings and expert hosts on this machine")
     add_stack_arguments(p)
@@ -45,7 +48,7 @@ def add_stack_arguments(p: argparse.ArgumentParser, *, nodes: int = 2, hosts: in
     p.add_argument("--http-port", type=int, default=8222, help="hub monitoring port, 0 = off (default 8222)")
     p.add_argument("--run-dir", type=Path, help="logs and configs (default var/run-<timestamp>)")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for every node (default 180)")
-    p.add_argument("--policy", default="prism", help="placement policy of the placement service (default prism)")
+    p.add_argument("--policy", default="prism", choices=POLICY_NAMES, help="placement policy (default prism)")
     p.add_argument("--plan-interval", type=float, default=10.0, help="seconds between re-plans (default 10)")
     p.set_defaults(default_nodes=nodes)
 

@@ -73,6 +73,9 @@ def host_status(host: str) -> str:
 ALL_HOST_STATUS = f"{ROOT}.host.*.status"
 
 
+PLACEMENT_CMD = f"{ROOT}.placement.cmd"
+"""Request/reply: `{"kind": "replan"}` makes the placement service plan now (answers epoch, published)."""
+
 PLAN_EVENTS = f"{ROOT}.plan.applied"
 """The migrator publishes here when an epoch's plan is applied (or refused), as JSON."""
 

@@ -54,3 +54,12 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "./run-tests" in readme
     assert "./prism demo" in readme
     assert "./run-tests" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_cli_policy_choices_match_the_registry() -> None:
+    from typing import get_args
+
+    from cli.up import POLICY_NAMES
+    from services.placement.types import PolicyName
+
+    assert set(POLICY_NAMES) == set(get_args(PolicyName))

@@ -5,6 +5,7 @@ Subjects and stores:
   workload-shift detection (services/placement/stats.py).
 - `prism.v1.host.*.status` in: host heartbeats; the live registry (also mirrored to KV `prism_hosts`,
   whose TTL drops silent hosts).
+- `prism.v1.placement.cmd` in: `{"kind": "replan"}` plans now (operators, `prism demo`).
 - KV `prism_placement`, key `plan` out: `{"epoch", "model", "policy", "hosts": {host: [[layer, expert]]},
   "objective"}`; the epoch only grows.
 
@@ -38,7 +39,7 @@ from services.placement.settings import PlacementSettings
 from services.placement.stats import RoutingStats
 from shared import subjects
 from shared.activations import ActivationReport
-from shared.errors import PrismError
+from shared.errors import BadRequest, PrismError
 from shared.schemas import HostStatus
 
 log = structlog.get_logger()
@@ -80,6 +81,7 @@ class PlacementService:
         self._subs = [
             await self.nc.subscribe(subjects.ALL_ACTIVATIONS, cb=self._on_activations),
             await self.nc.subscribe(subjects.ALL_HOST_STATUS, cb=self._on_status),
+            await self.nc.subscribe(subjects.PLACEMENT_CMD, cb=self._on_cmd),
         ]
         self._loop_task = asyncio.create_task(self._plan_loop(), name="plan-loop")
         log.info("placement_started", nodes=self.nodes, policy=self.settings.policy)
@@ -109,6 +111,19 @@ class PlacementService:
             await self.hosts_kv.put(status.host, msg.data)
         if new and status.node in self.nodes:
             self._replan.set()
+
+    async def _on_cmd(self, msg: Msg) -> None:
+        """`{"kind": "replan"}`: plan now; answers {"epoch", "published"} or an error reply."""
+        try:
+            if json.loads(msg.data or b"{}") != {"kind": "replan"}:
+                raise BadRequest('unknown command; accepted: {"kind": "replan"}')
+            published = await self.plan_once()
+            body = {"epoch": (self.plan or {}).get("epoch", 0), "published": published}
+            await msg.respond(json.dumps(body).encode())
+        except (json.JSONDecodeError, UnicodeDecodeError, BadRequest, PlacementError) as exc:
+            err = exc if isinstance(exc, BadRequest) else BadRequest(str(exc))
+            if msg.reply:
+                await self.nc.publish(msg.reply, json.dumps({"error": err.to_dict()}).encode(), headers=err.headers())
 
     def live_hosts(self) -> list[HostStatus]:
         horizon = time.monotonic() - self.settings.host_ttl_s

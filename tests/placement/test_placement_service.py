@@ -114,3 +114,29 @@ async def test_plans_follow_shifts_not_noise(nats_hub: NatsServer, model_dir: Pa
     finally:
         await service.stop()
         await nc.close()
+
+
+async def test_replan_command_and_bad_commands(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
+    settings = PlacementSettings(
+        nodes=f"{unique}-a",
+        model=model_dir,
+        plan_interval_s=3600,
+        plans_bucket=f"{unique}-plans",
+        hosts_bucket=f"{unique}-hosts",
+    )
+    nc = await nats.connect(nats_hub.cfg.client_url())
+    service = await build(nc, settings)
+    await service.start()
+    try:
+        config = load_config(model_dir)
+        slots = len(list_moe_layers(config)) * config.num_experts
+        await register_hosts(nc, [f"{unique}-a"], service.model.expert_bytes, slots=slots)
+        await next_plan(service, 0)  # a new host triggers the first plan
+        reply = json.loads((await nc.request(subjects.PLACEMENT_CMD, b'{"kind": "replan"}', timeout=10)).data)
+        assert reply == {"epoch": 1, "published": False}  # nothing new to justify a move
+        bad = await nc.request(subjects.PLACEMENT_CMD, b'{"kind": "dance"}', timeout=10)
+        assert json.loads(bad.data)["error"]["code"] == "invalid_request"
+        assert bad.headers["Nats-Service-Error-Code"] == "400"
+    finally:
+        await service.stop()
+        await nc.close()
