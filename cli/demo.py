@@ -31,7 +31,7 @@ BUILTIN_PROMPTS: dict[str, list[str]] = {
     "python": ["def fibonacci(n):\n    ", "import os\nimport sys\n\n", "for i in range(10):\n    print("],
     "prose": ["The quick brown fox", "Every node runs the dense part of the model", "Once upon a time"],
     "c": ["#include <stdio.h>\n\nint main(void) {\n", "static int count = 0;\n", "for (int i = 0; i < n; i++) {"],
-    "shell": ["#!/bin/sh\nset -e\n", "for f in *.txt; do\n", "if [ -z \"$1\" ]; then\n"],
+    "shell": ["#!/bin/sh\nset -e\n", "for f in *.txt; do\n", 'if [ -z "$1" ]; then\n'],
 }
 
 
@@ -40,6 +40,12 @@ def register(subparsers: Any) -> None:
     add_stack_arguments(p, nodes=2, hosts=2, delay_ms=2.0)
     p.add_argument("--prompts-per-node", type=int, default=4, help="prompts sent to each node (default 4)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt (default 24)")
+    p.add_argument(
+        "--replan-wait",
+        type=float,
+        default=30.0,
+        help="after round 1, seconds to wait for the re-placement to be applied; 0 = one round only (default 30)",
+    )
     p.set_defaults(func=handler, port=0, mqtt_port=0, http_port=0)
 
 
@@ -56,7 +62,10 @@ def handler(args: argparse.Namespace) -> int:
     if not 1 <= args.prompts_per_node <= 64 or not 1 <= args.max_tokens <= 4096:
         return fail("--prompts-per-node must be 1..64 and --max-tokens 1..4096")
     try:
-        options = build_options(args, activation_interval_s=0.5)
+        # Re-plan only when the demo asks (after round 1), and let a small workload justify a move.
+        options = build_options(
+            args, activation_interval_s=0.5, plan_interval_s=3600.0, migration_cost_calls=1.0, min_window_tokens=0
+        )
     except TopologyError as exc:
         return fail(str(exc))
     started = time.perf_counter()
@@ -97,26 +106,102 @@ def pick_prompts(nodes: list[str], per_node: int) -> dict[str, tuple[str, list[s
 
 
 async def _demo(stack: Any, stopped: asyncio.Event, args: argparse.Namespace) -> int:
+    """Round 1 on the static placement; ask the placement service to re-plan from what round 1
+    activated; once the migrator has moved the experts, round 2 with the same prompts."""
     from cli.client import PrismClient
 
-    topology = stack.options.topology
-    host_node = topology.host_node()
-    plan = pick_prompts([n.name for n in topology.nodes], args.prompts_per_node)
+    nodes = [n.name for n in stack.options.topology.nodes]
+    prompts = pick_prompts(nodes, args.prompts_per_node)
     async with await PrismClient.connect(stack.hub_url) as client:
-        activity = ActivationTally()
-        await client.nc.subscribe("prism.v1.activations.*", cb=activity.on_report)
-        runs = []
-        for node in topology.nodes:
-            if stopped.is_set():
-                return fail("interrupted", 130)
-            domain, prompts = plan[node.name]
-            run = NodeRun(node.name, domain)
-            await _run_node(client, run, host_node, prompts=prompts, max_tokens=args.max_tokens)
-            runs.append(run)
-        await asyncio.sleep(stack.options.activation_interval_s + 0.5)  # the last activation report
-    _print_answers(runs)
-    print(summary_table(runs, activity, stack.placement, host_node))
-    return 1 if any(run.errors for run in runs) else 0
+        first = await _round(client, stack, prompts, args.max_tokens, stopped)
+        _print_answers(first.runs)
+        print(f"\nround 1, static placement (epoch {first.epoch}):")
+        print(summary_table(first.runs, first.activity, first.placement, stack.options.topology.host_node()))
+        failed = any(run.errors for run in first.runs)
+        if args.replan_wait <= 0:
+            return 1 if failed else 0
+        moved = await replan_and_wait(client, args.replan_wait)
+        print(f"\nre-placement from round 1's activations: {moved}")
+        if moved.startswith("epoch"):
+            second = await _round(client, stack, prompts, args.max_tokens, stopped)
+            print(f"\nround 2, same prompts after the move (epoch {second.epoch}):")
+            print(summary_table(second.runs, second.activity, second.placement, stack.options.topology.host_node()))
+            failed = failed or any(run.errors for run in second.runs)
+    return 1 if failed else 0
+
+
+@dataclass
+class Round:
+    runs: list[NodeRun]
+    activity: ActivationTally
+    placement: dict[str, list[tuple[int, int]]]
+    epoch: int
+
+
+async def _round(
+    client: Any, stack: Any, prompts: dict[str, tuple[str, list[str]]], max_tokens: int, stopped: asyncio.Event
+) -> Round:
+    """Every node in turn, its prompts in flight together; activation reports tallied meanwhile."""
+    from shared import subjects
+
+    epoch, placement = await current_plan(client, stack.placement)
+    host_node = stack.options.topology.host_node()
+    activity = ActivationTally()
+    sub = await client.nc.subscribe(subjects.ALL_ACTIVATIONS, cb=activity.on_report)
+    runs = []
+    for node, (domain, texts) in prompts.items():
+        if stopped.is_set():
+            raise KeyboardInterrupt
+        run = NodeRun(node, domain)
+        await _run_node(client, run, host_node, prompts=texts, max_tokens=max_tokens)
+        runs.append(run)
+    await asyncio.sleep(stack.options.activation_interval_s + 0.5)  # the last activation report
+    await sub.unsubscribe()
+    return Round(runs, activity, placement, epoch)
+
+
+async def current_plan(
+    client: Any, fallback: dict[str, list[tuple[int, int]]]
+) -> tuple[int, dict[str, list[tuple[int, int]]]]:
+    """(epoch, host → experts) of the plan in KV `prism_placement`."""
+    from shared import subjects
+
+    kv = await client.nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_PLACEMENT)
+    try:
+        plan = json.loads((await kv.get("plan")).value or b"{}")
+    except Exception:  # no plan yet: the launcher's static placement is what the hosts hold
+        return 1, fallback
+    return int(plan["epoch"]), {h: [(k[0], k[1]) for k in keys] for h, keys in plan["hosts"].items()}
+
+
+async def replan_and_wait(client: Any, wait_s: float) -> str:
+    """Ask the placement service to re-plan now; wait for the migrator to apply it. A line to print."""
+    from nats.errors import NoRespondersError
+
+    from shared import subjects
+
+    events = await client.nc.subscribe(subjects.PLAN_EVENTS)
+    try:
+        msg = await client.nc.request(subjects.PLACEMENT_CMD, b'{"kind": "replan"}', timeout=wait_s)
+        reply = json.loads(msg.data)
+        if "error" in reply:
+            return f"refused: {reply['error']['message']}"
+        if not reply["published"]:
+            return f"none: the migration rule kept epoch {reply['epoch']}"
+        async with asyncio.timeout(wait_s):
+            while True:
+                event = json.loads((await events.next_msg(timeout=wait_s)).data)
+                if event["epoch"] == reply["epoch"]:
+                    break
+    except TimeoutError:
+        return f"none within {wait_s:g} s"
+    except NoRespondersError:
+        return "none: no placement service answered"
+    finally:
+        await events.unsubscribe()
+    if not event["ok"]:
+        return f"epoch {reply['epoch']} failed: {event['error']}"
+    return f"epoch {reply['epoch']} applied in {event['steps']} load/unload steps, while every node kept serving"
 
 
 async def _run_node(

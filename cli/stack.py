@@ -66,6 +66,8 @@ class StackOptions:
     log_level: str = "info"
     policy: str = "prism"
     plan_interval_s: float = 10.0
+    migration_cost_calls: float = 50.0
+    min_window_tokens: int = 256
 
 
 def max_payload_for(hidden_size: int, max_context: int) -> int:
@@ -289,6 +291,8 @@ class LocalStack:
             "PRISM_PLACEMENT_POLICY": opts.policy,
             "PRISM_PLACEMENT_EXPERT_DTYPE_BYTES": str(DTYPE_BYTES[opts.topology.dtype]),
             "PRISM_PLACEMENT_PLAN_INTERVAL_S": str(opts.plan_interval_s),
+            "PRISM_PLACEMENT_MIGRATION_COST_CALLS": str(opts.migration_cost_calls),
+            "PRISM_PLACEMENT_MIN_WINDOW_TOKENS": str(opts.min_window_tokens),
             "PRISM_PLACEMENT_RTT_MS": f"{rtt_ms:g}",
             "PRISM_PLACEMENT_BANDWIDTH_MBIT": f"{rate_mbit:g}",
         }
@@ -336,13 +340,17 @@ class LocalStack:
     # ---- readiness ------------------------------------------------------------------------------
 
     async def wait_ready(self) -> None:
-        """Every host answers `status` with its experts; every node answers a one-token request."""
+        """Every host answers `status` with its experts, the migrator and the placement service answer
+        a micro PING, and every node answers a one-token request."""
         client = await PrismClient.connect(self.hub_url)
         try:
             for node, host in self.options.topology.hosts():
                 want = len(self.placement[host.name])
                 probe = functools.partial(self._host_ready, client, host.name, want)
                 await self._until_ready(f"host {host.name} of {node.name}", self._all(), probe)
+            for service in ("prism-migrator", "prism-placement"):  # weights uploaded, statistics listening
+                probe = functools.partial(_service_answers, client, service)
+                await self._until_ready(service, self._all(), probe)
             for node in self.options.topology.nodes:
                 probe = functools.partial(_node_ready, client, node.name)
                 await self._until_ready(f"gating of {node.name}", self._all(), probe)
@@ -430,6 +438,14 @@ async def _accepts(port: int) -> bool:
     writer.close()
     with contextlib.suppress(OSError):
         await writer.wait_closed()
+    return True
+
+
+async def _service_answers(client: PrismClient, name: str) -> bool:
+    try:
+        await client.nc.request(f"$SRV.PING.{name}", b"", timeout=1.0)
+    except (NoRespondersError, NatsTimeoutError):
+        return False
     return True
 
 

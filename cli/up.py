@@ -77,9 +77,7 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> Any:
         mqtt_port=args.mqtt_port,
         http_port=args.http_port,
         ready_timeout_s=args.ready_timeout,
-        policy=args.policy,
-        plan_interval_s=args.plan_interval,
-        **overrides,
+        **{"policy": args.policy, "plan_interval_s": args.plan_interval, **overrides},
     )
 
 

@@ -10,6 +10,8 @@ from typing import Any
 import nats
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.micro import add_service
+from nats.micro.service import Service, ServiceConfig
 
 from shared.settings import ServiceSettings
 
@@ -39,6 +41,13 @@ async def connect(settings: ServiceSettings, name: str) -> NatsClient:
         max_reconnect_attempts=-1,
         connect_timeout=5,
     )
+
+
+async def announce(nc: NatsClient, name: str, metadata: dict[str, str]) -> Service:
+    """Register a nats.micro service without endpoints: discoverable (and a readiness signal) with
+    `$SRV.PING.<name>` once the component has started."""
+    service: Service = await add_service(nc, ServiceConfig(name=name, version="1.0.0", metadata=metadata))
+    return service
 
 
 def stop_event() -> asyncio.Event:

@@ -27,11 +27,13 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
+from nats.micro.service import Service
 
 from services.migrator.settings import MigratorSettings
 from services.migrator.steps import MigrationPlanError, Step, plan_steps
 from shared import subjects
 from shared.errors import PrismError, error_from_headers
+from shared.runtime import announce
 from shared.schemas import HostStatus, LoadCommand, UnloadCommand
 from shared.weights import upload_expert
 
@@ -52,10 +54,12 @@ class Migrator:
         self.applied_epoch = 0
         self.expert_bytes = _expert_bytes(settings)
         self._watch: asyncio.Task[None] | None = None
+        self._micro: Service | None = None
 
     async def start(self) -> None:
         await self.upload_weights()
         self._watch = asyncio.create_task(self._watch_plans(), name="watch-plans")
+        self._micro = await announce(self.nc, "prism-migrator", {"model": self.model_id})
 
     async def upload_weights(self) -> int:
         """Put every expert of the model into the store (skipping those already there)."""
@@ -131,6 +135,9 @@ class Migrator:
         await self.nc.publish(subjects.PLAN_EVENTS, json.dumps(event).encode())
 
     async def stop(self) -> None:
+        if self._micro:
+            with contextlib.suppress(Exception):
+                await self._micro.stop()
         if self._watch:
             self._watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):

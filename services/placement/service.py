@@ -30,6 +30,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
+from nats.micro.service import Service
 from pydantic import ValidationError
 
 from services.placement.errors import PlacementError
@@ -40,6 +41,7 @@ from services.placement.stats import RoutingStats
 from shared import subjects
 from shared.activations import ActivationReport
 from shared.errors import BadRequest, PrismError
+from shared.runtime import announce
 from shared.schemas import HostStatus
 
 log = structlog.get_logger()
@@ -73,6 +75,7 @@ class PlacementService:
         self._replan = asyncio.Event()
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
+        self._micro: Service | None = None
 
     async def start(self) -> None:
         with contextlib.suppress(Exception):  # no plan yet is normal
@@ -84,6 +87,7 @@ class PlacementService:
             await self.nc.subscribe(subjects.PLACEMENT_CMD, cb=self._on_cmd),
         ]
         self._loop_task = asyncio.create_task(self._plan_loop(), name="plan-loop")
+        self._micro = await announce(self.nc, "prism-placement", {"policy": self.settings.policy})
         log.info("placement_started", nodes=self.nodes, policy=self.settings.policy)
 
     async def _on_activations(self, msg: Msg) -> None:
@@ -109,7 +113,8 @@ class PlacementService:
         self._seen[status.host] = (status, time.monotonic())
         with contextlib.suppress(Exception):  # the in-memory registry is authoritative here
             await self.hosts_kv.put(status.host, msg.data)
-        if new and status.node in self.nodes:
+        planned = set((self.plan or {}).get("hosts", {}))
+        if new and status.node in self.nodes and status.host not in planned:  # a host joined: give it work
             self._replan.set()
 
     async def _on_cmd(self, msg: Msg) -> None:
@@ -155,6 +160,7 @@ class PlacementService:
         freq = self.stats.counts()
         current = self._current_placement(view)
         if current is None and self._plan_hosts_may_still_come(view):
+            log.info("plan_waits_for_hosts", live=view.hosts)
             return False
         if current is not None and self.stats.window_tokens().sum() < self.settings.min_window_tokens:
             return False
@@ -164,7 +170,7 @@ class PlacementService:
                 freq, current, proposed, view.cluster, self.settings.migration_cost_calls
             )
             if not accept:
-                log.debug("plan_kept", cost=before, proposed_with_migration=after)
+                log.info("plan_kept", remote_calls=before, proposed_with_migration=after)
                 return False
         await self._publish(proposed, view, freq)
         return True
@@ -198,6 +204,9 @@ class PlacementService:
         log.info("plan_published", epoch=plan["epoch"], objective=plan["objective"], hosts=len(view.hosts))
 
     async def stop(self) -> None:
+        if self._micro:
+            with contextlib.suppress(Exception):
+                await self._micro.stop()
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()

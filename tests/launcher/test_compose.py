@@ -20,6 +20,8 @@ import yaml
 
 from services.expert_host.settings import ExpertHostSettings
 from services.gating.settings import GatingSettings
+from services.migrator.settings import MigratorSettings
+from services.placement.settings import PlacementSettings
 from shared.nats_server import find_binary, free_port
 from shared.topology import load_topology
 
@@ -27,6 +29,8 @@ REPO = Path(__file__).resolve().parents[2]
 SETTINGS = {
     "services.gating": (GatingSettings, "PRISM_GATING_"),
     "services.expert_host": (ExpertHostSettings, "PRISM_HOST_"),
+    "services.placement": (PlacementSettings, "PRISM_PLACEMENT_"),
+    "services.migrator": (MigratorSettings, "PRISM_MIGRATOR_"),
 }
 VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
 
@@ -64,7 +68,7 @@ def test_services_match_the_demo_topology(compose: dict[str, Any]) -> None:
     topology = load_topology(REPO / "topologies" / "demo.toml")
     services = compose["services"]
     expected = {"hub"} | {f"leaf-{n.name}" for n in topology.nodes} | {f"gating-{n.name}" for n in topology.nodes}
-    expected |= {f"host-{h.name}" for _, h in topology.hosts()}
+    expected |= {f"host-{h.name}" for _, h in topology.hosts()} | {"placement", "migrator"}
     assert set(services) == expected
     for node, host in topology.hosts():
         env = services[f"host-{host.name}"]["environment"]

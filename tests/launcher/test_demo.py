@@ -19,8 +19,24 @@ def test_demo_runs_summarises_and_stops_everything(
     from cli.main import main
 
     run_dir = tmp_path / "run"
-    args = ["demo", "--model", str(tiny_model), "--nodes", "2", "--hosts-per-node", "1", "--delay-ms", "1",
-            "--prompts-per-node", "2", "--max-tokens", "4", "--run-dir", str(run_dir), *ports()]
+    args = [
+        "demo",
+        "--model",
+        str(tiny_model),
+        "--nodes",
+        "2",
+        "--hosts-per-node",
+        "1",
+        "--delay-ms",
+        "1",
+        "--prompts-per-node",
+        "2",
+        "--max-tokens",
+        "4",
+        "--run-dir",
+        str(run_dir),
+        *ports(),
+    ]
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     out, err = capsys.readouterr()
@@ -28,18 +44,27 @@ def test_demo_runs_summarises_and_stops_everything(
     assert "== node0 (" in out
     assert "== node1 (" in out
     assert len(re.findall(r" → ", out)) == 4  # two answers per node
-    rows = {line.split()[0]: line.split() for line in out.splitlines() if re.match(r"node\d +\S+ +\d", line)}
-    assert set(rows) == {"node0", "node1"}
-    for node, row in rows.items():
-        assert row[2] == "2", row  # both requests answered
-        assert float(row[5]) > 0  # tokens/s
+    round1, moved, round2 = (
+        re.split(r"\nre-placement from round 1's activations: ", out)[0],
+        *out.split("re-placement from round 1's activations: ")[1].split("\n", 1),
+    )
+    assert moved.startswith("epoch 2 applied"), moved
+    first, second = table_rows(round1), table_rows(round2)
+    assert set(first) == set(second) == {"node0", "node1"}
+    for node in first:
+        assert first[node][2] == second[node][2] == "2", (first, second)  # both requests answered, twice
+        assert float(first[node][5]) > 0  # tokens/s
         # One host per node holding half the experts: some batches are local, some crossed the hub.
-        own = int(row[6].rstrip("%"))
-        assert 0 < own < 100, (node, row)
-        assert row[-1].endswith("%")
+        assert 0 < int(first[node][6].rstrip("%")) < 100, first[node]
+        # Each host has room for the whole model, so the re-placement makes every call local.
+        assert second[node][6] == "100%", second[node]
     assert "everything is stopped" in err
     pids = json.loads((run_dir / "stack.json").read_text())["pids"]
     assert not [name for name, pid in pids.items() if alive(pid)]
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    return {line.split()[0]: line.split() for line in text.splitlines() if re.match(r"node\d +\S+ +\d", line)}
 
 
 def test_demo_without_the_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
