@@ -27,6 +27,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 ENVELOPE_OVERHEAD = 256
 """Bytes reserved for the msgpack keys, dtype, shape and meta when sizing batches."""
 
@@ -44,10 +45,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 def encode_tensor(tensor: torch.Tensor, meta: dict[str, Any] | None = None) -> bytes:
     """Pack `tensor` (any layout, any device) and small JSON-like `meta` into one message."""
     name = dtype_name(tensor.dtype)
-    flat = tensor.detach().to("cpu").contiguous()
+    flat = tensor.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous()
     if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
         raise BadTensor("Prism's wire format needs a little-endian host")
-    data = flat.reshape(-1).view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+    # msgpack packs a memoryview as bin without an extra copy
+    data = flat.reshape(-1).view(torch.uint8).numpy().data if flat.numel() else b""
     return msgpack.packb(
         {"v": FORMAT_VERSION, "dtype": name, "shape": list(flat.shape), "data": data, "meta": meta or {}}
     )
@@ -61,7 +66,8 @@ def decode_tensor(payload: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
         raise BadTensor(f"payload is not a msgpack tensor envelope: {exc}") from None
     if not isinstance(envelope, dict) or envelope.get("v") != FORMAT_VERSION:
         raise BadTensor(f"expected a tensor envelope with v={FORMAT_VERSION}")
-    dtype = DTYPES.get(envelope.get("dtype", ""))
+    name = envelope.get("dtype", "")
+    dtype = DTYPES.get(name)
     if dtype is None:
         raise BadTensor(f"unknown dtype {envelope.get('dtype')!r}; accepted: {', '.join(DTYPES)}")
     shape, data, meta = envelope.get("shape"), envelope.get("data"), envelope.get("meta", {})
@@ -69,7 +75,7 @@ def decode_tensor(payload: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
         raise BadTensor(f"shape must be a list of non-negative ints, got {shape!r}")
     if not isinstance(data, bytes) or not isinstance(meta, dict):
         raise BadTensor("data must be bytes and meta a map")
-    expected = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+    expected = _numel(shape) * _ITEMSIZE[name]
     if len(data) != expected:
         raise BadTensor(f"data holds {len(data)} bytes but shape {shape} of {envelope['dtype']} needs {expected}")
     if expected == 0:
