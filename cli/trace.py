@@ -201,6 +201,7 @@ def handler(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         trace = record_trace(args.model, requests, workloads.domains, scenario.node_names,
                              settings=settings, extra_meta=extra)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
         trace.save(args.out)
     except (PrismError, ValueError, OSError) as exc:  # ModelError and PlacementError are ValueErrors
         print(f"prism trace: {exc}", file=sys.stderr)

@@ -22,11 +22,17 @@ from typing import Any
 FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
-def corpus_summary(corpus: Path) -> dict[str, Any]:
-    """Per domain and split: documents, characters, bytes, and documents per source root."""
+def corpus_summary(corpus: Path, tokenizer: Path) -> dict[str, Any]:
+    """Per domain and split: documents, characters, bytes, tokens, and documents per source root."""
+    from tools.demo_data import token_stream
+
     manifest = json.loads((corpus / "manifest.json").read_text())
     domains = {
-        name: {split: {k: v for k, v in body.items() if k != "files"} for split, body in entry.items()}
+        name: {
+            split: {**{k: v for k, v in body.items() if k != "files"},
+                    "tokens": len(token_stream(corpus, tokenizer, name, split))}
+            for split, body in entry.items()
+        }
         for name, entry in manifest["domains"].items()
     }
     keep = ("seed", "max_train_chars", "heldout_percent", "python")
@@ -39,7 +45,7 @@ def training_summary(run: Path) -> dict[str, Any]:
     last = rows[-1]
     tail = rows[-5:]
     return {
-        "steps": last["step"] + 1, "wall_s": last["elapsed_s"],
+        "steps": last["step"] + 1, "wall_s": last["elapsed_s"], "threads": 1,
         "train_loss_last_logged": round(sum(r["loss"] for r in tail) / len(tail), 4),
         "aux_loss_last_logged": round(sum(r["aux"] for r in tail) / len(tail), 4),
         "log": str(run / "log.jsonl"),
@@ -62,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics: dict[str, Any] = {
         "model": "Prism demo MoE (Mixtral family), trained by tools/train_demo.py",
         "model_safetensors_sha256": hashlib.sha256(weights).hexdigest(),
-        "corpus": corpus_summary(args.corpus),
+        "corpus": corpus_summary(args.corpus, args.out / "tokenizer.json"),
         "training": {"moe": training_summary(args.run), "settings": args.settings},
     }
     if (args.dense_run / "log.jsonl").is_file():

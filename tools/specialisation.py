@@ -14,7 +14,9 @@ On the first ``--windows`` held-out windows (256 tokens) of every domain:
   baselines (pooled train split; the domain's own train split), all with add-one smoothing.
 
 Usage: ``python -m tools.specialisation [--model models/demo] [--random var/train/moe/init]
-[--dense var/train/dense/final] [--windows 32] [--out var/specialisation.json]``
+[--dense var/train/dense/final] [--windows 64] [--out var/specialisation.json]``, or
+``python -m tools.specialisation --traces A.npz B.npz`` for the same statistics between the nodes
+of routing traces.
 
 Shape legend: Dm domains, L MoE layers, E experts per layer, K top-k, W windows, S window length.
 """
@@ -107,6 +109,15 @@ def routing_report(counts: np.ndarray, layers: list[int]) -> dict[str, Any]:
     return {"layers": layers, "per_layer": per_layer, "mean": mean}
 
 
+def trace_report(path: Path) -> dict[str, Any]:
+    """The routing statistics of a `prism trace` file with nodes in place of domains."""
+    from services.placement.traces import RoutingTrace
+
+    trace = RoutingTrace.load(path)
+    report = routing_report(trace.counts(), list(trace.meta.moe_layers))
+    return {"trace": str(path), "tokens": trace.num_tokens, "nodes": list(trace.meta.nodes), **report}
+
+
 def model_losses(model_dir: Path, windows: dict[str, torch.Tensor], batch: int = 8) -> dict[str, float]:
     """Mean next-token cross-entropy (nats/token) per domain, with transformers in fp32."""
     from transformers import AutoModelForCausalLM
@@ -167,6 +178,16 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def traces_markdown(reports: list[dict[str, Any]]) -> str:
+    """One row per trace: its statistics averaged over MoE layers, between nodes."""
+    keys = ["mutual_information_bits", "total_variation", "top25_share", "cache_hit_other", "pooled_top25_share"]
+    lines = ["Routing per node of `prism trace` files (mean over MoE layers):", "",
+             "| trace | tokens | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for r in reports:
+        lines.append(f"| {r['trace']} | {r['tokens']} | " + " | ".join(f"{r['mean'][k]:.3f}" for k in keys) + " |")
+    return "\n".join(lines)
+
+
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = args.model / "tokenizer.json"
     heldout = streams(args.corpus, tokenizer, "heldout")
@@ -195,8 +216,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=64, help="held-out windows of 256 tokens per domain")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("var/specialisation.json"))
+    parser.add_argument("--traces", type=Path, nargs="*", default=[],
+                        help="only report the per-node routing statistics of these prism trace files")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.traces:
+        print(traces_markdown([trace_report(t) for t in args.traces]))
+        return 0
     if args.dense is not None and not args.dense.is_dir():
         print(f"no dense model at {args.dense}; its losses are left out", file=sys.stderr)
         args.dense = None
