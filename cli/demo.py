@@ -120,9 +120,9 @@ async def _demo(stack: Any, stopped: asyncio.Event, args: argparse.Namespace) ->
         failed = any(run.errors for run in first.runs)
         if args.replan_wait <= 0:
             return 1 if failed else 0
-        moved = await replan_and_wait(client, args.replan_wait)
+        applied, moved = await replan_and_wait(client, args.replan_wait)
         print(f"\nre-placement from round 1's activations: {moved}")
-        if moved.startswith("epoch"):
+        if applied:
             second = await _round(client, stack, prompts, args.max_tokens, stopped)
             print(f"\nround 2, same prompts after the move (epoch {second.epoch}):")
             print(summary_table(second.runs, second.activity, second.placement, stack.options.topology.host_node()))
@@ -174,8 +174,9 @@ async def current_plan(
     return int(plan["epoch"]), {h: [(k[0], k[1]) for k in keys] for h, keys in plan["hosts"].items()}
 
 
-async def replan_and_wait(client: Any, wait_s: float) -> str:
-    """Ask the placement service to re-plan now; wait for the migrator to apply it. A line to print."""
+async def replan_and_wait(client: Any, wait_s: float) -> tuple[bool, str]:
+    """Ask the placement service to re-plan now; wait for the migrator to apply it.
+    (applied, a line to print)."""
     from nats.errors import NoRespondersError
 
     from shared import subjects
@@ -185,23 +186,23 @@ async def replan_and_wait(client: Any, wait_s: float) -> str:
         msg = await client.nc.request(subjects.PLACEMENT_CMD, b'{"kind": "replan"}', timeout=wait_s)
         reply = json.loads(msg.data)
         if "error" in reply:
-            return f"refused: {reply['error']['message']}"
+            return False, f"refused: {reply['error']['message']}"
         if not reply["published"]:
-            return f"none: the migration rule kept epoch {reply['epoch']}"
+            return False, f"none: the migration rule kept epoch {reply['epoch']}"
         async with asyncio.timeout(wait_s):
             while True:
                 event = json.loads((await events.next_msg(timeout=wait_s)).data)
                 if event["epoch"] == reply["epoch"]:
                     break
     except TimeoutError:
-        return f"none within {wait_s:g} s"
+        return False, f"none within {wait_s:g} s"
     except NoRespondersError:
-        return "none: no placement service answered"
+        return False, "none: no placement service answered"
     finally:
         await events.unsubscribe()
     if not event["ok"]:
-        return f"epoch {reply['epoch']} failed: {event['error']}"
-    return f"epoch {reply['epoch']} applied in {event['steps']} load/unload steps, while every node kept serving"
+        return False, f"epoch {reply['epoch']} failed: {event['error']}"
+    return True, f"epoch {reply['epoch']} applied in {event['steps']} load/unload steps, while every node kept serving"
 
 
 async def _run_node(

@@ -39,10 +39,16 @@ def plan_steps(
     _check_target(target, capacity)
     steps: list[Step] = []
     staged: set[tuple[str, Key]] = set()  # temporary copies, kept until a target holder has the expert
-    for _ in range(4 * sum(len(k) for k in target.values()) + 4):  # each round moves at least one expert
-        progress = _loads_that_fit(held, target, capacity) + _safe_unloads(held, target, staged)
-        if not progress:
+    rounds = 4 * sum(len(k) for k in target.values()) + 4  # each round moves at least one expert
+    for _ in range(rounds):
+        # Loads that let a host drop an expert come first; plain loads wait until no expert is left
+        # over anywhere, so they never take the free slots that unlocking loads or staging need.
+        progress = _loads_that_fit(held, target, capacity, only=_unlocking(held, target))
+        progress += _safe_unloads(held, target, staged)
+        if not progress and any(held[h] - target.get(h, set()) for h in held):
             progress = _stage_one(held, target, capacity, staged)
+        if not progress:
+            progress = _loads_that_fit(held, target, capacity)
         if not progress:
             break
         steps.extend(progress)
@@ -60,12 +66,22 @@ def _check_target(target: Mapping[str, set[Key]], capacity: Mapping[str, int]) -
             )
 
 
+def _unlocking(held: dict[str, set[Key]], target: Mapping[str, set[Key]]) -> set[Key]:
+    """Experts held only where they are not wanted: loading them at a target holder frees a slot."""
+    wanted_where_held = {k for h, keys in held.items() for k in keys & target.get(h, set())}
+    leftover = {k for h, keys in held.items() for k in keys - target.get(h, set())}
+    return leftover - wanted_where_held
+
+
 def _loads_that_fit(
-    held: dict[str, set[Key]], target: Mapping[str, set[Key]], capacity: Mapping[str, int]
+    held: dict[str, set[Key]],
+    target: Mapping[str, set[Key]],
+    capacity: Mapping[str, int],
+    only: set[Key] | None = None,
 ) -> list[Step]:
     steps = []
     for host in sorted(target):
-        missing = sorted(target[host] - held[host])
+        missing = sorted((target[host] - held[host]) & only if only is not None else target[host] - held[host])
         room = capacity.get(host, 0) - len(held[host])
         if missing and room > 0:
             chosen = tuple(missing[:room])

@@ -62,16 +62,25 @@ def to_plan_hosts(placement: Placement, view: ClusterView, moe_layers: list[int]
 
 
 def from_plan_hosts(
-    plan_hosts: dict[str, list[list[int]]], view: ClusterView, moe_layers: list[int], num_experts: int
+    plan_hosts: dict[str, list[list[int]]],
+    view: ClusterView,
+    moe_layers: list[int],
+    num_experts: int,
+    *,
+    require_coverage: bool = False,
 ) -> Placement | None:
-    """The Placement of a published plan on today's hosts; None if the plan names hosts that are gone."""
+    """The Placement of host → experts on today's hosts; None if the hosts differ (or, with
+    `require_coverage`, if some expert has no holder)."""
     if set(plan_hosts) != set(view.hosts):
         return None
     row = {layer: i for i, layer in enumerate(moe_layers)}
     hosts = np.zeros((len(view.hosts), len(moe_layers), num_experts), dtype=bool)
     for h, host in enumerate(view.hosts):
         for layer, expert in plan_hosts[host]:
-            hosts[h, row[layer], expert] = True
+            if layer in row and 0 <= expert < num_experts:
+                hosts[h, row[layer], expert] = True
+    if require_coverage and not hosts.any(axis=0).all():
+        return None
     return Placement(hosts)
 
 

@@ -72,6 +72,7 @@ class PlacementService:
         self.published = 0
         self._seen: dict[str, tuple[HostStatus, float]] = {}
         self._started = time.monotonic()
+        self._published_at = self._started  # a plan found in KV at start counts as just published
         self._replan = asyncio.Event()
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -157,6 +158,9 @@ class PlacementService:
             self.settings.rtt_ms / 1e3,
             self.settings.bandwidth_mbit * 1e6 / 8,
         )
+        if self._migration_in_flight():
+            log.info("plan_waits_for_migration", epoch=(self.plan or {}).get("epoch"))
+            return False
         freq = self.stats.counts()
         current = self._current_placement(view)
         if current is None and self._plan_hosts_may_still_come(view):
@@ -175,6 +179,19 @@ class PlacementService:
         await self._publish(proposed, view, freq)
         return True
 
+    def _migration_in_flight(self) -> bool:
+        """The hosts do not hold the current plan yet (its migration runs), for at most the timeout."""
+        if self.plan is None or "hosts" not in self.plan:
+            return False
+        if time.monotonic() - self._published_at > self.settings.migration_timeout_s:
+            return False  # failed or stuck: plan again from what the hosts really hold
+        statuses = {s.host: s for s in self.live_hosts()}
+        for host, keys in self.plan["hosts"].items():
+            status = statuses.get(host)
+            if status is None or {(k[0], k[1]) for k in keys} != set(status.experts):
+                return True
+        return False
+
     def _plan_hosts_may_still_come(self, view: ClusterView) -> bool:
         """A host of the current plan not heard from yet, shortly after start: wait for it rather
         than re-plan without it (a host silent for longer than the TTL since start counts as lost)."""
@@ -184,9 +201,16 @@ class PlacementService:
         return bool(missing) and time.monotonic() - self._started < 2 * self.settings.host_ttl_s
 
     def _current_placement(self, view: ClusterView) -> Any:
+        """What the hosts really hold (their heartbeats), when they are the hosts of the current plan
+        and hold every expert; else None (a host joined or left: the next plan is published as is).
+        Reality, not the last plan, because a migration can fail half-way."""
         if self.plan is None or "hosts" not in self.plan:
             return None
-        return from_plan_hosts(self.plan["hosts"], view, self.model.moe_layers, self.model.num_experts)
+        if from_plan_hosts(self.plan["hosts"], view, self.model.moe_layers, self.model.num_experts) is None:
+            return None
+        statuses = {s.host: s for s in self.live_hosts()}
+        resident = {host: [list(k) for k in statuses[host].experts] for host in view.hosts}
+        return from_plan_hosts(resident, view, self.model.moe_layers, self.model.num_experts, require_coverage=True)
 
     async def _publish(self, placement: Any, view: ClusterView, freq: np.ndarray) -> None:
         from services.placement.types import proxy_objective
@@ -201,6 +225,7 @@ class PlacementService:
         await self.plans.put("plan", json.dumps(plan).encode())
         self.plan = plan
         self.published += 1
+        self._published_at = time.monotonic()
         log.info("plan_published", epoch=plan["epoch"], objective=plan["objective"], hosts=len(view.hosts))
 
     async def stop(self) -> None:

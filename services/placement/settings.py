@@ -28,6 +28,9 @@ class PlacementSettings(ServiceSettings):
     )
     rtt_ms: float = Field(4.0, ge=0, le=10000, description="round trip between nodes, milliseconds")
     bandwidth_mbit: float = Field(500.0, gt=0, le=1e6, description="bandwidth between nodes, Mbit/s")
+    migration_timeout_s: float = Field(
+        120.0, gt=0, le=86400, description="wait this long for hosts to hold a new plan before planning again, s"
+    )
     plans_bucket: str = Field(subjects.KV_PLACEMENT, description="KV bucket of the plan (key 'plan')")
     hosts_bucket: str = Field(subjects.KV_HOSTS, description="KV bucket of live hosts (TTL = host_ttl_s)")
     min_window_tokens: int = Field(256, ge=0, le=10**9, description="tokens a window needs before re-planning")

@@ -67,7 +67,9 @@ async def test_experts_move_while_requests_run(cluster: LocalCluster, mixtral_di
         in_flight_at_move = in_flight
         moved.set()
         await asyncio.gather(*clients)
-    assert event == {"epoch": 1, "ok": True, "steps": 2, "error": None}
+    assert event["epoch"] == 1
+    assert event["ok"] is True, event
+    assert event["steps"] >= 2  # at least one load and one unload
     assert in_flight_at_move > 0, "the move happened while requests were being served"
     for prompt, reply in replies:
         assert reply.get("token_ids") == expected[prompts.index(prompt)], "no request failed or changed"

@@ -71,3 +71,35 @@ def test_move_loads_before_it_unloads() -> None:
 def test_target_over_capacity_is_refused() -> None:
     with pytest.raises(MigrationPlanError, match="has 1 slots"):
         plan_steps({"a": set()}, {"a": {(0, 0), (0, 1)}}, {"a": 1})
+
+
+@st.composite
+def filling_targets(draw: st.DrawFn) -> tuple[dict, dict, dict]:
+    """Targets that fill every slot with replicas (what activation-aware policies produce)."""
+    current, target, capacity = draw(placements())
+    for host in target:
+        spare = [k for k in KEYS if k not in target[host]]
+        room = capacity[host] - len(target[host])
+        target[host] |= set(draw(st.permutations(spare))[:room])
+    return current, target, capacity
+
+
+@given(filling_targets())
+@settings(max_examples=300, deadline=None)
+def test_full_replicated_targets_are_reached(case: tuple[dict, dict, dict]) -> None:
+    current, target, capacity = case
+    if set().union(*target.values()) != set(KEYS) or set().union(*current.values()) != set(KEYS):
+        return
+    if all(len(current[h]) >= capacity[h] for h in current):
+        return  # no free slot to move through
+    assert replay(current, plan_steps(current, target, capacity), capacity) == target
+
+
+def test_filling_free_slots_first_does_not_deadlock() -> None:
+    """The demo's case in small: hosts with room, a target that fills every slot with replicas."""
+    a, b = (0, 0), (0, 1)
+    current = {"x": {a}, "y": {b}}
+    target = {"x": {b, (0, 2)}, "y": {a, (0, 2)}}
+    capacity = {"x": 2, "y": 2}
+    current["x"].add((0, 2))
+    assert replay(current, plan_steps(current, target, capacity), capacity) == target
