@@ -24,8 +24,7 @@ import torch
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.micro import add_service
-from nats.micro.service import Service, ServiceConfig
+from nats.micro.service import Service
 
 from services.gating.dispatch import RemoteExperts
 from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent
@@ -36,6 +35,7 @@ from shared.errors import BadRequest, PrismError, PromptTooLong, TokenOutOfRange
 from shared.model.model import MoEModel
 from shared.model.sampling import SamplingParams
 from shared.model.tokenizer import Tokenizer
+from shared.runtime import announce
 from shared.schemas import ErrorBody, ErrorReply, FinalReply, InferRequest, Timings, TokenChunk, Usage, parse_request
 from shared.schemas import request_id_of as _request_id_of
 
@@ -66,14 +66,8 @@ class Gating:
     async def start(self) -> None:
         # Discoverable with $SRV.PING/INFO; intake is a plain subscription because one request is
         # answered by many messages (streaming) and MQTT requests carry no reply subject.
-        self._micro = await add_service(
-            self.nc,
-            ServiceConfig(
-                name=SERVICE_NAME,
-                version="1.0.0",
-                metadata={"node": self.settings.node, "subject": subjects.infer(self.settings.node)},
-            ),
-        )
+        metadata = {"node": self.settings.node, "subject": subjects.infer(self.settings.node)}
+        self._micro = await announce(self.nc, SERVICE_NAME, metadata)
         self._intake = await self.nc.subscribe(
             subjects.infer(self.settings.node), queue=f"gating-{self.settings.node}", cb=self._on_request
         )
