@@ -66,6 +66,11 @@ def host_cmd(host: str) -> str:
     return f"{ROOT}.host.{check_token(host, 'host')}.cmd"
 
 
+def host_batch(host: str) -> str:
+    """Token groups of several experts of one layer for one host (one message instead of one per expert)."""
+    return f"{ROOT}.host.{check_token(host, 'host')}.batch"
+
+
 def host_status(host: str) -> str:
     return f"{ROOT}.host.{check_token(host, 'host')}.status"
 

@@ -4,6 +4,8 @@ Subjects:
 - `prism.v1.expert.<layer>.<expert>` (queue group `prism-experts`), one subscription per held expert:
   request = tensor envelope of hidden states [n, D]; reply = envelope of expert outputs [n, D].
   An empty request is a reachability probe and gets an empty reply.
+- `prism.v1.host.<host>.batch`: the groups of several experts of one layer in one envelope
+  (meta `layer`, `experts`, `counts` = rows per expert); the reply holds the outputs in the same order.
 - `prism.v1.host.<host>.cmd`: a nats.micro endpoint (service `prism-expert-host`, discoverable with
   `$SRV.PING`): `{"kind": "status"}`, `{"kind": "load", "epoch", "experts"}` (fetch from the object
   store `prism_weights`, then subscribe) and `{"kind": "unload", ...}` (drain, then free); each
@@ -24,6 +26,7 @@ import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 import torch
@@ -40,7 +43,7 @@ from shared import subjects
 from shared.codec import decode_tensor, encode_tensor
 from shared.errors import BadRequest, BadTensor, OverBudget, PrismError, ShuttingDown, UnknownExpert
 from shared.model.moe import ExpertWeights, expert_forward
-from shared.schemas import HostStatus, LoadCommand, UnloadCommand, parse_host_command
+from shared.schemas import HostStatus, LoadCommand, StatusCommand, UnloadCommand, parse_host_command
 from shared.weights import fetch_expert
 
 log = structlog.get_logger()
@@ -75,6 +78,7 @@ class ExpertHost:
         self.dtype = getattr(torch, settings.dtype)
         self.counters = Counters()
         self._subscriptions: dict[tuple[int, int], Subscription] = {}
+        self._host_batches: Subscription | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"experts-{settings.host}")
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -102,6 +106,7 @@ class ExpertHost:
         )
         for key in sorted(self.weights):
             await self.subscribe(key)
+        self._host_batches = await self.nc.subscribe(subjects.host_batch(self.settings.host), cb=self._on_batch)
         await self.nc.flush()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.settings.host}")
         log.info("expert_host_started", host=self.settings.host, node=self.settings.node, experts=len(self.weights))
@@ -121,11 +126,17 @@ class ExpertHost:
         self._in_flight += 1
         self._idle.clear()
         try:
-            key = subjects.parse_expert(msg.subject)
-            reply = await self._compute(key, msg.data)
-            self.counters.batches += 1
-            self.counters.per_expert[f"{key[0]}.{key[1]}"] = self.counters.per_expert.get(f"{key[0]}.{key[1]}", 0) + 1
-            await msg.respond(reply)
+            if self._stopping:
+                raise ShuttingDown(f"host {self.settings.host} is shutting down")
+            hidden, meta = self._decode(msg.data)
+            if msg.subject == subjects.host_batch(self.settings.host):
+                layer, experts, counts = self._batch_parts(hidden, meta)
+            else:
+                (layer, expert), counts = subjects.parse_expert(msg.subject), [hidden.shape[0]]
+                experts = [expert]
+            out = await self._compute(layer, experts, counts, hidden)
+            self._count(layer, experts, hidden.shape[0])
+            await msg.respond(encode_tensor(out, meta))
         except PrismError as err:
             self.counters.errors += 1
             log.warning("batch_refused", subject=msg.subject, code=err.code, error=err.message)
@@ -135,23 +146,50 @@ class ExpertHost:
             if self._in_flight == 0:
                 self._idle.set()
 
-    async def _compute(self, key: tuple[int, int], payload: bytes) -> bytes:
-        if self._stopping:
-            raise ShuttingDown(f"host {self.settings.host} is shutting down")
-        weights = self.weights.get(key)
-        if weights is None:
-            raise UnknownExpert(f"host {self.settings.host} does not hold expert {key[0]}.{key[1]}")
+    def _decode(self, payload: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
         hidden, meta = decode_tensor(payload)
         if hidden.dim() != 2 or hidden.shape[1] != self.hidden_size:
             raise BadTensor(f"expected hidden states of shape [n, {self.hidden_size}], got {list(hidden.shape)}")
         if hidden.dtype != self.dtype:
             raise BadTensor(f"expected dtype {self.settings.dtype}, got {str(hidden.dtype).removeprefix('torch.')}")
-        self.counters.tokens += hidden.shape[0]
+        return hidden, meta
+
+    @staticmethod
+    def _batch_parts(hidden: torch.Tensor, meta: dict[str, Any]) -> tuple[int, list[int], list[int]]:
+        """(layer, experts, rows per expert) of a host batch, checked against the tensor."""
+        layer, experts, counts = meta.get("layer"), meta.get("experts"), meta.get("counts")
+        if not (
+            isinstance(layer, int)
+            and isinstance(experts, list)
+            and isinstance(counts, list)
+            and len(experts) == len(counts)
+            and all(isinstance(x, int) and x >= 0 for x in [*experts, *counts])
+            and sum(counts) == hidden.shape[0]
+        ):
+            raise BadTensor("a host batch needs meta layer, experts and counts (rows per expert, summing to n)")
+        return layer, experts, counts
+
+    async def _compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
+        missing = [e for e in experts if (layer, e) not in self.weights]
+        if missing:
+            names = ", ".join(f"{layer}.{e}" for e in missing)
+            raise UnknownExpert(f"host {self.settings.host} does not hold expert {names}")
+        weights = [self.weights[(layer, e)] for e in experts]
+        parts = list(torch.split(hidden, counts))
         if hidden.shape[0] <= self.settings.inline_max_tokens:  # a thread hop costs more than the math
-            out = self._run_expert(weights, hidden)
-        else:
-            out = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_expert, weights, hidden)
-        return encode_tensor(out, meta)
+            return self._run_experts(weights, parts)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_experts, weights, parts)
+
+    def _run_experts(self, weights: list[ExpertWeights], parts: list[torch.Tensor]) -> torch.Tensor:
+        outs = [self._run_expert(w, x) for w, x in zip(weights, parts, strict=True)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _count(self, layer: int, experts: list[int], tokens: int) -> None:
+        self.counters.batches += len(experts)  # one per expert, whichever subject carried it
+        self.counters.tokens += tokens
+        for expert in experts:
+            name = f"{layer}.{expert}"
+            self.counters.per_expert[name] = self.counters.per_expert.get(name, 0) + 1
 
     def _run_expert(self, weights: ExpertWeights, hidden: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
@@ -171,6 +209,10 @@ class ExpertHost:
                 await self.load(command.experts)
             elif isinstance(command, UnloadCommand):
                 await self.unload(command.experts)
+            if not isinstance(command, StatusCommand):  # gatings route by heartbeats: tell them now
+                await self.nc.publish(
+                    subjects.host_status(self.settings.host), self.status().model_dump_json().encode()
+                )
         except PrismError as err:
             log.warning("command_refused", host=self.settings.host, code=err.code, error=err.message)
             await request.respond(json.dumps({"error": err.to_dict()}).encode(), headers=err.headers())
@@ -242,6 +284,9 @@ class ExpertHost:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subscriptions.clear()
+        if self._host_batches is not None:
+            with contextlib.suppress(Exception):
+                await self._host_batches.unsubscribe()
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.drain_timeout_s):

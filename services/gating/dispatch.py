@@ -1,9 +1,11 @@
-"""Send one MoE call's token groups to the expert subjects, all at once, and combine the answers.
+"""Send one MoE call's token groups to the experts, all at once, and combine the answers.
 
-Each (layer, expert) group goes to `prism.v1.expert.<layer>.<expert>` as a request (split into
-several when it would exceed max_payload); NATS picks the nearest holder in the queue group. A group
-that gets no answer within `timeout_s`, "no responders", or an error reply marks its tokens failed
-with `expert_unavailable`; the caller decides which requests that fails.
+With a host directory (host heartbeats), the groups of all experts one host holds go to that host in
+one message (`prism.v1.host.<host>.batch`), local hosts first. Experts without a known holder, and
+any a host refuses, go to `prism.v1.expert.<layer>.<expert>` (split to fit max_payload), where NATS
+picks the nearest holder in the queue group. A group that gets no answer within `timeout_s`, "no
+responders", or an error reply marks its tokens failed with `expert_unavailable`; the caller decides
+which requests that fails.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from torch import Tensor
 
+from services.gating.directory import HostDirectory
 from services.gating.engine import ExpertsResult
 from shared import subjects
 from shared.activations import ActivationCounter
@@ -31,12 +34,19 @@ class RemoteExperts:
     """The gating's `ExpertsFn`: routed experts over NATS."""
 
     def __init__(
-        self, nc: NatsClient, *, timeout_s: float, max_payload: int, counter: ActivationCounter | None = None
+        self,
+        nc: NatsClient,
+        *,
+        timeout_s: float,
+        max_payload: int,
+        counter: ActivationCounter | None = None,
+        directory: HostDirectory | None = None,
     ) -> None:
         self.nc = nc
         self.timeout_s = timeout_s
         self.max_payload = max_payload
         self.counter = counter
+        self.directory = directory
         self.messages = 0
         self.wait_s = 0.0
 
@@ -44,32 +54,73 @@ class RemoteExperts:
         T, D = call.hidden.shape
         if self.counter is not None:
             self.counter.add(call.layer, call.expert_ids[live].cpu().numpy())
-        rows = max_rows_per_message(D * call.hidden.element_size(), self.max_payload)
         groups = group_by_expert(call.expert_ids)
         everyone = bool(live.all())
-        jobs, slices = [], []
-        for expert, token_idx, _ in groups:
-            positions = torch.arange(token_idx.numel()) if everyone else torch.nonzero(live[token_idx]).flatten()
-            for chunk in torch.split(positions, rows):
-                jobs.append(self._ask(call.layer, expert, call.hidden[token_idx[chunk]]))
-                slices.append((expert, token_idx, chunk))
+        positions = {
+            expert: torch.arange(idx.numel()) if everyone else torch.nonzero(live[idx]).flatten()
+            for expert, idx, _ in groups
+        }
+        requests = {
+            expert: call.hidden[idx[positions[expert]]] for expert, idx, _ in groups if positions[expert].numel()
+        }
         started = time.perf_counter()
-        answers = await asyncio.gather(*jobs)
+        answers = await self._answer(call.layer, requests)
         self.wait_s += time.perf_counter() - started
-        self.messages += len(jobs)
         # rows of dead tokens stay zero: they are never read, but combine needs every group's shape
         outputs = {expert: torch.zeros(idx.numel(), D, dtype=call.hidden.dtype) for expert, idx, _ in groups}
         failed = torch.zeros(T, dtype=torch.bool)
         error: PrismError | None = None
-        for (expert, token_idx, chunk), answer in zip(slices, answers, strict=True):
+        for expert, idx, _ in groups:
+            answer = answers.get(expert)
             if isinstance(answer, PrismError):
-                failed[token_idx[chunk]] = True
+                failed[idx[positions[expert]]] = True
                 error = error or answer
-            elif chunk.numel() == token_idx.numel():
-                outputs[expert] = answer.to(call.hidden.dtype)
-            else:
-                outputs[expert][chunk] = answer.to(call.hidden.dtype)
+            elif answer is not None:
+                outputs[expert][positions[expert]] = answer.to(call.hidden.dtype)
         return ExpertsResult(combine(call, outputs, groups=groups), failed, error)
+
+    async def _answer(self, layer: int, requests: dict[int, Tensor]) -> dict[int, Tensor | PrismError]:
+        """Every expert's output (or error): one message per known holding host, the rest (and what a
+        host refuses) on the experts' own subjects."""
+        by_host, direct = self.directory.route(layer, sorted(requests)) if self.directory else ({}, sorted(requests))
+        jobs = [self._via_host(host, layer, experts, requests) for host, experts in by_host.items()]
+        jobs += [self._via_subjects(layer, [expert], requests) for expert in direct]
+        answers: dict[int, Tensor | PrismError] = {}
+        for part in await asyncio.gather(*jobs):
+            answers.update(part)
+        return answers
+
+    async def _via_host(
+        self, host: str, layer: int, experts: list[int], requests: dict[int, Tensor]
+    ) -> dict[int, Tensor | PrismError]:
+        counts = [requests[e].shape[0] for e in experts]
+        hidden = torch.cat([requests[e] for e in experts])
+        payload = encode_tensor(hidden, {"layer": layer, "experts": experts, "counts": counts})
+        self.messages += 1
+        try:
+            check_size(payload, None, self.max_payload)
+            msg = await self.nc.request(subjects.host_batch(host), payload, timeout=self.timeout_s)
+        except (PrismError, NoRespondersError, NatsTimeoutError, TimeoutError):
+            return await self._via_subjects(layer, experts, requests)
+        out = _parse_reply(msg.headers, msg.data, hidden, f"host {host}")
+        if isinstance(out, PrismError):  # e.g. it no longer holds one of them: ask the experts' subjects
+            return await self._via_subjects(layer, experts, requests)
+        return dict(zip(experts, torch.split(out, counts), strict=True))
+
+    async def _via_subjects(
+        self, layer: int, experts: list[int], requests: dict[int, Tensor]
+    ) -> dict[int, Tensor | PrismError]:
+        """Each expert on its own subject, split into messages that fit max_payload."""
+        hidden = requests[experts[0]]
+        rows = max_rows_per_message(hidden.shape[1] * hidden.element_size(), self.max_payload)
+        out: dict[int, Tensor | PrismError] = {}
+        for expert in experts:
+            chunks = torch.split(requests[expert], rows)
+            self.messages += len(chunks)
+            parts = await asyncio.gather(*(self._ask(layer, expert, chunk) for chunk in chunks))
+            errors = [p for p in parts if isinstance(p, PrismError)]
+            out[expert] = errors[0] if errors else torch.cat([p for p in parts if isinstance(p, Tensor)])
+        return out
 
     async def _ask(self, layer: int, expert: int, hidden: Tensor) -> Tensor | PrismError:
         """One request; every failure becomes an ExpertUnavailable value (never raised).

@@ -5,7 +5,8 @@ Subjects:
   replies go to the message's reply subject, or for MQTT clients (no reply subject) to
   `prism.v1.reply.<client_id>` (MQTT `prism/v1/reply/<client_id>`). Streaming requests get one
   TokenChunk per token, then a FinalReply; errors are one ErrorReply plus Nats-Service-Error headers.
-- `prism.v1.expert.<layer>.<expert>`: token batches out (see dispatch.py).
+- `prism.v1.host.<host>.batch` / `prism.v1.expert.<layer>.<expert>`: token batches out (see dispatch.py);
+  `prism.v1.host.*.status` in: who holds which expert (directory.py).
 - `prism.v1.activations.<node>`: activation report every `activation_interval_s`.
 
 Failure behaviour: a bad request is answered with an error and touches nothing else; a missing
@@ -26,6 +27,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.micro.service import Service
 
+from services.gating.directory import HostDirectory
 from services.gating.dispatch import RemoteExperts
 from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent
 from services.gating.settings import GatingSettings
@@ -62,12 +64,20 @@ class Gating:
         self._background: list[asyncio.Task[None]] = []
         self._micro: Service | None = None
         self._intake: Subscription | None = None
+        self._status: Subscription | None = None
 
     async def start(self) -> None:
         # Discoverable with $SRV.PING/INFO; intake is a plain subscription because one request is
         # answered by many messages (streaming) and MQTT requests carry no reply subject.
         metadata = {"node": self.settings.node, "subject": subjects.infer(self.settings.node)}
         self._micro = await announce(self.nc, SERVICE_NAME, metadata)
+        directory = getattr(self.engine.experts, "directory", None)
+        if directory is not None:  # who holds what, from host heartbeats: one message per host and layer
+
+            async def on_status(msg: Msg) -> None:
+                directory.on_status(msg.data)
+
+            self._status = await self.nc.subscribe(subjects.ALL_HOST_STATUS, cb=on_status)
         self._intake = await self.nc.subscribe(
             subjects.infer(self.settings.node), queue=f"gating-{self.settings.node}", cb=self._on_request
         )
@@ -198,8 +208,13 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     tokenizer = Tokenizer.from_dir(settings.model) if (settings.model / "tokenizer.json").exists() else None
     config = model.config
     counter = ActivationCounter(settings.node, list_moe_layers(config), config.num_experts)
+    directory = HostDirectory(settings.node) if settings.host_batching else None
     experts = RemoteExperts(
-        nc, timeout_s=settings.expert_timeout_s, max_payload=settings.max_payload_bytes, counter=counter
+        nc,
+        timeout_s=settings.expert_timeout_s,
+        max_payload=settings.max_payload_bytes,
+        counter=counter,
+        directory=directory,
     )
     # Stop where the model's own config says (as transformers' generate does), else at the tokenizer's EOS.
     stop_ids = frozenset(config.eos_token_ids) or frozenset(

@@ -26,4 +26,7 @@ class GatingSettings(ServiceSettings):
     inline_max_tokens: int = Field(
         64, ge=0, le=1_000_000, description="steps of at most this many tokens compute on the event loop"
     )
+    host_batching: bool = Field(
+        True, description="send one message per holding host and layer (from host heartbeats), not one per expert"
+    )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for the dense model")

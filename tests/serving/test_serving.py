@@ -144,3 +144,20 @@ def split_by_expert(model_dir: Path, layer: int, expert: int) -> tuple[list[int]
         if len(found) == 2:
             return found[True], found[False]
     raise AssertionError("no prompt pair found")
+
+
+async def test_one_message_per_host_and_layer(cluster: LocalCluster, mixtral_dir: Path) -> None:
+    """With host heartbeats known, a layer's groups travel in one message per holding host."""
+    await spread(cluster, mixtral_dir)
+    gating = cluster.gatings["a"]
+    experts = gating.engine.experts
+    async with asyncio.timeout(10):  # the directory learns both of a's hosts from their heartbeats
+        while experts.directory.route(0, list(range(8)))[1]:  # noqa: ASYNC110 - fed by real heartbeats
+            await asyncio.sleep(0.05)
+    batch = prompts(8, seed=9)
+    before, steps = experts.messages, gating.engine.steps
+    nc = await cluster.connect("a")
+    replies = await asyncio.gather(*(ask(nc, cluster.node("a"), {"input_ids": p, "max_tokens": 6}) for p in batch))
+    assert [r["token_ids"] for r, _ in replies] == reference(mixtral_dir, batch, 6)
+    moe_calls = (gating.engine.steps - steps) * 2  # two MoE layers per step
+    assert experts.messages - before <= 2 * moe_calls, "at most one message per host (a0, a1) and layer"
