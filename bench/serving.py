@@ -143,14 +143,28 @@ async def run(args: argparse.Namespace) -> None:
                     {"PRISM_GATING_NATS_URL": url, "PRISM_GATING_MODEL": str(model), "PRISM_GATING_NODE": "n0"},
                     work / "gating.log",
                 ),
+                # the same node's traffic, one message per expert instead of one per host: the alternative
+                await start_service(
+                    "services.gating",
+                    {
+                        "PRISM_GATING_NATS_URL": url,
+                        "PRISM_GATING_MODEL": str(model),
+                        "PRISM_GATING_NODE": "n0-per-expert",
+                        "PRISM_GATING_HOST_BATCHING": "false",
+                    },
+                    work / "gating-per-expert.log",
+                ),
             ]
             nc = await nats.connect(url)
             try:
                 await wait_until_serving(nc, "n0")
+                await wait_until_serving(nc, "n0-per-expert")
                 local_ms = in_process_decode_ms(model, args.max_tokens)
                 remote_ms = await prism_decode_ms(nc, "n0", args.max_tokens)
-                levels = {
-                    c: await load_level(nc, "n0", c, max(1, args.requests // c), args.max_tokens) for c in (1, 4, 16)
+                rounds = {c: max(1, args.requests // c) for c in (1, 4, 16)}
+                levels = {c: await load_level(nc, "n0", c, n, args.max_tokens) for c, n in rounds.items()}
+                per_expert = {
+                    c: await load_level(nc, "n0-per-expert", c, n, args.max_tokens) for c, n in rounds.items()
                 }
             finally:
                 await nc.close()
@@ -158,6 +172,11 @@ async def run(args: argparse.Namespace) -> None:
                     p.terminate()
                     await p.wait()
     report(model, config, moe_layers, args, local_ms, remote_ms, levels)
+    print("\n| concurrent | one message per expert: tok/s | one per host: tok/s | ratio |")
+    print("|---:|---:|---:|---:|")
+    for c in levels:
+        ratio = levels[c]["tok_s"] / per_expert[c]["tok_s"]
+        print(f"| {c} | {per_expert[c]['tok_s']:.1f} | {levels[c]['tok_s']:.1f} | {ratio:.2f}× |")
 
 
 def report(model, config, moe_layers, args, local_ms, remote_ms, levels) -> None:  # noqa: PLR0917
