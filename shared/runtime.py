@@ -76,6 +76,7 @@ async def serve_until_stopped(start: Awaitable[None], stop: Callable[[], Awaitab
     await stopped.wait()
     await stop()
     try:
-        await nc.drain()
+        async with asyncio.timeout(5.0):  # a server that is gone would keep drain reconnecting
+            await nc.drain()
     except Exception:  # the server may already be gone (e.g. the launcher was killed): just close
         await nc.close()
