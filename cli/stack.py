@@ -33,10 +33,11 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from cli.client import InferError, PrismClient
+from cli.control_plane import control_plane_env, write_initial_plan
 from shared.linkemu import LinkEmulator
 from shared.nats_server import LeafRemote, NatsServerError, ServerConfig, find_binary, free_port, port_is_free
 from shared.nats_server import render_config as render_nats_config
-from shared.topology import DTYPE_BYTES, Topology, TopologyError, initial_placement, pairwise_links
+from shared.topology import DTYPE_BYTES, Topology, TopologyError, initial_placement
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
@@ -161,6 +162,7 @@ class LocalStack:
         self.max_payload = MIN_PAYLOAD
         self.hub_leaf_port = 0
         self._expert_bytes = 0
+        self.model_name = ""
 
     # ---- start ---------------------------------------------------------------------------------
 
@@ -199,6 +201,7 @@ class LocalStack:
         except TopologyError as exc:
             raise StackError(str(exc)) from None
         self.max_payload = max_payload_for(config.hidden_size, opts.max_context)
+        self.model_name = opts.model.resolve().name
 
     def _check_ports(self) -> None:
         opts = self.options
@@ -281,47 +284,14 @@ class LocalStack:
 
     def _control_plane(self) -> list[Child]:
         """The placement service and the migrator, on the hub (KV writes need it, FACTS.md)."""
-        opts = self.options
-        rtt_s, rate_bytes_s = pairwise_links(opts.topology)  # the slowest pair stands for every link
-        rtt_ms = 1000 * max(max(row) for row in rtt_s)
-        slowest = min(min(row) for row in rate_bytes_s)
-        rate_mbit = min(slowest * 8 / 1e6, 1e6)
-        placement: dict[str, str] = {
-            "PRISM_PLACEMENT_NODES": ",".join(node.name for node in opts.topology.nodes),
-            "PRISM_PLACEMENT_POLICY": opts.policy,
-            "PRISM_PLACEMENT_EXPERT_DTYPE_BYTES": str(DTYPE_BYTES[opts.topology.dtype]),
-            "PRISM_PLACEMENT_PLAN_INTERVAL_S": str(opts.plan_interval_s),
-            "PRISM_PLACEMENT_MIGRATION_COST_CALLS": str(opts.migration_cost_calls),
-            "PRISM_PLACEMENT_MIN_WINDOW_TOKENS": str(opts.min_window_tokens),
-            "PRISM_PLACEMENT_RTT_MS": f"{rtt_ms:g}",
-            "PRISM_PLACEMENT_BANDWIDTH_MBIT": f"{rate_mbit:g}",
-        }
-        migrator = {"PRISM_MIGRATOR_DTYPE": str(opts.topology.dtype)}
+        placement, migrator = control_plane_env(self.options)
         return [
             self._service("placement", "services.placement", "PRISM_PLACEMENT_", None, placement),
             self._service("migrator", "services.migrator", "PRISM_MIGRATOR_", None, migrator),
         ]
 
     async def _write_initial_plan(self) -> None:
-        """Epoch 1 of KV `prism_placement`: the static placement the hosts start with. The placement
-        service takes over from it once activation statistics justify a move."""
-        import nats
-
-        from shared import subjects
-
-        plan = {
-            "epoch": 1,
-            "model": self.options.model.resolve().name,
-            "policy": "initial",
-            "hosts": {host: [list(k) for k in keys] for host, keys in self.placement.items()},
-        }
-        nc = await nats.connect(self.hub_url, max_reconnect_attempts=1)
-        try:
-            js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
-            kv = await js.create_key_value(bucket=subjects.KV_PLACEMENT, history=16)
-            await kv.put("plan", json.dumps(plan).encode())
-        finally:
-            await nc.close()
+        await write_initial_plan(self.hub_url, self.model_name, self.placement)
 
     def _service(self, name: str, module: str, prefix: str, node: str | None, own: dict[str, str]) -> Child:
         env = {

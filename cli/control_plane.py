@@ -1,0 +1,48 @@
+"""What `prism up` gives the placement service and the migrator: their settings, and epoch 1 of the plan."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from shared.topology import DTYPE_BYTES, pairwise_links
+
+
+def control_plane_env(opts: Any) -> tuple[dict[str, str], dict[str, str]]:
+    """(placement env, migrator env) from StackOptions; the slowest node pair stands for every link."""
+    rtt_s, rate_bytes_s = pairwise_links(opts.topology)
+    rtt_ms = 1000 * max(max(row) for row in rtt_s)
+    rate_mbit = min(min(min(row) for row in rate_bytes_s) * 8 / 1e6, 1e6)
+    placement = {
+        "PRISM_PLACEMENT_NODES": ",".join(node.name for node in opts.topology.nodes),
+        "PRISM_PLACEMENT_POLICY": opts.policy,
+        "PRISM_PLACEMENT_EXPERT_DTYPE_BYTES": str(DTYPE_BYTES[opts.topology.dtype]),
+        "PRISM_PLACEMENT_PLAN_INTERVAL_S": str(opts.plan_interval_s),
+        "PRISM_PLACEMENT_MIGRATION_COST_CALLS": str(opts.migration_cost_calls),
+        "PRISM_PLACEMENT_MIN_WINDOW_TOKENS": str(opts.min_window_tokens),
+        "PRISM_PLACEMENT_RTT_MS": f"{rtt_ms:g}",
+        "PRISM_PLACEMENT_BANDWIDTH_MBIT": f"{rate_mbit:g}",
+    }
+    return placement, {"PRISM_MIGRATOR_DTYPE": str(opts.topology.dtype)}
+
+
+async def write_initial_plan(hub_url: str, model_name: str, placement: dict[str, list[tuple[int, int]]]) -> None:
+    """Epoch 1 of KV `prism_placement`: the static placement the hosts start with. The placement
+    service takes over from it once activation statistics justify a move."""
+    import nats
+
+    from shared import subjects
+
+    plan = {
+        "epoch": 1,
+        "model": model_name,
+        "policy": "initial",
+        "hosts": {host: [list(k) for k in keys] for host, keys in placement.items()},
+    }
+    nc = await nats.connect(hub_url, max_reconnect_attempts=1)
+    try:
+        js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
+        kv = await js.create_key_value(bucket=subjects.KV_PLACEMENT, history=16)
+        await kv.put("plan", json.dumps(plan).encode())
+    finally:
+        await nc.close()
