@@ -58,13 +58,11 @@ class ActivationCounter:
         self.row = {layer: i for i, layer in enumerate(layers)}
         self.counts = np.zeros((len(layers), num_experts), dtype=np.int64)
         self.tokens = np.zeros(len(layers), dtype=np.int64)
-        self.total = np.zeros((len(layers), num_experts), dtype=np.int64)
 
     def add(self, layer: int, expert_ids: npt.NDArray[np.int64]) -> None:
         """expert_ids: [T, K] choices of the live tokens of one MoE call."""
         row = self.row[layer]
         np.add.at(self.counts[row], expert_ids.reshape(-1), 1)
-        np.add.at(self.total[row], expert_ids.reshape(-1), 1)
         self.tokens[row] += expert_ids.shape[0]
 
     def take(self, window_s: float) -> ActivationReport:

@@ -6,6 +6,7 @@ The code goes into error replies (`{"error": {"code", "message"}}`) and the stat
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 
@@ -22,6 +23,10 @@ class PrismError(Exception):
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
+
+    def body(self) -> bytes:
+        """The JSON reply `{"error": {"code", "message"}}` (send it with `headers()`)."""
+        return json.dumps({"error": self.to_dict()}).encode()
 
     def headers(self) -> dict[str, str]:
         """nats.micro-style error headers; the string code rides in the description."""

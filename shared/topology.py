@@ -210,17 +210,21 @@ def pairwise_links(topology: Topology) -> tuple[list[list[float]], list[list[flo
 
 def load_topology(path: str | Path) -> Topology:
     """Read a `.toml` or `.json` topology file."""
+    return parse_topology(read_document(path), str(path))
+
+
+def read_document(path: str | Path) -> Any:
+    """The parsed contents of a topology file (`.json` → JSON, anything else → TOML), in either format."""
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise TopologyError(f"cannot read topology file {path}: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
         kind = "JSON" if path.suffix == ".json" else "TOML"
-        raise TopologyError(f"{path} is not valid {kind}: {exc}") from None
-    return parse_topology(data, str(path))
+        raise TopologyError(f"topology file {path} is not valid {kind}: {exc}") from None
 
 
 def simple_topology(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -197,8 +196,7 @@ class ExpertHost:
 
     async def _respond_error(self, msg: Msg, err: PrismError) -> None:
         if msg.reply:
-            body = json.dumps({"error": err.to_dict()}).encode()
-            await self.nc.publish(msg.reply, body, headers=err.headers())
+            await self.nc.publish(msg.reply, err.body(), headers=err.headers())
 
     # ---- control plane -----------------------------------------------------------------------
 
@@ -215,7 +213,7 @@ class ExpertHost:
                 )
         except PrismError as err:
             log.warning("command_refused", host=self.settings.host, code=err.code, error=err.message)
-            await request.respond(json.dumps({"error": err.to_dict()}).encode(), headers=err.headers())
+            await request.respond(err.body(), headers=err.headers())
             return
         await request.respond(self.status().model_dump_json().encode())
 

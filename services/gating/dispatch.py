@@ -11,7 +11,6 @@ which requests that fails.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import torch
 from nats.aio.client import Client as NatsClient
@@ -48,7 +47,6 @@ class RemoteExperts:
         self.counter = counter
         self.directory = directory
         self.messages = 0
-        self.wait_s = 0.0
 
     async def __call__(self, call: MoECall, live: Tensor) -> ExpertsResult:
         T, D = call.hidden.shape
@@ -63,9 +61,7 @@ class RemoteExperts:
         requests = {
             expert: call.hidden[idx[positions[expert]]] for expert, idx, _ in groups if positions[expert].numel()
         }
-        started = time.perf_counter()
         answers = await self._answer(call.layer, requests)
-        self.wait_s += time.perf_counter() - started
         # rows of dead tokens stay zero: they are never read, but combine needs every group's shape
         outputs = {expert: torch.zeros(idx.numel(), D, dtype=call.hidden.dtype) for expert, idx, _ in groups}
         failed = torch.zeros(T, dtype=torch.bool)

@@ -53,12 +53,15 @@ class Gating:
         engine: Engine,
         tokenizer: Tokenizer | None,
         counter: ActivationCounter,
+        *,
+        directory: HostDirectory | None = None,
     ) -> None:
         self.nc = nc
         self.settings = settings
         self.engine = engine
         self.tokenizer = tokenizer
         self.counter = counter
+        self.directory = directory
         self.vocab_size = engine.model.config.vocab_size
         self._tasks: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
@@ -71,7 +74,7 @@ class Gating:
         # answered by many messages (streaming) and MQTT requests carry no reply subject.
         metadata = {"node": self.settings.node, "subject": subjects.infer(self.settings.node)}
         self._micro = await announce(self.nc, SERVICE_NAME, metadata)
-        directory = getattr(self.engine.experts, "directory", None)
+        directory = self.directory
         if directory is not None:  # who holds what, from host heartbeats: one message per host and layer
 
             async def on_status(msg: Msg) -> None:
@@ -229,7 +232,7 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
         inline_max_tokens=settings.inline_max_tokens,
         stop_ids=stop_ids,
     )
-    return Gating(nc, settings, engine, tokenizer, counter)
+    return Gating(nc, settings, engine, tokenizer, counter, directory=directory)
 
 
 async def main(settings: GatingSettings) -> None:

@@ -129,7 +129,7 @@ class PlacementService:
         except (json.JSONDecodeError, UnicodeDecodeError, BadRequest, PlacementError) as exc:
             err = exc if isinstance(exc, BadRequest) else BadRequest(str(exc))
             if msg.reply:
-                await self.nc.publish(msg.reply, json.dumps({"error": err.to_dict()}).encode(), headers=err.headers())
+                await self.nc.publish(msg.reply, err.body(), headers=err.headers())
 
     def live_hosts(self) -> list[HostStatus]:
         horizon = time.monotonic() - self.settings.host_ttl_s

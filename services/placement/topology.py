@@ -27,8 +27,6 @@ are errors (a typo should not silently become a default). Nodes are indexed in f
 
 from __future__ import annotations
 
-import json
-import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ import numpy as np
 
 from services.placement.errors import InvalidInputError
 from services.placement.types import DEFAULT_BANDWIDTH_BPS, DEFAULT_RTT_S, Cluster
+from shared.topology import TopologyError, read_document
 
 _TOP_KEYS = {"expert_mb", "link_defaults", "nodes", "links"}
 _NODE_KEYS = {"name", "hosts"}
@@ -136,14 +135,8 @@ def _link_ends(ends: Any, names: list[str], where: str) -> tuple[int, int]:
 
 def load_topology(path: str | Path) -> tuple[Cluster, list[str]]:
     """Read a topology file (`.json` → JSON, anything else → TOML); see the module docstring."""
-    p = Path(path)
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise InvalidInputError(f"cannot read topology file {p}: {e.strerror}") from e
-    try:
-        doc = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as e:
-        kind = "JSON" if p.suffix == ".json" else "TOML"
-        raise InvalidInputError(f"topology file {p} is not valid {kind}: {e}") from e
+        doc = read_document(path)
+    except TopologyError as e:
+        raise InvalidInputError(str(e)) from None
     return cluster_from_dict(doc)
