@@ -1,8 +1,10 @@
-"""Serving benchmark: Prism over NATS (hub + one leaf, gating and one expert host as separate processes).
+"""Serving benchmark: Prism over NATS (a hub, a leaf per node, gatings and expert hosts as processes).
 
 Prints decode tokens/s and request latency p50/p99 at 1, 4 and 16 concurrent requests, and the latency
-added per MoE layer by going through NATS (every expert on the node's own host) against the same model
-run in one process, both measured in this run.
+added per MoE layer by going through NATS (every expert on the node's own host) against the same engine
+with its experts in this process. The latency runs interleave the alternatives request by request (the
+machines here are shared and noisy): in-process, node n0 (its host busy-polls after a batch, the
+default) and node n1 (an identical node whose host sleeps between batches, `busy_poll_s=0`).
 
     .venv/bin/python bench/serving.py [--model DIR] [--max-tokens 32] [--requests 16]
 """
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -86,32 +89,64 @@ async def load_level(nc: nats.NATS, node: str, concurrency: int, rounds: int, ma
     }
 
 
-def in_process_decode_ms(model_dir: Path, max_tokens: int) -> float:
-    """Per-token decode time at batch 1 with every expert in this process."""
-    from shared.model.generate import generate
-    from shared.model.model import MoEModel
-    from shared.model.moe import LocalExperts
-    from shared.model.sampling import SamplingParams
+class InProcess:
+    """The baseline: the gating's own engine, its experts in this process (no NATS)."""
 
-    model, experts = MoEModel.from_checkpoint(model_dir), LocalExperts.from_checkpoint(model_dir)
-    prompt = [[5 + j for j in range(16)]]
-    times = []
-    with torch.inference_mode():
-        for n in (1, max_tokens):  # the difference removes the prefill
-            started = time.perf_counter()
-            for _ in range(3):
-                generate(model, experts, prompt, n, SamplingParams(), eos_token_id=[])
-            times.append((time.perf_counter() - started) / 3)
-    return 1000 * (times[1] - times[0]) / (max_tokens - 1)
+    def __init__(self, model_dir: Path) -> None:
+        from services.gating.engine import Engine
+        from shared.model.model import MoEModel
+        from shared.model.moe import LocalExperts
+
+        model = MoEModel.from_checkpoint(model_dir)
+        self.experts = LocalExperts.from_checkpoint(model_dir)
+        stop = frozenset(model.config.eos_token_ids)  # as the gating stops
+        self.engine = Engine(model, self._experts, max_slots=4, max_len=256, max_queue=4, inline_max_tokens=64,
+                             stop_ids=stop)
+
+    async def _experts(self, call, live):  # the engine's ExpertsFn
+        from services.gating.engine import ExpertsResult
+
+        return ExpertsResult(self.experts(call), torch.zeros(call.hidden.shape[0], dtype=torch.bool))
+
+    async def decode_ms(self, prompt: list[int], max_tokens: int) -> float:
+        from services.gating.engine import DoneEvent, ErrorEvent, Sequence
+        from shared.model.sampling import SamplingParams
+
+        seq = Sequence(prompt, max_tokens, SamplingParams())
+        self.engine.submit(seq)
+        while not isinstance(await seq.events.get(), DoneEvent | ErrorEvent):
+            pass
+        return 1000 * (seq.finished - seq.first_token) / max(1, len(seq.generated) - 1)
 
 
-async def prism_decode_ms(nc: nats.NATS, node: str, max_tokens: int) -> float:
-    """Per-token decode time at batch 1 through Prism, from the server-side timings."""
-    per_token = []
-    for r in range(5):
-        reply = await one_request(nc, node, [5 + j + r for j in range(16)], max_tokens)
-        per_token.append(reply["timings"]["decode_s"] / (reply["usage"]["completion_tokens"] - 1))
-    return 1000 * statistics.median(per_token)
+async def prism_decode_ms(nc: nats.NATS, node: str, prompt: list[int], max_tokens: int) -> float:
+    """Per-token decode time of one request through Prism, from the server-side timings."""
+    reply = await one_request(nc, node, prompt, max_tokens)
+    return 1000 * reply["timings"]["decode_s"] / max(1, reply["usage"]["completion_tokens"] - 1)
+
+
+async def batch1_latency(nc: nats.NATS, baseline: InProcess, max_tokens: int, rounds: int) -> dict[str, list[float]]:
+    """ms/token at batch 1, the alternatives interleaved request by request."""
+    runner = asyncio.create_task(baseline.engine.run())
+    out: dict[str, list[float]] = {"in-process": [], "n0": [], "n1": []}
+    try:
+        for r in range(rounds):
+            prompt = [5 + (j * 7 + r) % 200 for j in range(16)]
+            out["in-process"].append(await baseline.decode_ms(prompt, max_tokens))
+            for node in ("n0", "n1"):
+                out[node].append(await prism_decode_ms(nc, node, prompt, max_tokens))
+    finally:
+        runner.cancel()
+    return out
+
+
+def host_env(url: str, model: Path, node: str, **extra: str) -> dict[str, str]:
+    env = {"PRISM_HOST_NATS_URL": url, "PRISM_HOST_MODEL": str(model), "PRISM_HOST_NODE": node}
+    return {**env, "PRISM_HOST_HOST": f"{node}-host", **extra}
+
+
+def gating_env(url: str, model: Path, node: str, **extra: str) -> dict[str, str]:
+    return {"PRISM_GATING_NATS_URL": url, "PRISM_GATING_MODEL": str(model), "PRISM_GATING_NODE": node, **extra}
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -121,57 +156,41 @@ async def run(args: argparse.Namespace) -> None:
     config = load_config(model)
     moe_layers = len(list_moe_layers(config))
     hub_cfg = ServerConfig(name="hub", port=free_port(), leaf_port=free_port(), max_payload=8 << 20)
-    async with NatsServer(hub_cfg, work) as hub:
-        leaf_cfg = ServerConfig(
-            name="leaf", port=free_port(), leaf_remotes=(LeafRemote(f"nats://127.0.0.1:{hub.cfg.leaf_port}"),)
-        )
-        async with NatsServer(leaf_cfg, work) as leaf:
-            url = leaf.cfg.client_url()
-            procs = [
-                await start_service(
-                    "services.expert_host",
-                    {
-                        "PRISM_HOST_NATS_URL": url,
-                        "PRISM_HOST_MODEL": str(model),
-                        "PRISM_HOST_NODE": "n0",
-                        "PRISM_HOST_HOST": "h0",
-                    },
-                    work / "host.log",
-                ),
-                await start_service(
-                    "services.gating",
-                    {"PRISM_GATING_NATS_URL": url, "PRISM_GATING_MODEL": str(model), "PRISM_GATING_NODE": "n0"},
-                    work / "gating.log",
-                ),
-                # the same node's traffic, one message per expert instead of one per host: the alternative
-                await start_service(
-                    "services.gating",
-                    {
-                        "PRISM_GATING_NATS_URL": url,
-                        "PRISM_GATING_MODEL": str(model),
-                        "PRISM_GATING_NODE": "n0-per-expert",
-                        "PRISM_GATING_HOST_BATCHING": "false",
-                    },
-                    work / "gating-per-expert.log",
-                ),
-            ]
-            nc = await nats.connect(url)
-            try:
-                await wait_until_serving(nc, "n0")
-                await wait_until_serving(nc, "n0-per-expert")
-                local_ms = in_process_decode_ms(model, args.max_tokens)
-                remote_ms = await prism_decode_ms(nc, "n0", args.max_tokens)
-                rounds = {c: max(1, args.requests // c) for c in (1, 4, 16)}
-                levels = {c: await load_level(nc, "n0", c, n, args.max_tokens) for c, n in rounds.items()}
-                per_expert = {
-                    c: await load_level(nc, "n0-per-expert", c, n, args.max_tokens) for c, n in rounds.items()
-                }
-            finally:
-                await nc.close()
-                for p in procs:
-                    p.terminate()
-                    await p.wait()
-    report(model, config, moe_layers, args, local_ms, remote_ms, levels)
+    async with contextlib.AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(NatsServer(hub_cfg, work))
+        remote = (LeafRemote(f"nats://127.0.0.1:{hub.cfg.leaf_port}"),)
+        urls = {}
+        for node in ("n0", "n1"):  # one leaf per node: queue groups answer from the node's own host
+            leaf = await stack.enter_async_context(
+                NatsServer(ServerConfig(name=f"leaf-{node}", port=free_port(), leaf_remotes=remote), work)
+            )
+            urls[node] = leaf.cfg.client_url()
+        services = {
+            "host-n0": ("services.expert_host", host_env(urls["n0"], model, "n0")),
+            "host-n1": ("services.expert_host", host_env(urls["n1"], model, "n1", PRISM_HOST_BUSY_POLL_S="0")),
+            "gating-n0": ("services.gating", gating_env(urls["n0"], model, "n0")),
+            "gating-n1": ("services.gating", gating_env(urls["n1"], model, "n1")),
+            # node n0's traffic, one message per expert instead of one per host: the alternative
+            "gating-n0-per-expert": (
+                "services.gating",
+                gating_env(urls["n0"], model, "n0-per-expert", PRISM_GATING_HOST_BATCHING="false"),
+            ),
+        }
+        procs = [await start_service(module, env, work / f"{name}.log") for name, (module, env) in services.items()]
+        nc = await nats.connect(urls["n0"])
+        try:
+            for node in ("n0", "n1", "n0-per-expert"):
+                await wait_until_serving(nc, node)
+            latency = await batch1_latency(nc, InProcess(model), args.max_tokens, args.latency_rounds)
+            rounds = {c: max(1, args.requests // c) for c in (1, 4, 16)}
+            levels = {c: await load_level(nc, "n0", c, n, args.max_tokens) for c, n in rounds.items()}
+            per_expert = {c: await load_level(nc, "n0-per-expert", c, n, args.max_tokens) for c, n in rounds.items()}
+        finally:
+            await nc.close()
+            for p in procs:
+                p.terminate()
+                await p.wait()
+    report(model, config, moe_layers, args, latency, levels)
     print("\n| concurrent | one message per expert: tok/s | one per host: tok/s | ratio |")
     print("|---:|---:|---:|---:|")
     for c in levels:
@@ -179,25 +198,29 @@ async def run(args: argparse.Namespace) -> None:
         print(f"| {c} | {per_expert[c]['tok_s']:.1f} | {levels[c]['tok_s']:.1f} | {ratio:.2f}× |")
 
 
-def report(model, config, moe_layers, args, local_ms, remote_ms, levels) -> None:  # noqa: PLR0917
+def report(model, config, moe_layers, args, latency, levels) -> None:  # noqa: PLR0917
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32"
     print(f"# Prism serving benchmark — {machine}")
     print(
         f"model {model.name}: hidden {config.hidden_size}, {config.num_layers} layers ({moe_layers} MoE), "
         f"{config.num_experts} experts top-{config.top_k}; prompt 16 tokens, {args.max_tokens} generated; "
-        "hub + 1 leaf, gating and one expert host as processes on loopback\n"
+        "hub + a leaf per node, gatings and expert hosts as processes on loopback\n"
     )
     print("| concurrent | decode tok/s | latency p50 ms | latency p99 ms | tok/s vs 1 |")
     print("|---:|---:|---:|---:|---:|")
     base = levels[1]["tok_s"]
     for c, r in levels.items():
         print(f"| {c} | {r['tok_s']:.1f} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['tok_s'] / base:.2f}× |")
-    added = (remote_ms - local_ms) / moe_layers
-    print("\n| batch-1 decode | ms/token |")
-    print("|---|---:|")
-    print(f"| in-process (all experts local) | {local_ms:.2f} |")
-    print(f"| Prism over NATS (experts on the node's host) | {remote_ms:.2f} |")
-    print(f"| added per MoE layer | {added:.3f} |")
+    local = latency["in-process"]
+    print(f"\nbatch-1 decode, {len(local)} requests of each, interleaved; added = median over requests of "
+          "(Prism − in-process) / MoE layers")
+    print("| path | ms/token p50 | added per MoE layer, ms p50 |")
+    print("|---|---:|---:|")
+    print(f"| in-process engine (all experts local) | {statistics.median(local):.2f} | — |")
+    names = {"n0": "Prism, host busy-polls 2 ms after a batch (default)", "n1": "Prism, host sleeps between batches"}
+    for node, name in names.items():
+        added = [(r - x) / moe_layers for r, x in zip(latency[node], local, strict=True)]
+        print(f"| {name} | {statistics.median(latency[node]):.2f} | {statistics.median(added):.3f} |")
 
 
 if __name__ == "__main__":
@@ -205,4 +228,5 @@ if __name__ == "__main__":
     parser.add_argument("--model", help="checkpoint dir (default: models/demo, else a generated Mixtral-shaped one)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--latency-rounds", type=int, default=15, help="batch-1 requests per path, interleaved")
     asyncio.run(run(parser.parse_args()))

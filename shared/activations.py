@@ -59,11 +59,11 @@ class ActivationCounter:
         self.counts = np.zeros((len(layers), num_experts), dtype=np.int64)
         self.tokens = np.zeros(len(layers), dtype=np.int64)
 
-    def add(self, layer: int, expert_ids: npt.NDArray[np.int64]) -> None:
-        """expert_ids: [T, K] choices of the live tokens of one MoE call."""
+    def add(self, layer: int, experts: list[int], counts: list[int], *, tokens: int) -> None:
+        """`counts[i]` tokens of one MoE call chose `experts[i]` (distinct); `tokens` went through the router."""
         row = self.row[layer]
-        np.add.at(self.counts[row], expert_ids.reshape(-1), 1)
-        self.tokens[row] += expert_ids.shape[0]
+        self.counts[row, experts] += counts
+        self.tokens[row] += tokens
 
     def take(self, window_s: float) -> ActivationReport:
         """The report of the window so far; starts a new window."""

@@ -28,4 +28,7 @@ class ExpertHostSettings(ServiceSettings):
     inline_max_tokens: int = Field(
         64, ge=0, le=1_000_000, description="batches of at most this many tokens compute on the event loop"
     )
+    busy_poll_s: float = Field(
+        0.002, ge=0, le=1, description="keep polling this long after a batch instead of sleeping (0: off), seconds"
+    )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for expert compute")

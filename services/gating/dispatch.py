@@ -24,9 +24,12 @@ from shared import subjects
 from shared.activations import ActivationCounter
 from shared.codec import check_size, decode_tensor, encode_tensor, max_rows_per_message
 from shared.errors import ExpertUnavailable, PrismError, error_from_headers
-from shared.model.moe import MoECall, combine, group_by_expert
+from shared.model.moe import MoECall, Routing, combine
 
 NO_RESPONDERS_RETRY_S = 0.02
+
+Spans = dict[int, tuple[int, int]]  # expert -> (first row, end row) in the routing's block
+Answer = Tensor | PrismError
 
 
 class RemoteExperts:
@@ -49,73 +52,62 @@ class RemoteExperts:
         self.messages = 0
 
     async def __call__(self, call: MoECall, live: Tensor) -> ExpertsResult:
-        T, D = call.hidden.shape
+        T = call.hidden.shape[0]
+        routing = Routing.of(call.expert_ids, live)
         if self.counter is not None:
-            self.counter.add(call.layer, call.expert_ids[live].cpu().numpy())
-        groups = group_by_expert(call.expert_ids)
-        everyone = bool(live.all())
-        positions = {
-            expert: torch.arange(idx.numel()) if everyone else torch.nonzero(live[idx]).flatten()
-            for expert, idx, _ in groups
-        }
-        requests = {
-            expert: call.hidden[idx[positions[expert]]] for expert, idx, _ in groups if positions[expert].numel()
-        }
-        answers = await self._answer(call.layer, requests)
-        # rows of dead tokens stay zero: they are never read, but combine needs every group's shape
-        outputs = {expert: torch.zeros(idx.numel(), D, dtype=call.hidden.dtype) for expert, idx, _ in groups}
+            self.counter.add(call.layer, routing.experts, routing.counts, tokens=int(live.sum()))
+        rows = routing.rows(call.hidden)
+        spans = {expert: (start, end) for expert, start, end in routing.spans()}
+        outputs = torch.zeros_like(rows)
         failed = torch.zeros(T, dtype=torch.bool)
         error: PrismError | None = None
-        for expert, idx, _ in groups:
-            answer = answers.get(expert)
+        for experts, answer in await self._answer(call.layer, rows, spans):
             if isinstance(answer, PrismError):
-                failed[idx[positions[expert]]] = True
+                for expert in experts:
+                    failed[routing.token_idx[slice(*spans[expert])]] = True
                 error = error or answer
-            elif answer is not None:
-                outputs[expert][positions[expert]] = answer.to(call.hidden.dtype)
-        return ExpertsResult(combine(call, outputs, groups=groups), failed, error)
+            else:
+                _place(outputs, answer.to(rows.dtype), experts, spans)
+        return ExpertsResult(combine(call, routing, outputs), failed, error)
 
-    async def _answer(self, layer: int, requests: dict[int, Tensor]) -> dict[int, Tensor | PrismError]:
-        """Every expert's output (or error): one message per known holding host, the rest (and what a
-        host refuses) on the experts' own subjects."""
-        by_host, direct = self.directory.route(layer, sorted(requests)) if self.directory else ({}, sorted(requests))
-        jobs = [self._via_host(host, layer, experts, requests) for host, experts in by_host.items()]
-        jobs += [self._via_subjects(layer, [expert], requests) for expert in direct]
-        answers: dict[int, Tensor | PrismError] = {}
-        for part in await asyncio.gather(*jobs):
-            answers.update(part)
-        return answers
+    async def _answer(self, layer: int, rows: Tensor, spans: Spans) -> list[tuple[list[int], Answer]]:
+        """Every expert's output rows (or error), as (experts, their rows stacked in that order): one
+        message per known holding host, the rest (and what a host refuses) on the experts' own subjects."""
+        experts = list(spans)
+        by_host, direct = self.directory.route(layer, experts) if self.directory else ({}, experts)
+        jobs = [self._via_host(host, layer, held, rows, spans) for host, held in by_host.items()]
+        jobs += [self._via_subjects(layer, [expert], rows, spans) for expert in direct]
+        return [answer for part in await asyncio.gather(*jobs) for answer in part]
 
     async def _via_host(
-        self, host: str, layer: int, experts: list[int], requests: dict[int, Tensor]
-    ) -> dict[int, Tensor | PrismError]:
-        counts = [requests[e].shape[0] for e in experts]
-        hidden = torch.cat([requests[e] for e in experts])
+        self, host: str, layer: int, experts: list[int], rows: Tensor, spans: Spans
+    ) -> list[tuple[list[int], Answer]]:
+        hidden = _take(rows, experts, spans)
+        counts = [spans[e][1] - spans[e][0] for e in experts]
         payload = encode_tensor(hidden, {"layer": layer, "experts": experts, "counts": counts})
         self.messages += 1
         try:
             check_size(payload, None, self.max_payload)
             msg = await self.nc.request(subjects.host_batch(host), payload, timeout=self.timeout_s)
         except (PrismError, NoRespondersError, NatsTimeoutError, TimeoutError):
-            return await self._via_subjects(layer, experts, requests)
+            return await self._via_subjects(layer, experts, rows, spans)
         out = _parse_reply(msg.headers, msg.data, hidden, f"host {host}")
         if isinstance(out, PrismError):  # e.g. it no longer holds one of them: ask the experts' subjects
-            return await self._via_subjects(layer, experts, requests)
-        return dict(zip(experts, torch.split(out, counts), strict=True))
+            return await self._via_subjects(layer, experts, rows, spans)
+        return [(experts, out)]
 
     async def _via_subjects(
-        self, layer: int, experts: list[int], requests: dict[int, Tensor]
-    ) -> dict[int, Tensor | PrismError]:
+        self, layer: int, experts: list[int], rows: Tensor, spans: Spans
+    ) -> list[tuple[list[int], Answer]]:
         """Each expert on its own subject, split into messages that fit max_payload."""
-        hidden = requests[experts[0]]
-        rows = max_rows_per_message(hidden.shape[1] * hidden.element_size(), self.max_payload)
-        out: dict[int, Tensor | PrismError] = {}
+        per_message = max_rows_per_message(rows.shape[1] * rows.element_size(), self.max_payload)
+        out: list[tuple[list[int], Answer]] = []
         for expert in experts:
-            chunks = torch.split(requests[expert], rows)
+            chunks = torch.split(rows[slice(*spans[expert])], per_message)
             self.messages += len(chunks)
             parts = await asyncio.gather(*(self._ask(layer, expert, chunk) for chunk in chunks))
             errors = [p for p in parts if isinstance(p, PrismError)]
-            out[expert] = errors[0] if errors else torch.cat([p for p in parts if isinstance(p, Tensor)])
+            out.append(([expert], errors[0] if errors else torch.cat([p for p in parts if isinstance(p, Tensor)])))
         return out
 
     async def _ask(self, layer: int, expert: int, hidden: Tensor) -> Tensor | PrismError:
@@ -145,6 +137,25 @@ class RemoteExperts:
         except PrismError as err:
             return ExpertUnavailable(f"{name}: {err.message}")
         return _parse_reply(msg.headers, msg.data, hidden, name)
+
+
+def _take(rows: Tensor, experts: list[int], spans: Spans) -> Tensor:
+    """The rows of `experts`, stacked in that order (no copy when they are the whole block)."""
+    if len(experts) == len(spans):
+        return rows
+    return torch.cat([rows[slice(*spans[e])] for e in experts])
+
+
+def _place(outputs: Tensor, answer: Tensor, experts: list[int], spans: Spans) -> None:
+    """Write `answer` (the rows of `experts`, stacked in that order) back into the block."""
+    if len(experts) == len(spans):
+        outputs.copy_(answer)
+        return
+    offset = 0
+    for expert in experts:
+        start, end = spans[expert]
+        outputs[start:end] = answer[offset : offset + end - start]
+        offset += end - start
 
 
 def _parse_reply(headers: dict[str, str] | None, data: bytes, hidden: Tensor, name: str) -> Tensor | PrismError:

@@ -7,7 +7,7 @@ package re-exports the most used names.
 from shared.model.cache import KVCache
 from shared.model.config import PRESETS, ModelConfig, RopeConfig, list_moe_layers, preset
 from shared.model.errors import CheckpointError, ConfigError, InputError, ModelError, UnsupportedModelError
-from shared.model.moe import ExpertWeights, LocalExperts, MoECall, combine, expert_forward, group_by_expert
+from shared.model.moe import ExpertWeights, LocalExperts, MoECall, Routing, combine, expert_forward
 
 __all__ = [
     "PRESETS",
@@ -21,10 +21,10 @@ __all__ = [
     "ModelConfig",
     "ModelError",
     "RopeConfig",
+    "Routing",
     "UnsupportedModelError",
     "combine",
     "expert_forward",
-    "group_by_expert",
     "list_moe_layers",
     "preset",
 ]

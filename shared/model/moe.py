@@ -1,10 +1,10 @@
-"""The expert seam: per-expert weights, one expert's forward, grouping tokens by expert, combining.
+"""The expert seam: per-expert weights, one expert's forward, routing tokens to experts, combining.
 
 Pure torch, no I/O. The dense model yields one `MoECall` per MoE layer; whoever answers it (the
-in-process `LocalExperts`, or a gating service that sends each group to a remote expert host)
-computes `expert_forward(w, hidden[token_idx])` for every group of `group_by_expert` and hands
-the outputs to `combine`. Because every path uses these same three functions, greedy output
-through the network is bit-identical to the in-process run.
+in-process `LocalExperts`, or a gating service that sends the rows to remote expert hosts) builds a
+`Routing`, computes `expert_forward(w, rows)` on each expert's contiguous block of
+`routing.rows(hidden)` and hands the outputs to `combine`. Because every path uses these same
+functions, greedy output through the network is bit-identical to the in-process run.
 
 Shape legend: T tokens in the step, D hidden size, I expert intermediate size, K experts per
 token (top-k), n tokens routed to one expert.
@@ -12,6 +12,7 @@ token (top-k), n tokens routed to one expert.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -113,49 +114,68 @@ class MoECall:
     weights: Tensor  # [T, K] router weights, already normalised per family
 
 
-Groups = list[tuple[int, Tensor, Tensor]]  # (expert, token_idx [n], k_idx [n]) per chosen expert
+@dataclass(frozen=True)
+class Routing:
+    """One MoE call's (token, k) choices sorted by expert: the rows each expert must see, as one block.
 
-
-def group_by_expert(expert_ids: Tensor) -> Groups:
-    """Group (token, k) choices by expert.
-
-    expert_ids: [T, K] int64. Returns (expert, token_idx [n], k_idx [n]) per chosen expert,
-    ascending by expert; within a group token_idx is ascending. Index tensors are on the device
-    of `expert_ids`.
+    Row r of the block is `hidden[token_idx[r]]`; rows of one expert are contiguous (`counts`, in the
+    order of `experts`, ascending) and, within an expert, in ascending token order. Built with a few
+    whole-tensor operations, whatever the number of experts, so dispatch cost does not grow with it.
     """
-    T, K = expert_ids.shape
-    if T == 0:
-        return []
-    flat = expert_ids.reshape(-1)
-    # A stable sort keeps row-major (token, k) order inside each expert: deterministic groups.
-    sorted_ids, order = torch.sort(flat, stable=True)
-    experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    groups = []
-    for expert, idx in zip(experts.tolist(), torch.split(order, counts.tolist()), strict=True):
-        groups.append((int(expert), idx // K, idx % K))
-    return groups
+
+    experts: list[int]  # chosen experts, ascending
+    counts: list[int]  # rows per expert; N = sum(counts)
+    order: Tensor  # [N] flat choice index (token * K + k) of each row
+    token_idx: Tensor  # [N] token of each row
+
+    @classmethod
+    def of(cls, expert_ids: Tensor, live: Tensor | None = None) -> Routing:
+        """expert_ids [T, K] int64; `live` [T] bool leaves the other tokens' choices out."""
+        K = expert_ids.shape[1]
+        choices = expert_ids.reshape(-1)
+        order = torch.arange(choices.numel(), device=expert_ids.device)
+        if live is not None and not bool(live.all()):
+            order = order[live.repeat_interleave(K)]
+            choices = choices[order]
+        # A stable sort keeps row-major (token, k) order inside each expert: deterministic blocks.
+        sorted_ids, perm = torch.sort(choices, stable=True)
+        experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+        order = order[perm]
+        return cls(experts.tolist(), counts.tolist(), order, torch.div(order, K, rounding_mode="floor"))
+
+    def rows(self, hidden: Tensor) -> Tensor:
+        """[N, D]: each expert's input rows, contiguous per expert."""
+        return hidden[self.token_idx]
+
+    def spans(self) -> list[tuple[int, int, int]]:
+        """(expert, first row, end row) per chosen expert."""
+        ends = list(itertools.accumulate(self.counts))
+        return [(e, end - n, end) for e, n, end in zip(self.experts, self.counts, ends, strict=True)]
 
 
-def combine(call: MoECall, outputs: Mapping[int, Tensor], *, groups: Groups | None = None) -> Tensor:
+def combine(call: MoECall, routing: Routing, outputs: Tensor) -> Tensor:
     """Weighted sum of expert outputs per token: [T, D] in the dtype of `call.hidden`.
 
-    outputs[e] is expert_forward of expert e on hidden[token_idx] for e's group (same order).
-    Experts are added in ascending order, each with one index_add_ (no token repeats within a
-    group), so the result does not depend on timing or device scheduling. `groups`, if given,
-    must be `group_by_expert(call.expert_ids)` (saves computing it twice).
+    outputs [N, D] are the experts' answers to `routing.rows(call.hidden)`, row for row. Each token's
+    K contributions are added in ascending expert order, starting from zero — the arithmetic of one
+    index_add_ per expert in expert order (transformers' loop), so the bits do not depend on how the
+    rows were computed or on timing. Tokens left out of `routing` get zeros.
     """
+    T, K = call.expert_ids.shape
+    D = call.hidden.shape[1]
+    if outputs.shape != (routing.order.numel(), D):
+        raise InputError(
+            f"combine: layer {call.layer} got expert outputs of shape {tuple(outputs.shape)}, "
+            f"expected {(routing.order.numel(), D)}"
+        )
+    per_choice = outputs.new_zeros(T * K, D).index_copy_(0, routing.order, outputs).view(T, K, D)
+    weighted = (per_choice * call.weights[..., None]).to(call.hidden.dtype)
+    if K > 1:  # each token's choices in ascending expert order
+        rank = call.expert_ids.argsort(dim=1, stable=True)
+        weighted = weighted.gather(1, rank[..., None].expand(T, K, D))
     out = torch.zeros_like(call.hidden)
-    for expert, token_idx, k_idx in group_by_expert(call.expert_ids) if groups is None else groups:
-        y = outputs.get(expert)
-        if y is None:
-            raise InputError(f"combine: no output for expert {expert} of layer {call.layer}")
-        if y.shape != (token_idx.numel(), out.shape[1]):
-            raise InputError(
-                f"combine: expert {expert} of layer {call.layer} returned shape {tuple(y.shape)}, "
-                f"expected {(token_idx.numel(), out.shape[1])}"
-            )
-        weighted = y * call.weights[token_idx, k_idx, None]
-        out.index_add_(0, token_idx, weighted.to(out.dtype))
+    for k in range(K):
+        out += weighted[:, k]
     return out
 
 
@@ -184,11 +204,12 @@ class LocalExperts:
 
     def __call__(self, call: MoECall) -> Tensor:
         """Run every chosen expert on its tokens and combine: [T, D]."""
-        outputs: dict[int, Tensor] = {}
-        groups = group_by_expert(call.expert_ids)
-        for expert, token_idx, _ in groups:
+        routing = Routing.of(call.expert_ids)
+        rows = routing.rows(call.hidden)
+        outputs = []
+        for expert, start, end in routing.spans():
             w = self.weights.get((call.layer, expert))
             if w is None:
                 raise InputError(f"expert ({call.layer}, {expert}) is not held by this LocalExperts")
-            outputs[expert] = expert_forward(w, call.hidden[token_idx])
-        return combine(call, outputs, groups=groups)
+            outputs.append(expert_forward(w, rows[start:end]))
+        return combine(call, routing, torch.cat(outputs) if outputs else torch.zeros_like(rows))

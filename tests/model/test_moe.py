@@ -20,9 +20,9 @@ from shared.model.moe import (
     ExpertWeights,
     LocalExperts,
     MoECall,
+    Routing,
     combine,
     expert_forward,
-    group_by_expert,
 )
 
 PROMPTS = [[5, 17, 99, 3, 250, 41, 8, 77, 120, 64, 9, 31, 200, 11, 6, 150], [7, 8, 9], [300, 12, 44, 19, 2, 3]]
@@ -38,17 +38,21 @@ def routings(draw: st.DrawFn) -> torch.Tensor:
 
 
 @settings(max_examples=60, deadline=None)
-@given(routings())
-def test_group_by_expert_partitions_choices(expert_ids: torch.Tensor) -> None:
-    groups = group_by_expert(expert_ids)
-    experts = [e for e, _, _ in groups]
-    assert experts == sorted(set(expert_ids.flatten().tolist()))
-    seen = set()
-    for expert, token_idx, k_idx in groups:
-        assert token_idx.tolist() == sorted(token_idx.tolist())
-        assert (expert_ids[token_idx, k_idx] == expert).all()
-        seen |= set(zip(token_idx.tolist(), k_idx.tolist(), strict=True))
-    assert seen == {(t, k) for t in range(expert_ids.shape[0]) for k in range(expert_ids.shape[1])}
+@given(routings(), st.data())
+def test_routing_sorts_choices_by_expert(expert_ids: torch.Tensor, data: st.DataObject) -> None:
+    T, K = expert_ids.shape
+    live = torch.tensor(data.draw(st.lists(st.booleans(), min_size=T, max_size=T)), dtype=torch.bool)
+    routing = Routing.of(expert_ids, live)
+    kept = {(t, k) for t in range(T) for k in range(K) if live[t]}
+    assert routing.experts == sorted({int(expert_ids[t, k]) for t, k in kept})
+    assert sum(routing.counts) == routing.order.numel() == len(kept)
+    assert {(int(o) // K, int(o) % K) for o in routing.order} == kept
+    for expert, start, end in routing.spans():
+        tokens = routing.token_idx[start:end].tolist()
+        assert tokens == sorted(tokens)
+        assert (expert_ids.reshape(-1)[routing.order[start:end]] == expert).all()
+    hidden = torch.randn(T, 3)
+    assert torch.equal(routing.rows(hidden), hidden[routing.token_idx])
 
 
 def _random_experts(E: int, D: int, inner: int, seed: int = 0) -> dict[int, ExpertWeights]:
@@ -63,18 +67,22 @@ def test_combine_equals_per_token_sum() -> None:
     g = torch.Generator().manual_seed(1)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     call = MoECall(3, torch.randn(T, D, generator=g), ids, torch.rand(T, K, generator=g))
-    outputs = {e: expert_forward(experts[e], call.hidden[t]) for e, t, _ in group_by_expert(ids)}
-    out = combine(call, outputs)
+    routing = Routing.of(ids)
+    rows = routing.rows(call.hidden)
+    outputs = torch.cat([expert_forward(experts[e], rows[start:end]) for e, start, end in routing.spans()])
+    out = combine(call, routing, outputs)
     for t in range(T):
         expect = sum(call.weights[t, k] * expert_forward(experts[int(ids[t, k])], call.hidden[t : t + 1])[0]
                      for k in range(K))
         assert torch.allclose(out[t], expect, atol=1e-6)
-    with pytest.raises(InputError, match="no output for expert"):
-        combine(call, {e: y for e, y in outputs.items() if e != int(ids[0, 0])})
-    bad = dict(outputs)
-    bad[int(ids[0, 0])] = torch.zeros(1, D + 1)
-    with pytest.raises(InputError, match="returned shape"):
-        combine(call, bad)
+    # bit for bit the arithmetic of transformers' loop: one index_add_ per expert, experts ascending
+    loop = torch.zeros(T, D)
+    for _, start, end in routing.spans():
+        token, k = routing.token_idx[start:end], routing.order[start:end] % K
+        loop.index_add_(0, token, outputs[start:end] * call.weights[token, k, None])
+    assert torch.equal(out, loop)
+    with pytest.raises(InputError, match="expert outputs of shape"):
+        combine(call, routing, outputs[1:])
 
 
 def _unaligned_copy(t: torch.Tensor) -> torch.Tensor:
@@ -91,13 +99,14 @@ def test_remote_path_is_bit_identical_to_local(tiny_dir: Callable[..., Path]) ->
     model, local = MoEModel.from_checkpoint(path), LocalExperts.from_checkpoint(path)
 
     def remote(call: MoECall) -> torch.Tensor:
-        outputs = {}
-        for expert, token_idx, _ in group_by_expert(call.expert_ids):
-            wire_in = _unaligned_copy(call.hidden[token_idx])
+        routing = Routing.of(call.expert_ids)
+        wire_rows = _unaligned_copy(routing.rows(call.hidden))
+        outputs = []
+        for expert, start, end in routing.spans():
             weights = local.weights[(call.layer, expert)]
             host_copy = ExpertWeights(*(_unaligned_copy(w) for w in (weights.gate, weights.up, weights.down)))
-            outputs[expert] = _unaligned_copy(expert_forward(host_copy, wire_in))
-        return combine(call, outputs)
+            outputs.append(expert_forward(host_copy, wire_rows[start:end]))
+        return combine(call, routing, _unaligned_copy(torch.cat(outputs)))
 
     for batch_prompts in (PROMPTS[:1], PROMPTS):
         results = []
