@@ -62,7 +62,8 @@ class ActivationCounter:
     def add(self, layer: int, experts: list[int], counts: list[int], *, tokens: int) -> None:
         """`counts[i]` tokens of one MoE call chose `experts[i]` (distinct); `tokens` went through the router."""
         row = self.row[layer]
-        self.counts[row, experts] += counts
+        if experts:
+            self.counts[row, experts] += counts
         self.tokens[row] += tokens
 
     def take(self, window_s: float) -> ActivationReport:
