@@ -102,13 +102,13 @@ async def test_bad_requests_get_coded_errors_and_node_keeps_serving(cluster: Loc
 
 
 async def test_lost_expert_fails_only_the_requests_that_need_it(cluster: LocalCluster, mixtral_dir: Path) -> None:
-    """Expert (1, 7) lives only on host `only`; killing it fails exactly the requests routed to it."""
+    """Expert (0, 7) lives only on host `only`; killing it fails exactly the requests routed to it."""
     await cluster.add_node("a")
-    await cluster.add_host("a", "rest", mixtral_dir, "0:*,1:0-6")
-    only = await cluster.add_host("a", "only", mixtral_dir, "1:7")
+    await cluster.add_host("a", "rest", mixtral_dir, "0:0-6,1:*")
+    only = await cluster.add_host("a", "only", mixtral_dir, "0:7")
     await cluster.add_gating("a", mixtral_dir, expert_timeout_s=1.0)
     await cluster.settle()
-    needs, avoids = split_by_expert(mixtral_dir, layer=1, expert=7)
+    needs, avoids = split_by_expert(mixtral_dir, layer=0, expert=7)
     await only.nc.close()  # abrupt: the server drops its subscriptions
     nc = await cluster.connect("a")
     node = cluster.node("a")
@@ -116,8 +116,11 @@ async def test_lost_expert_fails_only_the_requests_that_need_it(cluster: LocalCl
         failed, served = await asyncio.gather(
             ask(nc, node, {"input_ids": needs, "max_tokens": 2}), ask(nc, node, {"input_ids": avoids, "max_tokens": 2})
         )
-    assert failed[0]["error"]["code"] == "expert_unavailable"
-    assert "expert 1.7" in failed[0]["error"]["message"]
+        # alone, its later layers see a step with no live token at all
+        alone, _ = await ask(nc, node, {"input_ids": needs, "max_tokens": 2})
+    for reply in (failed[0], alone):
+        assert reply["error"]["code"] == "expert_unavailable", reply
+        assert "expert 0.7" in reply["error"]["message"]
     assert served[0]["token_ids"] == reference(mixtral_dir, [avoids], 2)[0]
 
 
