@@ -3,8 +3,9 @@
 Prints decode tokens/s and request latency p50/p99 at 1, 4 and 16 concurrent requests, and the latency
 added per MoE layer by going through NATS (every expert on the node's own host) against the same engine
 with its experts in this process. The latency runs interleave the alternatives request by request (the
-machines here are shared and noisy): in-process, node n0 (its host busy-polls after a batch, the
-default) and node n1 (an identical node whose host sleeps between batches, `busy_poll_s=0`).
+machines here are shared and noisy): in-process, node n0 (its host busy-polls 2 ms after a batch, the
+service default) and node n1 (an identical node whose host sleeps between batches, `busy_poll_s=0`),
+then a bare round trip of the same size to an echo process, spaced like the layers of a decode step.
 
     .venv/bin/python bench/serving.py [--model DIR] [--max-tokens 32] [--requests 16]
 """
@@ -25,11 +26,13 @@ from pathlib import Path
 
 import nats
 import torch
+from nats.aio.msg import Msg
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from shared import subjects  # noqa: E402
+from shared.codec import encode_tensor  # noqa: E402
 from shared.model.checkpoint import load_config  # noqa: E402
 from shared.model.config import list_moe_layers  # noqa: E402
 from shared.nats_server import LeafRemote, NatsServer, ServerConfig, free_port  # noqa: E402
@@ -50,6 +53,13 @@ async def start_service(module: str, env: dict[str, str], log: Path) -> asyncio.
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable, "-m", module, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out
+        )
+
+
+async def start_echo(url: str, log: Path) -> asyncio.subprocess.Process:
+    with log.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, __file__, "--echo", url, cwd=ROOT, stdout=out, stderr=out
         )
 
 
@@ -125,16 +135,49 @@ async def prism_decode_ms(nc: nats.NATS, node: str, prompt: list[int], max_token
     return 1000 * reply["timings"]["decode_s"] / max(1, reply["usage"]["completion_tokens"] - 1)
 
 
-async def batch1_latency(nc: nats.NATS, baseline: InProcess, max_tokens: int, rounds: int) -> dict[str, list[float]]:
-    """ms/token at batch 1, the alternatives interleaved request by request."""
+ECHO_SUBJECT = "bench.echo"
+
+
+async def echo(url: str) -> None:
+    """The bare transport: a process that answers every request with its payload."""
+    nc = await nats.connect(url)
+
+    async def answer(msg: Msg) -> None:
+        await msg.respond(msg.data)
+
+    await nc.subscribe(ECHO_SUBJECT, cb=answer)
+    await asyncio.Event().wait()
+
+
+async def bare_round_trip_ms(nc: nats.NATS, payload: bytes, layers: int, gap_s: float) -> float:
+    """One decode step's worth of bare round trips: `layers` requests, `gap_s` of busy CPU between them
+    (the dense compute of a layer), median in ms."""
+    times = []
+    for _ in range(layers):
+        until = time.perf_counter() + gap_s
+        while time.perf_counter() < until:
+            pass
+        started = time.perf_counter()
+        await nc.request(ECHO_SUBJECT, payload, timeout=5)
+        times.append(time.perf_counter() - started)
+    return 1000 * statistics.median(times)
+
+
+async def batch1_latency(
+    nc: nats.NATS, baseline: InProcess, args: argparse.Namespace, config, moe_layers: int
+) -> dict[str, list[float]]:
+    """ms/token at batch 1 (and a bare round trip), the alternatives interleaved request by request."""
     runner = asyncio.create_task(baseline.engine.run())
-    out: dict[str, list[float]] = {"in-process": [], "n0": [], "n1": []}
+    out: dict[str, list[float]] = {"in-process": [], "n0": [], "n1": [], "bare": []}
+    batch = encode_tensor(torch.zeros(config.top_k, config.hidden_size), {"layer": 0, "experts": [0], "counts": [1]})
     try:
-        for r in range(rounds):
+        for r in range(args.latency_rounds):
             prompt = [5 + (j * 7 + r) % 200 for j in range(16)]
-            out["in-process"].append(await baseline.decode_ms(prompt, max_tokens))
+            out["in-process"].append(await baseline.decode_ms(prompt, args.max_tokens))
             for node in ("n0", "n1"):
-                out[node].append(await prism_decode_ms(nc, node, prompt, max_tokens))
+                out[node].append(await prism_decode_ms(nc, node, prompt, args.max_tokens))
+            gap_s = out["in-process"][-1] / 1000 / moe_layers
+            out["bare"].append(await bare_round_trip_ms(nc, batch, 2 * moe_layers, gap_s))
     finally:
         runner.cancel()
     return out
@@ -177,18 +220,21 @@ async def run(args: argparse.Namespace) -> None:
             ),
         }
         procs = [await start_service(module, env, work / f"{name}.log") for name, (module, env) in services.items()]
+        procs.append(await start_echo(urls["n0"], work / "echo.log"))
         nc = await nats.connect(urls["n0"])
         try:
             for node in ("n0", "n1", "n0-per-expert"):
                 await wait_until_serving(nc, node)
-            latency = await batch1_latency(nc, InProcess(model), args.max_tokens, args.latency_rounds)
+            await nc.request(ECHO_SUBJECT, b"ready?", timeout=10)
+            latency = await batch1_latency(nc, InProcess(model), args, config, moe_layers)
             rounds = {c: max(1, args.requests // c) for c in (1, 4, 16)}
             levels = {c: await load_level(nc, "n0", c, n, args.max_tokens) for c, n in rounds.items()}
             per_expert = {c: await load_level(nc, "n0-per-expert", c, n, args.max_tokens) for c, n in rounds.items()}
         finally:
             await nc.close()
             for p in procs:
-                p.terminate()
+                if p.returncode is None:
+                    p.terminate()
                 await p.wait()
     report(model, config, moe_layers, args, latency, levels)
     print("\n| concurrent | one message per expert: tok/s | one per host: tok/s | ratio |")
@@ -221,6 +267,8 @@ def report(model, config, moe_layers, args, latency, levels) -> None:  # noqa: P
     for node, name in names.items():
         added = [(r - x) / moe_layers for r, x in zip(latency[node], local, strict=True)]
         print(f"| {name} | {statistics.median(latency[node]):.2f} | {statistics.median(added):.3f} |")
+    print(f"| bare NATS round trip through the leaf (same payload, echo process) | — | "
+          f"{statistics.median(latency['bare']):.3f} |")
 
 
 if __name__ == "__main__":
@@ -229,4 +277,6 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     parser.add_argument("--latency-rounds", type=int, default=15, help="batch-1 requests per path, interleaved")
-    asyncio.run(run(parser.parse_args()))
+    parser.add_argument("--echo", metavar="URL", help=argparse.SUPPRESS)  # internal: run the echo process
+    cli = parser.parse_args()
+    asyncio.run(echo(cli.echo) if cli.echo else run(cli))

@@ -61,8 +61,9 @@ def _random_experts(E: int, D: int, inner: int, seed: int = 0) -> dict[int, Expe
             for e in range(E)}
 
 
-def test_combine_equals_per_token_sum() -> None:
-    T, D, E, K = 9, 16, 5, 2
+@pytest.mark.parametrize("K", [1, 2, 4])
+def test_combine_equals_per_token_sum(K: int) -> None:
+    T, D, E = 9, 16, 5
     experts = _random_experts(E, D, 24)
     g = torch.Generator().manual_seed(1)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])

@@ -25,6 +25,7 @@ def test_report_round_trips_and_rejects_garbage() -> None:
     report = ActivationReport("edge-b", 1.5, [0, 2], counts, np.array([3, 4], dtype=np.int64))
     back = ActivationReport.decode(report.encode())
     assert (back.node, back.window_s, back.layers) == ("edge-b", 1.5, [0, 2])
-    assert np.array_equal(back.counts, counts) and back.tokens.tolist() == [3, 4]
+    assert np.array_equal(back.counts, counts)
+    assert back.tokens.tolist() == [3, 4]
     with pytest.raises(BadTensor):
         ActivationReport.decode(b"\x81\xa1v\x01")
