@@ -77,6 +77,8 @@ class RemoteExperts:
         by_host, direct = self.directory.route(layer, experts) if self.directory else ({}, experts)
         jobs = [self._via_host(host, layer, held, rows, spans) for host, held in by_host.items()]
         jobs += [self._via_subjects(layer, [expert], rows, spans) for expert in direct]
+        if len(jobs) == 1:  # the usual case on a node whose host holds the layer: no task to schedule
+            return await jobs[0]
         return [answer for part in await asyncio.gather(*jobs) for answer in part]
 
     async def _via_host(
