@@ -81,19 +81,31 @@ async def one_request(nc: nats.NATS, node: str, prompt: list[int], max_tokens: i
     return json.loads(msg.data)
 
 
-async def load_level(nc: nats.NATS, node: str, concurrency: int, rounds: int, max_tokens: int) -> dict[str, float]:
-    latencies, tokens = [], 0
-    started = time.perf_counter()
-    for r in range(rounds):
-        prompts = [[(7 * i + 3 * r + j) % 200 + 3 for j in range(16)] for i in range(concurrency)]
-        replies = await asyncio.gather(*(one_request(nc, node, p, max_tokens) for p in prompts))
-        for reply in replies:
-            latencies.append(reply["timings"]["total_s"])
-            tokens += reply["usage"]["completion_tokens"]
-    wall = time.perf_counter() - started
-    latencies.sort()
+LEVELS = (1, 4, 16)
+
+
+async def load_levels(nc: nats.NATS, nodes: list[str], requests: int, max_tokens: int) -> dict[str, dict[int, dict]]:
+    """tok/s and latency per node and concurrency. The levels and nodes take turns in blocks of 16
+    requests (16 one after another, 4 rounds of 4, one of 16), so a slow minute hits every one alike."""
+    raw = {node: {c: {"latencies": [], "tokens": 0, "wall": 0.0} for c in LEVELS} for node in nodes}
+    for block in range(max(1, requests // 16)):
+        for c in LEVELS:
+            for node in nodes:
+                cell = raw[node][c]
+                started = time.perf_counter()
+                for r in range(16 // c):
+                    prompts = [[(7 * i + 3 * r + 5 * block + j) % 200 + 3 for j in range(16)] for i in range(c)]
+                    for reply in await asyncio.gather(*(one_request(nc, node, p, max_tokens) for p in prompts)):
+                        cell["latencies"].append(reply["timings"]["total_s"])
+                        cell["tokens"] += reply["usage"]["completion_tokens"]
+                cell["wall"] += time.perf_counter() - started
+    return {node: {c: _level_stats(cell) for c, cell in cells.items()} for node, cells in raw.items()}
+
+
+def _level_stats(cell: dict) -> dict[str, float]:
+    latencies = sorted(cell["latencies"])
     return {
-        "tok_s": tokens / wall,
+        "tok_s": cell["tokens"] / cell["wall"],
         "p50_ms": 1000 * statistics.median(latencies),
         "p99_ms": 1000 * latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
     }
@@ -227,9 +239,8 @@ async def run(args: argparse.Namespace) -> None:
                 await wait_until_serving(nc, node)
             await nc.request(ECHO_SUBJECT, b"ready?", timeout=10)
             latency = await batch1_latency(nc, InProcess(model), args, config, moe_layers)
-            rounds = {c: max(1, args.requests // c) for c in (1, 4, 16)}
-            levels = {c: await load_level(nc, "n0", c, n, args.max_tokens) for c, n in rounds.items()}
-            per_expert = {c: await load_level(nc, "n0-per-expert", c, n, args.max_tokens) for c, n in rounds.items()}
+            both = await load_levels(nc, ["n0", "n0-per-expert"], args.requests, args.max_tokens)
+            levels, per_expert = both["n0"], both["n0-per-expert"]
         finally:
             await nc.close()
             for p in procs:
@@ -275,7 +286,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint dir (default: models/demo, else a generated Mixtral-shaped one)")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (blocks of 16)")
     parser.add_argument("--latency-rounds", type=int, default=15, help="batch-1 requests per path, interleaved")
     parser.add_argument("--echo", metavar="URL", help=argparse.SUPPRESS)  # internal: run the echo process
     cli = parser.parse_args()
