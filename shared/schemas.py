@@ -22,11 +22,14 @@ class Message(BaseModel):
 
 
 class InferRequest(Message):
+    # strict: "5", true or 5.0 for an integer is a client bug to report, not to guess at
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
     prompt: str | None = Field(None, min_length=1, description="text to continue")
     input_ids: list[int] | None = Field(None, min_length=1, description="token ids to continue")
     max_tokens: int = Field(64, ge=1, le=MAX_TOKENS_LIMIT, description="tokens to generate")
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 = greedy")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
+    temperature: float = Field(0.0, ge=0.0, le=100.0, allow_inf_nan=False, description="0 = greedy")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, lt=2**63, description="makes sampling reproducible")
     stream: bool = Field(False, description="send one TokenChunk per generated token")
     id: str | None = Field(None, max_length=128, description="echoed in every reply")

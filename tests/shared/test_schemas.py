@@ -34,6 +34,13 @@ def test_minimal_requests() -> None:
         (b'{"input_ids": ["a"]}', BadRequest, "input_ids.0"),
         (b'{"prompt": "a", "colour": "red"}', BadRequest, "colour: Extra inputs are not permitted"),
         (b'{"prompt": "a", "client_id": "a/b"}', BadRequest, "client_id"),
+        # no guessing at types: a string, a bool or a float where an integer belongs is a client bug
+        (b'{"prompt": "a", "max_tokens": "5"}', BadRequest, "max_tokens: Input should be a valid integer"),
+        (b'{"prompt": "a", "max_tokens": true}', BadRequest, "max_tokens: Input should be a valid integer"),
+        (b'{"input_ids": [1.0]}', BadRequest, "input_ids.0"),
+        (b'{"prompt": "a", "stream": "yes"}', BadRequest, "stream: Input should be a valid boolean"),
+        (b'{"prompt": "a", "temperature": NaN}', BadRequest, "temperature: Input should be a finite number"),
+        (b'{"prompt": "a", "top_p": Infinity}', BadRequest, "top_p: Input should be a finite number"),
     ],
 )
 def test_bad_requests(body: bytes, error: type[Exception], message: str) -> None:
