@@ -1,11 +1,11 @@
-"""Send one MoE call's token groups to the experts, all at once, and combine the answers.
+"""Send one MoE call's tokens to the experts, all at once, and combine the answers.
 
-With a host directory (host heartbeats), the groups of all experts one host holds go to that host in
-one message (`prism.v1.host.<host>.batch`), local hosts first. Experts without a known holder, and
-any a host refuses, go to `prism.v1.expert.<layer>.<expert>` (split to fit max_payload), where NATS
-picks the nearest holder in the queue group. A group that gets no answer within `timeout_s`, "no
-responders", or an error reply marks its tokens failed with `expert_unavailable`; the caller decides
-which requests that fails.
+The call's rows are one expert-sorted block (`Routing`). With a host directory (host heartbeats), the
+rows of all experts one host holds go to that host in one message (`prism.v1.host.<host>.batch`), local
+hosts first. Experts without a known holder, and any a host refuses, go to
+`prism.v1.expert.<layer>.<expert>` (split to fit max_payload), where NATS picks the nearest holder in
+the queue group. Rows that get no answer within `timeout_s`, "no responders", or an error reply mark
+their tokens failed with `expert_unavailable`; the caller decides which requests that fails.
 """
 
 from __future__ import annotations
@@ -101,16 +101,17 @@ class RemoteExperts:
     async def _via_subjects(
         self, layer: int, experts: list[int], rows: Tensor, spans: Spans
     ) -> list[tuple[list[int], Answer]]:
-        """Each expert on its own subject, split into messages that fit max_payload."""
+        """Each expert on its own subject, all at once, split into messages that fit max_payload."""
         per_message = max_rows_per_message(rows.shape[1] * rows.element_size(), self.max_payload)
-        out: list[tuple[list[int], Answer]] = []
-        for expert in experts:
+
+        async def one(expert: int) -> tuple[list[int], Answer]:
             chunks = torch.split(rows[slice(*spans[expert])], per_message)
             self.messages += len(chunks)
             parts = await asyncio.gather(*(self._ask(layer, expert, chunk) for chunk in chunks))
             errors = [p for p in parts if isinstance(p, PrismError)]
-            out.append(([expert], errors[0] if errors else torch.cat([p for p in parts if isinstance(p, Tensor)])))
-        return out
+            return [expert], errors[0] if errors else torch.cat([p for p in parts if isinstance(p, Tensor)])
+
+        return list(await asyncio.gather(*(one(expert) for expert in experts)))
 
     async def _ask(self, layer: int, expert: int, hidden: Tensor) -> Tensor | PrismError:
         """One request; every failure becomes an ExpertUnavailable value (never raised).
