@@ -308,8 +308,9 @@ class ExpertHost:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.drain_timeout_s):
                 await self._idle.wait()
-        if self._heartbeat:
-            self._heartbeat.cancel()
+        for task in (self._heartbeat, self._spinner):
+            if task is not None:
+                task.cancel()
         if self._micro:
             with contextlib.suppress(Exception):  # the connection may already be gone
                 await self._micro.stop()
