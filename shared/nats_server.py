@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import re
 import shutil
 import socket
@@ -113,11 +114,33 @@ def _version(binary: str) -> tuple[int, int]:
     return (int(match[1]), int(match[2])) if match else (0, 0)
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
+    """A port nothing listens on, for a server about to start.
+
+    Chosen below the kernel's ephemeral range: outgoing connections take their local ports from that
+    range, so on a busy machine one of them could otherwise grab the port before the server binds it
+    (seen: a leaf that never started). Never the same port twice in one process.
+    """
+    low = _ephemeral_range_start()
+    for _ in range(200):
+        port = random.randint(max(1024, low - 12000), low - 1)
+        if port not in _handed_out and port_is_free(port, host):
+            _handed_out.add(port)
+            return port
+    with socket.socket() as sock:  # a crowded low range: let the kernel choose
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        chosen: int = sock.getsockname()[1]
+        return chosen
+
+
+def _ephemeral_range_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default; macOS starts at 49152
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:

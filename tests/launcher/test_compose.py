@@ -186,6 +186,7 @@ async def nats_process(conf: Path, env: dict[str, str], port: int) -> AsyncItera
     try:
         async with asyncio.timeout(10):
             while True:
+                assert process.returncode is None, f"nats-server -c {conf.name} exited with {process.returncode}"
                 try:
                     _, writer = await asyncio.open_connection("127.0.0.1", port)
                     writer.close()
@@ -194,7 +195,8 @@ async def nats_process(conf: Path, env: dict[str, str], port: int) -> AsyncItera
                     await asyncio.sleep(0.05)
         yield
     finally:
-        process.terminate()
+        if process.returncode is None:
+            process.terminate()
         await process.wait()
 
 

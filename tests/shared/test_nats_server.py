@@ -58,3 +58,11 @@ def test_rendered_config_listens_on_loopback_only() -> None:
     text = render_config(ServerConfig(name="x", port=1, http_port=2, mqtt_port=3, leaf_port=4))
     assert 'listen: "127.0.0.1:1"' in text
     assert "0.0.0.0" not in text
+
+
+def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    from shared.nats_server import _ephemeral_range_start, free_port, port_is_free
+
+    ports = [free_port() for _ in range(50)]
+    assert len(set(ports)) == len(ports)
+    assert all(1024 <= p < _ephemeral_range_start() and port_is_free(p) for p in ports)
