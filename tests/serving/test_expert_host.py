@@ -124,3 +124,18 @@ def test_memory_budget_is_enforced(mixtral_dir: Path) -> None:
 
     with pytest.raises(ResidencyError, match="memory limit"):
         load_weights(ExpertHostSettings(model=mixtral_dir, experts="*:*", memory_limit_mb=0.001))
+
+
+async def test_busy_poll_lasts_its_window_after_a_batch(cluster: LocalCluster, mixtral_dir: Path) -> None:
+    await cluster.add_node("a")
+    polling = await cluster.add_host("a", "p", mixtral_dir, "0:0", busy_poll_s=0.2)
+    sleeping = await cluster.add_host("a", "s", mixtral_dir, "0:1", busy_poll_s=0)
+    nc = await cluster.connect("a")
+    for host, expert in ((polling, 0), (sleeping, 1)):
+        await nc.request(subjects.expert(0, expert), encode_tensor(torch.zeros(1, host.hidden_size)), timeout=5)
+    assert sleeping._spinner is None
+    spinner = polling._spinner
+    assert spinner is not None
+    async with asyncio.timeout(5):  # it ends by itself once the window has passed
+        await spinner
+    assert polling._spinner is None
