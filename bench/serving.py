@@ -49,18 +49,15 @@ def default_model(workdir: Path) -> Path:
     )
 
 
+async def start_process(argv: list[str], log: Path, env: dict[str, str] | None = None) -> asyncio.subprocess.Process:
+    with log.open("wb") as out:
+        return await asyncio.create_subprocess_exec(
+            *argv, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=out, stderr=out
+        )
+
+
 async def start_service(module: str, env: dict[str, str], log: Path) -> asyncio.subprocess.Process:
-    with log.open("wb") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, "-m", module, cwd=ROOT, env={**os.environ, **env}, stdout=out, stderr=out
-        )
-
-
-async def start_echo(url: str, log: Path) -> asyncio.subprocess.Process:
-    with log.open("wb") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable, __file__, "--echo", url, cwd=ROOT, stdout=out, stderr=out
-        )
+    return await start_process([sys.executable, "-m", module], log, env)
 
 
 async def wait_until_serving(nc: nats.NATS, node: str) -> None:
@@ -181,7 +178,11 @@ async def batch1_latency(
     """ms/token at batch 1 (and a bare round trip), the alternatives interleaved request by request."""
     runner = asyncio.create_task(baseline.engine.run())
     out: dict[str, list[float]] = {"in-process": [], "n0": [], "n1": [], "bare": []}
-    batch = encode_tensor(torch.zeros(config.top_k, config.hidden_size), {"layer": 0, "experts": [0], "counts": [1]})
+    # a batch-1 host batch: top_k rows, one per chosen expert
+    experts = list(range(config.top_k))
+    batch = encode_tensor(
+        torch.zeros(config.top_k, config.hidden_size), {"layer": 0, "experts": experts, "counts": [1] * config.top_k}
+    )
     try:
         for r in range(args.latency_rounds):
             prompt = [5 + (j * 7 + r) % 200 for j in range(16)]
@@ -232,7 +233,7 @@ async def run(args: argparse.Namespace) -> None:
             ),
         }
         procs = [await start_service(module, env, work / f"{name}.log") for name, (module, env) in services.items()]
-        procs.append(await start_echo(urls["n0"], work / "echo.log"))
+        procs.append(await start_process([sys.executable, __file__, "--echo", urls["n0"]], work / "echo.log"))
         nc = await nats.connect(urls["n0"])
         try:
             for node in ("n0", "n1", "n0-per-expert"):

@@ -61,10 +61,10 @@ class ActivationCounter:
 
     def add(self, layer: int, experts: list[int], counts: list[int], *, tokens: int) -> None:
         """`counts[i]` tokens of one MoE call chose `experts[i]` (distinct); `tokens` went through the router."""
-        row = self.counts[self.row[layer]]
+        i = self.row[layer]
         for expert, count in zip(experts, counts, strict=True):  # a few items: cheaper than fancy indexing
-            row[expert] += count
-        self.tokens[self.row[layer]] += tokens
+            self.counts[i, expert] += count
+        self.tokens[i] += tokens
 
     def take(self, window_s: float) -> ActivationReport:
         """The report of the window so far; starts a new window."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 import re
 import shutil
@@ -136,6 +137,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return chosen
 
 
+@functools.cache
 def _ephemeral_range_start() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])

@@ -57,7 +57,7 @@ class RemoteExperts:
         if self.counter is not None:
             self.counter.add(call.layer, routing.experts, routing.counts, tokens=int(live.sum()))
         rows = routing.rows(call.hidden)
-        spans = {expert: (start, end) for expert, start, end in routing.spans()}
+        spans = routing.spans
         outputs = torch.zeros_like(rows)
         failed = torch.zeros(T, dtype=torch.bool)
         error: PrismError | None = None
@@ -76,7 +76,8 @@ class RemoteExperts:
         experts = list(spans)
         by_host, direct = self.directory.route(layer, experts) if self.directory else ({}, experts)
         jobs = [self._via_host(host, layer, held, rows, spans) for host, held in by_host.items()]
-        jobs += [self._via_subjects(layer, [expert], rows, spans) for expert in direct]
+        if direct:
+            jobs.append(self._via_subjects(layer, direct, rows, spans))
         if len(jobs) == 1:  # the usual case on a node whose host holds the layer: no task to schedule
             return await jobs[0]
         return [answer for part in await asyncio.gather(*jobs) for answer in part]

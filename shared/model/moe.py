@@ -12,6 +12,7 @@ token (top-k), n tokens routed to one expert.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -147,10 +148,11 @@ class Routing:
         """[N, D]: each expert's input rows, contiguous per expert."""
         return hidden[self.token_idx]
 
-    def spans(self) -> list[tuple[int, int, int]]:
-        """(expert, first row, end row) per chosen expert."""
-        ends = list(itertools.accumulate(self.counts))
-        return [(e, end - n, end) for e, n, end in zip(self.experts, self.counts, ends, strict=True)]
+    @functools.cached_property
+    def spans(self) -> dict[int, tuple[int, int]]:
+        """expert → (first row, end row) of its rows in the block, experts ascending."""
+        ends = itertools.accumulate(self.counts)
+        return {e: (end - n, end) for e, n, end in zip(self.experts, self.counts, ends, strict=True)}
 
 
 def combine(call: MoECall, routing: Routing, outputs: Tensor) -> Tensor:
@@ -207,7 +209,7 @@ class LocalExperts:
         routing = Routing.of(call.expert_ids)
         rows = routing.rows(call.hidden)
         outputs = []
-        for expert, start, end in routing.spans():
+        for expert, (start, end) in routing.spans.items():
             w = self.weights.get((call.layer, expert))
             if w is None:
                 raise InputError(f"expert ({call.layer}, {expert}) is not held by this LocalExperts")

@@ -27,7 +27,7 @@ from shared.model.model import Batch, MoEModel
 from shared.model.moe import LocalExperts
 from shared.model.step import build_context
 from tests.checkpoints import tiny_config
-from tests.model.test_parity import check_greedy
+from tests.model.test_parity import check_greedy, hf_chunk_logits
 
 TOL = 1e-4
 DEEPSEEK = ("deepseek_v2", "deepseek_v3")
@@ -50,17 +50,6 @@ def _load(path: Path, mode: Mode = "auto") -> tuple[MoEModel, LocalExperts]:
     return model, LocalExperts.from_checkpoint(path)
 
 
-def _hf_logits(hf: Any, chunks: list[list[int]]) -> torch.Tensor:
-    """transformers' logits for every token, fed chunk by chunk through its own cache: [n, V]."""
-    cache, out = None, []
-    with torch.no_grad():
-        for chunk in chunks:
-            step = hf(torch.tensor([chunk]), cache=cache, use_cache=True)
-            cache = step.cache
-            out.append(step.logits[0])
-    return torch.cat(out)
-
-
 def batch1_error(model: MoEModel, experts: LocalExperts, hf: Any, prompt_len: int = 20, steps: int = 8) -> float:
     """Max |ours - transformers| over a prefill and `steps` cached greedy decode steps."""
     prompt = _prompt(prompt_len, 1, model.config.vocab_size)
@@ -70,7 +59,7 @@ def batch1_error(model: MoEModel, experts: LocalExperts, hf: Any, prompt_len: in
     for _ in range(steps):
         chunks.append([int(got[-1][-1].argmax())])
         got.append(model.forward(Batch([slot], [chunks[-1]]), cache, experts))
-    ours, ref = torch.cat(got), _hf_logits(hf, chunks)
+    ours, ref = torch.cat(got), hf_chunk_logits(hf, chunks)
     assert ours.shape == ref.shape == (prompt_len + steps, model.config.vocab_size)
     return float((ours - ref).abs().max())
 
@@ -93,7 +82,7 @@ def ragged_error(model: MoEModel, experts: LocalExperts, hf: Any, steps: int = 8
             chunks[i].append(t)
             got[i] += list(logits[offset : offset + len(t)])
             offset += len(t)
-    return max(float((torch.stack(got[i]) - _hf_logits(hf, chunks[i])).abs().max()) for i in range(3))
+    return max(float((torch.stack(got[i]) - hf_chunk_logits(hf, chunks[i])).abs().max()) for i in range(3))
 
 
 @pytest.mark.parametrize("mode", MODES)

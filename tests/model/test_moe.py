@@ -47,7 +47,7 @@ def test_routing_sorts_choices_by_expert(expert_ids: torch.Tensor, data: st.Data
     assert routing.experts == sorted({int(expert_ids[t, k]) for t, k in kept})
     assert sum(routing.counts) == routing.order.numel() == len(kept)
     assert {(int(o) // K, int(o) % K) for o in routing.order} == kept
-    for expert, start, end in routing.spans():
+    for expert, (start, end) in routing.spans.items():
         tokens = routing.token_idx[start:end].tolist()
         assert tokens == sorted(tokens)
         assert (expert_ids.reshape(-1)[routing.order[start:end]] == expert).all()
@@ -70,7 +70,7 @@ def test_combine_equals_per_token_sum(K: int) -> None:
     call = MoECall(3, torch.randn(T, D, generator=g), ids, torch.rand(T, K, generator=g))
     routing = Routing.of(ids)
     rows = routing.rows(call.hidden)
-    outputs = torch.cat([expert_forward(experts[e], rows[start:end]) for e, start, end in routing.spans()])
+    outputs = torch.cat([expert_forward(experts[e], rows[start:end]) for e, (start, end) in routing.spans.items()])
     out = combine(call, routing, outputs)
     for t in range(T):
         expect = sum(call.weights[t, k] * expert_forward(experts[int(ids[t, k])], call.hidden[t : t + 1])[0]
@@ -78,7 +78,7 @@ def test_combine_equals_per_token_sum(K: int) -> None:
         assert torch.allclose(out[t], expect, atol=1e-6)
     # bit for bit the arithmetic of transformers' loop: one index_add_ per expert, experts ascending
     loop = torch.zeros(T, D)
-    for _, start, end in routing.spans():
+    for start, end in routing.spans.values():
         token, k = routing.token_idx[start:end], routing.order[start:end] % K
         loop.index_add_(0, token, outputs[start:end] * call.weights[token, k, None])
     assert torch.equal(out, loop)
@@ -103,7 +103,7 @@ def test_remote_path_is_bit_identical_to_local(tiny_dir: Callable[..., Path]) ->
         routing = Routing.of(call.expert_ids)
         wire_rows = _unaligned_copy(routing.rows(call.hidden))
         outputs = []
-        for expert, start, end in routing.spans():
+        for expert, (start, end) in routing.spans.items():
             weights = local.weights[(call.layer, expert)]
             host_copy = ExpertWeights(*(_unaligned_copy(w) for w in (weights.gate, weights.up, weights.down)))
             outputs.append(expert_forward(host_copy, wire_rows[start:end]))

@@ -63,8 +63,13 @@ def _reset_dynamic_rope(hf: Any) -> None:
 
 
 def _hf_replay(hf: Any, chunks: list[list[int]]) -> torch.Tensor:
-    """transformers' logits for every token, fed chunk by chunk through its own cache: [n, V]."""
+    """`hf_chunk_logits` for a new sequence."""
     _reset_dynamic_rope(hf)
+    return hf_chunk_logits(hf, chunks)
+
+
+def hf_chunk_logits(hf: Any, chunks: list[list[int]]) -> torch.Tensor:
+    """transformers' logits for every token, fed chunk by chunk through its own cache: [n, V]."""
     cache, out = None, []
     with torch.no_grad():
         for chunk in chunks:
