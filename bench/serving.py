@@ -6,6 +6,9 @@ with its experts in this process. The latency runs interleave the alternatives r
 machines here are shared and noisy): in-process, node n0 (its host busy-polls 2 ms after a batch, the
 service default) and node n1 (an identical node whose host sleeps between batches, `busy_poll_s=0`),
 then a bare round trip of the same size to an echo process, spaced like the layers of a decode step.
+A second table splits each node's wait on experts (routing to combining, from the replies' timings) into
+its host's answering time (host status `busy_s`) and the rest (the gating's dispatch code and the
+transport), next to the bare round trip.
 
     .venv/bin/python bench/serving.py [--model DIR] [--max-tokens 32] [--requests 16]
 """
@@ -138,10 +141,20 @@ class InProcess:
         return 1000 * (seq.finished - seq.first_token) / max(1, len(seq.generated) - 1)
 
 
-async def prism_decode_ms(nc: nats.NATS, node: str, prompt: list[int], max_tokens: int) -> float:
-    """Per-token decode time of one request through Prism, from the server-side timings."""
+async def prism_decode_ms(nc: nats.NATS, node: str, prompt: list[int], max_tokens: int, moe_layers: int):
+    """(ms per decode token, ms waiting on experts per MoE layer and step) of one request through Prism,
+    from the server-side timings."""
     reply = await one_request(nc, node, prompt, max_tokens)
-    return 1000 * reply["timings"]["decode_s"] / max(1, reply["usage"]["completion_tokens"] - 1)
+    tokens = reply["usage"]["completion_tokens"]  # one forward step each (the first is the prefill)
+    wait_ms = 1000 * reply["timings"]["expert_wait_s"] / (tokens * moe_layers)
+    return 1000 * reply["timings"]["decode_s"] / max(1, tokens - 1), wait_ms
+
+
+async def host_busy(nc: nats.NATS, host: str) -> tuple[int, float]:
+    """(data messages answered, seconds spent answering them) so far, from the host's status."""
+    msg = await nc.request(subjects.host_cmd(host), b'{"kind": "status"}', timeout=5)
+    status = json.loads(msg.data)
+    return status["messages_served"], status["busy_s"]
 
 
 ECHO_SUBJECT = "bench.echo"
@@ -158,9 +171,9 @@ async def echo(url: str) -> None:
     await asyncio.Event().wait()
 
 
-async def bare_round_trip_ms(nc: nats.NATS, payload: bytes, layers: int, gap_s: float) -> float:
+async def bare_round_trip_ms(nc: nats.NATS, payload: bytes, layers: int, gap_s: float) -> tuple[float, float]:
     """One decode step's worth of bare round trips: `layers` requests, `gap_s` of busy CPU between them
-    (the dense compute of a layer), median in ms."""
+    (the dense compute of a layer); (median, mean) in ms."""
     times = []
     for _ in range(layers):
         until = time.perf_counter() + gap_s
@@ -169,28 +182,43 @@ async def bare_round_trip_ms(nc: nats.NATS, payload: bytes, layers: int, gap_s: 
         started = time.perf_counter()
         await nc.request(ECHO_SUBJECT, payload, timeout=5)
         times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(times), 1000 * statistics.mean(times)
 
 
 async def batch1_latency(
     nc: nats.NATS, baseline: InProcess, args: argparse.Namespace, config, moe_layers: int
 ) -> dict[str, list[float]]:
-    """ms/token at batch 1 (and a bare round trip), the alternatives interleaved request by request."""
+    """ms/token at batch 1 (and a bare round trip), the alternatives interleaved request by request;
+    for each node also where its added time goes: waiting on experts, and its host answering."""
     runner = asyncio.create_task(baseline.engine.run())
-    out: dict[str, list[float]] = {"in-process": [], "n0": [], "n1": [], "bare": []}
+    nodes = ("n0", "n1")
+    out: dict[str, list[float]] = {"in-process": [], "bare": [], "bare-mean": []}
+    for node in nodes:
+        out[node], out[f"wait:{node}"], out[f"host:{node}"] = [], [], []
     # a batch-1 host batch: top_k rows, one per chosen expert
     experts = list(range(config.top_k))
     batch = encode_tensor(
         torch.zeros(config.top_k, config.hidden_size), {"layer": 0, "experts": experts, "counts": [1] * config.top_k}
     )
+    warm_up = [5 + j for j in range(16)]  # a first request touches cold code paths on every side
+    await baseline.decode_ms(warm_up, args.max_tokens)
+    for node in nodes:
+        await prism_decode_ms(nc, node, warm_up, args.max_tokens, moe_layers)
     try:
         for r in range(args.latency_rounds):
             prompt = [5 + (j * 7 + r) % 200 for j in range(16)]
             out["in-process"].append(await baseline.decode_ms(prompt, args.max_tokens))
-            for node in ("n0", "n1"):
-                out[node].append(await prism_decode_ms(nc, node, prompt, args.max_tokens))
+            for node in nodes:
+                before = await host_busy(nc, f"{node}-host")
+                ms, wait_ms = await prism_decode_ms(nc, node, prompt, args.max_tokens, moe_layers)
+                after = await host_busy(nc, f"{node}-host")
+                out[node].append(ms)
+                out[f"wait:{node}"].append(wait_ms)
+                out[f"host:{node}"].append(1000 * (after[1] - before[1]) / max(1, after[0] - before[0]))
             gap_s = out["in-process"][-1] / 1000 / moe_layers
-            out["bare"].append(await bare_round_trip_ms(nc, batch, 2 * moe_layers, gap_s))
+            median, mean = await bare_round_trip_ms(nc, batch, 2 * moe_layers, gap_s)
+            out["bare"].append(median)
+            out["bare-mean"].append(mean)
     finally:
         runner.cancel()
     return out
@@ -279,8 +307,17 @@ def report(model, config, moe_layers, args, latency, levels) -> None:  # noqa: P
     for node, name in names.items():
         added = [(r - x) / moe_layers for r, x in zip(latency[node], local, strict=True)]
         print(f"| {name} | {statistics.median(latency[node]):.2f} | {statistics.median(added):.3f} |")
-    print(f"| bare NATS round trip through the leaf (same payload, echo process) | — | "
-          f"{statistics.median(latency['bare']):.3f} |")
+    bare = statistics.median(latency["bare"])
+    print(f"| bare NATS round trip through the leaf (same payload, echo process) | — | {bare:.3f} |")
+    print("\nwhere a layer's wait on experts goes: means over each request's layers and steps (prefill included; "
+          "the bare round trip's over its requests), ms p50 over requests")
+    print("| path | gating waits on experts | its host answering | the rest: gating's dispatch code and transport "
+          "| bare round trip |")
+    print("|---|---:|---:|---:|---:|")
+    bare_mean = statistics.median(latency["bare-mean"])
+    for node, name in names.items():
+        wait, host = statistics.median(latency[f"wait:{node}"]), statistics.median(latency[f"host:{node}"])
+        print(f"| {name} | {wait:.3f} | {host:.3f} | {wait - host:.3f} | {bare_mean:.3f} |")
 
 
 if __name__ == "__main__":

@@ -135,9 +135,11 @@ class HostStatus(Message):
     memory_limit_bytes: int
     experts: list[tuple[int, int]] = Field(description="resident (layer, expert) pairs")
     queue_depth: int
-    batches_served: int
+    batches_served: int = Field(description="expert batches answered (a host message carries one per expert)")
     tokens_served: int
     errors: int
+    messages_served: int = Field(0, description="data messages answered")
+    busy_s: float = Field(0.0, description="seconds spent answering them, from decoding to the reply's send")
 
 
 class StatusCommand(Message):

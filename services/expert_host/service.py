@@ -54,6 +54,8 @@ class Counters:
     batches: int = 0
     tokens: int = 0
     errors: int = 0
+    messages: int = 0
+    busy_s: float = 0.0  # answering data messages: with the transport's round trip, a layer's wait
     per_expert: dict[str, int] = field(default_factory=dict)
 
 
@@ -126,6 +128,7 @@ class ExpertHost:
             return
         self._in_flight += 1
         self._idle.clear()
+        started = time.perf_counter()
         try:
             if self._stopping:
                 raise ShuttingDown(f"host {self.settings.host} is shutting down")
@@ -138,6 +141,8 @@ class ExpertHost:
             out = await self._compute(layer, experts, counts, hidden)
             self._count(layer, experts, hidden.shape[0])
             await msg.respond(encode_tensor(out, meta))
+            self.counters.messages += 1
+            self.counters.busy_s += time.perf_counter() - started
             self._stay_awake()
         except PrismError as err:
             self.counters.errors += 1
@@ -282,6 +287,8 @@ class ExpertHost:
             batches_served=self.counters.batches,
             tokens_served=self.counters.tokens,
             errors=self.counters.errors,
+            messages_served=self.counters.messages,
+            busy_s=self.counters.busy_s,
         )
 
     def _stats_data(self, endpoint: EndpointStats) -> dict[str, object]:

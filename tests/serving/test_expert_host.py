@@ -49,6 +49,9 @@ async def test_bad_batches_get_coded_errors_and_the_host_keeps_serving(
     out, _ = decode_tensor(reply.data)
     assert torch.equal(out, expert_forward(load_expert(mixtral_dir, 0, 2), x))
     assert host.counters.errors == len(cases)
+    status = host.status()  # refused batches are errors, not served messages or busy time
+    assert (status.messages_served, status.batches_served, status.tokens_served) == (1, 1, 5)
+    assert 0 < status.busy_s < 5
 
 
 async def test_unknown_expert_is_refused_by_name(cluster: LocalCluster, mixtral_dir: Path) -> None:
