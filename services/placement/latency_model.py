@@ -10,15 +10,16 @@ Model, per requesting node n and MoE layer l, for one decode step of B_n tokens:
   evenly (capacity Σ host speed); host-level imbalance inside a node is not modelled.
 - Work (queueing at the batch size): all nodes step together, so in layer l node m computes every
   group it serves for every requester. Requester n's step calls (l, e) λ = B_n · p[n, l, e] times
-  (p = f / tokens, calls per token); its group for (l, e) is one invocation (one request per expert,
-  as the gating sends), present with probability 1 - exp(-λ), costing expert_time_s (weight read +
+  (p = f / tokens, calls per token); its group for (l, e) is one invocation (a host runs each expert
+  of a message on its own rows), present with probability 1 - exp(-λ), costing expert_time_s (weight read +
   launch, memory-bound at small batches) plus λ · expert_time_per_token_s:
   work[m, l] = Σ_{(n, e) served by m} (1 - e^-λ)·t_expert + λ·t_token, over speed_m.
 - Network: a token's top-k are fetched in parallel, so the traffic of a step to node m is one group
   paying ONE round trip, and a step with no remote expert pays none. The group costs
   rtt[n, m] + 2 · c · bytes_per_token / bandwidth[n, m] + work[m, l] (there and back), where c counts
-  a token once per remote expert on m (`Workload.per_expert_messages`, the default: one request per
-  activated expert, as the gating sends) or once per node (a gating that batches per node).
+  a token once per remote expert on m (`Workload.per_expert_messages`, the default: what the gating
+  sends, one row per (token, expert) in its one message per host) or once per node (a gating that
+  would send each token once per node).
   A (token, layer) with all experts local pays no round trip; one with any remote expert pays one.
 - The layer ends when the local work and the slowest remote group are done:
   T[n, l] = max(work[n, l], max_m group[n, l, m]).

@@ -9,8 +9,10 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
   node's first host; then the step's tokens are grouped by chosen expert. A group whose expert has a
   replica on n is computed by that local host; otherwise it goes to the nearest node holding a
   replica (lowest round trip, then highest bandwidth, then the next index after n cyclically) as one
-  message (one NATS request per expert, as the gating does): link delay rtt/2 + bytes / bandwidth
-  there, host compute, the same back. Bytes per message = tokens × hidden × dtype bytes + envelope.
+  message: link delay rtt/2 + bytes / bandwidth there, host compute, the same back. Bytes per message
+  = tokens × hidden × dtype bytes + envelope. The groups for one host leave back to back and are
+  booked as one block, which is what the gating's one message per host and layer carries (a row per
+  (token, expert)); only the envelopes are counted per group.
 - Queueing: every host and every directed link is a timeline of busy intervals; a job takes the
   earliest gap at or after its ready time that fits it (FIFO with back-filling, which is what a link
   or a GPU stream does with jobs that become ready at different times). Jobs are booked per layer in

@@ -288,9 +288,10 @@ class Workload:
                             expert (weight read + launch; the simulator's SimConfig.expert_time_s)
     expert_time_per_token_s float  extra compute per (token, expert) call on a speed-1.0 host
     per_expert_messages bool  True (default): a token's hidden state travels once per remote expert
-                            (one request per activated expert, as the gating sends today, see
-                            ARCHITECTURE.md "Data flow"); False: once per remote node holding some of
-                            its experts (a gating that batches per node). Round trips overlap either way.
+                            (what the gating sends: one row per (token, expert) in its one message
+                            per host and layer); False: once per remote node holding some of its
+                            experts (a gating that would dedupe tokens per node). Round trips overlap
+                            either way.
     migration_cost_s float  objective seconds charged per replica that `current` lacks (loading it)
     min_gain         float  relative gain a new plan must bring over `current` to be chosen (hysteresis)
     top_k            int    experts per token; used only when no CoActivation is given
