@@ -102,23 +102,33 @@ class PrismClient:
 
     async def nodes(self, wait_s: float = 0.5) -> list[str]:
         """Nodes whose gating answers `$SRV.PING.prism-gating` within `wait_s`, first answer first."""
+        found: list[str] = []
+        for reply in await self.gather(f"$SRV.PING.{GATING_SERVICE}", wait_s):
+            node = reply.get("metadata", {}).get("node")
+            if isinstance(node, str) and node not in found:
+                found.append(node)
+        return found
+
+    async def gather(self, subject: str, wait_s: float = 0.5) -> list[dict[str, Any]]:
+        """Every JSON reply to one request on `subject` within `wait_s` (nats.micro discovery: each
+        instance of a service answers `$SRV.PING`, `$SRV.INFO`, `$SRV.STATS`), in arrival order."""
         inbox = self.nc.new_inbox()
         sub = await self.nc.subscribe(inbox)
-        found: list[str] = []
+        replies: list[dict[str, Any]] = []
         try:
-            await self.nc.publish(f"$SRV.PING.{GATING_SERVICE}", b"", reply=inbox)
+            await self.nc.publish(subject, b"", reply=inbox)
             deadline = time.monotonic() + wait_s
             while (left := deadline - time.monotonic()) > 0:
                 try:
                     msg = await sub.next_msg(timeout=left)
                 except NatsTimeoutError:
                     break
-                node = _json(msg.data).get("metadata", {}).get("node")
-                if isinstance(node, str) and node not in found:
-                    found.append(node)
+                if _is_no_responders(msg):  # the server's answer when no service listens at all
+                    break
+                replies.append(_json(msg.data))
         finally:
             await sub.unsubscribe()
-        return found
+        return replies
 
     async def infer(self, node: str, request: dict[str, Any], *, timeout_s: float = 60.0) -> Final:
         """One non-streaming request; raises InferError on an error reply or no answer."""

@@ -32,11 +32,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, help="makes sampling reproducible")
     p.add_argument("--input-ids", help="comma-separated token ids instead of a prompt, e.g. 1,2,3")
     p.add_argument("--json", action="store_true", help="print the final reply as JSON (no streaming)")
+    add_connection_args(p)
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply / each token")
+    p.set_defaults(func=handler)
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """--url (default $PRISM_URL, else the local hub), --user, --password: shared by the client commands."""
     p.add_argument("--url", default=os.environ.get("PRISM_URL", DEFAULT_URL), help=f"NATS URL (default {DEFAULT_URL})")
     p.add_argument("--user", help="NATS user, where the server requires credentials")
     p.add_argument("--password", help="NATS password")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply / each token")
-    p.set_defaults(func=handler)
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:

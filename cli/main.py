@@ -18,6 +18,7 @@ COMMANDS: tuple[str, ...] = (
     "cli.run",
     "cli.up",
     "cli.infer",
+    "cli.status",
     "cli.demo",
 )
 

@@ -1,5 +1,5 @@
 """`prism up` end to end, as a user runs it: a subprocess on ephemeral ports with a tiny checkpoint;
-`prism infer` against it; SIGTERM stops every child; bad setups fail with one clear line and leave
+`prism infer` and `prism status` against it; SIGTERM stops every child; bad setups fail with one clear line and leave
 nothing running."""
 
 from __future__ import annotations
@@ -118,10 +118,30 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     assert code == 1
     assert err.startswith("error no_responders: ")
 
+    # `prism status` finds every gating, host and control-plane service; hosts count what they served
+    found = json.loads(prism_status(url, "--json", check=True).stdout)
+    hosts = {h["host"]: h for h in found["hosts"]}
+    assert set(hosts) == {"node0-h0", "node1-h0"}
+    assert sorted(tuple(k) for h in hosts.values() for k in h["experts"]) == placed
+    assert all(h["messages_served"] > 0 and h["busy_s"] > 0 for h in hosts.values())  # each node crossed over
+    assert {s["name"] for s in found["services"]} == {"prism-gating", "prism-expert-host", "prism-placement",
+                                                      "prism-migrator"}
+    text = prism_status(url, check=True).stdout
+    assert "node0: gating up" in text
+    assert "host node1-h0 (cpu): 8 experts" in text
+
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
     assert not [name for name, pid in pids.items() if alive(pid)]
+    gone = prism_status(url, check=False)
+    assert gone.returncode == 1
+    assert gone.stderr.startswith("error connection_failed: ")
     assert "gating_stopped" in (run_dir / "gating-node0.log").read_text()  # a clean stop, not a kill
+
+
+def prism_status(url: str, *flags: str, check: bool) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*PRISM, "status", "--url", url, *flags], capture_output=True, text=True, cwd=REPO,
+                          timeout=60, check=check)
 
 
 def prism_in_process(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:

@@ -62,3 +62,22 @@ async def test_mqtt_device_gets_its_answer(cluster: LocalCluster, mixtral_dir: P
                     continue
     reply = json.loads(bytes(message.payload))  # type: ignore[arg-type]
     assert reply["token_ids"] == reference(mixtral_dir, [prompt], 4)[0]
+
+
+
+async def test_discovery_without_services_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A server where no Prism service runs: `prism status`, and `prism infer` without --node, say so
+    and exit 1 (the server's "no responders" answer to a discovery ping is not a reply to parse)."""
+    import argparse
+
+    from cli.infer import infer
+    from cli.status import status
+    from shared.nats_server import NatsServer, ServerConfig, free_port
+
+    async with NatsServer(ServerConfig(name="lonely", port=free_port()), tmp_path) as server:
+        url = server.cfg.client_url()
+        args = argparse.Namespace(url=url, user=None, password=None, wait=0.3, json=False, node=None)
+        assert await status(args) == 1
+        assert capsys.readouterr().err.startswith(f"error no_responders: no Prism service answered at {url}")
+        assert await infer(args, {"prompt": "hi"}) == 1
+        assert capsys.readouterr().err.startswith("error no_responders: no gating answered a ping")

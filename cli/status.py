@@ -1,0 +1,97 @@
+"""`prism status`: what is running, found through nats.micro discovery.
+
+    prism status [--url nats://...] [--wait S] [--json]
+
+Every Prism service answers `$SRV.PING`; each expert host's `$SRV.STATS` reply carries its HostStatus
+(node, device, resident experts, memory, batches and messages answered, seconds spent answering them,
+errors). Prints one line per gating and host, grouped by node, then the control-plane services; --json
+prints {"services": [...], "hosts": [...]}. Exits 1 when nothing answers within --wait.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from cli.infer import EXIT_ERROR, add_connection_args
+
+HOST_SERVICE = "prism-expert-host"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("status", help="list the running gatings, expert hosts and services")
+    add_connection_args(p)
+    p.add_argument("--wait", type=float, default=0.5, help="seconds to collect answers (default 0.5)")
+    p.add_argument("--json", action="store_true", help="print the raw answers as JSON")
+    p.set_defaults(func=handler)
+
+
+def handler(args: argparse.Namespace) -> int:
+    from shared.runtime import run
+
+    codes: list[int] = []
+
+    async def main() -> None:
+        codes.append(await status(args))
+
+    run(main)
+    return codes[0]
+
+
+async def status(args: argparse.Namespace) -> int:
+    from cli.client import InferError, PrismClient
+
+    try:
+        async with await PrismClient.connect(args.url, user=args.user, password=args.password) as client:
+            services = await client.gather("$SRV.PING", args.wait)
+            stats = await client.gather(f"$SRV.STATS.{HOST_SERVICE}", args.wait)
+    except InferError as exc:
+        print(f"error {exc.code}: {exc.message}", file=sys.stderr)
+        return EXIT_ERROR
+    if not services:
+        print(f"error no_responders: no Prism service answered at {args.url}; is `prism up` running?", file=sys.stderr)
+        return EXIT_ERROR
+    hosts = sorted((s for s in map(host_status, stats) if s), key=lambda h: (h["node"], h["host"]))
+    if args.json:
+        print(json.dumps({"services": services, "hosts": hosts}))
+    else:
+        print("\n".join(render(services, hosts)))
+    return 0
+
+
+def host_status(stats: dict[str, Any]) -> dict[str, Any] | None:
+    """The HostStatus inside one host's `$SRV.STATS` reply (its endpoint's stats data)."""
+    for endpoint in stats.get("endpoints") or []:
+        data = endpoint.get("data") or {}
+        if isinstance(data.get("status"), dict):
+            return dict(data["status"])
+    return None
+
+
+def render(services: list[dict[str, Any]], hosts: list[dict[str, Any]]) -> list[str]:
+    gatings = sorted(s.get("metadata", {}).get("node", "?") for s in services if s.get("name") == "prism-gating")
+    lines = []
+    for node in sorted({*gatings, *(h["node"] for h in hosts)}):
+        lines.append(f"{node}: gating {'up' if node in gatings else 'NOT ANSWERING'}")
+        lines.extend(f"  {host_line(h)}" for h in hosts if h["node"] == node)
+    others: dict[str, int] = {}
+    for s in services:
+        if s.get("name") not in ("prism-gating", HOST_SERVICE):
+            others[str(s.get("name"))] = others.get(str(s.get("name")), 0) + 1
+    if others:
+        lines.append("services: " + ", ".join(f"{name} ×{n}" for name, n in sorted(others.items())))
+    return lines
+
+
+def host_line(h: dict[str, Any]) -> str:
+    messages = int(h.get("messages_served", 0))
+    busy = f"{1000 * h.get('busy_s', 0.0) / messages:.2f} ms each" if messages else "—"
+    mb = 2**20
+    return (
+        f"host {h['host']} ({h['device']}): {len(h['experts'])} experts, "
+        f"{h['memory_used_bytes'] / mb:.1f}/{h['memory_limit_bytes'] / mb:.0f} MB, "
+        f"{h['batches_served']} expert batches in {messages} messages ({busy}), "
+        f"queue {h['queue_depth']}, errors {h['errors']}"
+    )
