@@ -8,7 +8,8 @@ Stores and subjects:
   `steps.plan_steps` (loads acked before any unload that depends on them).
 - `prism.v1.plan.applied` out: `{"epoch", "ok", "steps", "error"}`.
 
-Failure behaviour: a host that fails or times out stops the epoch where it is; everything unloaded so
+Failure behaviour: a plan's host that is not up yet is waited for (`host_wait_s`); a host that fails,
+times out or never comes stops the epoch where it is; everything unloaded so
 far had another holder, so the old holders keep serving and no request is lost. The next plan starts
 again from the hosts' real residency.
 """
@@ -40,8 +41,15 @@ from shared.weights import upload_expert
 log = structlog.get_logger()
 
 
+HOST_POLL_S = 0.2
+
+
 class MigrationFailed(PrismError):
     code = "migration_failed"
+
+
+class HostAbsent(MigrationFailed):
+    """No host of that name is subscribed (not started yet, or gone)."""
 
 
 class Migrator:
@@ -108,10 +116,22 @@ class Migrator:
         return True
 
     async def _residency(self, hosts: list[str]) -> tuple[dict[str, set[tuple[int, int]]], dict[str, int]]:
-        statuses = await asyncio.gather(*(self._command(h, {"kind": "status"}) for h in hosts))
+        statuses = await asyncio.gather(*(self._status_once_up(h) for h in hosts))
         current = {host: {(int(k[0]), int(k[1])) for k in s.experts} for host, s in zip(hosts, statuses, strict=True)}
         capacity = {host: s.memory_limit_bytes // self.expert_bytes for host, s in zip(hosts, statuses, strict=True)}
         return current, capacity
+
+    async def _status_once_up(self, host: str) -> HostStatus:
+        """The host's status, waiting up to `host_wait_s` for a host that is not up yet: a stack starts
+        its hosts and the migrator side by side, and the first plan names every host."""
+        deadline = asyncio.get_running_loop().time() + self.settings.host_wait_s
+        while True:
+            try:
+                return await self._command(host, {"kind": "status"})
+            except HostAbsent:
+                if asyncio.get_running_loop().time() + HOST_POLL_S > deadline:
+                    raise
+                await asyncio.sleep(HOST_POLL_S)
 
     async def _run(self, step: Step, epoch: int) -> None:
         cls = LoadCommand if step.kind == "load" else UnloadCommand
@@ -123,7 +143,9 @@ class Migrator:
             msg = await self.nc.request(
                 subjects.host_cmd(host), json.dumps(command).encode(), timeout=self.settings.command_timeout_s
             )
-        except (NoRespondersError, NatsTimeoutError):
+        except NoRespondersError:
+            raise HostAbsent(f"host {host} did not answer {command['kind']} (no such host is up)") from None
+        except NatsTimeoutError:
             raise MigrationFailed(f"host {host} did not answer {command['kind']}") from None
         error = error_from_headers(msg.headers)
         if error is not None:

@@ -21,3 +21,6 @@ class MigratorSettings(ServiceSettings):
     plans_bucket: str = Field(subjects.KV_PLACEMENT, description="KV bucket of the plan (key 'plan')")
     weights_bucket: str = Field(subjects.OBJECT_WEIGHTS, description="object store bucket of expert weights")
     command_timeout_s: float = Field(60.0, gt=0, le=3600, description="wait for one host command, seconds")
+    host_wait_s: float = Field(
+        30.0, ge=0, le=3600, description="wait for a plan's host that is not up yet (no responders), seconds"
+    )

@@ -103,3 +103,31 @@ async def test_refused_step_leaves_old_holders_serving(cluster: LocalCluster, mi
     reply, _ = await ask(await cluster.connect("a"), cluster.node("a"), {"input_ids": [5, 6, 7], "max_tokens": 4})
     assert reply["token_ids"] == reference(mixtral_dir, [[5, 6, 7]], 4)[0]
     await hub.close()
+
+
+async def test_plan_waits_for_a_host_that_is_still_starting(
+    cluster: LocalCluster, mixtral_dir: Path, unique: str
+) -> None:
+    """A stack starts its hosts and the migrator side by side: the first plan must not fail because
+    one host is not up yet; a host that never comes fails the plan after host_wait_s."""
+    hub = await nats.connect(cluster.hub.cfg.client_url())
+    settings = MigratorSettings(
+        model=mixtral_dir, model_id=unique, plans_bucket=f"{unique}-p", weights_bucket=f"{unique}-w", host_wait_s=20
+    )
+    migrator = await build(hub, settings)
+    await cluster.add_node("a")
+    a0 = await cluster.add_host("a", "a0", mixtral_dir, "0:*")
+    late = f"{cluster.prefix}-late"
+    plan = {"epoch": 1, "hosts": {a0.settings.host: [[0, e] for e in range(8)], late: [[1, e] for e in range(8)]}}
+    applying = asyncio.create_task(migrator.apply(plan))
+    await asyncio.sleep(1.0)
+    assert not applying.done()
+    await cluster.add_host("a", "late", mixtral_dir, "1:*")
+    assert await asyncio.wait_for(applying, 30) is True
+
+    never = {**plan, "epoch": 2, "hosts": {**plan["hosts"], f"{cluster.prefix}-never": []}}
+    quick = await build(hub, settings.model_copy(update={"host_wait_s": 0.5}))
+    started = asyncio.get_running_loop().time()
+    assert await quick.apply(never) is False
+    assert asyncio.get_running_loop().time() - started < 10
+    await hub.close()
