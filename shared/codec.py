@@ -19,6 +19,7 @@ import torch
 from shared.errors import BadTensor, PayloadTooLarge
 
 FORMAT_VERSION = 1
+MAX_DIMS = 8  # hidden states are [n, D]; anything deeper is not a tensor this system sends
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -71,8 +72,8 @@ def decode_tensor(payload: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
     if dtype is None:
         raise BadTensor(f"unknown dtype {envelope.get('dtype')!r}; accepted: {', '.join(DTYPES)}")
     shape, data, meta = envelope.get("shape"), envelope.get("data"), envelope.get("meta", {})
-    if not isinstance(shape, list) or not all(isinstance(s, int) and s >= 0 for s in shape):
-        raise BadTensor(f"shape must be a list of non-negative ints, got {shape!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_dim(s) for s in shape):
+        raise BadTensor(f"shape must be a list of at most {MAX_DIMS} ints in [0, 2**31), got {str(shape)[:100]}")
     if not isinstance(data, bytes) or not isinstance(meta, dict):
         raise BadTensor("data must be bytes and meta a map")
     expected = _numel(shape) * _ITEMSIZE[name]
@@ -108,6 +109,11 @@ def _headers_size(headers: dict[str, str] | None) -> int:
         return 0
     # "NATS/1.0\r\n" + "key: value\r\n" per header + final "\r\n"
     return 12 + sum(len(k) + len(v) + 4 for k, v in headers.items())
+
+
+def _is_dim(size: object) -> bool:
+    """An int (not a bool) that torch takes as a dimension: JSON-like input may hold 2**64 or true."""
+    return isinstance(size, int) and not isinstance(size, bool) and 0 <= size < 2**31
 
 
 def _numel(shape: list[int]) -> int:

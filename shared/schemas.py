@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.errors import BadRequest, InvalidJSON
+from shared.subjects import NAME_PATTERN, is_token
 
 MAX_TOKENS_LIMIT = 4096
 
@@ -34,7 +35,7 @@ class InferRequest(Message):
     stream: bool = Field(False, description="send one TokenChunk per generated token")
     id: str | None = Field(None, max_length=128, description="echoed in every reply")
     client_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9_-]{1,64}$", description="MQTT clients: replies go to prism/v1/reply/<client_id>"
+        None, pattern=NAME_PATTERN, description="MQTT clients: replies go to prism/v1/reply/<client_id>"
     )
 
     @model_validator(mode="after")
@@ -87,12 +88,19 @@ class ErrorReply(Message):
     error: ErrorBody
 
 
+def load_json(payload: bytes, what: str = "request") -> Any:
+    """`json.loads`, every way a payload can fail to decode an InvalidJSON: besides JSONDecodeError and
+    UnicodeDecodeError (both ValueErrors), deep nesting raises RecursionError and an integer of more
+    than 4300 digits a plain ValueError."""
+    try:
+        return json.loads(payload)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidJSON(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+
+
 def parse_request(payload: bytes) -> InferRequest:
     """Decode and validate a request, raising BadRequest/InvalidJSON with a readable message."""
-    try:
-        data = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidJSON(f"request is not valid JSON: {exc}") from None
+    data = load_json(payload)
     if not isinstance(data, dict):
         raise InvalidJSON(f"request must be a JSON object, got {type(data).__name__}")
     try:
@@ -111,14 +119,18 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def request_id_of(payload: bytes) -> str | None:
-    """Best-effort `id` of a request that failed validation, so the error reply can echo it."""
+def reply_hints(payload: bytes) -> tuple[str | None, str | None]:
+    """Best-effort (`id`, `client_id`) of a request that failed validation, so that the error reply
+    can echo the id and reach an MQTT client; None for a field that is missing or not valid itself."""
     try:
-        data: Any = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    value = data.get("id") if isinstance(data, dict) else None
-    return value if isinstance(value, str) and len(value) <= 128 else None
+        data: Any = load_json(payload)
+    except InvalidJSON:
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    request_id, client_id = data.get("id"), data.get("client_id")
+    request_id = request_id if isinstance(request_id, str) and len(request_id) <= 128 else None
+    return request_id, client_id if is_token(client_id) else None
 
 
 # ---- control plane ------------------------------------------------------------------------------
@@ -128,8 +140,8 @@ class HostStatus(Message):
     """Heartbeat of one expert host on `prism.v1.host.<host>.status` (and in KV prism_hosts)."""
 
     kind: Literal["host_status"] = "host_status"
-    host: str
-    node: str
+    host: str = Field(pattern=NAME_PATTERN)  # a subject token: gatings and the migrator address it
+    node: str = Field(pattern=NAME_PATTERN)
     device: str
     memory_used_bytes: int
     memory_limit_bytes: int

@@ -19,12 +19,18 @@ KV_HOSTS = "prism_hosts"
 OBJECT_WEIGHTS = "prism_weights"
 JETSTREAM_DOMAIN = "hub"
 
-_TOKEN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"  # node, host and MQTT client names: one subject token
+_TOKEN = re.compile(NAME_PATTERN)
+
+
+def is_token(value: object) -> bool:
+    """True for a string that is a safe single subject token."""
+    return isinstance(value, str) and _TOKEN.fullmatch(value) is not None
 
 
 def check_token(value: str, what: str = "name") -> str:
     """Return `value` if it is a safe single subject token, else raise ValueError."""
-    if not _TOKEN.fullmatch(value):
+    if not is_token(value):
         raise ValueError(f"{what} {value!r} is not a valid name: use 1-64 of A-Z a-z 0-9 _ -")
     return value
 

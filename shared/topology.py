@@ -30,8 +30,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from shared.linkemu import LinkShape
 from shared.schemas import describe_validation_error
+from shared.subjects import NAME_PATTERN
 
-NAME_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 

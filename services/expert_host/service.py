@@ -148,6 +148,10 @@ class ExpertHost:
             self.counters.errors += 1
             log.warning("batch_refused", subject=msg.subject, code=err.code, error=err.message)
             await self._respond_error(msg, err)
+        except Exception:  # a bug must cost one batch, answered, not the host or a caller's timeout
+            self.counters.errors += 1
+            log.exception("batch_failed", subject=msg.subject)
+            await self._respond_error(msg, PrismError(f"host {self.settings.host} failed on this batch"))
         finally:
             self._in_flight -= 1
             if self._in_flight == 0:

@@ -128,10 +128,10 @@ class Engine:
                 continue
             try:
                 await self.step()
-            except Exception as exc:  # a bug must not take every future request down with it
+            except Exception:  # a bug must not take every future request down with it
                 log.exception("step_failed")
-                for seq in list(self.active):
-                    self._finish(seq, ErrorEvent(PrismError(f"internal error in the forward step: {exc!r}")))
+                for seq in list(self.active):  # the details go to the log, not to callers
+                    self._finish(seq, ErrorEvent(PrismError("internal error in the forward step")))
 
     def _admit(self) -> None:
         now = time.perf_counter()
@@ -158,8 +158,12 @@ class Engine:
             seq.expert_wait_s += wait_s
             if seq.error is not None:
                 self._finish(seq, ErrorEvent(seq.error))
-            else:
+                continue
+            try:
                 self._advance(seq, logits[i])
+            except Exception:  # one sequence's sampling must not fail the others of the step
+                log.exception("sampling_failed", params=str(seq.params))
+                self._finish(seq, ErrorEvent(PrismError("internal error while sampling")))
 
     async def _forward(
         self, batch: Batch, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor

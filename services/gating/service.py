@@ -38,8 +38,17 @@ from shared.model.model import MoEModel
 from shared.model.sampling import SamplingParams
 from shared.model.tokenizer import Tokenizer
 from shared.runtime import announce
-from shared.schemas import ErrorBody, ErrorReply, FinalReply, InferRequest, Timings, TokenChunk, Usage, parse_request
-from shared.schemas import request_id_of as _request_id_of
+from shared.schemas import (
+    ErrorBody,
+    ErrorReply,
+    FinalReply,
+    InferRequest,
+    Timings,
+    TokenChunk,
+    Usage,
+    parse_request,
+    reply_hints,
+)
 
 log = structlog.get_logger()
 SERVICE_NAME = "prism-gating"
@@ -94,18 +103,21 @@ class Gating:
     # ---- intake ------------------------------------------------------------------------------
 
     async def _on_request(self, msg: Msg) -> None:
-        reply_to = msg.reply or None
         try:
             req = parse_request(msg.data)
-            if reply_to is None and req.client_id is not None:
-                reply_to = subjects.reply(req.client_id)
+        except PrismError as err:  # answer where the request asked, MQTT clients included
+            request_id, client_id = reply_hints(msg.data)
+            await self._send_error(msg.reply or (client_id and subjects.reply(client_id)), request_id, err)
+            return
+        reply_to = msg.reply or (req.client_id and subjects.reply(req.client_id))
+        if not reply_to:  # nobody could ever read the answer: do not spend a batch slot on it
+            log.warning("request_without_reply_subject", node=self.settings.node)
+            return
+        try:
             seq = Sequence(self._prompt_ids(req), req.max_tokens, SamplingParams(req.temperature, req.top_p, req.seed))
             self.engine.submit(seq)
         except PrismError as err:
-            await self._send_error(reply_to, _request_id_of(msg.data), err)
-            return
-        if reply_to is None:
-            log.warning("request_without_reply_subject", node=self.settings.node)
+            await self._send_error(reply_to, req.id, err)
             return
         task = asyncio.create_task(self._respond(seq, req, reply_to), name=f"reply-{seq.key}")
         self._tasks.add(task)
@@ -169,7 +181,7 @@ class Gating:
 
     async def _send_error(self, reply_to: str | None, request_id: str | None, err: PrismError) -> None:
         log.info("request_failed", node=self.settings.node, code=err.code, error=err.message)
-        if reply_to is None:
+        if not reply_to:
             return
         body = ErrorReply(id=request_id, error=ErrorBody(code=err.code, message=err.message))
         await self.nc.publish(reply_to, body.model_dump_json().encode(), headers=err.headers())

@@ -91,16 +91,19 @@ class Migrator:
                 continue
             if entry is None or not entry.value:
                 continue
-            plan = json.loads(entry.value)
-            if plan.get("epoch", 0) > self.applied_epoch:
-                await self.apply(plan)
+            try:
+                plan = json.loads(entry.value)
+                if isinstance(plan, dict) and plan.get("epoch", 0) > self.applied_epoch:
+                    await self.apply(plan)
+            except Exception:  # a bad plan (or a bug) must not end the watch: later plans still apply
+                log.exception("plan_not_applied", revision=entry.revision)
 
     async def apply(self, plan: dict[str, Any]) -> bool:
         """Move weights until the hosts hold `plan`; publish the outcome. True when fully applied."""
-        epoch = int(plan["epoch"])
-        target = {host: {(int(layer), int(e)) for layer, e in keys} for host, keys in plan["hosts"].items()}
+        epoch = int(plan.get("epoch", 0))
         done: list[Step] = []
         try:
+            target = _target(plan)
             current, capacity = await self._residency(list(target))
             steps = plan_steps(current, target, capacity)
             for group in _consecutive_by_kind(steps):
@@ -207,3 +210,16 @@ def main_cli() -> None:
 
     settings = from_cli(MigratorSettings)
     run(lambda: main(settings))
+
+
+def _target(plan: dict[str, Any]) -> dict[str, set[tuple[int, int]]]:
+    """host → (layer, expert) set of a plan; MigrationFailed if it is malformed or names a host that
+    cannot be one (every host name is a subject token)."""
+    try:
+        target = {host: {(int(layer), int(e)) for layer, e in keys} for host, keys in plan["hosts"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise MigrationFailed(f"malformed plan: {exc!r}") from None
+    bad = [host for host in target if not subjects.is_token(host)]
+    if bad:
+        raise MigrationFailed(f"plan names hosts that cannot exist: {bad[:3]}")
+    return target

@@ -42,7 +42,7 @@ from shared import subjects
 from shared.activations import ActivationReport
 from shared.errors import BadRequest, PrismError
 from shared.runtime import announce
-from shared.schemas import HostStatus
+from shared.schemas import HostStatus, load_json
 
 log = structlog.get_logger()
 
@@ -121,12 +121,12 @@ class PlacementService:
     async def _on_cmd(self, msg: Msg) -> None:
         """`{"kind": "replan"}`: plan now; answers {"epoch", "published"} or an error reply."""
         try:
-            if json.loads(msg.data or b"{}") != {"kind": "replan"}:
+            if load_json(msg.data or b"{}", "command") != {"kind": "replan"}:
                 raise BadRequest('unknown command; accepted: {"kind": "replan"}')
             published = await self.plan_once()
             body = {"epoch": (self.plan or {}).get("epoch", 0), "published": published}
             await msg.respond(json.dumps(body).encode())
-        except (json.JSONDecodeError, UnicodeDecodeError, BadRequest, PlacementError) as exc:
+        except (BadRequest, PlacementError) as exc:  # InvalidJSON is a BadRequest
             err = exc if isinstance(exc, BadRequest) else BadRequest(str(exc))
             if msg.reply:
                 await self.nc.publish(msg.reply, err.body(), headers=err.headers())

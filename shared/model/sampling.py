@@ -67,7 +67,11 @@ class Sampler:
             raise InputError(f"sample expects logits of shape [V], got {tuple(logits.shape)}")
         if params.greedy:
             return int(torch.argmax(logits).item())
-        probs = torch.softmax(logits.detach().float().cpu() / params.temperature, dim=-1)
+        logits = logits.detach().float().cpu()
+        # Scaled from the maximum down: a tiny temperature (1e-40 ≈ greedy; a denormal may count as 0
+        # in the division) gives -inf for the others and 0 for the best, never inf or nan.
+        top = logits.max()
+        probs = torch.softmax(torch.where(logits == top, 0.0, (logits - top) / params.temperature), dim=-1)
         if params.top_p < 1.0:
             probs = _top_p_filter(probs, params.top_p)
         return int(torch.multinomial(probs, 1, generator=self.generator(key, params)).item())
@@ -77,6 +81,8 @@ def _top_p_filter(probs: Tensor, top_p: float) -> Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches `top_p`: [V] -> [V]."""
     sorted_probs, order = torch.sort(probs, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs[mass_before >= top_p] = 0.0  # the most likely token always stays (mass_before 0)
+    drop = mass_before >= top_p
+    drop[0] = False  # the most likely token always stays (a top_p that rounds to 0 in float32 too)
+    sorted_probs[drop] = 0.0
     kept = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return kept / kept.sum()

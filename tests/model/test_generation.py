@@ -36,6 +36,9 @@ def test_greedy_and_top_p() -> None:
     assert sampler.sample(logits, SamplingParams()) == 1
     tiny_p = SamplingParams(temperature=1.0, top_p=1e-6, seed=3)
     assert {sampler.sample(logits, tiny_p, key=i) for i in range(20)} == {1}
+    # extremes that once gave nan probabilities: a denormal temperature, a top_p below float32's range
+    for extreme in (SamplingParams(1e-40, 1.0, 1), SamplingParams(1.0, 5e-324, 1), SamplingParams(5e-324, 5e-324)):
+        assert {sampler.sample(logits, extreme, key=i) for i in range(10)} == {1}
     kept = _top_p_filter(torch.tensor([0.5, 0.2, 0.3]), 0.7)
     assert torch.allclose(kept, torch.tensor([0.5 / 0.8, 0.0, 0.3 / 0.8]))
     with pytest.raises(InputError, match=r"logits of shape \[V\]"):

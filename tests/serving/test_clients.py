@@ -60,8 +60,16 @@ async def test_mqtt_device_gets_its_answer(cluster: LocalCluster, mixtral_dir: P
                     break
                 except TimeoutError:
                     continue
-    reply = json.loads(bytes(message.payload))  # type: ignore[arg-type]
-    assert reply["token_ids"] == reference(mixtral_dir, [prompt], 4)[0]
+        reply = json.loads(bytes(message.payload))  # type: ignore[arg-type]
+        assert reply["token_ids"] == reference(mixtral_dir, [prompt], 4)[0]
+        # a request that fails validation is answered on the device's reply topic too
+        bad = {"input_ids": prompt, "max_tokens": 0, "client_id": client_id, "id": "bad-1"}
+        await client.publish(subjects.mqtt_infer_topic(cluster.node("a")), json.dumps(bad).encode())
+        async with asyncio.timeout(10):
+            error = json.loads(bytes((await anext(aiter(client.messages))).payload))  # type: ignore[arg-type]
+    assert error["id"] == "bad-1"
+    assert error["error"]["code"] == "invalid_request"
+    assert "max_tokens" in error["error"]["message"]
 
 
 

@@ -92,3 +92,29 @@ async def test_failed_expert_fails_only_its_sequences(mixtral_dir: Path) -> None
     assert done, "and not by others"
     assert all(isinstance(r[-1].error, ExpertUnavailable) for r in failed)
     assert engine.cache.num_free() == 8, "every slot is returned"
+
+
+async def test_a_sampling_failure_fails_only_its_sequence(mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    experts = AsyncLocal(LocalExperts.from_checkpoint(mixtral_dir))
+    engine = engine_for(mixtral_dir, experts)
+    real_sample = engine.sampler.sample
+
+    def sample(logits: torch.Tensor, params: SamplingParams, key: object = 0) -> int:
+        if params.temperature == 0.5:  # injected fault: this sequence's sampling breaks
+            raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return real_sample(logits, params, key)
+
+    monkeypatch.setattr(engine.sampler, "sample", sample)
+    broken = Sequence([5, 6, 7], 4, SamplingParams(temperature=0.5, seed=1))
+    fine = Sequence([9, 10, 11], 4, SamplingParams())
+    for seq in (broken, fine):
+        engine.submit(seq)
+    runner = asyncio.create_task(engine.run())
+    try:
+        events_broken, events_fine = await asyncio.gather(drain(broken), drain(fine))
+    finally:
+        runner.cancel()
+    assert isinstance(events_broken[-1], ErrorEvent)
+    assert events_broken[-1].error.message == "internal error while sampling"  # no internals leak out
+    assert [e.token_id for e in events_fine if isinstance(e, TokenEvent)] == reference(mixtral_dir, [[9, 10, 11]], 4)[0]
+    assert engine.cache.num_free() == 8

@@ -142,3 +142,31 @@ async def test_busy_poll_lasts_its_window_after_a_batch(cluster: LocalCluster, m
     async with asyncio.timeout(5):  # it ends by itself once the window has passed
         await spinner
     assert polling._spinner is None
+
+
+async def test_a_bug_in_one_batch_is_answered_and_the_host_goes_on(
+    cluster: LocalCluster, mixtral_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await cluster.add_node("a")
+    host = await cluster.add_host("a", "h", mixtral_dir, "0:0")
+    nc = await cluster.connect("a")
+    real = host._run_experts
+    calls = 0
+
+    def fails_once(*args: object) -> torch.Tensor:  # injected fault: the first batch hits a bug
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("a bug")
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(host, "_run_experts", fails_once)
+    x = torch.randn(2, host.hidden_size)
+    reply = await nc.request(subjects.expert(0, 0), encode_tensor(x), timeout=5)
+    assert reply.headers is not None
+    assert reply.headers["Nats-Service-Error-Code"] == "500"
+    error = json.loads(reply.data)["error"]
+    assert error == {"code": "internal", "message": f"host {host.settings.host} failed on this batch"}
+    reply = await nc.request(subjects.expert(0, 0), encode_tensor(x), timeout=5)
+    assert torch.equal(decode_tensor(reply.data)[0], expert_forward(load_expert(mixtral_dir, 0, 0), x))
+    assert host.counters.errors == 1

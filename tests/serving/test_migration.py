@@ -9,6 +9,7 @@ from pathlib import Path
 import nats
 import pytest
 
+from services.expert_host.service import ExpertHost
 from services.migrator.service import Migrator, build
 from services.migrator.settings import MigratorSettings
 from shared import subjects
@@ -105,18 +106,25 @@ async def test_refused_step_leaves_old_holders_serving(cluster: LocalCluster, mi
     await hub.close()
 
 
+async def migrator_and_host(
+    cluster: LocalCluster, model: Path, unique: str, host_wait_s: float
+) -> tuple[nats.NATS, Migrator, ExpertHost]:
+    """A hub connection, a migrator (weights not uploaded yet) and host a0 on node a with layer 0."""
+    hub = await nats.connect(cluster.hub.cfg.client_url())
+    settings = MigratorSettings(
+        model=model, model_id=unique, plans_bucket=f"{unique}-p", weights_bucket=f"{unique}-w", host_wait_s=host_wait_s
+    )
+    migrator = await build(hub, settings)
+    await cluster.add_node("a")
+    return hub, migrator, await cluster.add_host("a", "a0", model, "0:*")
+
+
 async def test_plan_waits_for_a_host_that_is_still_starting(
     cluster: LocalCluster, mixtral_dir: Path, unique: str
 ) -> None:
     """A stack starts its hosts and the migrator side by side: the first plan must not fail because
     one host is not up yet; a host that never comes fails the plan after host_wait_s."""
-    hub = await nats.connect(cluster.hub.cfg.client_url())
-    settings = MigratorSettings(
-        model=mixtral_dir, model_id=unique, plans_bucket=f"{unique}-p", weights_bucket=f"{unique}-w", host_wait_s=20
-    )
-    migrator = await build(hub, settings)
-    await cluster.add_node("a")
-    a0 = await cluster.add_host("a", "a0", mixtral_dir, "0:*")
+    hub, migrator, a0 = await migrator_and_host(cluster, mixtral_dir, unique, host_wait_s=20)
     late = f"{cluster.prefix}-late"
     plan = {"epoch": 1, "hosts": {a0.settings.host: [[0, e] for e in range(8)], late: [[1, e] for e in range(8)]}}
     applying = asyncio.create_task(migrator.apply(plan))
@@ -126,8 +134,32 @@ async def test_plan_waits_for_a_host_that_is_still_starting(
     assert await asyncio.wait_for(applying, 30) is True
 
     never = {**plan, "epoch": 2, "hosts": {**plan["hosts"], f"{cluster.prefix}-never": []}}
-    quick = await build(hub, settings.model_copy(update={"host_wait_s": 0.5}))
+    quick = await build(hub, migrator.settings.model_copy(update={"host_wait_s": 0.5}))
     started = asyncio.get_running_loop().time()
     assert await quick.apply(never) is False
     assert asyncio.get_running_loop().time() - started < 10
+    await hub.close()
+
+
+async def test_bad_plans_fail_and_later_plans_still_apply(
+    cluster: LocalCluster, mixtral_dir: Path, unique: str
+) -> None:
+    """Not JSON, a host that cannot exist (a spoofed heartbeat once put "a.b" into a plan), a malformed
+    host map: each fails (or is skipped) and the migrator keeps watching."""
+    hub, migrator, a0 = await migrator_and_host(cluster, mixtral_dir, unique, host_wait_s=0)
+    events = await hub.subscribe(subjects.PLAN_EVENTS)
+    await migrator.start()
+    good = {"epoch": 3, "hosts": {a0.settings.host: [[0, e] for e in range(8)]}}
+    await migrator.plans.put("plan", b"not json")  # skipped (logged): no event
+    outcomes = {}
+    for plan in ({"epoch": 1, "hosts": {"a.b": [[0, 1]]}}, {"epoch": 2, "hosts": [1]}, good):
+        await migrator.plans.put("plan", json.dumps(plan).encode())
+        event = json.loads((await events.next_msg(timeout=30)).data)
+        outcomes[event["epoch"]] = event
+    assert outcomes[1]["ok"] is False
+    assert "cannot exist" in outcomes[1]["error"]
+    assert outcomes[2]["ok"] is False
+    assert "malformed plan" in outcomes[2]["error"]
+    assert outcomes[3]["ok"] is True
+    await migrator.stop()
     await hub.close()

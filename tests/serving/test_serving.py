@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 from pathlib import Path
 
@@ -99,6 +100,30 @@ async def test_bad_requests_get_coded_errors_and_node_keeps_serving(cluster: Loc
     good = prompts(1, 4)[0]
     reply, _ = await ask(nc, node, {"input_ids": good, "max_tokens": 5})
     assert reply["token_ids"] == reference(mixtral_dir, [good], 5)[0]
+
+
+async def test_hostile_traffic_leaves_serving_alone(cluster: LocalCluster, mixtral_dir: Path) -> None:
+    """A heartbeat naming a host that cannot exist, a request nobody could read the answer to, JSON
+    too deep to decode: none of it disturbs the node."""
+    from shared import subjects
+
+    await spread(cluster, mixtral_dir)
+    nc = await cluster.connect("a")
+    node = cluster.node("a")
+    fake = {"host": "a.b", "node": node, "device": "cpu", "memory_used_bytes": 0, "memory_limit_bytes": 1,
+            "experts": [[0, e] for e in range(8)], "queue_depth": 0, "batches_served": 0, "tokens_served": 0,
+            "errors": 0}
+    await nc.publish(subjects.host_status("x"), json.dumps(fake).encode())
+    await nc.publish(subjects.infer(node), json.dumps({"input_ids": [5, 6], "max_tokens": 4096}).encode())
+    await nc.flush()
+    reply, _ = await ask(nc, node, b'{"prompt": ' + b"[" * 50_000 + b"]" * 50_000 + b"}")
+    assert reply["error"]["code"] == "invalid_json"
+    gating = cluster.gatings["a"]
+    assert not gating.engine.active, "the request without a reply subject was not decoded"
+    assert "a.b" not in str(gating.engine.experts.directory.route(0, list(range(8))))
+    good = prompts(3, 5)
+    replies = await asyncio.gather(*(ask(nc, node, {"input_ids": p, "max_tokens": 5}) for p in good))
+    assert [r["token_ids"] for r, _ in replies] == reference(mixtral_dir, good, 5)
 
 
 async def test_lost_expert_fails_only_the_requests_that_need_it(cluster: LocalCluster, mixtral_dir: Path) -> None:

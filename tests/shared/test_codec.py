@@ -65,7 +65,12 @@ def test_empty_batch() -> None:
         (b"\xc1garbage", "not a msgpack"),
         (msgpack.packb([1, 2]), "envelope"),
         (msgpack.packb({"v": 1, "dtype": "complex64", "shape": [1], "data": b"12345678"}), "unknown dtype"),
-        (msgpack.packb({"v": 1, "dtype": "float32", "shape": [2, -1], "data": b""}), "non-negative"),
+        (msgpack.packb({"v": 1, "dtype": "float32", "shape": [2, -1], "data": b""}), r"ints in \[0, 2\*\*31\)"),
+        # empty data, and shapes torch cannot take (they once escaped as TypeError: no reply at all)
+        (msgpack.packb({"v": 1, "dtype": "float32", "shape": [0, 2**63], "data": b""}), "ints in"),
+        (msgpack.packb({"v": 1, "dtype": "float32", "shape": [0, 2**64 - 1], "data": b""}), "ints in"),
+        (msgpack.packb({"v": 1, "dtype": "float32", "shape": [True, 192], "data": b"\0" * 768}), "ints in"),
+        (msgpack.packb({"v": 1, "dtype": "float32", "shape": [1] * 9, "data": b"\0" * 4}), "at most 8"),
         (msgpack.packb({"v": 1, "dtype": "float32", "shape": [2, 3], "data": b"\0" * 20}), "needs 24"),
     ],
 )

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from shared.errors import BadRequest, InvalidJSON
-from shared.schemas import parse_request, request_id_of
+from shared.schemas import HostStatus, parse_request, reply_hints
 
 
 def test_minimal_requests() -> None:
@@ -23,6 +23,9 @@ def test_minimal_requests() -> None:
         (b"{not json", InvalidJSON, "not valid JSON"),
         (b"[1, 2]", InvalidJSON, "JSON object"),
         (b"\xff\xfe", InvalidJSON, "not valid JSON"),
+        # json.loads raises neither JSONDecodeError for these: too deep, and an integer too long to read
+        (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", InvalidJSON, "not valid JSON: maximum recursion"),
+        (b'{"input_ids": [' + b"9" * 5000 + b"]}", InvalidJSON, "not valid JSON: Exceeds the limit"),
         (b"{}", BadRequest, "exactly one of 'prompt'"),
         (b'{"prompt": "a", "input_ids": [1]}', BadRequest, "exactly one of 'prompt'"),
         (b'{"prompt": "a", "max_tokens": 0}', BadRequest, "max_tokens: Input should be greater than or equal to 1"),
@@ -48,6 +51,17 @@ def test_bad_requests(body: bytes, error: type[Exception], message: str) -> None
         parse_request(body)
 
 
-def test_error_reply_echoes_id_when_it_can() -> None:
-    assert request_id_of(b'{"id": "abc", "max_tokens": -1}') == "abc"
-    assert request_id_of(b"{broken") is None
+def test_error_reply_finds_id_and_mqtt_client_when_it_can() -> None:
+    assert reply_hints(b'{"id": "abc", "max_tokens": -1, "client_id": "dev-1"}') == ("abc", "dev-1")
+    assert reply_hints(b'{"client_id": "a/b", "id": 5}') == (None, None)  # not a subject token, not a string
+    assert reply_hints(b"{broken") == (None, None)
+    assert reply_hints(b"[" * 100_000) == (None, None)
+
+
+def test_host_names_must_be_subject_tokens() -> None:
+    """A heartbeat naming host "a.b" would make gatings and the migrator address a bad subject."""
+    status = {"host": "a.b", "node": "n", "device": "cpu", "memory_used_bytes": 0, "memory_limit_bytes": 1,
+              "experts": [], "queue_depth": 0, "batches_served": 0, "tokens_served": 0, "errors": 0}
+    with pytest.raises(ValueError, match="host"):
+        HostStatus.model_validate(status)
+    assert HostStatus.model_validate({**status, "host": "a-b_1"}).host == "a-b_1"
