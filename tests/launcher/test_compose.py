@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import nats
 import pytest
 import yaml
@@ -154,9 +155,12 @@ def test_static_placement_covers_the_demo_model(compose: dict[str, Any]) -> None
 
 
 def conf_vars(path: Path) -> set[str]:
-    """$VARIABLES referenced outside comments."""
+    """$VARIABLES the server takes from the environment: referenced outside comments and quoted
+    strings ("$SRV.PING" is a subject), and not defined in the file itself (SERVICE = {...})."""
     code = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
-    return set(re.findall(r"\$([A-Z_][A-Z0-9_]*)", code))
+    code = re.sub(r'"[^"]*"', '""', code)
+    defined = set(re.findall(r"^\s*([A-Z_][A-Z0-9_]*)\s*=", code, re.M))
+    return set(re.findall(r"\$([A-Z_][A-Z0-9_]*)", code)) - defined
 
 
 def test_nats_config_variables_come_from_the_service_environment(compose: dict[str, Any]) -> None:
@@ -202,39 +206,89 @@ async def nats_process(conf: Path, env: dict[str, str], port: int) -> AsyncItera
 
 async def test_hub_and_leaf_configs_authenticate_and_connect(tmp_path: Path, example_env: dict[str, str]) -> None:
     env = dict(example_env)
-    hub_port, leaf_listen, leaf_client = free_port(), free_port(), free_port()
+    hub_port, leaf_listen, leaf_client, mqtt_port = free_port(), free_port(), free_port(), free_port()
     hub_conf = localise(REPO / "docker" / "nats" / "hub.conf", {
         '"0.0.0.0:4222"': f'"127.0.0.1:{hub_port}"', '"0.0.0.0:8222"': f'"127.0.0.1:{free_port()}"',
-        '"0.0.0.0:1883"': f'"127.0.0.1:{free_port()}"', '"0.0.0.0:7422"': f'"127.0.0.1:{leaf_listen}"',
+        '"0.0.0.0:1883"': f'"127.0.0.1:{mqtt_port}"', '"0.0.0.0:7422"': f'"127.0.0.1:{leaf_listen}"',
         '"/data/jetstream"': f'"{tmp_path / "js"}"'}, tmp_path / "hub.conf")
     leaf_conf = localise(REPO / "docker" / "nats" / "leaf.conf", {
         '"0.0.0.0:4222"': f'"127.0.0.1:{leaf_client}"'}, tmp_path / "leaf.conf")
-    user, password = env["PRISM_CLIENT_USER"], env["PRISM_CLIENT_PASSWORD"]
+    service = {"user": env["PRISM_SERVICE_USER"], "password": env["PRISM_SERVICE_PASSWORD"]}
+    client = {"user": env["PRISM_CLIENT_USER"], "password": env["PRISM_CLIENT_PASSWORD"]}
     leaf_url = f"nats://{env['PRISM_LEAF_USER']}:{env['PRISM_LEAF_PASSWORD']}@127.0.0.1:{leaf_listen}"
     leaf_env = {**env, "PRISM_NODE": "edge-a", "PRISM_HUB_LEAF_URL": leaf_url}
     async with nats_process(hub_conf, env, hub_port), nats_process(leaf_conf, leaf_env, leaf_client):
         with pytest.raises(nats.errors.Error, match="Authorization Violation"):  # no credentials, no connection
             await nats.connect(f"nats://127.0.0.1:{hub_port}", allow_reconnect=False, max_reconnect_attempts=1,
                                error_cb=ignore)
-        hub = await nats.connect(f"nats://127.0.0.1:{hub_port}", user=user, password=password)
-        leaf = await nats.connect(f"nats://127.0.0.1:{leaf_client}", user=user, password=password)
+        hub = await nats.connect(f"nats://127.0.0.1:{hub_port}", **service)
+        leaf = await nats.connect(f"nats://127.0.0.1:{leaf_client}", **service)
         try:
             async def pong(msg: nats.aio.msg.Msg) -> None:
                 await msg.respond(b"pong")
 
-            await hub.subscribe("compose.check", cb=pong)
+            await hub.subscribe("prism.v1.infer.edge-a", cb=pong)
             await hub.flush()
             async with asyncio.timeout(10):  # the leaf connection (with its credentials) carries it
                 while True:
                     try:
-                        reply = await leaf.request("compose.check", b"ping", timeout=0.5)
+                        reply = await leaf.request("prism.v1.infer.edge-a", b"ping", timeout=0.5)
                         break
                     except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
                         await asyncio.sleep(0.1)
             assert reply.data == b"pong"
+            await client_permissions(hub, f"nats://127.0.0.1:{hub_port}", client)
+            await device_permissions(hub, mqtt_port, client)
         finally:
             await leaf.close()
             await hub.close()
+
+
+async def client_permissions(service: nats.NATS, url: str, creds: dict[str, str]) -> None:
+    """A client may ask a node and get the answer; it may not reach internal subjects."""
+    errors: list[str] = []
+
+    async def record(exc: Exception) -> None:
+        errors.append(str(exc))
+
+    internal = await service.subscribe("prism.v1.host.>")
+    nc = await nats.connect(url, error_cb=record, **creds)
+    try:
+        assert (await nc.request("prism.v1.infer.edge-a", b"ping", timeout=5)).data == b"pong"
+        await nc.publish("prism.v1.host.edge-a-gpu0.status", b'{"host": "spoofed"}')
+        await nc.subscribe("prism.v1.expert.>")
+        await nc.flush()
+        async with asyncio.timeout(5):
+            while len(errors) < 2:  # noqa: ASYNC110 - filled by the error callback
+                await asyncio.sleep(0.05)
+        assert sorted(errors) == [
+            'nats: permissions violation for publish to "prism.v1.host.edge-a-gpu0.status"',
+            'nats: permissions violation for subscription to "prism.v1.expert.>"',
+        ]
+        with pytest.raises(nats.errors.TimeoutError):
+            await internal.next_msg(timeout=0.5)
+    finally:
+        await nc.close()
+
+
+async def device_permissions(service: nats.NATS, mqtt_port: int, creds: dict[str, str]) -> None:
+    """An MQTT device with the client credentials: its request arrives and its reply reaches it; a
+    spoofed heartbeat does not arrive."""
+    requests = await service.subscribe("prism.v1.infer.edge-a")
+    heartbeats = await service.subscribe("prism.v1.host.>")
+    await service.flush()
+    async with aiomqtt.Client("127.0.0.1", mqtt_port, identifier="dev-1", username=creds["user"],
+                              password=creds["password"]) as device:
+        await device.subscribe("prism/v1/reply/dev-1")
+        await device.publish("prism/v1/host/x/status", b'{"host": "spoofed"}')
+        await device.publish("prism/v1/infer/edge-a", b'{"prompt": "hi", "client_id": "dev-1"}')
+        assert (await requests.next_msg(timeout=5)).data == b'{"prompt": "hi", "client_id": "dev-1"}'
+        await service.publish("prism.v1.reply.dev-1", b"answer")
+        async with asyncio.timeout(5):
+            message = await anext(aiter(device.messages))
+        assert bytes(message.payload) == b"answer"  # type: ignore[arg-type]
+    with pytest.raises(nats.errors.TimeoutError):
+        await heartbeats.next_msg(timeout=0.5)
 
 
 async def ignore(exc: Exception) -> None:
