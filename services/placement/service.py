@@ -38,6 +38,7 @@ from services.placement.planner import ClusterView, cluster_view, from_plan_host
 from services.placement.policies import get_policy
 from services.placement.settings import PlacementSettings
 from services.placement.stats import RoutingStats
+from services.placement.types import CoActivation
 from shared import subjects
 from shared.activations import ActivationReport
 from shared.errors import BadRequest, PrismError
@@ -149,26 +150,26 @@ class PlacementService:
     async def plan_once(self) -> bool:
         """Compute a plan and publish it if the migration rule accepts it; True when published."""
         statuses = self.live_hosts()
-        if not any(s.node in self.nodes for s in statuses):
+        # Nodes with a live host. One without (its hosts lost) still sends requests, but with one
+        # link model for every pair of nodes all of its experts are equally remote wherever they sit.
+        serving = [n for n in self.nodes if any(s.node == n for s in statuses)]
+        if not serving:
             return False
-        view = cluster_view(
-            statuses,
-            self.nodes,
-            self.model.expert_bytes,
-            self.settings.rtt_ms / 1e3,
-            self.settings.bandwidth_mbit * 1e6 / 8,
-        )
+        link_rate = self.settings.bandwidth_mbit * 1e6 / 8
+        view = cluster_view(statuses, serving, self.model.expert_bytes, self.settings.rtt_ms / 1e3, link_rate)
         if self._migration_in_flight():
             log.info("plan_waits_for_migration", epoch=(self.plan or {}).get("epoch"))
             return False
-        freq = self.stats.counts()
+        rows = [self.nodes.index(n) for n in serving]
+        freq, coact = self.stats.counts()[rows], self.stats.coactivation()
+        coact = CoActivation(tokens=coact.tokens[rows], sets=coact.sets[rows])
         current = self._current_placement(view)
         if current is None and self._plan_hosts_may_still_come(view):
             log.info("plan_waits_for_hosts", live=view.hosts)
             return False
         if current is not None and self.stats.window_tokens().sum() < self.settings.min_window_tokens:
             return False
-        proposed = self.policy(freq, view.cluster, coact=self.stats.coactivation(), current=current)
+        proposed = self.policy(freq, view.cluster, coact=coact, current=current)
         if current is not None:
             accept, before, after = worth_migrating(
                 freq, current, proposed, view.cluster, self.settings.migration_cost_calls
@@ -180,7 +181,8 @@ class PlacementService:
         return True
 
     def _migration_in_flight(self) -> bool:
-        """The hosts do not hold the current plan yet (its migration runs), for at most the timeout."""
+        """The live hosts do not hold the current plan yet (its migration runs), for at most the
+        timeout. A host of the plan that is gone is not migrating: the next plan leaves it out."""
         if self.plan is None or "hosts" not in self.plan:
             return False
         if time.monotonic() - self._published_at > self.settings.migration_timeout_s:
@@ -188,7 +190,7 @@ class PlacementService:
         statuses = {s.host: s for s in self.live_hosts()}
         for host, keys in self.plan["hosts"].items():
             status = statuses.get(host)
-            if status is None or {(k[0], k[1]) for k in keys} != set(status.experts):
+            if status is not None and {(k[0], k[1]) for k in keys} != set(status.experts):
                 return True
         return False
 

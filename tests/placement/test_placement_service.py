@@ -164,3 +164,53 @@ async def test_replan_command_and_bad_commands(nats_hub: NatsServer, model_dir: 
     finally:
         await service.stop()
         await nc.close()
+
+
+async def test_a_lost_node_is_planned_around_at_once(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
+    """Node b's only host stops: once its heartbeats are older than host_ttl_s, the next plan puts every
+    expert on the hosts left, without waiting for the migration timeout (b's host was not 'migrating'),
+    and planning goes on although node b, still sending requests, has no host at all."""
+    nodes = [f"{unique}-a", f"{unique}-b"]
+    settings = PlacementSettings(
+        nodes=",".join(nodes),
+        model=model_dir,
+        plan_interval_s=0.2,
+        host_ttl_s=1.0,
+        plans_bucket=f"{unique}-plans",
+        hosts_bucket=f"{unique}-hosts",
+        expert_dtype_bytes=4,
+    )
+    assert settings.migration_timeout_s >= 60
+    nc = await nats.connect(nats_hub.cfg.client_url())
+    service = await build(nc, settings)
+    await service.start()
+    try:
+        config = load_config(model_dir)
+        layers, E = list_moe_layers(config), config.num_experts
+        slots = len(layers) * E  # room for the whole model on each host
+        await send_reports(nc, nodes[0], layers, usage([0, 1], E), n=5, seed=1)
+        await send_reports(nc, nodes[1], layers, usage([5, 6], E), n=5, seed=2)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots)
+        first = await next_plan(service, 0)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots, plan=first)
+        assert set(first["hosts"]) == {f"{nodes[0]}-h0", f"{nodes[1]}-h0"}
+
+        async def node_a_lives() -> None:  # only a's host keeps beating; b's is gone
+            while True:
+                await register_hosts(nc, nodes[:1], service.model.expert_bytes, slots, plan=first)
+                await asyncio.sleep(0.2)
+
+        beating = asyncio.create_task(node_a_lives())
+        try:
+            await send_reports(nc, nodes[1], layers, usage([5, 6], E), n=5, seed=3)  # b still asks
+            started = asyncio.get_running_loop().time()
+            second = await next_plan(service, first["epoch"])
+            assert asyncio.get_running_loop().time() - started < 10
+        finally:
+            beating.cancel()
+        assert set(second["hosts"]) == {f"{nodes[0]}-h0"}
+        held = {tuple(k) for k in second["hosts"][f"{nodes[0]}-h0"]}
+        assert held == {(layer, e) for layer in layers for e in range(E)}, "every expert has a holder again"
+    finally:
+        await service.stop()
+        await nc.close()
