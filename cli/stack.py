@@ -366,9 +366,12 @@ class LocalStack:
     # ---- stop -----------------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Services first (they drain through the still-running servers), then leaves, links, hub."""
+        """Gatings first: they drain their requests while the hosts still answer. Then the other
+        services, the leaves, the links and the hub."""
         bound = self.options.stop_timeout_s
-        await asyncio.gather(*(child.stop(bound) for child in self.services))
+        gatings = [child for child in self.services if child.name.startswith("gating-")]
+        await asyncio.gather(*(child.stop(bound) for child in gatings))
+        await asyncio.gather(*(child.stop(bound) for child in self.services if child not in gatings))
         leaves = [c for c in self.servers if c.name != "hub"]
         await asyncio.gather(*(child.stop(bound) for child in leaves))
         for link in self.links.values():

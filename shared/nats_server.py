@@ -146,7 +146,10 @@ def _ephemeral_range_start() -> int:
 
 
 def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on `port` now. SO_REUSEADDR as servers bind (nats-server, asyncio):
+    connections of a stopped server that linger in TIME_WAIT do not make the port taken."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:

@@ -5,7 +5,8 @@ rows of all experts one host holds go to that host in one message (`prism.v1.hos
 hosts first. Experts without a known holder, and any a host refuses, go to
 `prism.v1.expert.<layer>.<expert>` (split to fit max_payload), where NATS picks the nearest holder in
 the queue group. Rows that get no answer within `timeout_s`, "no responders", or an error reply mark
-their tokens failed with `expert_unavailable`; the caller decides which requests that fails.
+their tokens failed with `expert_unavailable`; the caller decides which requests that fails. One
+deadline covers a whole call: a fallback after a host that timed out gets only what is left of it.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class RemoteExperts:
         outputs = torch.zeros_like(rows)
         failed = torch.zeros(T, dtype=torch.bool)
         error: PrismError | None = None
-        for experts, answer in await self._answer(call.layer, rows, spans):
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        for experts, answer in await self._answer(call.layer, rows, spans, deadline):
             if isinstance(answer, PrismError):
                 for expert in experts:
                     failed[routing.token_idx[slice(*spans[expert])]] = True
@@ -70,20 +72,22 @@ class RemoteExperts:
                 _place(outputs, answer.to(rows.dtype), experts, spans)
         return ExpertsResult(combine(call, routing, outputs), failed, error)
 
-    async def _answer(self, layer: int, rows: Tensor, spans: Spans) -> list[tuple[list[int], Answer]]:
+    async def _answer(
+        self, layer: int, rows: Tensor, spans: Spans, deadline: float
+    ) -> list[tuple[list[int], Answer]]:
         """Every expert's output rows (or error), as (experts, their rows stacked in that order): one
         message per known holding host, the rest (and what a host refuses) on the experts' own subjects."""
         experts = list(spans)
         by_host, direct = self.directory.route(layer, experts) if self.directory else ({}, experts)
-        jobs = [self._via_host(host, layer, held, rows, spans) for host, held in by_host.items()]
+        jobs = [self._via_host(host, layer, held, rows, spans, deadline) for host, held in by_host.items()]
         if direct:
-            jobs.append(self._via_subjects(layer, direct, rows, spans))
+            jobs.append(self._via_subjects(layer, direct, rows, spans, deadline))
         if len(jobs) == 1:  # the usual case on a node whose host holds the layer: no task to schedule
             return await jobs[0]
         return [answer for part in await asyncio.gather(*jobs) for answer in part]
 
-    async def _via_host(
-        self, host: str, layer: int, experts: list[int], rows: Tensor, spans: Spans
+    async def _via_host(  # noqa: PLR0917 - one call's context
+        self, host: str, layer: int, experts: list[int], rows: Tensor, spans: Spans, deadline: float
     ) -> list[tuple[list[int], Answer]]:
         hidden = _take(rows, experts, spans)
         counts = [spans[e][1] - spans[e][0] for e in experts]
@@ -91,16 +95,16 @@ class RemoteExperts:
         self.messages += 1
         try:
             check_size(payload, None, self.max_payload)
-            msg = await self.nc.request(subjects.host_batch(host), payload, timeout=self.timeout_s)
+            msg = await self.nc.request(subjects.host_batch(host), payload, timeout=_left(deadline))
         except (PrismError, NoRespondersError, NatsTimeoutError, TimeoutError):
-            return await self._via_subjects(layer, experts, rows, spans)
+            return await self._via_subjects(layer, experts, rows, spans, deadline)
         out = _parse_reply(msg.headers, msg.data, hidden, f"host {host}")
         if isinstance(out, PrismError):  # e.g. it no longer holds one of them: ask the experts' subjects
-            return await self._via_subjects(layer, experts, rows, spans)
+            return await self._via_subjects(layer, experts, rows, spans, deadline)
         return [(experts, out)]
 
     async def _via_subjects(
-        self, layer: int, experts: list[int], rows: Tensor, spans: Spans
+        self, layer: int, experts: list[int], rows: Tensor, spans: Spans, deadline: float
     ) -> list[tuple[list[int], Answer]]:
         """Each expert on its own subject, all at once, split into messages that fit max_payload."""
         per_message = max_rows_per_message(rows.shape[1] * rows.element_size(), self.max_payload)
@@ -108,13 +112,13 @@ class RemoteExperts:
         async def one(expert: int) -> tuple[list[int], Answer]:
             chunks = torch.split(rows[slice(*spans[expert])], per_message)
             self.messages += len(chunks)
-            parts = await asyncio.gather(*(self._ask(layer, expert, chunk) for chunk in chunks))
+            parts = await asyncio.gather(*(self._ask(layer, expert, chunk, deadline) for chunk in chunks))
             errors = [p for p in parts if isinstance(p, PrismError)]
             return [expert], errors[0] if errors else torch.cat([p for p in parts if isinstance(p, Tensor)])
 
         return list(await asyncio.gather(*(one(expert) for expert in experts)))
 
-    async def _ask(self, layer: int, expert: int, hidden: Tensor) -> Tensor | PrismError:
+    async def _ask(self, layer: int, expert: int, hidden: Tensor, deadline: float) -> Tensor | PrismError:
         """One request; every failure becomes an ExpertUnavailable value (never raised).
 
         "No responders" is retried until the timeout: while an expert moves, its new holder's interest
@@ -123,14 +127,11 @@ class RemoteExperts:
         payload = encode_tensor(hidden)
         name = f"expert {layer}.{expert}"
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout_s
         try:
             check_size(payload, None, self.max_payload)
             while True:
                 try:
-                    msg = await self.nc.request(
-                        subjects.expert(layer, expert), payload, timeout=max(deadline - loop.time(), 1e-3)
-                    )
+                    msg = await self.nc.request(subjects.expert(layer, expert), payload, timeout=_left(deadline))
                     break
                 except NoRespondersError:
                     if loop.time() + NO_RESPONDERS_RETRY_S >= deadline:
@@ -141,6 +142,11 @@ class RemoteExperts:
         except PrismError as err:
             return ExpertUnavailable(f"{name}: {err.message}")
         return _parse_reply(msg.headers, msg.data, hidden, name)
+
+
+def _left(deadline: float) -> float:
+    """Seconds to `deadline` on the loop's clock (at least 1 ms: a request needs a positive timeout)."""
+    return max(deadline - asyncio.get_running_loop().time(), 1e-3)
 
 
 def _take(rows: Tensor, experts: list[int], spans: Spans) -> Tensor:

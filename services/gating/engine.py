@@ -216,6 +216,13 @@ class Engine:
         self.sampler.release(seq.key)
         seq.events.put_nowait(event)
 
+    def abort(self, err: PrismError) -> None:
+        """Finish every running and waiting sequence with `err` (call it once `run` has stopped)."""
+        for seq in list(self.active):
+            self._finish(seq, ErrorEvent(err))
+        while self.waiting:
+            self.waiting.popleft().events.put_nowait(ErrorEvent(err))
+
     def close(self) -> None:
         self._executor.shutdown(wait=False)
 

@@ -11,13 +11,13 @@ Subjects:
 
 Failure behaviour: a bad request is answered with an error and touches nothing else; a missing
 expert fails the requests that needed it with `expert_unavailable` within the timeout while the
-others continue; when the queue is full new requests get `overloaded`.
+others continue; when the queue is full new requests get `overloaded`; at shutdown, requests still
+running after `drain_timeout_s` get `shutting_down`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import structlog
@@ -33,7 +33,7 @@ from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, Toke
 from services.gating.settings import GatingSettings
 from shared import subjects
 from shared.activations import ActivationCounter
-from shared.errors import BadRequest, PrismError, PromptTooLong, TokenOutOfRange
+from shared.errors import BadRequest, PrismError, PromptTooLong, ShuttingDown, TokenOutOfRange
 from shared.model.model import MoEModel
 from shared.model.sampling import SamplingParams
 from shared.model.tokenizer import Tokenizer
@@ -52,6 +52,7 @@ from shared.schemas import (
 
 log = structlog.get_logger()
 SERVICE_NAME = "prism-gating"
+REPLY_GRACE_S = 1.0  # for the error replies of requests still running when the drain ends
 
 
 class Gating:
@@ -200,19 +201,27 @@ class Gating:
                 await self.nc.publish(subject, report.encode())
 
     async def stop(self) -> None:
-        """Stop intake, let running requests finish (bounded), then stop the engine."""
-        if self._intake:
-            await self._intake.unsubscribe()
-        if self._micro:
-            await self._micro.stop()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.settings.drain_timeout_s):
-                while self._tasks:
-                    await asyncio.gather(*self._tasks, return_exceptions=True)
+        """Stop intake, let running requests finish (bounded), then stop the engine; a request still
+        running then gets a `shutting_down` error reply, never silence. Idempotent."""
+        intake, micro, self._intake, self._micro = self._intake, self._micro, None, None
+        if intake:
+            await intake.unsubscribe()
+        if micro:
+            await micro.stop()
+        await self._wait_for_replies(self.settings.drain_timeout_s)
         for task in self._background:
             task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        self.engine.abort(ShuttingDown(f"node {self.settings.node} is shutting down; retry on another node"))
+        await self._wait_for_replies(REPLY_GRACE_S)  # the error replies go out
         self.engine.close()
         log.info("gating_stopped", node=self.settings.node)
+
+
+    async def _wait_for_replies(self, timeout_s: float) -> None:
+        """Up to `timeout_s` for the reply tasks, without cancelling them (a timed-out gather would)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout_s)
 
 
 def build(nc: NatsClient, settings: GatingSettings) -> Gating:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +127,27 @@ async def test_hostile_traffic_leaves_serving_alone(cluster: LocalCluster, mixtr
     assert [r["token_ids"] for r, _ in replies] == reference(mixtral_dir, good, 5)
 
 
+async def test_stopping_a_gating_answers_every_running_request(cluster: LocalCluster, mixtral_dir: Path) -> None:
+    """Requests longer than the drain bound get `shutting_down`, not silence."""
+    await cluster.add_node("a")
+    await cluster.add_host("a", "h", mixtral_dir, "*:*")
+    gating = await cluster.add_gating("a", mixtral_dir, drain_timeout_s=0.2)
+    nc = await cluster.connect("a")
+    asks = [asyncio.create_task(ask(nc, cluster.node("a"), {"input_ids": [5 + i, 6], "max_tokens": 250}))
+            for i in range(3)]
+    async with asyncio.timeout(10):
+        while len(gating.engine.active) < 3:  # noqa: ASYNC110 - filled by the gating's intake
+            await asyncio.sleep(0.01)
+    await gating.stop()
+    async with asyncio.timeout(5):
+        replies = await asyncio.gather(*asks)
+    for reply, headers in replies:
+        assert reply["error"]["code"] == "shutting_down"
+        assert headers["Nats-Service-Error-Code"] == "503"
+    assert not gating.engine.active
+    assert gating.engine.cache.num_free() == gating.engine.cache.max_slots
+
+
 async def test_lost_expert_fails_only_the_requests_that_need_it(cluster: LocalCluster, mixtral_dir: Path) -> None:
     """Expert (0, 7) lives only on host `only`; killing it fails exactly the requests routed to it."""
     await cluster.add_node("a")
@@ -147,6 +169,31 @@ async def test_lost_expert_fails_only_the_requests_that_need_it(cluster: LocalCl
         assert reply["error"]["code"] == "expert_unavailable", reply
         assert "expert 0.7" in reply["error"]["message"]
     assert served[0]["token_ids"] == reference(mixtral_dir, [avoids], 2)[0]
+
+
+async def test_a_hung_host_fails_its_requests_within_one_timeout(cluster: LocalCluster, mixtral_dir: Path) -> None:
+    """A host that takes its batches and never answers: the request fails with `expert_unavailable`
+    within the expert timeout; the fallback to the experts' own subjects gets no second timeout."""
+    from shared import subjects
+    from shared.schemas import HostStatus
+
+    await cluster.add_node("a")
+    await cluster.add_gating("a", mixtral_dir, expert_timeout_s=0.5)
+    hung = await cluster.connect("a")
+    name = f"{cluster.prefix}-hung"
+    await hung.subscribe(subjects.host_batch(name))  # takes every batch, answers none
+    status = HostStatus(host=name, node=cluster.node("a"), device="cpu", memory_used_bytes=0, memory_limit_bytes=1,
+                        experts=[(layer, e) for layer in (0, 1) for e in range(8)], queue_depth=0, batches_served=0,
+                        tokens_served=0, errors=0)
+    directory = cluster.gatings["a"].engine.experts.directory
+    async with asyncio.timeout(5):
+        while directory.route(0, [0])[1]:  # until the gating routes to the hung host
+            await hung.publish(subjects.host_status(name), status.model_dump_json().encode())
+            await asyncio.sleep(0.05)
+    started = time.monotonic()
+    reply, _ = await ask(await cluster.connect("a"), cluster.node("a"), {"input_ids": [5, 6], "max_tokens": 2})
+    assert reply["error"]["code"] == "expert_unavailable", reply
+    assert time.monotonic() - started < 0.9, "one timeout (0.5 s), not one for the host and one for the fallback"
 
 
 def split_by_expert(model_dir: Path, layer: int, expert: int) -> tuple[list[int], list[int]]:

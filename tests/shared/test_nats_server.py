@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from pathlib import Path
 
 import nats
 import pytest
 
-from shared.nats_server import LeafRemote, NatsServer, NatsServerError, ServerConfig, free_port, render_config
+from shared.nats_server import (
+    LeafRemote,
+    NatsServer,
+    NatsServerError,
+    ServerConfig,
+    free_port,
+    port_is_free,
+    render_config,
+)
 
 
 async def test_hub_has_jetstream_in_domain(nats_hub: NatsServer, unique: str) -> None:
@@ -66,3 +75,20 @@ def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
     ports = [free_port() for _ in range(50)]
     assert len(set(ports)) == len(ports)
     assert all(1024 <= p < _ephemeral_range_start() and port_is_free(p) for p in ports)
+
+
+def test_a_port_in_time_wait_is_free_and_a_listening_one_is_not() -> None:
+    """A server stopped a moment ago leaves its side of closed connections in TIME_WAIT; the port can
+    be listened on again at once (`prism up` on the same port right after a stop said "in use")."""
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    port = server.getsockname()[1]
+    assert not port_is_free(port)
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = server.accept()
+    accepted.close()  # the server's side closes first: TIME_WAIT on (port, client port)
+    client.close()
+    server.close()
+    assert port_is_free(port)
