@@ -178,7 +178,7 @@ async def test_a_hung_host_fails_its_requests_within_one_timeout(cluster: LocalC
     from shared.schemas import HostStatus
 
     await cluster.add_node("a")
-    await cluster.add_gating("a", mixtral_dir, expert_timeout_s=0.5)
+    await cluster.add_gating("a", mixtral_dir, expert_timeout_s=1.0)
     hung = await cluster.connect("a")
     name = f"{cluster.prefix}-hung"
     await hung.subscribe(subjects.host_batch(name))  # takes every batch, answers none
@@ -193,7 +193,7 @@ async def test_a_hung_host_fails_its_requests_within_one_timeout(cluster: LocalC
     started = time.monotonic()
     reply, _ = await ask(await cluster.connect("a"), cluster.node("a"), {"input_ids": [5, 6], "max_tokens": 2})
     assert reply["error"]["code"] == "expert_unavailable", reply
-    assert time.monotonic() - started < 0.9, "one timeout (0.5 s), not one for the host and one for the fallback"
+    assert time.monotonic() - started < 1.8, "one timeout (1 s), not one for the host and one for the fallback"
 
 
 def split_by_expert(model_dir: Path, layer: int, expert: int) -> tuple[list[int], list[int]]:
