@@ -43,14 +43,25 @@ def add_stack_arguments(p: argparse.ArgumentParser, *, nodes: int = 2, hosts: in
     p.add_argument("--delay-ms", type=float, default=delay_ms, help=f"one-way hub delay, ms (default {delay_ms:g})")
     p.add_argument("--rate-mbit", type=float, default=None, help="link rate per direction, Mbit/s (default unlimited)")
     p.add_argument("--model", type=Path, default=Path("models/demo"), help="checkpoint directory (default models/demo)")
-    p.add_argument("--port", type=int, default=4222, help="hub client port, 0 = any free one (default 4222)")
-    p.add_argument("--mqtt-port", type=int, default=1883, help="hub MQTT port, 0 = off (default 1883)")
-    p.add_argument("--http-port", type=int, default=8222, help="hub monitoring port, 0 = off (default 8222)")
+    p.add_argument("--port", type=port_number, default=4222, help="hub client port, 0 = any free one (default 4222)")
+    p.add_argument("--mqtt-port", type=port_number, default=1883, help="hub MQTT port, 0 = off (default 1883)")
+    p.add_argument("--http-port", type=port_number, default=8222, help="hub monitoring port, 0 = off (default 8222)")
     p.add_argument("--run-dir", type=Path, help="logs and configs (default var/run-<timestamp>)")
     p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for every node (default 180)")
     p.add_argument("--policy", default="prism", choices=POLICY_NAMES, help="placement policy (default prism)")
     p.add_argument("--plan-interval", type=float, default=10.0, help="seconds between re-plans (default 10)")
     p.set_defaults(default_nodes=nodes)
+
+
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0-65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
+    return port
 
 
 def build_options(args: argparse.Namespace, **overrides: Any) -> Any:
@@ -62,7 +73,7 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> Any:
         topology = load_topology(args.topology)
     else:
         topology = simple_topology(
-            args.nodes or args.default_nodes,
+            args.default_nodes if args.nodes is None else args.nodes,
             args.hosts_per_node,
             memory_mb=args.memory_mb,
             delay_ms=args.delay_ms,

@@ -19,11 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from typing import Any
 
 import structlog
 import torch
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.kv import KeyValue
@@ -63,9 +66,12 @@ class Migrator:
         self.expert_bytes = _expert_bytes(settings)
         self._watch: asyncio.Task[None] | None = None
         self._micro: Service | None = None
+        self._heartbeats: Subscription | None = None
+        self._last_beat: dict[str, float] = {}  # host -> when its last status heartbeat came
 
     async def start(self) -> None:
         await self.upload_weights()
+        self._heartbeats = await self.nc.subscribe(subjects.ALL_HOST_STATUS, cb=self._on_heartbeat)
         self._watch = asyncio.create_task(self._watch_plans(), name="watch-plans")
         self._micro = await announce(self.nc, "prism-migrator", {"model": self.model_id})
 
@@ -141,18 +147,31 @@ class Migrator:
         command = cls(epoch=epoch, experts=list(step.experts))
         await self._command(step.host, command.model_dump())
 
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        host = msg.subject.split(".")[-2]  # prism.v1.host.<host>.status
+        self._last_beat[host] = time.monotonic()
+
     async def _command(self, host: str, command: dict[str, Any]) -> HostStatus:
+        """One command, answered or failed: within command_timeout_s, and sooner when the host stops
+        beating while it works (a host killed during a load would hold the epoch for the whole timeout)."""
+        payload, kind = json.dumps(command).encode(), command["kind"]
+        timeout_s = self.settings.command_timeout_s
+        request = asyncio.ensure_future(self.nc.request(subjects.host_cmd(host), payload, timeout=timeout_s))
         try:
-            msg = await self.nc.request(
-                subjects.host_cmd(host), json.dumps(command).encode(), timeout=self.settings.command_timeout_s
-            )
+            while not (await asyncio.wait([request], timeout=HOST_POLL_S))[0]:
+                silent_s = time.monotonic() - self._last_beat.get(host, time.monotonic())
+                if silent_s > self.settings.host_ttl_s:
+                    raise HostAbsent(f"host {host} stopped during {kind} (no heartbeat for {silent_s:.0f} s)")
+            msg = request.result()
         except NoRespondersError:
-            raise HostAbsent(f"host {host} did not answer {command['kind']} (no such host is up)") from None
+            raise HostAbsent(f"host {host} did not answer {kind} (no such host is up)") from None
         except NatsTimeoutError:
-            raise MigrationFailed(f"host {host} did not answer {command['kind']}") from None
+            raise MigrationFailed(f"host {host} did not answer {kind}") from None
+        finally:
+            request.cancel()
         error = error_from_headers(msg.headers)
         if error is not None:
-            raise MigrationFailed(f"host {host} refused {command['kind']}: {error.message}")
+            raise MigrationFailed(f"host {host} refused {kind}: {error.message}")
         return HostStatus.model_validate_json(msg.data)
 
     async def _announce(self, epoch: int, *, ok: bool, steps: int, error: str | None) -> None:
@@ -160,6 +179,9 @@ class Migrator:
         await self.nc.publish(subjects.PLAN_EVENTS, json.dumps(event).encode())
 
     async def stop(self) -> None:
+        if self._heartbeats:
+            with contextlib.suppress(Exception):
+                await self._heartbeats.unsubscribe()
         if self._micro:
             with contextlib.suppress(Exception):
                 await self._micro.stop()

@@ -74,6 +74,7 @@ class PlacementService:
         self._seen: dict[str, tuple[HostStatus, float]] = {}
         self._started = time.monotonic()
         self._published_at = self._started  # a plan found in KV at start counts as just published
+        self._failed_epoch = 0  # the last epoch the migrator reported as not applied
         self._replan = asyncio.Event()
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
@@ -87,6 +88,7 @@ class PlacementService:
             await self.nc.subscribe(subjects.ALL_ACTIVATIONS, cb=self._on_activations),
             await self.nc.subscribe(subjects.ALL_HOST_STATUS, cb=self._on_status),
             await self.nc.subscribe(subjects.PLACEMENT_CMD, cb=self._on_cmd),
+            await self.nc.subscribe(subjects.PLAN_EVENTS, cb=self._on_plan_event),
         ]
         self._loop_task = asyncio.create_task(self._plan_loop(), name="plan-loop")
         self._micro = await announce(self.nc, "prism-placement", {"policy": self.settings.policy})
@@ -117,6 +119,18 @@ class PlacementService:
             await self.hosts_kv.put(status.host, msg.data)
         planned = set((self.plan or {}).get("hosts", {}))
         if new and status.node in self.nodes and status.host not in planned:  # a host joined: give it work
+            self._replan.set()
+
+    async def _on_plan_event(self, msg: Msg) -> None:
+        """The migrator's outcome of an epoch: a failed one is not waited for (plan from reality now)."""
+        try:
+            event = load_json(msg.data, "plan event")
+            failed = isinstance(event, dict) and event.get("ok") is False and isinstance(event.get("epoch"), int)
+        except BadRequest:
+            return
+        if failed:
+            log.info("plan_not_applied", epoch=event["epoch"], error=event.get("error"))
+            self._failed_epoch = max(self._failed_epoch, event["epoch"])
             self._replan.set()
 
     async def _on_cmd(self, msg: Msg) -> None:
@@ -185,8 +199,10 @@ class PlacementService:
         timeout. A host of the plan that is gone is not migrating: the next plan leaves it out."""
         if self.plan is None or "hosts" not in self.plan:
             return False
+        if self.plan.get("epoch") == self._failed_epoch:
+            return False  # the migrator gave up on it: plan again from what the hosts really hold
         if time.monotonic() - self._published_at > self.settings.migration_timeout_s:
-            return False  # failed or stuck: plan again from what the hosts really hold
+            return False  # stuck: plan again from what the hosts really hold
         statuses = {s.host: s for s in self.live_hosts()}
         for host, keys in self.plan["hosts"].items():
             status = statuses.get(host)

@@ -176,6 +176,29 @@ def test_taken_port_is_a_clear_error(tiny_model: Path, tmp_path: Path, capsys: p
     assert_clean_failure(code, err, f"port 127.0.0.1:{port} (--port (hub clients)) is already in use", run_dir)
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "argument --port: a port is 0-65535, got 70000"),
+        (["--mqtt-port", "-1"], "argument --mqtt-port: a port is 0-65535, got -1"),
+        (["--http-port", "http"], "argument --http-port: not a port number: 'http'"),
+    ],
+)
+def test_ports_out_of_range_are_usage_errors(
+    flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = prism_in_process(capsys, "up", *flags)
+    assert code == 2  # argparse's usage error: one line, no traceback
+    assert err.strip().splitlines()[-1].endswith(message)
+
+
+def test_zero_nodes_is_refused(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir = tmp_path / "run"
+    code, err = prism_in_process(capsys, "up", "--model", str(tiny_model), "--nodes", "0", "--run-dir", str(run_dir),
+                                 *ports())
+    assert_clean_failure(code, err, "nodes and hosts per node must be 1..64, got 0 and 2", run_dir)
+
+
 def test_invalid_model_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "empty").mkdir()
     run_dir = tmp_path / "run"

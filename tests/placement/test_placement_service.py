@@ -133,6 +133,18 @@ async def test_plans_follow_shifts_not_noise(nats_hub: NatsServer, model_dir: Pa
                 break
         assert {(layers[0], 6), (layers[0], 7)} <= held[f"{nodes[0]}-h0"], "after the shift a's new hot set is local"
         assert {(layers[0], 0), (layers[0], 1)} <= held[f"{nodes[1]}-h0"] or plans < 2, "and b's"
+
+        # the migrator gives an epoch up: the service plans from what the hosts hold, at once
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots=len(layers) * E * 5 // 8, plan=first)
+        async with asyncio.timeout(5):
+            while not service._migration_in_flight():  # noqa: ASYNC110 - until it sees the hosts hold `first`
+                await asyncio.sleep(0.02)
+        failed = {"epoch": plan["epoch"], "ok": False, "steps": 0, "error": "host gone"}
+        await nc.publish(subjects.PLAN_EVENTS, json.dumps(failed).encode())
+        # (the hosts still hold the first plan, for the old workload: re-placing pays; without the
+        # event the service would wait migration_timeout_s for the given-up epoch)
+        assert settings.migration_timeout_s >= 60
+        await next_plan(service, plan["epoch"])
     finally:
         await service.stop()
         await nc.close()

@@ -163,3 +163,33 @@ async def test_bad_plans_fail_and_later_plans_still_apply(
     assert outcomes[3]["ok"] is True
     await migrator.stop()
     await hub.close()
+
+
+async def test_a_host_that_stops_during_a_load_fails_the_epoch_at_once(
+    cluster: LocalCluster, mixtral_dir: Path, unique: str
+) -> None:
+    """A host killed while it loads never answers: its heartbeats stop, and the epoch fails after
+    host_ttl_s, not after command_timeout_s (which a slow but live load may need)."""
+    from shared.schemas import HostStatus
+
+    hub, migrator, _ = await migrator_and_host(cluster, mixtral_dir, unique, host_wait_s=0)
+    migrator = await build(hub, migrator.settings.model_copy(update={"host_ttl_s": 1.0, "command_timeout_s": 60}))
+    await migrator.start()
+    doomed = await cluster.connect("a")
+    name = f"{cluster.prefix}-doomed"
+    status = HostStatus(host=name, node=cluster.node("a"), device="cpu", memory_used_bytes=0,
+                        memory_limit_bytes=2**30, experts=[], queue_depth=0, batches_served=0, tokens_served=0,
+                        errors=0).model_dump_json().encode()
+
+    async def answer_status_only(msg: nats.aio.msg.Msg) -> None:  # takes the load, then "dies"
+        if json.loads(msg.data)["kind"] == "status":
+            await msg.respond(status)
+
+    await doomed.subscribe(subjects.host_cmd(name), cb=answer_status_only)
+    await doomed.publish(subjects.host_status(name), status)  # one heartbeat, then silence
+    await doomed.flush()
+    started = asyncio.get_running_loop().time()
+    assert await migrator.apply({"epoch": 1, "hosts": {name: [[1, 0]]}}) is False
+    assert asyncio.get_running_loop().time() - started < 10
+    await migrator.stop()
+    await hub.close()
