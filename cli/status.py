@@ -4,8 +4,10 @@
 
 Every Prism service answers `$SRV.PING`; each expert host's `$SRV.STATS` reply carries its HostStatus
 (node, device, resident experts, memory, batches and messages answered, seconds spent answering them,
-errors). Prints one line per gating and host, grouped by node, then the control-plane services; --json
-prints {"services": [...], "hosts": [...]}. Exits 1 when nothing answers within --wait.
+errors). Prints one line per gating and host, grouped by node, then the control-plane services and,
+from the placement plan in KV `prism_placement`, the experts no live host holds (lost with a host,
+until the next plan moves them). --json prints {"services": [...], "hosts": [...], "plan": {...}}.
+Exits 1 when nothing answers within --wait.
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ async def status(args: argparse.Namespace) -> int:
         async with await PrismClient.connect(args.url, user=args.user, password=args.password) as client:
             services = await client.gather("$SRV.PING", args.wait)
             stats = await client.gather(f"$SRV.STATS.{HOST_SERVICE}", args.wait)
+            plan = await current_plan(client.nc)
     except InferError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
@@ -54,11 +57,48 @@ async def status(args: argparse.Namespace) -> int:
         print(f"error no_responders: no Prism service answered at {args.url}; is `prism up` running?", file=sys.stderr)
         return EXIT_ERROR
     hosts = sorted((s for s in map(host_status, stats) if s), key=lambda h: (h["node"], h["host"]))
+    coverage = plan_coverage(plan, hosts)
     if args.json:
-        print(json.dumps({"services": services, "hosts": hosts}))
+        print(json.dumps({"services": services, "hosts": hosts, "plan": coverage}))
     else:
         print("\n".join(render(services, hosts)))
+        if coverage:
+            print(render_coverage(coverage))
     return 0
+
+
+async def current_plan(nc: Any) -> dict[str, Any] | None:
+    """The placement plan in KV `prism_placement` (None without one, or without access to it)."""
+    import nats.errors
+
+    from shared import subjects
+
+    try:
+        kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_PLACEMENT)
+        entry = await kv.get("plan")
+        plan = json.loads(entry.value or b"{}")
+    except (nats.errors.Error, TimeoutError, ValueError):  # no JetStream, bucket, plan or permission
+        return None
+    return plan if isinstance(plan, dict) and isinstance(plan.get("hosts"), dict) else None
+
+
+def plan_coverage(plan: dict[str, Any] | None, hosts: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The plan's epoch, its experts, and those that no answering host holds (lost with a host)."""
+    if plan is None:
+        return None
+    planned = {(int(k[0]), int(k[1])) for keys in plan["hosts"].values() for k in keys}
+    held = {(int(k[0]), int(k[1])) for h in hosts for k in h["experts"]}
+    missing = sorted(planned - held)
+    return {"epoch": plan.get("epoch"), "experts": len(planned), "held_nowhere": [list(k) for k in missing]}
+
+
+def render_coverage(coverage: dict[str, Any]) -> str:
+    missing = coverage["held_nowhere"]
+    line = f"plan epoch {coverage['epoch']}: {coverage['experts']} experts, "
+    if not missing:
+        return line + "every one held by a live host"
+    shown = ", ".join(f"{layer}.{expert}" for layer, expert in missing[:8])
+    return line + f"{len(missing)} held by no live host ({shown}{', …' if len(missing) > 8 else ''})"
 
 
 def host_status(stats: dict[str, Any]) -> dict[str, Any] | None:

@@ -126,7 +126,9 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     assert all(h["messages_served"] > 0 and h["busy_s"] > 0 for h in hosts.values())  # each node crossed over
     assert {s["name"] for s in found["services"]} == {"prism-gating", "prism-expert-host", "prism-placement",
                                                       "prism-migrator"}
+    assert (found["plan"]["experts"], found["plan"]["held_nowhere"]) == (16, [])
     text = prism_status(url, check=True).stdout
+    assert "16 experts, every one held by a live host" in text
     assert "node0: gating up" in text
     assert "host node1-h0 (cpu): 8 experts" in text
 

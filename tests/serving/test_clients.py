@@ -89,3 +89,14 @@ async def test_discovery_without_services_is_a_clear_error(tmp_path: Path, capsy
         assert capsys.readouterr().err.startswith(f"error no_responders: no Prism service answered at {url}")
         assert await infer(args, {"prompt": "hi"}) == 1
         assert capsys.readouterr().err.startswith("error no_responders: no gating answered a ping")
+
+
+def test_status_names_the_experts_no_live_host_holds() -> None:
+    from cli.status import plan_coverage, render_coverage
+
+    plan = {"epoch": 4, "hosts": {"a": [[0, 0], [0, 1]], "b": [[0, 2], [1, 0]], "gone": [[1, 1]]}}
+    hosts = [{"experts": [[0, 0], [0, 1]]}, {"experts": [[0, 2], [1, 0], [0, 1]]}]
+    coverage = plan_coverage(plan, hosts)
+    assert coverage == {"epoch": 4, "experts": 5, "held_nowhere": [[1, 1]]}
+    assert render_coverage(coverage) == "plan epoch 4: 5 experts, 1 held by no live host (1.1)"
+    assert plan_coverage(None, hosts) is None
