@@ -132,15 +132,20 @@ class Migrator:
 
     async def _status_once_up(self, host: str) -> HostStatus:
         """The host's status, waiting up to `host_wait_s` for a host that is not up yet: a stack starts
-        its hosts and the migrator side by side, and the first plan names every host."""
+        its hosts and the migrator side by side, and the first plan names every host. A host that has
+        beaten before and is silent for `host_ttl_s` has stopped: no waiting for it."""
         deadline = asyncio.get_running_loop().time() + self.settings.host_wait_s
         while True:
             try:
                 return await self._command(host, {"kind": "status"})
             except HostAbsent:
-                if asyncio.get_running_loop().time() + HOST_POLL_S > deadline:
+                if asyncio.get_running_loop().time() + HOST_POLL_S > deadline or self._stopped_beating(host):
                     raise
                 await asyncio.sleep(HOST_POLL_S)
+
+    def _stopped_beating(self, host: str) -> bool:
+        last = self._last_beat.get(host)
+        return last is not None and time.monotonic() - last > self.settings.host_ttl_s
 
     async def _run(self, step: Step, epoch: int) -> None:
         cls = LoadCommand if step.kind == "load" else UnloadCommand
@@ -159,8 +164,8 @@ class Migrator:
         request = asyncio.ensure_future(self.nc.request(subjects.host_cmd(host), payload, timeout=timeout_s))
         try:
             while not (await asyncio.wait([request], timeout=HOST_POLL_S))[0]:
-                silent_s = time.monotonic() - self._last_beat.get(host, time.monotonic())
-                if silent_s > self.settings.host_ttl_s:
+                if self._stopped_beating(host):
+                    silent_s = time.monotonic() - self._last_beat[host]
                     raise HostAbsent(f"host {host} stopped during {kind} (no heartbeat for {silent_s:.0f} s)")
             msg = request.result()
         except NoRespondersError:

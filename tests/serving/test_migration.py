@@ -169,11 +169,13 @@ async def test_a_host_that_stops_during_a_load_fails_the_epoch_at_once(
     cluster: LocalCluster, mixtral_dir: Path, unique: str
 ) -> None:
     """A host killed while it loads never answers: its heartbeats stop, and the epoch fails after
-    host_ttl_s, not after command_timeout_s (which a slow but live load may need)."""
+    host_ttl_s, not after command_timeout_s (which a slow but live load may need), nor after
+    host_wait_s (which a host that is still starting may need)."""
     from shared.schemas import HostStatus
 
     hub, migrator, _ = await migrator_and_host(cluster, mixtral_dir, unique, host_wait_s=0)
-    migrator = await build(hub, migrator.settings.model_copy(update={"host_ttl_s": 1.0, "command_timeout_s": 60}))
+    settings = {"host_ttl_s": 1.0, "command_timeout_s": 60, "host_wait_s": 30}
+    migrator = await build(hub, migrator.settings.model_copy(update=settings))
     await migrator.start()
     doomed = await cluster.connect("a")
     name = f"{cluster.prefix}-doomed"
@@ -190,6 +192,12 @@ async def test_a_host_that_stops_during_a_load_fails_the_epoch_at_once(
     await doomed.flush()
     started = asyncio.get_running_loop().time()
     assert await migrator.apply({"epoch": 1, "hosts": {name: [[1, 0]]}}) is False
+    assert asyncio.get_running_loop().time() - started < 10
+    # gone for good, and named again by a plan made before the placement service noticed: the
+    # migrator knows it stopped beating, so it does not wait host_wait_s for it to start
+    await doomed.close()
+    started = asyncio.get_running_loop().time()
+    assert await migrator.apply({"epoch": 2, "hosts": {name: [[1, 0]]}}) is False
     assert asyncio.get_running_loop().time() - started < 10
     await migrator.stop()
     await hub.close()
