@@ -122,7 +122,8 @@ class PlacementService:
             self._replan.set()
 
     async def _on_plan_event(self, msg: Msg) -> None:
-        """The migrator's outcome of an epoch: a failed one is not waited for (plan from reality now)."""
+        """The migrator's outcome of an epoch: a failed one is not waited for; the next planning round
+        starts from what the hosts hold. (Not at once: a move that always fails fast would loop.)"""
         try:
             event = load_json(msg.data, "plan event")
             failed = isinstance(event, dict) and event.get("ok") is False and isinstance(event.get("epoch"), int)
@@ -131,7 +132,6 @@ class PlacementService:
         if failed:
             log.info("plan_not_applied", epoch=event["epoch"], error=event.get("error"))
             self._failed_epoch = max(self._failed_epoch, event["epoch"])
-            self._replan.set()
 
     async def _on_cmd(self, msg: Msg) -> None:
         """`{"kind": "replan"}`: plan now; answers {"epoch", "published"} or an error reply."""
