@@ -148,6 +148,8 @@ def handler(args: argparse.Namespace) -> int:
             plot(freq, placement.node_view(cluster), args.plot, title=f"policy {args.policy}")
         except OSError as e:
             return _fail(f"cannot write {args.plot}: {e.strerror}")
+        except ValueError as e:  # matplotlib: an image format it does not know from the suffix
+            return _fail(f"cannot write {args.plot}: {e}")
     return 0
 
 

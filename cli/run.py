@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli import DEMO_MODEL
+
 EXIT_BAD_INPUT = 2
-DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 

@@ -279,6 +279,7 @@ class LocalStack:
         for node in opts.topology.nodes:
             env = {
                 "PRISM_GATING_NODE": node.name,
+                "PRISM_GATING_DTYPE": opts.topology.dtype,  # hosts refuse hidden states of another dtype
                 "PRISM_GATING_MAX_CONTEXT": str(opts.max_context),
                 "PRISM_GATING_EXPERT_TIMEOUT_S": str(opts.expert_timeout_s),
                 "PRISM_GATING_ACTIVATION_INTERVAL_S": str(opts.activation_interval_s),

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cli import DEMO_MODEL
+
 if TYPE_CHECKING:
     import numpy as np
     from torch import Tensor
@@ -171,7 +173,7 @@ def record_trace(
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("trace", help="run a workload scenario through the model; write its routing trace")
-    p.add_argument("--model", type=Path, default=Path("models/demo"), help="checkpoint directory")
+    p.add_argument("--model", type=Path, default=DEMO_MODEL, help="checkpoint directory (default: the demo model)")
     p.add_argument("--scenario", required=True, help="scenario name from workloads/scenarios.json")
     p.add_argument("--out", type=Path, required=True, help="trace file to write (.npz)")
     p.add_argument("--requests", type=int, default=50, help="requests per node (default 50)")
@@ -202,10 +204,10 @@ def handler(args: argparse.Namespace) -> int:
         trace = record_trace(args.model, requests, workloads.domains, scenario.node_names,
                              settings=settings, extra_meta=extra)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        trace.save(args.out)
+        written = trace.save(args.out)
     except (PrismError, ValueError, OSError) as exc:  # ModelError and PlacementError are ValueErrors
         print(f"prism trace: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {args.out}: {trace.num_tokens} tokens of {len(requests)} requests on "
+    print(f"wrote {written}: {trace.num_tokens} tokens of {len(requests)} requests on "
           f"{trace.num_nodes} nodes, {trace.num_layers} MoE layers, in {time.perf_counter() - t0:.1f} s")
     return 0

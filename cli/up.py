@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli import DEMO_MODEL
+
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -42,7 +44,7 @@ def add_stack_arguments(p: argparse.ArgumentParser, *, nodes: int = 2, hosts: in
     p.add_argument("--memory-mb", type=float, default=4096.0, help="expert memory per host, MiB (default 4096)")
     p.add_argument("--delay-ms", type=float, default=delay_ms, help=f"one-way hub delay, ms (default {delay_ms:g})")
     p.add_argument("--rate-mbit", type=float, default=None, help="link rate per direction, Mbit/s (default unlimited)")
-    p.add_argument("--model", type=Path, default=Path("models/demo"), help="checkpoint directory (default models/demo)")
+    p.add_argument("--model", type=Path, default=DEMO_MODEL, help="checkpoint directory (default: the demo model)")
     p.add_argument("--port", type=port_number, default=4222, help="hub client port, 0 = any free one (default 4222)")
     p.add_argument("--mqtt-port", type=port_number, default=1883, help="hub MQTT port, 0 = off (default 1883)")
     p.add_argument("--http-port", type=port_number, default=8222, help="hub monitoring port, 0 = off (default 8222)")

@@ -156,10 +156,14 @@ class RoutingTrace:
         return len(self.meta.nodes)
 
     # ---- file I/O
-    def save(self, path: str | Path) -> None:
-        """Write the trace as one compressed .npz (no pickle)."""
+    def save(self, path: str | Path) -> Path:
+        """Write the trace as one compressed .npz (no pickle); returns the path written (numpy adds
+        `.npz` to a name without it)."""
+        out = Path(path)
+        out = out if out.suffix == ".npz" else out.with_name(out.name + ".npz")
         arrays = {name: getattr(self, name) for name in ARRAYS}
-        np.savez_compressed(Path(path), meta=np.array(self.meta.to_json()), **arrays)
+        np.savez_compressed(out, meta=np.array(self.meta.to_json()), **arrays)
+        return out
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:

@@ -146,6 +146,10 @@ def test_plot_writes_a_png(place: Callable[..., Result], tmp_path: Path, counts:
     out = place("--counts", str(path), "--slots", "12,12,12", "--policy", "optimal", "--plot", str(png))
     assert out.returncode == 0, out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = place("--counts", str(path), "--slots", "12,12,12", "--policy", "optimal", "--plot", str(tmp_path / "p.txt"))
+    assert out.returncode == 2  # an image format matplotlib does not know: one line, no traceback
+    (line,) = out.stderr.strip().splitlines()
+    assert line.startswith(f"prism place: error: cannot write {tmp_path / 'p.txt'}: Format 'txt' is not supported")
 
 
 @pytest.mark.parametrize(

@@ -42,7 +42,8 @@ def test_counts_by_hand() -> None:
 
 def test_round_trip(tmp_path: Path) -> None:
     t = _trace()
-    t.save(tmp_path / "t.npz")
+    assert t.save(tmp_path / "t.npz") == tmp_path / "t.npz"
+    assert t.save(tmp_path / "t.txt") == tmp_path / "t.txt.npz"  # the path numpy really writes
     u = RoutingTrace.load(tmp_path / "t.npz")
     assert u.meta == t.meta
     for name in ("experts", "weights", "node", "domain", "request", "position"):
