@@ -8,6 +8,7 @@ so a corrupt or foreign object is an error, never a silently wrong expert.
 from __future__ import annotations
 
 import torch
+from nats.js.api import ObjectMeta, ObjectMetaOptions
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from safetensors.torch import load as load_safetensors
@@ -15,6 +16,8 @@ from safetensors.torch import save as save_safetensors
 
 from shared.errors import PrismError
 from shared.model.moe import ExpertWeights
+
+CHUNK_BYTES = 128 * 1024  # nats-py's default object chunk
 
 
 class WeightsError(PrismError):
@@ -49,8 +52,11 @@ def expert_from_bytes(data: bytes, hidden_size: int, name: str) -> ExpertWeights
     return ExpertWeights(gate, up, down)
 
 
-async def upload_expert(store: ObjectStore, model: str, key: tuple[int, int], weights: ExpertWeights) -> bool:
-    """Put one expert unless an object of the same name and bytes exists; True when uploaded."""
+async def upload_expert(
+    store: ObjectStore, model: str, key: tuple[int, int], weights: ExpertWeights, *, chunk_bytes: int = CHUNK_BYTES
+) -> bool:
+    """Put one expert unless an object of the same name and bytes exists; True when uploaded. Each chunk
+    is one message: `chunk_bytes` must fit the server's max_payload (see `chunk_bytes_for`)."""
     name = object_name(model, *key)
     data = expert_bytes(weights)
     try:
@@ -59,8 +65,14 @@ async def upload_expert(store: ObjectStore, model: str, key: tuple[int, int], we
             return False
     except (ObjectNotFoundError, NotFoundError):
         pass
-    await store.put(name, data)
+    await store.put(name, data, meta=ObjectMeta(name=name, options=ObjectMetaOptions(max_chunk_size=chunk_bytes)))
     return True
+
+
+def chunk_bytes_for(max_payload: int) -> int:
+    """Object store chunk size for a server whose messages carry at most `max_payload` bytes (room
+    left for the chunk's headers); nats-py's default of 128 KiB where that fits."""
+    return max(1024, min(CHUNK_BYTES, max_payload - 4096))
 
 
 async def fetch_expert(

@@ -39,7 +39,7 @@ from shared import subjects
 from shared.errors import PrismError, error_from_headers
 from shared.runtime import announce
 from shared.schemas import HostStatus, LoadCommand, UnloadCommand
-from shared.weights import upload_expert
+from shared.weights import chunk_bytes_for, upload_expert
 
 log = structlog.get_logger()
 
@@ -82,9 +82,9 @@ class Migrator:
         experts = await asyncio.to_thread(
             load_experts, self.settings.model, None, dtype=getattr(torch, self.settings.dtype)
         )
-        uploaded = 0
+        uploaded, chunk = 0, chunk_bytes_for(self.nc.max_payload)
         for key, weights in sorted(experts.items()):
-            uploaded += await upload_expert(self.store, self.model_id, key, weights)
+            uploaded += await upload_expert(self.store, self.model_id, key, weights, chunk_bytes=chunk)
         log.info("weights_uploaded", model=self.model_id, experts=len(experts), new=uploaded)
         return uploaded
 

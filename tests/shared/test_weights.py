@@ -1,0 +1,33 @@
+"""Expert weights through a real JetStream object store, on a server with a small max_payload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nats
+import pytest
+import torch
+
+from shared.model.moe import ExpertWeights
+from shared.nats_server import NatsServer, ServerConfig, free_port
+from shared.weights import chunk_bytes_for, fetch_expert, upload_expert
+
+
+async def test_experts_travel_in_chunks_that_fit_the_server(tmp_path: Path) -> None:
+    """The services accept max_payload down to 64 KiB; nats-py's default 128 KiB chunks would not fit."""
+    cfg = ServerConfig(name="small", port=free_port(), store_dir=tmp_path / "js", max_payload=64 * 1024)
+    gate, up, down = torch.randn(96, 192), torch.randn(96, 192), torch.randn(192, 96)  # 221 KB in fp32
+    async with NatsServer(cfg, tmp_path):
+        nc = await nats.connect(cfg.client_url())
+        try:
+            store = await nc.jetstream().create_object_store("weights")
+            expert = ExpertWeights(gate, up, down)
+            with pytest.raises(nats.errors.MaxPayloadError):
+                await upload_expert(store, "m", (0, 1), expert)
+            assert await upload_expert(store, "m", (0, 1), expert, chunk_bytes=chunk_bytes_for(nc.max_payload))
+            back = await fetch_expert(store, "m", (0, 1), hidden_size=192, dtype=torch.float32, device="cpu")
+        finally:
+            await nc.close()
+    assert torch.equal(back.gate_up, expert.gate_up)
+    assert torch.equal(back.down, expert.down)
+    assert chunk_bytes_for(8 << 20) == 128 * 1024
