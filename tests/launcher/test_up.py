@@ -242,3 +242,13 @@ def test_a_child_failing_at_start_stops_everything(
     pids = json.loads((run_dir / "stack.json").read_text())["pids"]  # it got as far as starting children
     assert set(pids) == {"hub", "leaf-a", "host-a0", "gating-a", "placement", "migrator"}
     assert f"(log: {run_dir / 'host-a0.log'})" in err
+
+
+def test_the_demo_model_is_found_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from cli.main import build_parser
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (["up"], ["demo"], ["trace", "--scenario", "switch-3", "--out", "t.npz"]):
+        model = build_parser().parse_args(argv).model
+        assert Path(model).is_absolute(), argv
+        assert (Path(model) / "config.json").is_file(), argv
