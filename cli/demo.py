@@ -164,12 +164,10 @@ async def current_plan(
     client: Any, fallback: dict[str, list[tuple[int, int]]]
 ) -> tuple[int, dict[str, list[tuple[int, int]]]]:
     """(epoch, host → experts) of the plan in KV `prism_placement`."""
-    from shared import subjects
+    from cli.status import read_plan
 
-    kv = await client.nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_PLACEMENT)
-    try:
-        plan = json.loads((await kv.get("plan")).value or b"{}")
-    except Exception:  # no plan yet: the launcher's static placement is what the hosts hold
+    plan = await read_plan(client.nc)
+    if plan is None:  # no plan yet: the launcher's static placement is what the hosts hold
         return 1, fallback
     return int(plan["epoch"]), {h: [(k[0], k[1]) for k in keys] for h, keys in plan["hosts"].items()}
 

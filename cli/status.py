@@ -49,7 +49,7 @@ async def status(args: argparse.Namespace) -> int:
         async with await PrismClient.connect(args.url, user=args.user, password=args.password) as client:
             services = await client.gather("$SRV.PING", args.wait)
             stats = await client.gather(f"$SRV.STATS.{HOST_SERVICE}", args.wait)
-            plan = await current_plan(client.nc)
+            plan = await read_plan(client.nc)
     except InferError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
@@ -67,7 +67,7 @@ async def status(args: argparse.Namespace) -> int:
     return 0
 
 
-async def current_plan(nc: Any) -> dict[str, Any] | None:
+async def read_plan(nc: Any) -> dict[str, Any] | None:
     """The placement plan in KV `prism_placement` (None without one, or without access to it)."""
     import nats.errors
 

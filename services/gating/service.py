@@ -217,7 +217,6 @@ class Gating:
         self.engine.close()
         log.info("gating_stopped", node=self.settings.node)
 
-
     async def _wait_for_replies(self, timeout_s: float) -> None:
         """Up to `timeout_s` for the reply tasks, without cancelling them (a timed-out gather would)."""
         if self._tasks:

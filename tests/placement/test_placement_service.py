@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import nats
 import numpy as np
@@ -85,21 +88,30 @@ async def next_plan(service: PlacementService, after_epoch: int) -> dict:
         await watcher.stop()
 
 
-async def test_plans_follow_shifts_not_noise(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
-    nodes = [f"{unique}-a", f"{unique}-b"]
-    settings = PlacementSettings(
-        nodes=",".join(nodes),
-        model=model_dir,
-        policy="prism",
-        plan_interval_s=0.2,
-        plans_bucket=f"{unique}-plans",
-        hosts_bucket=f"{unique}-hosts",
-        expert_dtype_bytes=4,
+@contextlib.asynccontextmanager
+async def running_service(
+    hub: NatsServer, model_dir: Path, unique: str, nodes: list[str], **settings: Any
+) -> AsyncIterator[tuple[nats.NATS, PlacementService]]:
+    """A started placement service for `nodes` (own KV buckets) and a client connection; stops both."""
+    config = PlacementSettings(
+        nodes=",".join(nodes), model=model_dir, plans_bucket=f"{unique}-plans", hosts_bucket=f"{unique}-hosts",
+        **settings,
     )
-    nc = await nats.connect(nats_hub.cfg.client_url())
-    service = await build(nc, settings)
+    nc = await nats.connect(hub.cfg.client_url())
+    service = await build(nc, config)
     await service.start()
     try:
+        yield nc, service
+    finally:
+        await service.stop()
+        await nc.close()
+
+
+async def test_plans_follow_shifts_not_noise(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
+    nodes = [f"{unique}-a", f"{unique}-b"]
+    async with running_service(
+        nats_hub, model_dir, unique, nodes, policy="prism", plan_interval_s=0.2, expert_dtype_bytes=4
+    ) as (nc, service):
         config = load_config(model_dir)
         layers, E = list_moe_layers(config), config.num_experts
         code, prose = usage([0, 1, 2], E), usage([5, 6, 7], E)
@@ -143,25 +155,12 @@ async def test_plans_follow_shifts_not_noise(nats_hub: NatsServer, model_dir: Pa
         await nc.publish(subjects.PLAN_EVENTS, json.dumps(failed).encode())
         # (the hosts still hold the first plan, for the old workload: re-placing pays; without the
         # event the service would wait migration_timeout_s for the given-up epoch)
-        assert settings.migration_timeout_s >= 60
+        assert service.settings.migration_timeout_s >= 60
         await next_plan(service, plan["epoch"])
-    finally:
-        await service.stop()
-        await nc.close()
 
 
 async def test_replan_command_and_bad_commands(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
-    settings = PlacementSettings(
-        nodes=f"{unique}-a",
-        model=model_dir,
-        plan_interval_s=3600,
-        plans_bucket=f"{unique}-plans",
-        hosts_bucket=f"{unique}-hosts",
-    )
-    nc = await nats.connect(nats_hub.cfg.client_url())
-    service = await build(nc, settings)
-    await service.start()
-    try:
+    async with running_service(nats_hub, model_dir, unique, [f"{unique}-a"], plan_interval_s=3600) as (nc, service):
         config = load_config(model_dir)
         slots = len(list_moe_layers(config)) * config.num_experts
         await register_hosts(nc, [f"{unique}-a"], service.model.expert_bytes, slots=slots)
@@ -173,9 +172,6 @@ async def test_replan_command_and_bad_commands(nats_hub: NatsServer, model_dir: 
         bad = await nc.request(subjects.PLACEMENT_CMD, b'{"kind": "dance"}', timeout=10)
         assert json.loads(bad.data)["error"]["code"] == "invalid_request"
         assert bad.headers["Nats-Service-Error-Code"] == "400"
-    finally:
-        await service.stop()
-        await nc.close()
 
 
 async def test_a_lost_node_is_planned_around_at_once(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
@@ -183,20 +179,10 @@ async def test_a_lost_node_is_planned_around_at_once(nats_hub: NatsServer, model
     expert on the hosts left, without waiting for the migration timeout (b's host was not 'migrating'),
     and planning goes on although node b, still sending requests, has no host at all."""
     nodes = [f"{unique}-a", f"{unique}-b"]
-    settings = PlacementSettings(
-        nodes=",".join(nodes),
-        model=model_dir,
-        plan_interval_s=0.2,
-        host_ttl_s=1.0,
-        plans_bucket=f"{unique}-plans",
-        hosts_bucket=f"{unique}-hosts",
-        expert_dtype_bytes=4,
-    )
-    assert settings.migration_timeout_s >= 60
-    nc = await nats.connect(nats_hub.cfg.client_url())
-    service = await build(nc, settings)
-    await service.start()
-    try:
+    async with running_service(
+        nats_hub, model_dir, unique, nodes, plan_interval_s=0.2, host_ttl_s=1.0, expert_dtype_bytes=4
+    ) as (nc, service):
+        assert service.settings.migration_timeout_s >= 60
         config = load_config(model_dir)
         layers, E = list_moe_layers(config), config.num_experts
         slots = len(layers) * E  # room for the whole model on each host
@@ -223,6 +209,3 @@ async def test_a_lost_node_is_planned_around_at_once(nats_hub: NatsServer, model
         assert set(second["hosts"]) == {f"{nodes[0]}-h0"}
         held = {tuple(k) for k in second["hosts"][f"{nodes[0]}-h0"]}
         assert held == {(layer, e) for layer in layers for e in range(E)}, "every expert has a holder again"
-    finally:
-        await service.stop()
-        await nc.close()
