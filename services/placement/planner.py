@@ -1,12 +1,9 @@
-"""From live hosts and activation statistics to a plan, and whether a new plan is worth a migration. Pure.
+"""From live hosts and activation statistics to a plan. Pure. (Whether a plan is worth a migration:
+objectives.judge.)
 
 Glossary: a *plan* is what the placement service publishes (epoch, host → experts); a *Placement* is
 the policies' array form `[hosts, MoE layers, experts]`. Layers in a plan are absolute decoder layer
 indices (the ones in expert subjects); in a Placement they are MoE-layer rows.
-
-Migration rule (the published one, in the proxy's unit): move to P' only when
-C(P') + T_mig < C(P), with C the remote (token, expert) calls of the current window and
-T_mig = replicas P' adds × `migration_cost_calls`.
 """
 
 from __future__ import annotations
@@ -17,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from services.placement.errors import InvalidInputError
-from services.placement.types import Cluster, Placement, proxy_objective
+from services.placement.types import Cluster, Placement
 from shared.schemas import HostStatus
 
 
@@ -83,12 +80,3 @@ def from_plan_hosts(
         return None
     return Placement(hosts)
 
-
-def worth_migrating(
-    freq: np.ndarray, current: Placement, proposed: Placement, cluster: Cluster, migration_cost_calls: float
-) -> tuple[bool, float, float]:
-    """(accept, C(P), C(P') + T_mig) under the published rule."""
-    added = int(np.sum(proposed.hosts & ~current.hosts))
-    before = proxy_objective(freq, current, cluster)
-    after = proxy_objective(freq, proposed, cluster) + added * migration_cost_calls
-    return after < before, before, after

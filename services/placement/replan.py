@@ -1,8 +1,10 @@
 """Replanning while serving: statistics in, a new placement out when the migration rule accepts it.
 
-Used by the simulator as its controller; the placement service applies the same rule. On every
-finished decode step the node's routing goes into `RoutingStats`; a plan is computed when the
-statistics report a workload shift (if `detect`) or every `period_tokens` tokens of the cluster.
+Used by the simulator as its controller. (The placement service applies the rule in the measure its
+policy minimises, objectives.judge; the simulator judges every policy by expected latency, the
+quantity it simulates.) On every finished decode step the node's routing goes into `RoutingStats`; a
+plan is computed when the statistics report a workload shift (if `detect`) or every `period_tokens`
+tokens of the cluster.
 The published rule moves to P' only when C(P') + T_mig < C(P), with C the expected latency of a
 decode step (`latency_model.expected_latency`) summed over a horizon, and T_mig the time the new
 replicas take to load. The paper leaves the horizon open; here it is the tokens served since the last

@@ -10,7 +10,8 @@ Subjects and stores:
   "objective"}`; the epoch only grows.
 
 A plan is computed at start (once hosts are known), every `plan_interval_s`, and at once on a detected
-shift; it is published only when the migration rule accepts it (planner.worth_migrating). Reports from
+shift; it is published only when the migration rule accepts it, in the measure the policy minimises
+(objectives.judge), or as it is when the plan in place was made by another policy. Reports from
 unknown nodes or with the wrong shape are logged and dropped; a failing policy keeps the current plan.
 KV writes from a leaf get "no responders" (FACTS.md), so this service connects to the hub.
 """
@@ -34,11 +35,12 @@ from nats.micro.service import Service
 from pydantic import ValidationError
 
 from services.placement.errors import PlacementError
-from services.placement.planner import ClusterView, cluster_view, from_plan_hosts, to_plan_hosts, worth_migrating
+from services.placement.objectives import judge
+from services.placement.planner import ClusterView, cluster_view, from_plan_hosts, to_plan_hosts
 from services.placement.policies import get_policy
 from services.placement.settings import PlacementSettings
 from services.placement.stats import RoutingStats
-from services.placement.types import CoActivation
+from services.placement.types import CoActivation, Workload
 from shared import subjects
 from shared.activations import ActivationReport
 from shared.errors import BadRequest, PrismError
@@ -46,6 +48,8 @@ from shared.runtime import announce
 from shared.schemas import HostStatus, load_json
 
 log = structlog.get_logger()
+
+COACT_SAMPLES = 1024  # tokens per node drawn from the counts for the latency model
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,7 @@ class ModelShape:
     num_experts: int
     top_k: int
     expert_bytes: int
+    hidden_size: int
 
 
 class PlacementService:
@@ -76,6 +81,7 @@ class PlacementService:
         self._published_at = self._started  # a plan found in KV at start counts as just published
         self._failed_epoch = 0  # the last epoch the migrator reported as not applied
         self._replan = asyncio.Event()
+        self._planning = asyncio.Lock()
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._micro: Service | None = None
@@ -163,6 +169,10 @@ class PlacementService:
 
     async def plan_once(self) -> bool:
         """Compute a plan and publish it if the migration rule accepts it; True when published."""
+        async with self._planning:  # the plan loop and a replan command: one at a time, one epoch each
+            return await self._plan_once()
+
+    async def _plan_once(self) -> bool:
         statuses = self.live_hosts()
         # Nodes with a live host. One without (its hosts lost) still sends requests, but with one
         # link model for every pair of nodes all of its experts are equally remote wherever they sit.
@@ -175,24 +185,44 @@ class PlacementService:
             log.info("plan_waits_for_migration", epoch=(self.plan or {}).get("epoch"))
             return False
         rows = [self.nodes.index(n) for n in serving]
-        freq, coact = self.stats.counts()[rows], self.stats.coactivation()
-        coact = CoActivation(tokens=coact.tokens[rows], sets=coact.sets[rows])
+        freq = self.stats.counts()[rows]
+        coact = self._coactivation(rows, freq)
         current = self._current_placement(view)
         if current is None and self._plan_hosts_may_still_come(view):
             log.info("plan_waits_for_hosts", live=view.hosts)
             return False
         if current is not None and self.stats.window_tokens().sum() < self.settings.min_window_tokens:
             return False
-        proposed = self.policy(freq, view.cluster, coact=coact, current=current)
-        if current is not None:
-            accept, before, after = worth_migrating(
-                freq, current, proposed, view.cluster, self.settings.migration_cost_calls
-            )
-            if not accept:
-                log.info("plan_kept", remote_calls=before, proposed_with_migration=after)
+        workload = self._workload(len(serving), link_rate)
+        proposed = self.policy(freq, view.cluster, coact=coact, current=current, workload=workload)
+        if current is not None and self.plan is not None and self.plan.get("policy") == self.settings.policy:
+            verdict = judge(self.settings.policy, freq, current, proposed, view.cluster, coact=coact,
+                            workload=workload, migration_cost_calls=self.settings.migration_cost_calls)
+            log.info("plan_accepted" if verdict.accept else "plan_kept", cost=round(verdict.before, 6),
+                     proposed_with_migration=round(verdict.after, 6), unit=verdict.unit)
+            if not verdict.accept:
                 return False
         await self._publish(proposed, view, freq)
         return True
+
+    def _coactivation(self, rows: list[int], freq: np.ndarray) -> CoActivation:
+        """The sampled top-k sets of these nodes. Activation reports carry counts, not sets: then sets
+        drawn from the counts, enough of them that two draws rate a placement alike (with the latency
+        model's default of 64 a steady workload re-planned on sampling noise alone)."""
+        coact = self.stats.coactivation()
+        if not coact.valid[rows].any():
+            return CoActivation.independent(freq, self.model.top_k, samples_per_node=COACT_SAMPLES)
+        return CoActivation(tokens=coact.tokens[rows], sets=coact.sets[rows])
+
+    def _workload(self, nodes: int, link_rate: float) -> Workload:
+        """The latency model's view of the traffic: batch 1 (the statistics carry no batch sizes), the
+        model's hidden state per token, and loading one replica over the link spread over the decode
+        steps of the window (the simulator's Replanner charges it the same way)."""
+        steps = max(float(self.stats.window_tokens().sum()) / nodes, 1.0)
+        load_s = self.model.expert_bytes / link_rate
+        return Workload.uniform(nodes, bytes_per_token=self.model.hidden_size * self.settings.expert_dtype_bytes,
+                                top_k=self.model.top_k, migration_cost_s=load_s / steps,
+                                min_gain=self.settings.min_gain)
 
     def _migration_in_flight(self) -> bool:
         """The live hosts do not hold the current plan yet (its migration runs), for at most the
@@ -268,6 +298,7 @@ def model_shape(settings: PlacementSettings) -> ModelShape:
         num_experts=config.num_experts,
         top_k=config.top_k,
         expert_bytes=config.expert_nbytes(settings.expert_dtype_bytes),
+        hidden_size=config.hidden_size,
     )
 
 

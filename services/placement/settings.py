@@ -26,6 +26,9 @@ class PlacementSettings(ServiceSettings):
     migration_cost_calls: float = Field(
         50.0, ge=0, le=1e12, description="cost of loading one expert, in remote (token, expert) calls"
     )
+    min_gain: float = Field(
+        0.05, ge=0, lt=1, description="share of its expected latency a `latency` plan must save to be applied"
+    )
     rtt_ms: float = Field(4.0, ge=0, le=10000, description="round trip between nodes, milliseconds")
     bandwidth_mbit: float = Field(500.0, gt=0, le=1e6, description="bandwidth between nodes, Mbit/s")
     migration_timeout_s: float = Field(

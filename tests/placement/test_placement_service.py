@@ -69,9 +69,24 @@ async def register_hosts(
 
 
 async def until_held(service: PlacementService) -> None:
-    """Until the service has seen (heartbeats) the hosts holding its plan: no migration in flight."""
+    """Until the service has seen (heartbeats) every host of its plan holding it: no migration in flight."""
+
+    def missing() -> set[str]:
+        return set((service.plan or {}).get("hosts", {})) - {s.host for s in service.live_hosts()}
+
     async with asyncio.timeout(10):
-        while service._migration_in_flight():  # noqa: ASYNC110 - state fed by real messages
+        while service._migration_in_flight() or missing():  # noqa: ASYNC110 - state fed by real messages
+            await asyncio.sleep(0.02)
+
+
+def tokens_seen(service: PlacementService) -> int:
+    return sum(window.tokens for window in service.stats.nodes)
+
+
+async def until_counted(service: PlacementService, tokens: int) -> None:
+    """Until the service has counted `tokens` tokens since it started (reports are handled asynchronously)."""
+    async with asyncio.timeout(10):
+        while tokens_seen(service) < tokens:  # noqa: ASYNC110 - state fed by real messages
             await asyncio.sleep(0.02)
 
 
@@ -209,3 +224,43 @@ async def test_a_lost_node_is_planned_around_at_once(nats_hub: NatsServer, model
         assert set(second["hosts"]) == {f"{nodes[0]}-h0"}
         held = {tuple(k) for k in second["hosts"][f"{nodes[0]}-h0"]}
         assert held == {(layer, e) for layer in layers for e in range(E)}, "every expert has a holder again"
+
+
+
+@pytest.mark.parametrize("policy", ["eplb", "redundance", "latency", "uniform"])
+async def test_a_new_policy_takes_over_by_its_own_measure(
+    nats_hub: NatsServer, model_dir: Path, unique: str, policy: str
+) -> None:
+    """The placement service restarts with another policy while the hosts hold `prism`'s plan: the new
+    policy's first plan is taken as it is (judged by remote calls, as all plans once were, `eplb`, which
+    spreads load and ignores locality, never took over). Once in place, its plans are judged by what it
+    minimises (objectives.judge), and a steady workload moves nothing."""
+    nodes = [f"{unique}-a", f"{unique}-b"]
+    config = load_config(model_dir)
+    layers, E = list_moe_layers(config), config.num_experts
+    slots = len(layers) * E * 5 // 8
+
+    async def busy_a_quiet_b(nc: nats.NATS, service: PlacementService, seed: int) -> None:
+        before = tokens_seen(service)
+        await send_reports(nc, nodes[0], layers, usage([0, 1], E), n=40, seed=seed)
+        await send_reports(nc, nodes[1], layers, usage([2, 3], E), n=5, seed=seed + 1)
+        await until_counted(service, before + 45 * 64)
+
+    async with running_service(nats_hub, model_dir, unique, nodes, policy="prism", plan_interval_s=3600) as (
+        nc, service
+    ):
+        await busy_a_quiet_b(nc, service, seed=1)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots)
+        in_place = await next_plan(service, 0)
+    async with running_service(nats_hub, model_dir, unique, nodes, policy=policy, plan_interval_s=3600) as (
+        nc, service
+    ):
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots, plan=in_place)
+        await until_held(service)
+        await busy_a_quiet_b(nc, service, seed=3)
+        assert await service.plan_once(), f"{policy} must take over from prism's plan"
+        assert service.plan["policy"] == policy  # (`latency` may keep prism's hosts: moving would not pay)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots, plan=service.plan)
+        await until_held(service)
+        await busy_a_quiet_b(nc, service, seed=5)  # the same workload, new noise
+        assert not await service.plan_once(), "a steady workload must not move experts"

@@ -1,0 +1,110 @@
+"""What each policy minimises, so that the migration rule judges a proposal by the policy's own measure.
+
+The rule (ARCHITECTURE.md): move to P' only when C(P') + T_mig < C(P). One measure for every policy
+would overrule the policy: `eplb` spreads load and pays remote calls for it, so under the
+remote-call proxy none of its re-plans would ever pass, and `prism` would never pass a pure load
+measure. Here C is the cost the policy itself minimises, over the statistics window, and T_mig is
+charged in the same unit:
+
+- `prism`, `optimal`, `redundance`: remote (token, expert) calls (the proxy; `redundance` lowers it
+  with copies of the hottest experts); T_mig = replicas added × `migration_cost_calls`.
+- `eplb`: calls served by the busiest host of each layer, summed over layers (a layer waits for its
+  slowest host; an expert's calls split evenly over its replicas, over host speed); T_mig as above.
+- `latency`: expected MoE time of a decode step (latency_model), T_mig = replicas added × the
+  workload's `migration_cost_s`, and P' must be better by the workload's `min_gain` (a share of C(P)):
+  the model's estimate is sampled, so without it a steady workload moves experts on noise. (The
+  policy applies the same test to its own candidates.)
+- `uniform`: ignores statistics; C is how many replicas a placement is away from the proposal and
+  T_mig is 0, so its own layout is taken whenever it differs (the same hosts give the same layout,
+  so it cannot thrash).
+
+The rule keeps a policy from moving experts on noise. A plan in place that another policy made (or
+the launcher's initial one) is not judged: the operator chose the new policy, so its first plan is
+taken as it is.
+
+Pure numpy; nothing here imports nats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import get_args
+
+import numpy as np
+
+from services.placement.latency_model import expected_latency
+from services.placement.types import Cluster, CoActivation, Placement, PolicyName, Workload, proxy_objective
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The migration rule's answer: accept when after < before."""
+
+    accept: bool
+    before: float  # C(P)
+    after: float  # C(P') + T_mig
+    unit: str
+
+
+def busiest_host_calls(freq: np.ndarray, placement: Placement, cluster: Cluster) -> float:
+    """Σ over layers of the largest per-host load: (token, expert) calls of all nodes, an expert's
+    calls split evenly over its replicas, each host's load over its speed."""
+    calls = np.asarray(freq, dtype=np.float64).sum(axis=0)  # [L, E]
+    hosts = placement.hosts  # [H, L, E]
+    per_replica = calls / np.maximum(hosts.sum(axis=0), 1)
+    load = (hosts * per_replica).sum(axis=2) / cluster.host_speed[:, None]  # [H, L]
+    return float(load.max(axis=0).sum())
+
+
+@dataclass(frozen=True)
+class _Rule:
+    unit: str
+    cost: Callable[[np.ndarray, Placement, Cluster, CoActivation | None, Workload], float]
+    per_replica: Callable[[float, Workload], float]  # (migration_cost_calls, workload) -> T_mig per replica
+    min_gain: Callable[[Workload], float] = lambda wl: 0.0
+
+
+def _calls(cost: Callable[[np.ndarray, Placement, Cluster], float]) -> _Rule:
+    return _Rule("calls", lambda f, p, c, coact, wl: cost(f, p, c), lambda calls, wl: calls)
+
+
+_LATENCY = _Rule(
+    "s/step",
+    lambda f, p, c, coact, wl: expected_latency(p, c, f, coact, wl),
+    lambda calls, wl: wl.migration_cost_s,
+    lambda wl: wl.min_gain,
+)
+
+RULES: dict[PolicyName, _Rule] = {
+    "prism": _calls(proxy_objective),
+    "optimal": _calls(proxy_objective),
+    "eplb": _calls(busiest_host_calls),
+    "redundance": _calls(proxy_objective),
+    "latency": _LATENCY,
+}
+if set(RULES) | {"uniform"} != set(get_args(PolicyName)):  # a new policy must say what it minimises
+    raise ImportError(f"no migration rule for {sorted(set(get_args(PolicyName)) - set(RULES) - {'uniform'})}")
+
+
+def judge(
+    policy: PolicyName,
+    freq: np.ndarray,
+    current: Placement,
+    proposed: Placement,
+    cluster: Cluster,
+    *,
+    coact: CoActivation | None,
+    workload: Workload,
+    migration_cost_calls: float,
+) -> Verdict:
+    """Whether moving from `current` to `proposed` pays, in the measure `policy` minimises."""
+    if policy == "uniform":
+        away = float(np.sum(current.hosts ^ proposed.hosts))
+        return Verdict(away > 0, away, 0.0, "replicas")
+    added = int(np.sum(proposed.hosts & ~current.hosts))
+    rule = RULES[policy]
+    before = rule.cost(freq, current, cluster, coact, workload)
+    t_mig = added * rule.per_replica(migration_cost_calls, workload)
+    after = rule.cost(freq, proposed, cluster, coact, workload) + t_mig
+    return Verdict(after < before * (1.0 - rule.min_gain(workload)), before, after, rule.unit)
