@@ -264,3 +264,24 @@ async def test_a_new_policy_takes_over_by_its_own_measure(
         await until_held(service)
         await busy_a_quiet_b(nc, service, seed=5)  # the same workload, new noise
         assert not await service.plan_once(), "a steady workload must not move experts"
+
+
+
+async def test_planning_rounds_at_once_publish_one_plan_per_epoch(
+    nats_hub: NatsServer, model_dir: Path, unique: str
+) -> None:
+    """Replan commands while the plan loop runs: one plan per epoch, not several plans numbered 1."""
+    nodes = [f"{unique}-a"]
+    async with running_service(nats_hub, model_dir, unique, nodes, plan_interval_s=3600) as (nc, service):
+        assert service._loop_task is not None
+        service._loop_task.cancel()  # the rounds below start together, none before the others
+        config = load_config(model_dir)
+        layers, E = list_moe_layers(config), config.num_experts
+        await send_reports(nc, nodes[0], layers, usage([0, 1], E), n=5, seed=1)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots=len(layers) * E)
+        async with asyncio.timeout(5):
+            while not service.live_hosts():  # noqa: ASYNC110 - state fed by real messages
+                await asyncio.sleep(0.02)
+        published = await asyncio.gather(*(service.plan_once() for _ in range(3)))
+        epochs = [json.loads(entry.value)["epoch"] for entry in await service.plans.history("plan")]
+        assert sum(published) == len(epochs) == 1, f"epochs published: {epochs}"
