@@ -4,6 +4,8 @@ nothing running."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cli.client import Final, PrismClient
 from shared.nats_server import free_port
 
 PRISM = [sys.executable, "-c", "from cli.main import main; main()"]
@@ -38,21 +41,30 @@ def alive(pid: int) -> bool:
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def launcher(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, str]]:
-    """`prism up` with 2 nodes × 1 host, 1 ms links; yields (process, run dir, hub URL) once up."""
-    run_dir = tmp_path / "run"
+@contextlib.contextmanager
+def prism_up(*args: str, run_dir: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`prism up ARGS` on free ports; yields (process, hub URL) once it is up; kills it if still running."""
     flags = ports()
-    args = ["up", "--nodes", "2", "--hosts-per-node", "1", "--delay-ms", "1", "--rate-mbit", "200",
-            "--model", str(tiny_model), "--run-dir", str(run_dir), *flags]
-    process = subprocess.Popen([*PRISM, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    argv = [*PRISM, "up", *args, "--run-dir", str(run_dir), *flags]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
     try:
         wait_for_line(process, "prism is up", START_TIMEOUT_S)
-        yield process, run_dir, f"nats://127.0.0.1:{flags[1]}"
+        yield process, f"nats://127.0.0.1:{flags[1]}"
     finally:
         if process.poll() is None:
             process.kill()  # the test failed before its own SIGTERM; children get SIGTERM from the kernel
             process.wait()
+
+
+@pytest.fixture
+def launcher(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, str]]:
+    """`prism up` with 2 nodes × 1 host, 1 ms links; yields (process, run dir, hub URL) once up."""
+    run_dir = tmp_path / "run"
+    links = ["--delay-ms", "1", "--rate-mbit", "200"]
+    with prism_up("--nodes", "2", "--hosts-per-node", "1", *links, "--model", str(tiny_model), run_dir=run_dir) as (
+        process, url
+    ):
+        yield process, run_dir, url
 
 
 def wait_for_line(process: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
@@ -139,6 +151,32 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     assert gone.returncode == 1
     assert gone.stderr.startswith("error connection_failed: ")
     assert "gating_stopped" in (run_dir / "gating-node0.log").read_text()  # a clean stop, not a kill
+
+
+def test_a_bfloat16_topology_serves_and_a_stop_lets_running_requests_finish(tiny_model: Path, tmp_path: Path) -> None:
+    """The topology's dtype reaches the gatings too (with float32 gatings, bfloat16 hosts refused every
+    hidden state and `prism up` waited for its ready timeout). SIGTERM while a request is decoding: the
+    gatings stop first and finish it while the hosts still answer (all at once, it lost its experts)."""
+    topology = tmp_path / "bf16.toml"
+    node = '[[nodes]]\nname = "{0}"\nlink = {{ delay_ms = 1.0 }}\n[[nodes.hosts]]\nname = "{0}-h0"\nmemory_mb = 64\n'
+    topology.write_text('dtype = "bfloat16"\n' + node.format("a") + node.format("b"))
+    with prism_up("--topology", str(topology), "--model", str(tiny_model), run_dir=tmp_path / "run") as (process, url):
+
+        async def ask_through_a_stop() -> tuple[int, Final | None]:
+            async with await PrismClient.connect(url) as client:
+                parts = client.stream("a", {"input_ids": [5, 6, 7], "max_tokens": 48})
+                tokens = 1 if await anext(parts) else 0
+                process.send_signal(signal.SIGTERM)
+                async for part in parts:
+                    if isinstance(part, Final):
+                        return tokens, part
+                    tokens += 1
+            return tokens, None
+
+        tokens, final = asyncio.run(ask_through_a_stop())
+        assert process.wait(timeout=30) == 0
+    assert final is not None
+    assert tokens == len(final.token_ids) == 48
 
 
 def prism_status(url: str, *flags: str, check: bool) -> subprocess.CompletedProcess[str]:
