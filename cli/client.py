@@ -1,4 +1,4 @@
-"""A small async client for Prism's public NATS contract (ARCHITECTURE.md, "Inference request").
+"""A small async client for Prism's public NATS contract (README, "Subjects").
 
 It speaks only what is documented: a JSON request on `prism.v1.infer.<node>`, JSON reply chunks
 `{"id", "index", "token_id", "text"}` while streaming, one final `{"done": true, ...}`, or one

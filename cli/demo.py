@@ -37,7 +37,7 @@ BUILTIN_PROMPTS: dict[str, list[str]] = {
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("demo", help="start the stack on the demo model, ask each node, summarise, stop")
-    add_stack_arguments(p, nodes=2, hosts=2, delay_ms=2.0)
+    add_stack_arguments(p, nodes=2, hosts=2, delay_ms=2.0, demo=True)
     p.add_argument("--prompts-per-node", type=int, default=4, help="prompts sent to each node (default 4)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens generated per prompt (default 24)")
     p.add_argument(
@@ -46,7 +46,7 @@ def register(subparsers: Any) -> None:
         default=30.0,
         help="after round 1, seconds to wait for the re-placement to be applied; 0 = one round only (default 30)",
     )
-    p.set_defaults(func=handler, port=0, mqtt_port=0, http_port=0)
+    p.set_defaults(func=handler)
 
 
 def handler(args: argparse.Namespace) -> int:

@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any
 
+from cli.args import positive
+
 EXIT_ERROR = 1
 EXIT_USAGE = 2
 DEFAULT_URL = "nats://127.0.0.1:4222"
@@ -33,13 +35,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--input-ids", help="comma-separated token ids instead of a prompt, e.g. 1,2,3")
     p.add_argument("--json", action="store_true", help="print the final reply as JSON (no streaming)")
     add_connection_args(p)
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the reply / each token")
+    p.add_argument("--timeout", type=positive, default=60.0,
+                   help="seconds to wait for the reply / each token (default 60)")
     p.set_defaults(func=handler)
 
 
 def add_connection_args(p: argparse.ArgumentParser) -> None:
     """--url (default $PRISM_URL, else the local hub), --user, --password: shared by the client commands."""
-    p.add_argument("--url", default=os.environ.get("PRISM_URL", DEFAULT_URL), help=f"NATS URL (default {DEFAULT_URL})")
+    p.add_argument("--url", default=os.environ.get("PRISM_URL", DEFAULT_URL),
+                   help=f"NATS URL (default $PRISM_URL, else {DEFAULT_URL})")
     p.add_argument("--user", help="NATS user, where the server requires credentials")
     p.add_argument("--password", help="NATS password")
 

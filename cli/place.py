@@ -1,11 +1,15 @@
 """`prism place`: compute an expert placement offline from activation counts.
 
-    prism place --counts FILE.npy (--slots 8,8,16 | --topology FILE) --policy NAME [--json] [--plot FILE.png]
+    prism place --counts FILE.npy (--slots 8,8,16 | --topology FILE [--model DIR]) --policy NAME [--json]
+                [--plot FILE.png]
 
 FILE.npy holds f with shape [nodes, layers, experts]: how often each node's tokens chose each routed
 expert (any non-negative real numbers). `--slots` gives one host per node with that many expert slots
 (links: `--rtt-ms`, `--rate-mbit`, the same for every pair); `--topology` reads nodes, hosts (slots or
-memory, speed) and links from a TOML or JSON file, format in `services/placement/topology.py`.
+memory, speed) and links from a TOML or JSON file, in the format of `services/placement/topology.py`
+or that of `prism up` (the files under topologies/). A `prism up` file's hosts get
+floor(memory_mb / one expert) slots, the expert being one of `--model` (default: the demo model) at
+the file's dtype; only that size is taken from the model, so FILE.npy's layers and experts may differ.
 `--batch`, `--top-k`, `--bytes-per-token`, `--expert-time-us` describe the workload for the `latency`
 policy (its co-activation sets are drawn ∝ f, independently, with `--top-k` experts per token).
 
@@ -25,7 +29,10 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from cli import DEMO_MODEL
 
 if TYPE_CHECKING:  # numpy and the placement package load in the handler, not at CLI start
     import numpy as np
@@ -38,7 +45,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--counts", required=True, help="[nodes, layers, experts] activation counts (.npy)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--slots", help="expert slots per node, comma separated, e.g. 8,8,16")
-    where.add_argument("--topology", help="topology file (TOML, or JSON by suffix) with nodes, hosts, links")
+    where.add_argument("--topology", help="topology file (TOML, or JSON by suffix): the `prism place` format "
+                       "(services/placement/topology.py) or a `prism up` one (see topologies/)")
+    p.add_argument("--model", type=Path, default=DEMO_MODEL,
+                   help="checkpoint directory whose expert size (at the file's dtype) gives the slots of a "
+                   "`prism up` topology's hosts; only the size is used, --counts may have other "
+                   "layers/experts (default: the demo model)")
     p.add_argument("--policy", required=True, help="uniform, redundance, eplb, prism, optimal or latency")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", help="write a heatmap of the placement against the frequencies (PNG)")
@@ -76,7 +88,7 @@ def _cluster(args: argparse.Namespace) -> Any:
     from services.placement.types import Cluster
 
     if args.topology:
-        return load_topology(args.topology)[0]
+        return load_topology(args.topology, args.model)[0]
     try:
         slots = [int(s) for s in args.slots.split(",")]
     except ValueError:
@@ -123,6 +135,9 @@ def handler(args: argparse.Namespace) -> int:
     from services.placement.policies import get_policy
     from services.placement.types import Workload, check_inputs
 
+    if args.plot and not _can_plot():
+        return _fail("--plot needs matplotlib, from the `plot` extra: ./run-tests installs it, "
+                     "or .venv/bin/pip install -e '.[plot]'")
     try:
         policy = get_policy(args.policy)
         cluster = _cluster(args)
@@ -151,6 +166,14 @@ def handler(args: argparse.Namespace) -> int:
         except ValueError as e:  # matplotlib: an image format it does not know from the suffix
             return _fail(f"cannot write {args.plot}: {e}")
     return 0
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def plot(freq: np.ndarray, view: np.ndarray, path: str, title: str) -> None:

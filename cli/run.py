@@ -111,6 +111,10 @@ def _run(args: argparse.Namespace) -> int:
     if not prompt:
         raise UsageError("the prompt encodes to no tokens; give a longer --prompt")
     model, experts = _load(model_dir, args.dtype, args.device)
+    room = model.config.max_position_embeddings - len(prompt)  # as a gating caps a request: the model's context
+    if room < 1:
+        raise UsageError(f"the prompt has {len(prompt)} tokens; the model's context is "
+                         f"{model.config.max_position_embeddings}")
     loaded = time.perf_counter()
     stream = tokenizer.stream() if tokenizer and not args.json else None
 
@@ -120,7 +124,7 @@ def _run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     eos: list[int] | None = [] if args.ignore_eos else None
-    ids = generate(model, experts, [prompt], args.max_tokens, params, eos_token_id=eos, on_token=show)[0]
+    ids = generate(model, experts, [prompt], min(args.max_tokens, room), params, eos_token_id=eos, on_token=show)[0]
     done = time.perf_counter()
     if not args.json:
         sys.stdout.write((stream.flush() if stream else " ".join(map(str, ids))) + "\n")

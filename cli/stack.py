@@ -163,14 +163,14 @@ class LocalStack:
         self.hub_leaf_port = 0
         self._expert_bytes = 0
         self.model_name = ""
+        self.ignored_env: set[str] = set()  # PRISM_* variables of the environment the launcher overrides
 
     # ---- start ---------------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Start everything and wait until it serves; on any failure stop what started and raise."""
         try:
-            self._plan()
-            self._check_ports()
+            self.prepare()
             self.run_dir.mkdir(parents=True, exist_ok=True)
             await self._start_hub()
             await self._write_initial_plan()
@@ -182,6 +182,11 @@ class LocalStack:
         except BaseException:
             await self.stop()
             raise
+
+    def prepare(self) -> None:
+        """What can fail before anything starts (model, placement, ports, binary): StackError."""
+        self._plan()
+        self._check_ports()
 
     def _plan(self) -> None:
         from shared.model.checkpoint import load_config
@@ -290,7 +295,7 @@ class LocalStack:
         await asyncio.gather(*(child.start() for child in self.services))
 
     def _control_plane(self) -> list[Child]:
-        """The placement service and the migrator, on the hub (KV writes need it, FACTS.md)."""
+        """The placement service and the migrator, on the hub (KV writes from a leaf get "no responders")."""
         placement, migrator = control_plane_env(self.options)
         return [
             self._service("placement", "services.placement", "PRISM_PLACEMENT_", None, placement),
@@ -301,16 +306,22 @@ class LocalStack:
         await write_initial_plan(self.hub_url, self.model_name, self.placement)
 
     def _service(self, name: str, module: str, prefix: str, node: str | None, own: dict[str, str]) -> Child:
+        """A service's child process. Its settings are the environment's (PRISM_GATING_MAX_BATCH=4 prism up
+        works), except those that wire the stack together, which the launcher sets (see `ignored_env`)."""
+        wiring = {
+            f"{prefix}MODEL": str(self.options.model.resolve()),
+            f"{prefix}NATS_URL": self.leaf_urls[node] if node else self.hub_url,
+            f"{prefix}MAX_PAYLOAD_BYTES": str(self.max_payload),
+            f"{prefix}LOG_FORMAT": "json",
+            **own,
+        }
+        self.ignored_env |= {key for key, value in wiring.items() if os.environ.get(key, value) != value}
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-            f"{prefix}MODEL": str(self.options.model.resolve()),
-            f"{prefix}NATS_URL": self.leaf_urls[node] if node else self.hub_url,
-            f"{prefix}MAX_PAYLOAD_BYTES": str(self.max_payload),
-            f"{prefix}LOG_LEVEL": self.options.log_level,
-            f"{prefix}LOG_FORMAT": "json",
-            **own,
+            f"{prefix}LOG_LEVEL": os.environ.get(f"{prefix}LOG_LEVEL", self.options.log_level),
+            **wiring,
         }
         return Child(name, [sys.executable, "-m", module], self.run_dir / f"{name}.log", env)
 

@@ -17,6 +17,7 @@ import json
 import sys
 from typing import Any
 
+from cli.args import positive
 from cli.infer import EXIT_ERROR, add_connection_args
 
 HOST_SERVICE = "prism-expert-host"
@@ -25,7 +26,7 @@ HOST_SERVICE = "prism-expert-host"
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("status", help="list the running gatings, expert hosts and services")
     add_connection_args(p)
-    p.add_argument("--wait", type=float, default=0.5, help="seconds to collect answers (default 0.5)")
+    p.add_argument("--wait", type=positive, default=0.5, help="seconds to collect answers (default 0.5)")
     p.add_argument("--json", action="store_true", help="print the raw answers as JSON")
     p.set_defaults(func=handler)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 import time
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cli import DEMO_MODEL
+from cli.args import non_negative, port_number, positive
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -35,53 +37,60 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=handler)
 
 
-def add_stack_arguments(p: argparse.ArgumentParser, *, nodes: int = 2, hosts: int = 2, delay_ms: float = 0.0) -> None:
-    """Flags shared by `prism up` and `prism demo`."""
+def add_stack_arguments(
+    p: argparse.ArgumentParser, *, nodes: int = 2, hosts: int = 2, delay_ms: float = 0.0, demo: bool = False
+) -> None:
+    """Flags shared by `prism up` and `prism demo` (which picks free ports and re-plans when it asks)."""
     where = p.add_mutually_exclusive_group()
-    where.add_argument("--topology", type=Path, help="topology file (.toml or .json), see topologies/")
+    file_default = " (default topologies/demo.toml)" if demo else ""
+    where.add_argument("--topology", type=Path, help=f"topology file (.toml or .json), see topologies/{file_default}")
     where.add_argument("--nodes", type=int, help=f"number of nodes without a topology file (default {nodes})")
-    p.add_argument("--hosts-per-node", type=int, default=hosts, help=f"expert hosts per node (default {hosts})")
-    p.add_argument("--memory-mb", type=float, default=4096.0, help="expert memory per host, MiB (default 4096)")
-    p.add_argument("--delay-ms", type=float, default=delay_ms, help=f"one-way hub delay, ms (default {delay_ms:g})")
-    p.add_argument("--rate-mbit", type=float, default=None, help="link rate per direction, Mbit/s (default unlimited)")
+    shape = p.add_argument_group("nodes without a topology file (the file sets these)")
+    shape.add_argument("--hosts-per-node", type=int, help=f"expert hosts per node (default {hosts})")
+    shape.add_argument("--memory-mb", type=positive, help="expert memory per host, MiB (default 4096)")
+    shape.add_argument("--delay-ms", type=non_negative, help=f"one-way hub delay, ms (default {delay_ms:g})")
+    shape.add_argument("--rate-mbit", type=positive, help="link rate per direction, Mbit/s (default unlimited)")
     p.add_argument("--model", type=Path, default=DEMO_MODEL, help="checkpoint directory (default: the demo model)")
-    p.add_argument("--port", type=port_number, default=4222, help="hub client port, 0 = any free one (default 4222)")
-    p.add_argument("--mqtt-port", type=port_number, default=1883, help="hub MQTT port, 0 = off (default 1883)")
-    p.add_argument("--http-port", type=port_number, default=8222, help="hub monitoring port, 0 = off (default 8222)")
+    port, mqtt, http = (0, 0, 0) if demo else (4222, 1883, 8222)
+    p.add_argument("--port", type=port_number, default=port, help=f"hub client port, 0 = a free one (default {port})")
+    p.add_argument("--mqtt-port", type=port_number, default=mqtt, help=f"hub MQTT port, 0 = off (default {mqtt})")
+    p.add_argument("--http-port", type=port_number, default=http, help=f"hub monitoring port, 0 = off (default {http})")
     p.add_argument("--run-dir", type=Path, help="logs and configs (default var/run-<timestamp>)")
-    p.add_argument("--ready-timeout", type=float, default=180.0, help="seconds to wait for every node (default 180)")
+    p.add_argument("--ready-timeout", type=positive, default=180.0, help="seconds to wait for every node (default 180)")
     p.add_argument("--policy", default="prism", choices=POLICY_NAMES, help="placement policy (default prism)")
-    p.add_argument("--plan-interval", type=float, default=10.0, help="seconds between re-plans (default 10)")
-    p.set_defaults(default_nodes=nodes)
+    if not demo:  # the demo re-plans once, when round 1 is done
+        p.add_argument("--plan-interval", type=positive, default=10.0, help="seconds between re-plans (default 10)")
+    p.set_defaults(default_nodes=nodes, default_hosts=hosts, default_delay_ms=delay_ms)
 
 
-def port_number(text: str) -> int:
-    """A TCP port for argparse: 0-65535."""
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is 0-65535, got {port}")
-    return port
+SHAPE_FLAGS = {"hosts_per_node": "--hosts-per-node", "memory_mb": "--memory-mb", "delay_ms": "--delay-ms",
+               "rate_mbit": "--rate-mbit"}
 
 
 def build_options(args: argparse.Namespace, **overrides: Any) -> Any:
-    """StackOptions from the parsed flags; raises TopologyError on a bad topology."""
+    """StackOptions from the parsed flags; raises TopologyError on a bad topology, or on flags that
+    describe nodes next to a topology file (which describes them itself)."""
     from cli.stack import StackOptions
-    from shared.topology import load_topology, simple_topology
+    from shared.topology import TopologyError, load_topology, simple_topology
 
     if args.topology is not None:
+        given = [flag for name, flag in SHAPE_FLAGS.items() if getattr(args, name) is not None]
+        if given:
+            raise TopologyError(f"{', '.join(given)}: the topology file {args.topology} sets the nodes; "
+                                "use these flags with --nodes instead")
         topology = load_topology(args.topology)
     else:
         topology = simple_topology(
             args.default_nodes if args.nodes is None else args.nodes,
-            args.hosts_per_node,
-            memory_mb=args.memory_mb,
-            delay_ms=args.delay_ms,
+            args.default_hosts if args.hosts_per_node is None else args.hosts_per_node,
+            memory_mb=4096.0 if args.memory_mb is None else args.memory_mb,
+            delay_ms=args.default_delay_ms if args.delay_ms is None else args.delay_ms,
             rate_mbit=args.rate_mbit,
         )
     run_dir = args.run_dir or Path("var") / time.strftime("run-%Y%m%d-%H%M%S")
+    settings: dict[str, Any] = {"policy": args.policy, **gating_settings_from_env()}
+    if getattr(args, "plan_interval", None) is not None:
+        settings["plan_interval_s"] = args.plan_interval
     return StackOptions(
         topology=topology,
         model=args.model,
@@ -90,8 +99,30 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> Any:
         mqtt_port=args.mqtt_port,
         http_port=args.http_port,
         ready_timeout_s=args.ready_timeout,
-        **{"policy": args.policy, "plan_interval_s": args.plan_interval, **overrides},
+        **{**settings, **overrides},
     )
+
+
+# Gating settings that the launcher also needs (max_payload is sized for the context): read here, so
+# that `PRISM_GATING_MAX_CONTEXT=2048 prism up` works as it would for the service alone.
+GATING_ENV = {"max_context": ("PRISM_GATING_MAX_CONTEXT", int),
+              "expert_timeout_s": ("PRISM_GATING_EXPERT_TIMEOUT_S", float),
+              "activation_interval_s": ("PRISM_GATING_ACTIVATION_INTERVAL_S", float)}
+
+
+def gating_settings_from_env() -> dict[str, Any]:
+    """StackOptions fields from PRISM_GATING_* variables that are set; TopologyError names a bad one
+    (the gating checks the bounds)."""
+    from shared.topology import TopologyError
+
+    found: dict[str, Any] = {}
+    for field, (var, kind) in GATING_ENV.items():
+        if var in os.environ:
+            try:
+                found[field] = kind(os.environ[var])
+            except ValueError:
+                raise TopologyError(f"{var}={os.environ[var]!r} is not a {kind.__name__}") from None
+    return found
 
 
 def handler(args: argparse.Namespace) -> int:
@@ -133,6 +164,11 @@ def run_until_signal(options: Any, body: Any) -> int:
 
     async def start_run_stop(stopped: asyncio.Event) -> None:
         stack = LocalStack(options)
+        try:
+            stack.prepare()  # a bad model or a taken port: say so before "starting"
+        except StackError as exc:
+            result.append(fail(str(exc)))
+            return
         print(f"prism: starting; logs in {options.run_dir}/", file=sys.stderr, flush=True)
         starting = asyncio.create_task(stack.start())
         interrupted = asyncio.create_task(stopped.wait())
@@ -148,6 +184,8 @@ def run_until_signal(options: Any, body: Any) -> int:
         except StackError as exc:
             result.append(fail(str(exc)))
             return
+        for var in sorted(stack.ignored_env):
+            print(f"prism: warning: {var} from the environment is not used: prism up sets it", file=sys.stderr)
         try:
             result.append(await body(stack, stopped))
         finally:
@@ -177,7 +215,8 @@ def describe(stack: Any) -> str:
     """What is running and how to send a request."""
     opts = stack.options
     first = opts.topology.nodes[0].name
-    lines = [f"prism is up: {len(opts.topology.nodes)} nodes, model {opts.model}"]
+    count = len(opts.topology.nodes)
+    lines = [f"prism is up: {count} node{'s' if count > 1 else ''}, model {opts.model}"]
     extras = [f"monitoring http://127.0.0.1:{opts.http_port}" if opts.http_port else "",
               f"MQTT 127.0.0.1:{opts.mqtt_port}" if opts.mqtt_port else ""]
     lines.append(f"  hub    {stack.hub_url}  {'  '.join(x for x in extras if x)}".rstrip())

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 import nats
 import structlog
@@ -13,7 +15,10 @@ from nats.aio.client import Client as NatsClient
 from nats.micro import add_service
 from nats.micro.service import Service, ServiceConfig
 
-from shared.settings import ServiceSettings
+from shared.errors import PrismError
+from shared.settings import ServiceSettings, from_cli
+
+S = TypeVar("S", bound=ServiceSettings)
 
 log = structlog.get_logger()
 
@@ -80,3 +85,35 @@ async def serve_until_stopped(start: Awaitable[None], stop: Callable[[], Awaitab
             await nc.drain()
     except Exception:  # the server may already be gone (e.g. the launcher was killed): just close
         await nc.close()
+
+
+def run_service(cls: type[S], main: Callable[[S], Coroutine[Any, Any, None]], name: str) -> None:
+    """A service's entry point: settings from the environment and flags, then `main(settings)`.
+
+    What an operator gets wrong is one line on stderr, not a traceback: a bad value (exit 2), a
+    `PRISM_<SERVICE>_*` variable that is no setting (exit 2: a typo must not silently leave the default),
+    a start that fails on the model, the experts or the NATS server (exit 1)."""
+    from pydantic import ValidationError
+
+    try:
+        settings = from_cli(cls)
+    except ValidationError as exc:
+        _exit(2, name, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+    if unknown := unknown_variables(cls):
+        _exit(2, name, f"{', '.join(unknown)}: no such setting (see python -m services.{name} --help)")
+    try:
+        run(lambda: main(settings))
+    except (ValueError, PrismError, OSError, nats.errors.NoServersError) as exc:  # ValueError: model, experts
+        _exit(1, name, str(exc) or type(exc).__name__)
+
+
+def unknown_variables(cls: type[ServiceSettings]) -> list[str]:
+    """Environment variables with the settings' prefix that name no field."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    fields = {f.upper() for f in cls.model_fields}
+    return sorted(k for k in os.environ if prefix and k.startswith(prefix) and k[len(prefix):] not in fields)
+
+
+def _exit(code: int, name: str, message: str) -> NoReturn:
+    print(f"{name}: error: {message}", file=sys.stderr)
+    sys.exit(code)

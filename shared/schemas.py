@@ -179,7 +179,9 @@ HOST_COMMAND: TypeAdapter[StatusCommand | LoadCommand | UnloadCommand] = TypeAda
 
 
 def parse_host_command(payload: bytes) -> StatusCommand | LoadCommand | UnloadCommand:
+    """Decode a host command: not JSON is InvalidJSON (as on every subject), a bad command BadRequest."""
+    data = load_json(payload, "host command")
     try:
-        return HOST_COMMAND.validate_json(payload)
+        return HOST_COMMAND.validate_python(data)
     except ValidationError as exc:
         raise BadRequest(f"bad host command ({describe_validation_error(exc)}); kinds: status, load, unload") from None

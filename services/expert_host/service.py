@@ -365,8 +365,6 @@ async def main(settings: ExpertHostSettings) -> None:
 
 
 def main_cli() -> None:
-    from shared.runtime import run
-    from shared.settings import from_cli
+    from shared.runtime import run_service
 
-    settings = from_cli(ExpertHostSettings)
-    run(lambda: main(settings))
+    run_service(ExpertHostSettings, main, "expert_host")

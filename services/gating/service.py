@@ -1,7 +1,7 @@
 """Gating: request intake for one node, dense forward with continuous batching, replies.
 
 Subjects:
-- `prism.v1.infer.<node>` (nats.micro service `prism-gating`, endpoint `infer`): JSON InferRequest;
+- `prism.v1.infer.<node>` (a plain subscription; nats.micro service `prism-gating` is for discovery): JSON InferRequest;
   replies go to the message's reply subject, or for MQTT clients (no reply subject) to
   `prism.v1.reply.<client_id>` (MQTT `prism/v1/reply/<client_id>`). Streaming requests get one
   TokenChunk per token, then a FinalReply; errors are one ErrorReply plus Nats-Service-Error headers.
@@ -267,8 +267,6 @@ async def main(settings: GatingSettings) -> None:
 
 
 def main_cli() -> None:
-    from shared.runtime import run
-    from shared.settings import from_cli
+    from shared.runtime import run_service
 
-    settings = from_cli(GatingSettings)
-    run(lambda: main(settings))
+    run_service(GatingSettings, main, "gating")

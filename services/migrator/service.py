@@ -232,11 +232,9 @@ async def main(settings: MigratorSettings) -> None:
 
 
 def main_cli() -> None:
-    from shared.runtime import run
-    from shared.settings import from_cli
+    from shared.runtime import run_service
 
-    settings = from_cli(MigratorSettings)
-    run(lambda: main(settings))
+    run_service(MigratorSettings, main, "migrator")
 
 
 def _target(plan: dict[str, Any]) -> dict[str, set[tuple[int, int]]]:

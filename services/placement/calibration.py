@@ -1,4 +1,5 @@
-"""The routing statistics of FACTS.md, computed from any routing trace, and the measured ranges.
+"""Routing statistics computed from any routing trace, and the ranges measured on real MoE models
+(the team's FACTS.md, outside this repository; its numbers are FACTS_RANGES below).
 
 Definitions (u[d, l, e] = share of domain d's layer-l selections that went to expert e):
 

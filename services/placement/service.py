@@ -13,7 +13,8 @@ A plan is computed at start (once hosts are known), every `plan_interval_s`, and
 shift; it is published only when the migration rule accepts it, in the measure the policy minimises
 (objectives.judge), or as it is when the plan in place was made by another policy. Reports from
 unknown nodes or with the wrong shape are logged and dropped; a failing policy keeps the current plan.
-KV writes from a leaf get "no responders" (FACTS.md), so this service connects to the hub.
+KV writes from a leaf get "no responders" (measured with nats-server 2.10+), so this service connects to the
+hub.
 """
 
 from __future__ import annotations
@@ -320,8 +321,6 @@ async def main(settings: PlacementSettings) -> None:
 
 
 def main_cli() -> None:
-    from shared.runtime import run
-    from shared.settings import from_cli
+    from shared.runtime import run_service
 
-    settings = from_cli(PlacementSettings)
-    run(lambda: main(settings))
+    run_service(PlacementSettings, main, "placement")

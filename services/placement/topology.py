@@ -23,6 +23,13 @@ Format (TOML shown; JSON has the same structure, chosen by the file suffix `.jso
 
 Defaults when a file gives no link values: the published testbed's 4 ms and 500 Mbit/s. Unknown keys
 are errors (a typo should not silently become a default). Nodes are indexed in file order.
+
+`load_topology` also reads the `prism up` format (shared/topology.py, the files under topologies/),
+recognised by keys this format lacks (a top-level `dtype`, a node's `link`, a host's `name`,
+`memory_mb` or `device`). Its hosts are sized as `prism up` sizes them (shared.topology.host_slots:
+floor(memory_mb MiB / one expert of a model at the file's dtype), so it needs a model directory;
+every node reaches the others through the hub, so rtt(a, b) = 2 × (delay_a + delay_b) and the
+bandwidth is the slower of the two links (shared.topology.pairwise_links).
 """
 
 from __future__ import annotations
@@ -34,12 +41,21 @@ import numpy as np
 
 from services.placement.errors import InvalidInputError
 from services.placement.types import DEFAULT_BANDWIDTH_BPS, DEFAULT_RTT_S, Cluster
-from shared.topology import TopologyError, read_document
+from shared.topology import (
+    DTYPE_BYTES,
+    Topology,
+    TopologyError,
+    host_slots,
+    pairwise_links,
+    parse_topology,
+    read_document,
+)
 
 _TOP_KEYS = {"expert_mb", "link_defaults", "nodes", "links"}
 _NODE_KEYS = {"name", "hosts"}
 _HOST_KEYS = {"slots", "memory_gb", "speed"}
 _LINK_KEYS = {"nodes", "rtt_ms", "rate_mbit"}
+_LAUNCHER_HOST_KEYS = {"name", "memory_mb", "device"}  # keys only a `prism up` host has
 
 
 def _check_keys(table: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -133,10 +149,55 @@ def _link_ends(ends: Any, names: list[str], where: str) -> tuple[int, int]:
     return out[0], out[1]
 
 
-def load_topology(path: str | Path) -> tuple[Cluster, list[str]]:
-    """Read a topology file (`.json` → JSON, anything else → TOML); see the module docstring."""
+def load_topology(path: str | Path, model: str | Path | None = None) -> tuple[Cluster, list[str]]:
+    """Read a topology file (`.json` → JSON, anything else → TOML) in this module's format or the
+    `prism up` one; `model` (a checkpoint directory) sizes the hosts of the latter."""
     try:
         doc = read_document(path)
+        topology = parse_topology(doc, str(path)) if is_launcher_format(doc) else None
     except TopologyError as e:
         raise InvalidInputError(str(e)) from None
-    return cluster_from_dict(doc)
+    if topology is None:
+        return cluster_from_dict(doc)
+    if model is None:
+        raise InvalidInputError(f"{path} is a `prism up` topology: sizing its hosts needs a model directory")
+    return cluster_from_launcher(topology, expert_bytes(model, topology.dtype))
+
+
+def is_launcher_format(doc: Any) -> bool:
+    """Whether `doc` is a `prism up` topology: it has a key this module's format does not accept."""
+    if not isinstance(doc, dict):
+        return False
+    nodes = doc.get("nodes")
+    nodes = [n for n in nodes if isinstance(n, dict)] if isinstance(nodes, list) else []
+    hosts = [h for n in nodes if isinstance(n.get("hosts"), list) for h in n["hosts"] if isinstance(h, dict)]
+    return "dtype" in doc or any("link" in n for n in nodes) or any(_LAUNCHER_HOST_KEYS & h.keys() for h in hosts)
+
+
+def cluster_from_launcher(topology: Topology, expert_nbytes: int) -> tuple[Cluster, list[str]]:
+    """A `prism up` topology as a cluster (and node names): slots as `prism up` sizes its hosts,
+    links node to node through the hub."""
+    names = [node.name for node in topology.nodes]
+    pairs = topology.hosts()
+    rtt, rate = pairwise_links(topology)
+    cluster = Cluster(
+        np.array([names.index(node.name) for node, _ in pairs]),
+        np.array([host_slots(host, expert_nbytes) for _, host in pairs]),
+        np.array([host.speed for _, host in pairs]),
+        np.array(rtt),
+        np.array(rate),
+    )
+    return cluster, names
+
+
+def expert_bytes(model: str | Path, dtype: str) -> int:
+    """Bytes of one routed expert of checkpoint directory `model` at `dtype` (what `prism up` uses)."""
+    # Imported here: shared.model loads torch, which files in this module's own format never need.
+    from shared.model.checkpoint import load_config
+    from shared.model.errors import ModelError
+
+    try:
+        config = load_config(model)
+    except ModelError as e:
+        raise InvalidInputError(f"invalid model directory {model}: {e}") from None
+    return config.expert_nbytes(DTYPE_BYTES[dtype])

@@ -214,6 +214,8 @@ def test_taken_port_is_a_clear_error(tiny_model: Path, tmp_path: Path, capsys: p
         code, err = prism_in_process(capsys, "up", "--model", str(tiny_model), "--run-dir", str(run_dir),
                                      "--port", str(port), "--mqtt-port", "0", "--http-port", "0")
     assert_clean_failure(code, err, f"port 127.0.0.1:{port} (--port (hub clients)) is already in use", run_dir)
+    assert "starting" not in err  # nothing started, and no run directory to look in
+    assert not run_dir.exists()
 
 
 @pytest.mark.parametrize(
@@ -222,14 +224,59 @@ def test_taken_port_is_a_clear_error(tiny_model: Path, tmp_path: Path, capsys: p
         (["--port", "70000"], "argument --port: a port is 0-65535, got 70000"),
         (["--mqtt-port", "-1"], "argument --mqtt-port: a port is 0-65535, got -1"),
         (["--http-port", "http"], "argument --http-port: not a port number: 'http'"),
+        (["--plan-interval", "0"], "argument --plan-interval: must be > 0, got 0"),
+        (["--memory-mb", "-1"], "argument --memory-mb: must be > 0, got -1"),
+        (["--delay-ms", "nan"], "argument --delay-ms: must be finite, got nan"),
+        (["--rate-mbit", "0"], "argument --rate-mbit: must be > 0, got 0"),
+        (["status", "--wait", "0"], "argument --wait: must be > 0, got 0"),
+        (["infer", "--timeout", "-1", "hi"], "argument --timeout: must be > 0, got -1"),
     ],
 )
-def test_ports_out_of_range_are_usage_errors(
+def test_ports_and_numbers_out_of_range_are_usage_errors(
     flags: list[str], message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code, err = prism_in_process(capsys, "up", *flags)
+    command = [] if flags[0] in ("status", "infer") else ["up"]
+    code, err = prism_in_process(capsys, *command, *flags)
     assert code == 2  # argparse's usage error: one line, no traceback
     assert err.strip().splitlines()[-1].endswith(message)
+
+
+@pytest.mark.parametrize("command", ["up", "demo"])
+def test_node_flags_next_to_a_topology_file_are_refused(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], repo_root: Path
+) -> None:
+    """They used to be ignored without a word (`prism demo` runs a topology file by default)."""
+    topology = ["--topology", str(repo_root / "topologies" / "demo.toml")] if command == "up" else []
+    code, err = prism_in_process(capsys, command, *topology, "--delay-ms", "50", "--hosts-per-node", "5",
+                                 "--run-dir", str(tmp_path / "run"))
+    assert_clean_failure(code, err, "--hosts-per-node, --delay-ms: the topology file", tmp_path / "run")
+
+
+def test_service_settings_come_from_the_environment_except_the_wiring(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cli.main import build_parser
+    from cli.stack import LocalStack
+    from cli.up import build_options
+
+    for var, value in {"PRISM_GATING_MAX_CONTEXT": "2048", "PRISM_GATING_EXPERT_TIMEOUT_S": "0.5",
+                       "PRISM_GATING_MAX_BATCH": "3", "PRISM_GATING_LOG_LEVEL": "debug",
+                       "PRISM_GATING_NODE": "elsewhere"}.items():
+        monkeypatch.setenv(var, value)
+    args = build_parser().parse_args(["up", "--nodes", "1", "--model", str(tiny_model), "--run-dir", str(tmp_path)])
+    stack = LocalStack(build_options(args))
+    assert (stack.options.max_context, stack.options.expert_timeout_s) == (2048, 0.5)
+    stack.prepare()
+    stack.leaf_urls = {"node0": "nats://127.0.0.1:1"}
+    gating = stack._service("gating-node0", "services.gating", "PRISM_GATING_", "node0",
+                            {"PRISM_GATING_NODE": "node0", "PRISM_GATING_MAX_CONTEXT": "2048"})
+    assert gating.env is not None
+    assert gating.env["PRISM_GATING_MAX_BATCH"] == "3"
+    assert gating.env["PRISM_GATING_LOG_LEVEL"] == "debug"
+    assert gating.env["PRISM_GATING_MAX_CONTEXT"] == "2048"
+    assert gating.env["PRISM_GATING_NODE"] == "node0"
+    assert stack.ignored_env == {"PRISM_GATING_NODE"}
+    assert stack.max_payload >= 2 * 2048 * 64 * 4  # sized for the context from the environment
 
 
 def test_zero_nodes_is_refused(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -151,3 +151,17 @@ def test_dtype_auto_follows_the_checkpoint_like_transformers(
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False)[0, len(prompt):]
     assert auto["token_ids"] == ref.tolist()
+
+
+def test_generation_stops_at_the_models_context_as_a_gating_does(
+    tiny_dir: Callable[..., Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "short"
+    shutil.copytree(tiny_dir("mixtral"), path)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 8}))
+    out = run_json(capsys, "--model", str(path), "--input-ids", "1,2,3", "--max-tokens", "20", "--ignore-eos")
+    assert (len(out["token_ids"]), out["finish_reason"]) == (5, "length")  # 3 + 5 = the 8 positions
+    code, _, err = in_process(capsys, "--model", str(path), "--input-ids", "1,2,3,4,5,6,7,8")
+    assert code == 2
+    assert err.strip() == "prism run: error: the prompt has 8 tokens; the model's context is 8"

@@ -201,3 +201,85 @@ def test_unknown_policy_and_missing_file(
     out = place("--counts", str(path), "--topology", str(bad_topo), "--policy", "uniform")
     assert out.returncode == 2
     assert "unknown keys ['colour']" in out.stderr
+
+
+def test_prism_up_topology_end_to_end(place: Callable[..., Result], tmp_path: Path) -> None:
+    """topologies/demo.toml: edge-a has two hosts, edge-b one, each 52 demo experts (11 MiB at float32)."""
+    rng = np.random.default_rng(3)
+    f = rng.poisson(rng.gamma(0.5, size=(2, 4, 32)) * 20).astype(float)  # the demo model's 4 × 32 experts
+    path = tmp_path / "f.npy"
+    np.save(path, f)
+    out = place("--counts", str(path), "--topology", str(ROOT / "topologies" / "demo.toml"), "--policy", "prism",
+                "--json")
+    assert out.returncode == 0, out.stderr
+    doc = json.loads(out.stdout)
+    assert [row["slots"] for row in doc["nodes"]] == [104, 52]
+    view = np.zeros(f.shape, dtype=bool)
+    for n, layer, e in doc["placement"]:
+        view[n, layer, e] = True
+    assert view.any(axis=0).all(), "an expert has no replica"
+    assert (np.bincount([h for h, _, _ in doc["host_placement"]], minlength=3) <= 52).all()
+
+
+def test_prism_up_topology_with_the_latency_policy_and_other_counts(
+    place: Callable[..., Result], counts: tuple[Path, np.ndarray]
+) -> None:
+    """The reported command; counts of another shape than the model's (3 × 4 × 8) are fine: only the
+    expert size comes from the model."""
+    path, _ = counts
+    out = place("--counts", str(path), "--topology", str(ROOT / "topologies" / "three-edge.toml"), "--policy",
+                "latency", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [row["slots"] for row in json.loads(out.stdout)["nodes"]] == [2427, 2427, 4854]
+
+
+def test_prism_up_topology_errors_are_one_line(
+    place: Callable[..., Result], tmp_path: Path, counts: tuple[Path, np.ndarray]
+) -> None:
+    path, _ = counts
+    topo = ROOT / "topologies" / "three-edge.toml"
+    out = place("--counts", str(path), "--topology", str(topo), "--model", str(tmp_path), "--policy", "prism")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"prism place: error: invalid model directory {tmp_path}: no config.json in {tmp_path}"
+    bad = tmp_path / "bad.toml"
+    bad.write_text('dtype = "float32"\n[[nodes]]\nname = "a"\nhosts = [{ name = "h", memory_mb = -1 }]\n')
+    out = place("--counts", str(path), "--topology", str(bad), "--policy", "prism")
+    assert out.returncode == 2
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "memory_mb" in out.stderr
+
+
+def test_help_says_which_formats_and_which_model(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["place", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "or a `prism up` one (see topologies/)" in text
+    assert "--model MODEL checkpoint directory whose expert size" in text
+    assert "(default: the demo model)" in text
+
+
+def test_plot_without_matplotlib_is_one_line(
+    place: Callable[..., Result], tmp_path: Path, counts: tuple[Path, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`./prism` installs no plot extra; --plot then says what to install instead of a traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what `import matplotlib` meets when it is absent
+    path, _ = counts
+    out = place("--counts", str(path), "--slots", "12,12,12", "--policy", "optimal", "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("prism place: error: --plot needs matplotlib, from the `plot` extra: ./run-tests "
+                                  "installs it, or .venv/bin/pip install -e '.[plot]'")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path: Path, repo_root: Path) -> None:
+    """`prism place --json | head -c 1` with more output than a pipe holds: no BrokenPipeError traceback."""
+    path = tmp_path / "big.npy"
+    np.save(path, np.random.default_rng(0).random((4, 32, 128)))
+    place = f"{sys.executable} -c '{ENTRY}' place --counts {path} --slots 1024,1024,1024,1024 --policy uniform --json"
+    done = subprocess.run(["bash", "-c", f"{place} | head -c 1"], capture_output=True, text=True, cwd=repo_root,
+                          timeout=120, check=False)
+    assert done.stdout == "{"
+    assert "Traceback" not in done.stderr
+    assert "BrokenPipeError" not in done.stderr

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from shared.errors import BadRequest, InvalidJSON
-from shared.schemas import HostStatus, parse_request, reply_hints
+from shared.schemas import HostStatus, parse_host_command, parse_request, reply_hints
 
 
 def test_minimal_requests() -> None:
@@ -65,3 +65,11 @@ def test_host_names_must_be_subject_tokens() -> None:
     with pytest.raises(ValueError, match="host"):
         HostStatus.model_validate(status)
     assert HostStatus.model_validate({**status, "host": "a-b_1"}).host == "a-b_1"
+
+
+@pytest.mark.parametrize(("payload", "error"), [(b"{nope", InvalidJSON), (b"[1]", BadRequest),
+                                               (b'{"kind": "dance"}', BadRequest)])
+def test_host_commands_that_are_not_json_are_invalid_json_as_everywhere(payload: bytes, error: type) -> None:
+    with pytest.raises(error) as raised:
+        parse_host_command(payload)
+    assert type(raised.value) is error  # invalid_json, not invalid_request, for what is not JSON
