@@ -26,16 +26,19 @@ log = structlog.get_logger()
 async def connect(settings: ServiceSettings, name: str) -> NatsClient:
     """Connect with reconnects; connection problems are logged here, never left to nats-py's defaults."""
 
+    client: list[NatsClient] = []  # set once connected: the callbacks tell a stop from a lost server
+
     async def on_error(exc: Exception) -> None:
         log.warning("nats_error", client=name, error=repr(exc))
 
     async def on_disconnect() -> None:
-        log.warning("nats_disconnected", client=name)
+        stopping = bool(client) and (client[0].is_draining or client[0].is_closed)
+        (log.info if stopping else log.warning)("nats_disconnected", client=name)
 
     async def on_reconnect() -> None:
         log.info("nats_reconnected", client=name)
 
-    return await nats.connect(
+    nc = await nats.connect(
         settings.nats_url,
         name=name,
         user=settings.nats_user,
@@ -46,6 +49,8 @@ async def connect(settings: ServiceSettings, name: str) -> NatsClient:
         max_reconnect_attempts=-1,
         connect_timeout=5,
     )
+    client.append(nc)
+    return nc
 
 
 async def announce(nc: NatsClient, name: str, metadata: dict[str, str]) -> Service:

@@ -102,7 +102,7 @@ def parse_request(payload: bytes) -> InferRequest:
     """Decode and validate a request, raising BadRequest/InvalidJSON with a readable message."""
     data = load_json(payload)
     if not isinstance(data, dict):
-        raise InvalidJSON(f"request must be a JSON object, got {type(data).__name__}")
+        raise BadRequest(f"request must be a JSON object, got {type(data).__name__}")  # valid JSON, wrong shape
     try:
         return InferRequest.model_validate(data)
     except ValidationError as exc:

@@ -47,6 +47,7 @@ class ExpertsResult:
 class TokenEvent:
     token_id: int
     index: int
+    last: bool = False  # the sequence ends with this token (a DoneEvent follows)
 
 
 @dataclass(frozen=True)
@@ -203,11 +204,14 @@ class Engine:
         if not seq.generated:
             seq.first_token = time.perf_counter()
         seq.generated.append(token)
-        seq.events.put_nowait(TokenEvent(token, len(seq.generated) - 1))
+        done: DoneEvent | None = None
         if token in self.stop_ids:
-            self._finish(seq, DoneEvent("stop"))
+            done = DoneEvent("stop")
         elif len(seq.generated) >= seq.max_tokens or len(seq.prompt) + len(seq.generated) >= self.max_len:
-            self._finish(seq, DoneEvent("length"))
+            done = DoneEvent("length")
+        seq.events.put_nowait(TokenEvent(token, len(seq.generated) - 1, last=done is not None))
+        if done is not None:
+            self._finish(seq, done)
 
     def _finish(self, seq: Sequence, event: Event) -> None:
         seq.finished = time.perf_counter()

@@ -152,6 +152,8 @@ class Gating:
             if isinstance(event, TokenEvent):
                 if req.stream:
                     text = stream.push(event.token_id) if stream else ""
+                    if stream and event.last:  # a character left incomplete: as the final text has it
+                        text += stream.flush()
                     chunk = TokenChunk(id=req.id, index=event.index, token_id=event.token_id, text=text)
                     await self.nc.publish(reply_to, chunk.model_dump_json().encode())
             elif isinstance(event, ErrorEvent):

@@ -100,3 +100,27 @@ def test_status_names_the_experts_no_live_host_holds() -> None:
     assert coverage == {"epoch": 4, "experts": 5, "held_nowhere": [[1, 1]]}
     assert render_coverage(coverage) == "plan epoch 4: 5 experts, 1 held by no live host (1.1)"
     assert plan_coverage(None, hosts) is None
+
+
+async def test_streamed_text_joins_to_the_final_text_when_a_character_is_left_incomplete(
+    cluster: LocalCluster,
+) -> None:
+    """The demo model's byte-level tokenizer has tokens that are part of a UTF-8 character. A reply that
+    ends on one: the stream decoder held the piece back and nobody flushed it, so the chunks lacked the
+    final text's last character. (Seeds 18 and 25 end on such a token with this prompt.)"""
+    from cli import DEMO_MODEL
+
+    await cluster.add_node("a")
+    await cluster.add_host("a", "h", DEMO_MODEL, "*:*")
+    await cluster.add_gating("a", DEMO_MODEL)
+    nc = await cluster.connect("a")
+    for seed in (18, 25):
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox)
+        body = {"prompt": "int main(void) {", "max_tokens": 1, "temperature": 100.0, "seed": seed, "stream": True}
+        await nc.publish(subjects.infer(cluster.node("a")), json.dumps(body).encode(), reply=inbox)
+        parts = [json.loads((await sub.next_msg(timeout=20)).data) for _ in range(2)]
+        await sub.unsubscribe()
+        chunk, final = parts
+        assert final["text"].endswith("\ufffd"), "the case under test: a character left incomplete"
+        assert chunk["text"] == final["text"]

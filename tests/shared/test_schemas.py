@@ -21,7 +21,7 @@ def test_minimal_requests() -> None:
     ("body", "error", "message"),
     [
         (b"{not json", InvalidJSON, "not valid JSON"),
-        (b"[1, 2]", InvalidJSON, "JSON object"),
+        (b"[1, 2]", BadRequest, "JSON object"),  # valid JSON, not a request: invalid_request
         (b"\xff\xfe", InvalidJSON, "not valid JSON"),
         # json.loads raises neither JSONDecodeError for these: too deep, and an integer too long to read
         (b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", InvalidJSON, "not valid JSON: maximum recursion"),
@@ -47,8 +47,9 @@ def test_minimal_requests() -> None:
     ],
 )
 def test_bad_requests(body: bytes, error: type[Exception], message: str) -> None:
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as raised:
         parse_request(body)
+    assert type(raised.value) is error  # InvalidJSON is a BadRequest: the code must be the exact one
 
 
 def test_error_reply_finds_id_and_mqtt_client_when_it_can() -> None:

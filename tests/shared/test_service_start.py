@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from shared.nats_server import NatsServer
+
 
 def start(module: str, env: dict[str, str], repo_root: Path) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PRISM_")}
@@ -34,3 +36,18 @@ def test_bad_settings_are_one_line(module: str, env: dict[str, str], code: int, 
     assert done.returncode == code, done.stderr
     assert done.stderr.strip().startswith(message), done.stderr
     assert "Traceback" not in done.stderr
+
+
+async def test_a_clean_stop_logs_no_disconnect_warning(nats_hub: NatsServer) -> None:
+    """Every service drains its connection on SIGTERM; that disconnect is no warning (it made 7 warning
+    lines at every `prism up` stop, drowning real ones)."""
+    from structlog.testing import capture_logs
+
+    from services.gating.settings import GatingSettings
+    from shared.runtime import connect
+
+    settings = GatingSettings(nats_url=nats_hub.cfg.client_url())
+    with capture_logs() as logs:
+        nc = await connect(settings, "stopping")
+        await nc.drain()
+    assert [(e["event"], e["log_level"]) for e in logs] == [("nats_disconnected", "info")]
