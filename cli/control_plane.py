@@ -1,4 +1,5 @@
-"""What `prism up` gives the placement service and the migrator: their settings, and epoch 1 of the plan."""
+"""What `prism up` gives the placement service and the migrator (their settings, epoch 1 of the plan), and
+reads back from them (the current plan)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,18 @@ async def write_initial_plan(hub_url: str, model_name: str, placement: dict[str,
         await kv.put("plan", json.dumps(plan).encode())
     finally:
         await nc.close()
+
+
+async def read_plan(nc: Any) -> dict[str, Any] | None:
+    """The placement plan in KV `prism_placement` (None without one, or without access to it)."""
+    import nats.errors
+
+    from shared import subjects
+
+    try:
+        kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_PLACEMENT)
+        entry = await kv.get("plan")
+        plan = json.loads(entry.value or b"{}")
+    except (nats.errors.Error, TimeoutError, ValueError):  # no JetStream, bucket, plan or permission
+        return None
+    return plan if isinstance(plan, dict) and isinstance(plan.get("hosts"), dict) else None

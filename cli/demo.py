@@ -164,7 +164,7 @@ async def current_plan(
     client: Any, fallback: dict[str, list[tuple[int, int]]]
 ) -> tuple[int, dict[str, list[tuple[int, int]]]]:
     """(epoch, host → experts) of the plan in KV `prism_placement`."""
-    from cli.status import read_plan
+    from cli.control_plane import read_plan
 
     plan = await read_plan(client.nc)
     if plan is None:  # no plan yet: the launcher's static placement is what the hosts hold

@@ -12,7 +12,8 @@ Children run in their own session (a Ctrl-C on the terminal reaches only the lau
 stops them in order: services, leaves, links, hub) and, on Linux, get SIGTERM if the launcher dies.
 Each writes its log to `<run_dir>/<name>.log`. `start()` either returns with every node answering
 a one-token request and every host reporting its experts, or stops what it started and raises
-StackError with one line saying what went wrong.
+StackError with one line saying what went wrong. While serving, `supervise()` restarts a child that
+dies: an expert host with the experts the current plan gives it, anything else as it was.
 """
 
 from __future__ import annotations
@@ -25,15 +26,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
 from cli.client import InferError, PrismClient
-from cli.control_plane import control_plane_env, write_initial_plan
+from cli.control_plane import control_plane_env, read_plan, write_initial_plan
 from shared.linkemu import LinkEmulator
 from shared.nats_server import LeafRemote, NatsServerError, ServerConfig, find_binary, free_port, port_is_free
 from shared.nats_server import render_config as render_nats_config
@@ -43,6 +46,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 2**20
 MIN_PAYLOAD = 8 * MIB
 MAX_PAYLOAD = 64 * MIB  # the services' max_payload_bytes bound (and NATS's hard limit)
+RESTARTS_PER_MINUTE = 5  # a child that fails more often is left stopped (see LocalStack.supervise)
 
 
 class StackError(RuntimeError):
@@ -164,6 +168,7 @@ class LocalStack:
         self._expert_bytes = 0
         self.model_name = ""
         self.ignored_env: set[str] = set()  # PRISM_* variables of the environment the launcher overrides
+        self.given_up: set[str] = set()  # children that kept failing: not restarted again
 
     # ---- start ---------------------------------------------------------------------------------
 
@@ -374,6 +379,52 @@ class LocalStack:
             if loop.time() > deadline:
                 raise StackError(f"{what} was not ready within {timeout_s:g} s; logs in {self.run_dir}")
             await asyncio.sleep(0.1)
+
+    # ---- supervision -----------------------------------------------------------------------------
+
+    async def supervise(self, report: Callable[[str], None], poll_s: float = 0.5) -> None:
+        """Restart every child that exits while serving, until cancelled (before `stop()`). A child
+        that fails RESTARTS_PER_MINUTE times within a minute is left stopped: it would only loop."""
+        restarts: dict[str, list[float]] = {}
+        while True:
+            for child in self._all():
+                if child.returncode is None or child.name in self.given_up:
+                    continue
+                report(f"{child.failure()}")
+                now = time.monotonic()
+                recent = [t for t in restarts.get(child.name, []) if now - t < 60.0] + [now]
+                restarts[child.name] = recent
+                if len(recent) > RESTARTS_PER_MINUTE:
+                    self.given_up.add(child.name)
+                    report(f"{child.name} failed {len(recent)} times within a minute; it stays stopped")
+                    continue
+                await self._restart(child)
+                report(f"{child.name} restarted (pid {child.pid})")
+                self._write_manifest(ready=True)
+            await asyncio.sleep(poll_s)
+
+    async def _restart(self, child: Child) -> None:
+        """Start `child` again; an expert host with the experts of the current plan, so that it serves
+        what the other services expect of it (its first experts may have moved since)."""
+        host = child.name.removeprefix("host-") if child.name.startswith("host-") else None
+        if host is not None and child.env is not None:
+            plan = await self._current_plan()
+            if plan is not None and host in plan["hosts"]:
+                keys = [(int(k[0]), int(k[1])) for k in plan["hosts"][host]]
+                child.env = {**child.env, "PRISM_HOST_EXPERTS": _format_experts(keys)}
+        await child.start()
+
+    async def _current_plan(self) -> dict[str, Any] | None:
+        import nats
+
+        try:
+            nc = await nats.connect(self.hub_url, max_reconnect_attempts=0, connect_timeout=2)
+        except Exception:  # the hub itself is down: restart the host as it started
+            return None
+        try:
+            return await read_plan(nc)
+        finally:
+            await nc.close()
 
     # ---- stop -----------------------------------------------------------------------------------
 

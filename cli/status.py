@@ -18,6 +18,7 @@ import sys
 from typing import Any
 
 from cli.args import positive
+from cli.control_plane import read_plan
 from cli.infer import EXIT_ERROR, add_connection_args
 
 HOST_SERVICE = "prism-expert-host"
@@ -66,21 +67,6 @@ async def status(args: argparse.Namespace) -> int:
         if coverage:
             print(render_coverage(coverage))
     return 0
-
-
-async def read_plan(nc: Any) -> dict[str, Any] | None:
-    """The placement plan in KV `prism_placement` (None without one, or without access to it)."""
-    import nats.errors
-
-    from shared import subjects
-
-    try:
-        kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_PLACEMENT)
-        entry = await kv.get("plan")
-        plan = json.loads(entry.value or b"{}")
-    except (nats.errors.Error, TimeoutError, ValueError):  # no JetStream, bucket, plan or permission
-        return None
-    return plan if isinstance(plan, dict) and isinstance(plan.get("hosts"), dict) else None
 
 
 def plan_coverage(plan: dict[str, Any] | None, hosts: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -5,7 +5,8 @@
 
 Starts the hub, one leaf per node (behind a link emulator where the link has a delay or rate),
 a gating per node and the expert hosts (see cli/stack.py), waits until every node answers, prints
-how to send a request, and on Ctrl-C / SIGTERM stops every child (SIGKILL after a bound).
+how to send a request, restarts a child that dies while serving, and on Ctrl-C / SIGTERM stops every
+child (SIGKILL after a bound).
 Errors (taken port, invalid model, topology that cannot hold the model, a child that fails to
 start) are one line on stderr, exit code 1, nothing left running. Exit code 0 after a clean stop.
 """
@@ -137,11 +138,16 @@ def handler(args: argparse.Namespace) -> int:
 
 async def serve_forever(stack: Any, stopped: asyncio.Event) -> int:
     print(describe(stack), flush=True)
-    watcher = asyncio.create_task(_watch_children(stack, stopped))
+    supervisor = asyncio.create_task(stack.supervise(_warn))
     await stopped.wait()
-    watcher.cancel()
+    supervisor.cancel()
+    await asyncio.gather(supervisor, return_exceptions=True)  # no restart once stopping starts
     print("prism up: stopping", file=sys.stderr, flush=True)
     return 0
+
+
+def _warn(message: str) -> None:
+    print(f"prism up: warning: {message}", file=sys.stderr, flush=True)
 
 
 def run_until_signal(options: Any, body: Any) -> int:
@@ -200,17 +206,6 @@ def fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
-async def _watch_children(stack: Any, stopped: asyncio.Event) -> None:
-    """Report a child that dies while serving (the rest keeps running)."""
-    reported: set[str] = set()
-    while not stopped.is_set():
-        for child in stack.children():
-            if child.name not in reported and (failure := child.failure()) is not None:
-                reported.add(child.name)
-                print(f"prism up: warning: {failure}", file=sys.stderr, flush=True)
-        await asyncio.sleep(0.5)
-
-
 def describe(stack: Any) -> str:
     """What is running and how to send a request."""
     opts = stack.options
@@ -233,6 +228,6 @@ def describe(stack: Any) -> str:
         f"  raw NATS: request subject prism.v1.infer.{first} with "
         '{"prompt": "Hello", "max_tokens": 16}  (MQTT: topic prism/v1/infer/' + first + ' plus "client_id")',
         f"logs: {opts.run_dir}/   (stack.json lists URLs and pids)",
-        "Ctrl-C stops everything.",
+        "a child that dies is restarted; Ctrl-C stops everything.",
     ]
     return "\n".join(lines)

@@ -67,13 +67,14 @@ def launcher(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Pope
         yield process, run_dir, url
 
 
-def wait_for_line(process: subprocess.Popen[str], marker: str, timeout_s: float) -> list[str]:
-    assert process.stdout is not None
+def wait_for_line(process: subprocess.Popen[str], marker: str, timeout_s: float, stream: str = "stdout") -> list[str]:
+    pipe = process.stdout if stream == "stdout" else process.stderr
+    assert pipe is not None
     deadline = time.monotonic() + timeout_s
     lines: list[str] = []
-    os.set_blocking(process.stdout.fileno(), False)
+    os.set_blocking(pipe.fileno(), False)
     while time.monotonic() < deadline:
-        line = process.stdout.readline()
+        line = pipe.readline()
         if line:
             lines.append(line)
             if marker in line:
@@ -143,6 +144,16 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     assert "16 experts, every one held by a live host" in text
     assert "node0: gating up" in text
     assert "host node1-h0 (cpu): 8 experts" in text
+
+    # A host that dies is restarted with the experts the plan gives it, and its node answers as before
+    os.kill(pids["host-node1-h0"], signal.SIGKILL)
+    wait_for_line(process, "host-node1-h0 restarted", 60, stream="stderr")
+    restarted = json.loads((run_dir / "stack.json").read_text())["pids"]
+    assert restarted["host-node1-h0"] != pids["host-node1-h0"]
+    again = subprocess.run([*PRISM, "infer", "--url", url, *calls["node1"]], capture_output=True, text=True,
+                           cwd=REPO, timeout=60, check=True)
+    assert json.loads(again.stdout)["token_ids"] == answers[1]["token_ids"]
+    pids = restarted
 
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
