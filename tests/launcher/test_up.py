@@ -348,3 +348,26 @@ def test_the_demo_model_is_found_from_any_directory(tmp_path: Path, monkeypatch:
         model = build_parser().parse_args(argv).model
         assert Path(model).is_absolute(), argv
         assert (Path(model) / "config.json").is_file(), argv
+
+
+async def test_a_child_that_keeps_failing_is_restarted_five_times_then_left(tiny_model: Path, tmp_path: Path) -> None:
+    from cli.main import build_parser
+    from cli.stack import RESTARTS_PER_MINUTE, Child, LocalStack
+    from cli.up import build_options
+
+    args = build_parser().parse_args(["up", "--nodes", "1", "--model", str(tiny_model), "--run-dir", str(tmp_path)])
+    stack = LocalStack(build_options(args))
+    flaky = Child("flaky", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "flaky.log")
+    stack.services = [flaky]
+    await flaky.start()
+    reports: list[str] = []
+    supervisor = asyncio.create_task(stack.supervise(reports.append, poll_s=0.05))
+    try:
+        async with asyncio.timeout(60):
+            while "flaky" not in stack.given_up:  # noqa: ASYNC110 - the supervisor runs real processes
+                await asyncio.sleep(0.05)
+    finally:
+        supervisor.cancel()
+    assert sum("restarted" in r for r in reports) == RESTARTS_PER_MINUTE == 5
+    assert sum("exited with code 3" in r for r in reports) == RESTARTS_PER_MINUTE + 1
+    assert reports[-1] == "flaky failed 6 times within a minute; it stays stopped"
