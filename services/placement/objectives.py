@@ -27,9 +27,8 @@ Pure numpy; nothing here imports nats.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import get_args
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -57,34 +56,18 @@ def busiest_host_calls(freq: np.ndarray, placement: Placement, cluster: Cluster)
     return float(load.max(axis=0).sum())
 
 
-@dataclass(frozen=True)
-class _Rule:
-    unit: str
-    cost: Callable[[np.ndarray, Placement, Cluster, CoActivation | None, Workload], float]
-    per_replica: Callable[[float, Workload], float]  # (migration_cost_calls, workload) -> T_mig per replica
-    min_gain: Callable[[Workload], float] = lambda wl: 0.0
+Measure = Literal["remote calls", "busiest host calls", "latency", "layout"]
 
-
-def _calls(cost: Callable[[np.ndarray, Placement, Cluster], float]) -> _Rule:
-    return _Rule("calls", lambda f, p, c, coact, wl: cost(f, p, c), lambda calls, wl: calls)
-
-
-_LATENCY = _Rule(
-    "s/step",
-    lambda f, p, c, coact, wl: expected_latency(p, c, f, coact, wl),
-    lambda calls, wl: wl.migration_cost_s,
-    lambda wl: wl.min_gain,
-)
-
-RULES: dict[PolicyName, _Rule] = {
-    "prism": _calls(proxy_objective),
-    "optimal": _calls(proxy_objective),
-    "eplb": _calls(busiest_host_calls),
-    "redundance": _calls(proxy_objective),
-    "latency": _LATENCY,
+MEASURES: dict[PolicyName, Measure] = {
+    "prism": "remote calls",
+    "optimal": "remote calls",
+    "redundance": "remote calls",
+    "eplb": "busiest host calls",
+    "latency": "latency",
+    "uniform": "layout",
 }
-if set(RULES) | {"uniform"} != set(get_args(PolicyName)):  # a new policy must say what it minimises
-    raise ImportError(f"no migration rule for {sorted(set(get_args(PolicyName)) - set(RULES) - {'uniform'})}")
+if set(MEASURES) != set(get_args(PolicyName)):  # a new policy must say what it minimises
+    raise ImportError(f"no measure for {sorted(set(get_args(PolicyName)) - set(MEASURES))}")
 
 
 def judge(
@@ -99,12 +82,16 @@ def judge(
     migration_cost_calls: float,
 ) -> Verdict:
     """Whether moving from `current` to `proposed` pays, in the measure `policy` minimises."""
-    if policy == "uniform":
+    measure = MEASURES[policy]
+    if measure == "layout":
         away = float(np.sum(current.hosts ^ proposed.hosts))
         return Verdict(away > 0, away, 0.0, "replicas")
     added = int(np.sum(proposed.hosts & ~current.hosts))
-    rule = RULES[policy]
-    before = rule.cost(freq, current, cluster, coact, workload)
-    t_mig = added * rule.per_replica(migration_cost_calls, workload)
-    after = rule.cost(freq, proposed, cluster, coact, workload) + t_mig
-    return Verdict(after < before * (1.0 - rule.min_gain(workload)), before, after, rule.unit)
+    if measure == "latency":  # seconds per decode step; loading is spread over the window's steps
+        before = expected_latency(current, cluster, freq, coact, workload)
+        after = expected_latency(proposed, cluster, freq, coact, workload) + added * workload.migration_cost_s
+        return Verdict(after < before * (1.0 - workload.min_gain), before, after, "s/step")
+    cost = proxy_objective if measure == "remote calls" else busiest_host_calls
+    before = cost(freq, current, cluster)
+    after = cost(freq, proposed, cluster) + added * migration_cost_calls
+    return Verdict(after < before, before, after, "calls")
