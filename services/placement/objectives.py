@@ -1,8 +1,8 @@
 """What each policy minimises, so that the migration rule judges a proposal by the policy's own measure.
 
-The published rule (README, Placement): move to P' only when C(P') + T_mig < C(P). One measure for every policy
-would overrule the policy: `eplb` spreads load and pays remote calls for it, so under the
-remote-call proxy none of its re-plans would ever pass, and `prism` would never pass a pure load
+The published rule (README, Placement): move to P' only when C(P') + T_mig < C(P). One measure for
+every policy would overrule the policy: `eplb` spreads load and pays remote calls for it, so under
+the remote-call proxy none of its re-plans would ever pass, and `prism` would never pass a pure load
 measure. Here C is the cost the policy itself minimises, over the statistics window, and T_mig is
 charged in the same unit:
 
