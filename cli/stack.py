@@ -450,9 +450,6 @@ class LocalStack:
 
     # ---- reporting ------------------------------------------------------------------------------
 
-    def children(self) -> list[Child]:
-        return self._all()
-
     def _write_manifest(self, *, ready: bool) -> None:
         """`<run_dir>/stack.json`: URLs, pids and placement, for tools and tests (rewritten when ready)."""
         data = {

@@ -91,8 +91,6 @@ def check_size(payload: bytes, headers: dict[str, str] | None, max_payload: int)
         raise PayloadTooLarge(
             f"message of {size} bytes (payload {len(payload)} + headers) exceeds the server's "
             f"max_payload of {max_payload} bytes; send fewer tokens per message",
-            size=size,
-            max_payload=max_payload,
         )
 
 

@@ -11,15 +11,19 @@ from typing import Any, ClassVar
 
 
 class PrismError(Exception):
-    """Base of all errors Prism reports to a caller. Extra keyword fields are kept for logging."""
+    """Base of all errors Prism reports to a caller. Every subclass, wherever it is defined, is
+    registered under its code, so that `error_from_headers` rebuilds it."""
 
     code: ClassVar[str] = "internal"
     status: ClassVar[int] = 500
 
-    def __init__(self, message: str, **fields: Any) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _BY_CODE.setdefault(cls.code, cls)  # the first class of a code (InvalidJSON's parent is BadRequest)
+
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        self.fields = fields
 
     def to_dict(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
@@ -33,6 +37,7 @@ class PrismError(Exception):
         return {ERROR_HEADER: f"{self.code}: {self.message}"[:1024], ERROR_CODE_HEADER: str(self.status)}
 
 
+_BY_CODE: dict[str, type[PrismError]] = {"internal": PrismError}
 ERROR_HEADER = "Nats-Service-Error"
 ERROR_CODE_HEADER = "Nats-Service-Error-Code"
 
@@ -112,13 +117,3 @@ class OverBudget(PrismError):
     status = 507
 
 
-_BY_CODE: dict[str, type[PrismError]] = {}
-
-
-def _index(cls: type[PrismError]) -> None:
-    _BY_CODE.setdefault(cls.code, cls)
-    for sub in cls.__subclasses__():
-        _index(sub)
-
-
-_index(PrismError)

@@ -7,6 +7,9 @@ so a corrupt or foreign object is an error, never a silently wrong expert.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+
 import torch
 from nats.js.api import ObjectMeta, ObjectMetaOptions
 from nats.js.errors import NotFoundError, ObjectNotFoundError
@@ -55,13 +58,14 @@ def expert_from_bytes(data: bytes, hidden_size: int, name: str) -> ExpertWeights
 async def upload_expert(
     store: ObjectStore, model: str, key: tuple[int, int], weights: ExpertWeights, *, chunk_bytes: int = CHUNK_BYTES
 ) -> bool:
-    """Put one expert unless an object of the same name and bytes exists; True when uploaded. Each chunk
-    is one message: `chunk_bytes` must fit the server's max_payload (see `chunk_bytes_for`)."""
+    """Put one expert unless an object of the same name and bytes exists (same SHA-256: a retrained model
+    has experts of the same size); True when uploaded. Each chunk is one message: `chunk_bytes` must fit
+    the server's max_payload (see `chunk_bytes_for`)."""
     name = object_name(model, *key)
     data = expert_bytes(weights)
     try:
         info = await store.get_info(name)
-        if info.size == len(data):
+        if info.digest == _digest(data):
             return False
     except (ObjectNotFoundError, NotFoundError):
         pass
@@ -86,3 +90,8 @@ async def fetch_expert(
     if result.data is None:
         raise WeightsError(f"object {name} is empty")
     return expert_from_bytes(result.data, hidden_size, name).to(dtype=dtype, device=device)
+
+
+def _digest(data: bytes) -> str:
+    """The digest nats-py's object store records for `data` (ObjectInfo.digest)."""
+    return "SHA-256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).decode()

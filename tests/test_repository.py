@@ -59,7 +59,9 @@ def test_ci_runs_the_readme_test_command() -> None:
 def test_cli_policy_choices_match_the_registry() -> None:
     from typing import get_args
 
+    from cli.sim import ALL_POLICIES
     from cli.up import POLICY_NAMES
     from services.placement.types import PolicyName
 
     assert set(POLICY_NAMES) == set(get_args(PolicyName))
+    assert set(ALL_POLICIES.split(",")) == set(get_args(PolicyName))

@@ -14,7 +14,8 @@ Subjects:
 
 Failure behaviour: a bad envelope, wrong hidden size or dtype, or an expert this host does not hold is
 answered with an error reply (Nats-Service-Error headers + JSON body) and the host keeps serving.
-Expert compute runs on a worker thread so heartbeats and pings keep flowing. `stop()` unsubscribes,
+Batches of more than `inline_max_tokens` rows run on a worker thread so heartbeats and pings keep
+flowing; smaller ones (a thread hop costs more than their math) run inline. `stop()` unsubscribes,
 then waits (bounded) for in-flight batches to be answered.
 """
 

@@ -135,10 +135,12 @@ class RemoteExperts:
                     break
                 except NoRespondersError:
                     if loop.time() + NO_RESPONDERS_RETRY_S >= deadline:
-                        return ExpertUnavailable(f"{name}: no host holds it (no responders for {self.timeout_s:g} s)")
+                        return ExpertUnavailable(
+                            f"{name}: no host holds it (no responders within the layer's {self.timeout_s:g} s)"
+                        )
                     await asyncio.sleep(NO_RESPONDERS_RETRY_S)
         except (NatsTimeoutError, TimeoutError):
-            return ExpertUnavailable(f"{name}: no answer within {self.timeout_s:g} s")
+            return ExpertUnavailable(f"{name}: no answer within the layer's {self.timeout_s:g} s")
         except PrismError as err:
             return ExpertUnavailable(f"{name}: {err.message}")
         return _parse_reply(msg.headers, msg.data, hidden, name)

@@ -2,8 +2,10 @@
 
 The engine owns the dense model, its slot-based KV cache and the sampler. It knows nothing of NATS:
 routed experts are an async callable (`ExpertsFn`), so the same engine runs against remote hosts in
-the service and against in-process experts in tests. Model compute runs on one worker thread (the
-generator of `forward_steps` is resumed there) so the event loop stays free for intake and replies.
+the service and against in-process experts in tests. A step of more than `inline_max_tokens` tokens
+runs its model compute on one worker thread (the generator of `forward_steps` is resumed there) so the
+event loop stays free for intake and replies; smaller steps, most decode steps, run inline, where a
+thread hop would cost more than the compute.
 
 A sequence whose expert failed is finished with that error after the step; the others in the same
 step are unaffected (attention is per sequence, experts are per token), and its tokens are left out of

@@ -214,6 +214,9 @@ class Gating:
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
+        status, self._status = self._status, None  # kept until the engine stops: draining requests route by it
+        if status:
+            await status.unsubscribe()
         self.engine.abort(ShuttingDown(f"node {self.settings.node} is shutting down; retry on another node"))
         await self._wait_for_replies(REPLY_GRACE_S)  # the error replies go out
         self.engine.close()

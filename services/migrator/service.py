@@ -119,6 +119,11 @@ class Migrator:
             log.warning("migration_failed", epoch=epoch, error=str(err), steps_done=len(done))
             await self._announce(epoch, ok=False, steps=len(done), error=str(err))
             return False
+        except Exception as exc:  # a lost hub connection, a host's malformed status: still say it failed
+            log.exception("migration_failed", epoch=epoch, steps_done=len(done))
+            with contextlib.suppress(Exception):  # the connection may be what failed
+                await self._announce(epoch, ok=False, steps=len(done), error=f"internal: {type(exc).__name__}")
+            return False
         self.applied_epoch = epoch
         log.info("plan_applied", epoch=epoch, steps=len(done))
         await self._announce(epoch, ok=True, steps=len(done), error=None)

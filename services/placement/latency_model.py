@@ -226,10 +226,3 @@ def expected_latency(
     workload defaults to batch 1 everywhere. The placement must cover every expert.
     """
     return LatencyModel(cluster, freq, coact, workload).cost(placement)
-
-
-def migration_replicas(new_view: np.ndarray, current_view: np.ndarray | None) -> int:
-    """Replicas a node must load to go from current_view to new_view (both [N, L, E] bool)."""
-    if current_view is None:
-        return 0
-    return int(np.count_nonzero(new_view & ~current_view))

@@ -12,7 +12,8 @@ Subjects and stores:
 A plan is computed at start (once hosts are known), every `plan_interval_s`, and at once on a detected
 shift; it is published only when the migration rule accepts it, in the measure the policy minimises
 (objectives.judge), or as it is when the plan in place was made by another policy. Reports from
-unknown nodes or with the wrong shape are logged and dropped; a failing policy keeps the current plan.
+unknown nodes or with the wrong shape are dropped (logged once per node); a round that fails keeps the
+current plan and the next round plans again.
 KV writes from a leaf get "no responders" (measured with nats-server 2.10+), so this service connects to the
 hub.
 """
@@ -53,6 +54,13 @@ log = structlog.get_logger()
 COACT_SAMPLES = 1024  # tokens per node drawn from the counts for the latency model
 
 
+class PlanFailed(PrismError):
+    """No plan fits the live hosts (a replan command's answer)."""
+
+    code = "plan_failed"
+    status = 409
+
+
 @dataclass(frozen=True)
 class ModelShape:
     name: str
@@ -76,13 +84,13 @@ class PlacementService:
         self.stats = RoutingStats(len(self.nodes), len(model.moe_layers), model.num_experts, model.top_k)
         self.policy = get_policy(settings.policy)
         self.plan: dict[str, Any] | None = None
-        self.published = 0
         self._seen: dict[str, tuple[HostStatus, float]] = {}
         self._started = time.monotonic()
         self._published_at = self._started  # a plan found in KV at start counts as just published
         self._failed_epoch = 0  # the last epoch the migrator reported as not applied
         self._replan = asyncio.Event()
         self._planning = asyncio.Lock()
+        self._dropped_from: set[str] = set()  # nodes whose reports were dropped (logged once each)
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
         self._micro: Service | None = None
@@ -105,6 +113,7 @@ class PlacementService:
         try:
             report = ActivationReport.decode(msg.data)
             if report.node not in self.nodes or report.layers != self.model.moe_layers:
+                self._drop_once(report.node, f"not a node of {self.nodes} with MoE layers {self.model.moe_layers}")
                 return
             event = self.stats.add_counts(self.nodes.index(report.node), report.counts, int(report.tokens.max()))
         except (PrismError, PlacementError) as err:
@@ -113,6 +122,12 @@ class PlacementService:
         if event is not None:
             log.info("workload_shift", node=report.node, distance=round(event.distance, 3))
             self._replan.set()
+
+    def _drop_once(self, node: str, why: str) -> None:
+        """Log the first report dropped from `node` (a misconfigured node reports every few seconds)."""
+        if node not in self._dropped_from:
+            self._dropped_from.add(node)
+            log.warning("activation_reports_dropped", node=node, error=why)
 
     async def _on_status(self, msg: Msg) -> None:
         try:
@@ -148,10 +163,17 @@ class PlacementService:
             published = await self.plan_once()
             body = {"epoch": (self.plan or {}).get("epoch", 0), "published": published}
             await msg.respond(json.dumps(body).encode())
-        except (BadRequest, PlacementError) as exc:  # InvalidJSON is a BadRequest
-            err = exc if isinstance(exc, BadRequest) else BadRequest(str(exc))
-            if msg.reply:
-                await self.nc.publish(msg.reply, err.body(), headers=err.headers())
+        except BadRequest as err:  # InvalidJSON is a BadRequest
+            await self._reply_error(msg, err)
+        except PlacementError as exc:  # no plan fits the live hosts (e.g. too little memory left)
+            await self._reply_error(msg, PlanFailed(str(exc)))
+        except Exception:
+            log.exception("replan_failed")
+            await self._reply_error(msg, PrismError("the placement service failed to plan; see its log"))
+
+    async def _reply_error(self, msg: Msg, err: PrismError) -> None:
+        if msg.reply:
+            await self.nc.publish(msg.reply, err.body(), headers=err.headers())
 
     def live_hosts(self) -> list[HostStatus]:
         horizon = time.monotonic() - self.settings.host_ttl_s
@@ -167,6 +189,8 @@ class PlacementService:
                 await self.plan_once()
             except PlacementError as err:
                 log.warning("plan_failed", error=str(err))
+            except Exception:  # a KV write while the hub restarts, a policy bug: plan again next round
+                log.exception("plan_failed")
 
     async def plan_once(self) -> bool:
         """Compute a plan and publish it if the migration rule accepts it; True when published."""
@@ -174,29 +198,26 @@ class PlacementService:
             return await self._plan_once()
 
     async def _plan_once(self) -> bool:
-        statuses = self.live_hosts()
+        live = {s.host: s for s in self.live_hosts()}  # one snapshot: a host may expire during the round
         # Nodes with a live host. One without (its hosts lost) still sends requests, but with one
         # link model for every pair of nodes all of its experts are equally remote wherever they sit.
-        serving = [n for n in self.nodes if any(s.node == n for s in statuses)]
+        serving = [n for n in self.nodes if any(s.node == n for s in live.values())]
         if not serving:
             return False
-        link_rate = self.settings.bandwidth_mbit * 1e6 / 8
-        view = cluster_view(statuses, serving, self.model.expert_bytes, self.settings.rtt_ms / 1e3, link_rate)
-        if self._migration_in_flight():
-            log.info("plan_waits_for_migration", epoch=(self.plan or {}).get("epoch"))
+        view = cluster_view(list(live.values()), serving, self.model.expert_bytes, self.settings.rtt_ms / 1e3,
+                            self._link_rate())
+        current = self._current_placement(view, live)
+        if (wait := self._reason_to_wait(view, live, current)) is not None:
+            log.info(wait, epoch=(self.plan or {}).get("epoch"), live=view.hosts)
             return False
         rows = [self.nodes.index(n) for n in serving]
         freq = self.stats.counts()[rows]
-        coact = self._coactivation(rows, freq)
-        current = self._current_placement(view)
-        if current is None and self._plan_hosts_may_still_come(view):
-            log.info("plan_waits_for_hosts", live=view.hosts)
-            return False
-        if current is not None and self.stats.window_tokens().sum() < self.settings.min_window_tokens:
-            return False
-        workload = self._workload(len(serving), link_rate)
+        # Reports carry counts, not top-k sets: sets drawn from them, enough that two draws rate a
+        # placement alike (with the latency model's default of 64 a steady workload moved on noise).
+        coact = CoActivation.independent(freq, self.model.top_k, samples_per_node=COACT_SAMPLES)
+        workload = self._workload(len(serving))
         proposed = self.policy(freq, view.cluster, coact=coact, current=current, workload=workload)
-        if current is not None and self.plan is not None and self.plan.get("policy") == self.settings.policy:
+        if current is not None and (self.plan or {}).get("policy") == self.settings.policy:
             verdict = judge(self.settings.policy, freq, current, proposed, view.cluster, coact=coact,
                             workload=workload, migration_cost_calls=self.settings.migration_cost_calls)
             log.info("plan_accepted" if verdict.accept else "plan_kept", cost=round(verdict.before, 6),
@@ -206,26 +227,30 @@ class PlacementService:
         await self._publish(proposed, view, freq)
         return True
 
-    def _coactivation(self, rows: list[int], freq: np.ndarray) -> CoActivation:
-        """The sampled top-k sets of these nodes. Activation reports carry counts, not sets: then sets
-        drawn from the counts, enough of them that two draws rate a placement alike (with the latency
-        model's default of 64 a steady workload re-planned on sampling noise alone)."""
-        coact = self.stats.coactivation()
-        if not coact.valid[rows].any():
-            return CoActivation.independent(freq, self.model.top_k, samples_per_node=COACT_SAMPLES)
-        return CoActivation(tokens=coact.tokens[rows], sets=coact.sets[rows])
+    def _reason_to_wait(self, view: ClusterView, live: dict[str, HostStatus], current: Any) -> str | None:
+        """Why this round publishes nothing whatever the statistics say (a log event), or None."""
+        if self._migration_in_flight(live):
+            return "plan_waits_for_migration"
+        if current is None and self._plan_hosts_may_still_come(view):
+            return "plan_waits_for_hosts"
+        if current is not None and self.stats.window_tokens().sum() < self.settings.min_window_tokens:
+            return "plan_waits_for_statistics"
+        return None
 
-    def _workload(self, nodes: int, link_rate: float) -> Workload:
+    def _link_rate(self) -> float:
+        return self.settings.bandwidth_mbit * 1e6 / 8
+
+    def _workload(self, nodes: int) -> Workload:
         """The latency model's view of the traffic: batch 1 (the statistics carry no batch sizes), the
         model's hidden state per token, and loading one replica over the link spread over the decode
         steps of the window (the simulator's Replanner charges it the same way)."""
         steps = max(float(self.stats.window_tokens().sum()) / nodes, 1.0)
-        load_s = self.model.expert_bytes / link_rate
+        load_s = self.model.expert_bytes / self._link_rate()
         return Workload.uniform(nodes, bytes_per_token=self.model.hidden_size * self.settings.expert_dtype_bytes,
                                 top_k=self.model.top_k, migration_cost_s=load_s / steps,
                                 min_gain=self.settings.min_gain)
 
-    def _migration_in_flight(self) -> bool:
+    def _migration_in_flight(self, live: dict[str, HostStatus] | None = None) -> bool:
         """The live hosts do not hold the current plan yet (its migration runs), for at most the
         timeout. A host of the plan that is gone is not migrating: the next plan leaves it out."""
         if self.plan is None or "hosts" not in self.plan:
@@ -234,9 +259,9 @@ class PlacementService:
             return False  # the migrator gave up on it: plan again from what the hosts really hold
         if time.monotonic() - self._published_at > self.settings.migration_timeout_s:
             return False  # stuck: plan again from what the hosts really hold
-        statuses = {s.host: s for s in self.live_hosts()}
+        live = live if live is not None else {s.host: s for s in self.live_hosts()}
         for host, keys in self.plan["hosts"].items():
-            status = statuses.get(host)
+            status = live.get(host)
             if status is not None and {(k[0], k[1]) for k in keys} != set(status.experts):
                 return True
         return False
@@ -249,7 +274,7 @@ class PlacementService:
         missing = set(self.plan["hosts"]) - set(view.hosts)
         return bool(missing) and time.monotonic() - self._started < 2 * self.settings.host_ttl_s
 
-    def _current_placement(self, view: ClusterView) -> Any:
+    def _current_placement(self, view: ClusterView, live: dict[str, HostStatus]) -> Any:
         """What the hosts really hold (their heartbeats), when they are the hosts of the current plan
         and hold every expert; else None (a host joined or left: the next plan is published as is).
         Reality, not the last plan, because a migration can fail half-way."""
@@ -257,8 +282,7 @@ class PlacementService:
             return None
         if from_plan_hosts(self.plan["hosts"], view, self.model.moe_layers, self.model.num_experts) is None:
             return None
-        statuses = {s.host: s for s in self.live_hosts()}
-        resident = {host: [list(k) for k in statuses[host].experts] for host in view.hosts}
+        resident = {host: [list(k) for k in live[host].experts] for host in view.hosts}
         return from_plan_hosts(resident, view, self.model.moe_layers, self.model.num_experts, require_coverage=True)
 
     async def _publish(self, placement: Any, view: ClusterView, freq: np.ndarray) -> None:
@@ -273,7 +297,6 @@ class PlacementService:
         }
         await self.plans.put("plan", json.dumps(plan).encode())
         self.plan = plan
-        self.published += 1
         self._published_at = time.monotonic()
         log.info("plan_published", epoch=plan["epoch"], objective=plan["objective"], hosts=len(view.hosts))
 

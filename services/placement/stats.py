@@ -126,7 +126,7 @@ class RoutingStats:
         self.shape = (num_nodes, num_layers, num_experts)
         self.top_k = top_k
         self.nodes = [_NodeWindow(num_layers, num_experts, self.cfg) for _ in range(num_nodes)]
-        self.events: list[ShiftEvent] = []
+        self.events: deque[ShiftEvent] = deque(maxlen=1000)  # the latest shifts (a service runs for months)
 
     def add_tokens(self, node: int, experts: np.ndarray) -> ShiftEvent | None:
         """Add the routing of `node`'s tokens, experts [T, L, K] in arrival order; a ShiftEvent if one

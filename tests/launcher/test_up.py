@@ -150,6 +150,10 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     wait_for_line(process, "host-node1-h0 restarted", 60, stream="stderr")
     restarted = json.loads((run_dir / "stack.json").read_text())["pids"]
     assert restarted["host-node1-h0"] != pids["host-node1-h0"]
+    deadline = time.monotonic() + 60
+    while not any(h["host"] == "node1-h0" for h in json.loads(prism_status(url, "--json", check=True).stdout)["hosts"]):
+        assert time.monotonic() < deadline, "the restarted host never answered"
+        time.sleep(0.5)
     again = subprocess.run([*PRISM, "infer", "--url", url, *calls["node1"]], capture_output=True, text=True,
                            cwd=REPO, timeout=60, check=True)
     assert json.loads(again.stdout)["token_ids"] == answers[1]["token_ids"]

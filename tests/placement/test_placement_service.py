@@ -285,3 +285,36 @@ async def test_planning_rounds_at_once_publish_one_plan_per_epoch(
         published = await asyncio.gather(*(service.plan_once() for _ in range(3)))
         epochs = [json.loads(entry.value)["epoch"] for entry in await service.plans.history("plan")]
         assert sum(published) == len(epochs) == 1, f"epochs published: {epochs}"
+
+
+async def test_a_failing_round_is_answered_and_planning_goes_on(
+    nats_hub: NatsServer, model_dir: Path, unique: str
+) -> None:
+    """Only PlacementError was caught: anything else (a KV write while the hub restarts, a bug in a
+    policy) ended the plan loop for good, silently, and left a replan command without an answer."""
+    nodes = [f"{unique}-a", f"{unique}-b"]
+    async with running_service(nats_hub, model_dir, unique, nodes, plan_interval_s=0.1) as (nc, service):
+        config = load_config(model_dir)
+        layers, E = list_moe_layers(config), config.num_experts
+        slots = len(layers) * E * 5 // 8
+        await send_reports(nc, nodes[0], layers, usage([0, 1], E), n=10, seed=1)
+        await send_reports(nc, nodes[1], layers, usage([2, 3], E), n=10, seed=2)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots)
+        first = await next_plan(service, 0)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots, plan=first)
+        await until_held(service)
+        policy = service.policy
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug in a policy")
+
+        service.policy = broken
+        reply = await nc.request(subjects.PLACEMENT_CMD, b'{"kind": "replan"}', timeout=10)
+        assert json.loads(reply.data)["error"]["code"] == "internal"
+        await asyncio.sleep(0.5)  # several rounds of the loop meet the same bug
+        assert service._loop_task is not None
+        assert not service._loop_task.done()
+        service.policy = policy
+        await send_reports(nc, nodes[0], layers, usage([2, 3], E), n=30, seed=3)  # the nodes swap domains:
+        await send_reports(nc, nodes[1], layers, usage([0, 1], E), n=30, seed=4)  # worth a move
+        assert (await next_plan(service, first["epoch"]))["epoch"] == first["epoch"] + 1

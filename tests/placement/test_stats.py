@@ -31,7 +31,7 @@ def test_steady_workload_never_triggers(preset: str, seed: int) -> None:
     stats = RoutingStats(2, shape.num_layers, shape.num_experts, shape.top_k)
     for n in (0, 1):
         assert _feed(stats, n, t.experts[t.node == n]) == []
-    assert stats.events == []
+    assert not stats.events
 
 
 def test_switch_detected_fast_and_counts_follow_the_new_workload() -> None:

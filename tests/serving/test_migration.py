@@ -201,3 +201,26 @@ async def test_a_host_that_stops_during_a_load_fails_the_epoch_at_once(
     assert asyncio.get_running_loop().time() - started < 10
     await migrator.stop()
     await hub.close()
+
+
+async def test_a_host_answering_garbage_fails_the_epoch_and_says_so(
+    cluster: LocalCluster, mixtral_dir: Path, unique: str
+) -> None:
+    """A host whose status is not a HostStatus (an old or broken build) made `apply` raise past its
+    handler: nothing was announced, and the placement service waited migration_timeout_s (120 s)."""
+    hub, migrator, _ = await migrator_and_host(cluster, mixtral_dir, unique, host_wait_s=10)  # (leaf interest)
+    events = await hub.subscribe(subjects.PLAN_EVENTS)
+    broken = await cluster.connect("a")
+    name = f"{cluster.prefix}-broken"
+
+    async def answer_garbage(msg: nats.aio.msg.Msg) -> None:
+        await msg.respond(b'{"host": 1}')
+
+    await broken.subscribe(subjects.host_cmd(name), cb=answer_garbage)
+    await broken.flush()
+    assert await migrator.apply({"epoch": 1, "hosts": {name: [[1, 0]]}}) is False
+    event = json.loads((await events.next_msg(timeout=10)).data)
+    assert (event["epoch"], event["ok"]) == (1, False)
+    assert event["error"].startswith("internal: ")
+    await broken.close()
+    await hub.close()

@@ -74,3 +74,16 @@ def test_host_commands_that_are_not_json_are_invalid_json_as_everywhere(payload:
     with pytest.raises(error) as raised:
         parse_host_command(payload)
     assert type(raised.value) is error  # invalid_json, not invalid_request, for what is not JSON
+
+
+def test_errors_defined_anywhere_are_rebuilt_from_their_headers() -> None:
+    """Subclasses outside shared/errors.py (weights, workloads, migrator) came back as `internal`."""
+    from services.migrator.service import MigrationFailed
+    from services.placement.service import PlanFailed
+    from shared.errors import error_from_headers
+    from shared.weights import WeightsError
+
+    for cls in (WeightsError, MigrationFailed, PlanFailed, InvalidJSON, BadRequest):
+        rebuilt = error_from_headers(cls("what went wrong").headers())
+        assert type(rebuilt) is cls
+        assert rebuilt.message == "what went wrong"

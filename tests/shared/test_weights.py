@@ -31,3 +31,20 @@ async def test_experts_travel_in_chunks_that_fit_the_server(tmp_path: Path) -> N
     assert torch.equal(back.gate_up, expert.gate_up)
     assert torch.equal(back.down, expert.down)
     assert chunk_bytes_for(8 << 20) == 128 * 1024
+
+
+async def test_a_retrained_expert_of_the_same_size_replaces_the_stored_one(nats_hub: NatsServer, unique: str) -> None:
+    """The store used to be skipped when an object of the same size existed: after retraining (same
+    shapes), hosts kept loading the old weights from a store that persists."""
+    nc = await nats.connect(nats_hub.cfg.client_url())
+    try:
+        store = await nc.jetstream(domain="hub").create_object_store(f"{unique}-weights")
+        old = ExpertWeights(torch.zeros(8, 16), torch.zeros(8, 16), torch.zeros(16, 8))
+        new = ExpertWeights(torch.ones(8, 16), torch.ones(8, 16), torch.ones(16, 8))
+        assert await upload_expert(store, "m", (0, 1), old)
+        assert not await upload_expert(store, "m", (0, 1), old)  # the same bytes: nothing to do
+        assert await upload_expert(store, "m", (0, 1), new)
+        back = await fetch_expert(store, "m", (0, 1), hidden_size=16, dtype=torch.float32, device="cpu")
+    finally:
+        await nc.close()
+    assert torch.equal(back.down, new.down)
