@@ -1,9 +1,15 @@
-"""Argument types the commands share: argparse turns their ArgumentTypeError into a one-line usage error."""
+"""What the commands share on their command lines: argument types (argparse turns their
+ArgumentTypeError into a one-line usage error), the connection flags of the client commands, exit codes."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+
+EXIT_ERROR = 1  # the command ran and failed (an error reply, no server)
+EXIT_USAGE = 2  # as argparse: the command line cannot work
+DEFAULT_URL = "nats://127.0.0.1:4222"
 
 
 def port_number(text: str) -> int:
@@ -41,3 +47,11 @@ def _number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"must be finite, got {text}")
     return value
+
+
+def add_connection_args(p: argparse.ArgumentParser) -> None:
+    """--url (default $PRISM_URL, else the local hub), --user, --password: shared by the client commands."""
+    p.add_argument("--url", default=os.environ.get("PRISM_URL", DEFAULT_URL),
+                   help=f"NATS URL (default $PRISM_URL, else {DEFAULT_URL})")
+    p.add_argument("--user", help="NATS user, where the server requires credentials")
+    p.add_argument("--password", help="NATS password")

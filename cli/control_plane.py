@@ -4,12 +4,15 @@ reads back from them (the current plan)."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.topology import DTYPE_BYTES, pairwise_links
 
+if TYPE_CHECKING:  # cli.stack imports this module
+    from cli.stack import StackOptions
 
-def control_plane_env(opts: Any) -> tuple[dict[str, str], dict[str, str]]:
+
+def control_plane_env(opts: StackOptions) -> tuple[dict[str, str], dict[str, str]]:
     """(placement env, migrator env) from StackOptions; the slowest node pair stands for every link."""
     rtt_s, rate_bytes_s = pairwise_links(opts.topology)
     rtt_ms = 1000 * max(max(row) for row in rtt_s)

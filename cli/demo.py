@@ -22,9 +22,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli.up import add_stack_arguments, build_options, fail, run_until_signal
+
+if TYPE_CHECKING:
+    from cli.client import PrismClient
+    from cli.stack import LocalStack
 
 DEMO_TOPOLOGY = Path(__file__).resolve().parent.parent / "topologies" / "demo.toml"
 BUILTIN_PROMPTS: dict[str, list[str]] = {
@@ -105,7 +109,7 @@ def pick_prompts(nodes: list[str], per_node: int) -> dict[str, tuple[str, list[s
     return out
 
 
-async def _demo(stack: Any, stopped: asyncio.Event, args: argparse.Namespace) -> int:
+async def _demo(stack: LocalStack, stopped: asyncio.Event, args: argparse.Namespace) -> int:
     """Round 1 on the static placement; ask the placement service to re-plan from what round 1
     activated; once the migrator has moved the experts, round 2 with the same prompts."""
     from cli.client import PrismClient
@@ -139,7 +143,11 @@ class Round:
 
 
 async def _round(
-    client: Any, stack: Any, prompts: dict[str, tuple[str, list[str]]], max_tokens: int, stopped: asyncio.Event
+    client: PrismClient,
+    stack: LocalStack,
+    prompts: dict[str, tuple[str, list[str]]],
+    max_tokens: int,
+    stopped: asyncio.Event,
 ) -> Round:
     """Every node in turn, its prompts in flight together; activation reports tallied meanwhile."""
     from shared import subjects

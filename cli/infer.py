@@ -13,15 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import Any
 
-from cli.args import positive
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-DEFAULT_URL = "nats://127.0.0.1:4222"
+from cli.args import EXIT_ERROR, EXIT_USAGE, add_connection_args, positive
 
 
 def register(subparsers: Any) -> None:
@@ -38,14 +33,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--timeout", type=positive, default=60.0,
                    help="seconds to wait for the reply / each token (default 60)")
     p.set_defaults(func=handler)
-
-
-def add_connection_args(p: argparse.ArgumentParser) -> None:
-    """--url (default $PRISM_URL, else the local hub), --user, --password: shared by the client commands."""
-    p.add_argument("--url", default=os.environ.get("PRISM_URL", DEFAULT_URL),
-                   help=f"NATS URL (default $PRISM_URL, else {DEFAULT_URL})")
-    p.add_argument("--user", help="NATS user, where the server requires credentials")
-    p.add_argument("--password", help="NATS password")
 
 
 def build_request(args: argparse.Namespace) -> dict[str, Any]:

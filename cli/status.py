@@ -17,9 +17,8 @@ import json
 import sys
 from typing import Any
 
-from cli.args import positive
+from cli.args import EXIT_ERROR, add_connection_args, positive
 from cli.control_plane import read_plan
-from cli.infer import EXIT_ERROR, add_connection_args
 
 HOST_SERVICE = "prism-expert-host"
 

@@ -19,11 +19,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cli import DEMO_MODEL
 from cli.args import non_negative, port_number, positive
+
+if TYPE_CHECKING:  # imported in the handlers: the CLI starts without nats and torch
+    from cli.stack import LocalStack, StackOptions
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -68,7 +72,7 @@ SHAPE_FLAGS = {"hosts_per_node": "--hosts-per-node", "memory_mb": "--memory-mb",
                "rate_mbit": "--rate-mbit"}
 
 
-def build_options(args: argparse.Namespace, **overrides: Any) -> Any:
+def build_options(args: argparse.Namespace, **overrides: Any) -> StackOptions:
     """StackOptions from the parsed flags; raises TopologyError on a bad topology, or on flags that
     describe nodes next to a topology file (which describes them itself)."""
     from cli.stack import StackOptions
@@ -136,7 +140,7 @@ def handler(args: argparse.Namespace) -> int:
     return run_until_signal(options, serve_forever)
 
 
-async def serve_forever(stack: Any, stopped: asyncio.Event) -> int:
+async def serve_forever(stack: LocalStack, stopped: asyncio.Event) -> int:
     print(describe(stack), flush=True)
     supervisor = asyncio.create_task(stack.supervise(_warn))
     await stopped.wait()
@@ -150,7 +154,7 @@ def _warn(message: str) -> None:
     print(f"prism up: warning: {message}", file=sys.stderr, flush=True)
 
 
-def run_until_signal(options: Any, body: Any) -> int:
+def run_until_signal(options: StackOptions, body: Callable[[LocalStack, asyncio.Event], Awaitable[int]]) -> int:
     """Start the stack, run `body(stack, stopped)` and stop the stack; SIGINT/SIGTERM end it early."""
     from cli.stack import LocalStack, StackError
     from shared.runtime import run
@@ -206,7 +210,7 @@ def fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
-def describe(stack: Any) -> str:
+def describe(stack: LocalStack) -> str:
     """What is running and how to send a request."""
     opts = stack.options
     first = opts.topology.nodes[0].name
