@@ -40,6 +40,19 @@ def test_pure_logic_does_not_import_nats(path: Path) -> None:
     assert not {name for name in imports_of(path) if name == "nats" or name.startswith("nats.")}
 
 
+# The layers, lowest first: a module may import its own layer and those below, never one above.
+LAYERS = {"shared": 0, "services": 1, "cli": 2}
+
+
+@pytest.mark.parametrize("path", [p for pkg in LAYERS for p in (ROOT / pkg).rglob("*.py")],
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_imports_point_down_the_layers(path: Path) -> None:
+    """shared/ is what every service imports, so it imports no service; services import no CLI."""
+    own = LAYERS[path.relative_to(ROOT).parts[0]]
+    above = {name for name in imports_of(path) if LAYERS.get(name.split(".")[0], -1) > own}
+    assert not above
+
+
 def test_git_holds_no_generated_or_large_files() -> None:
     files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
     generated = [f for f in files if any(part in f for part in ("__pycache__", ".venv/", ".egg-info", "/var/"))]

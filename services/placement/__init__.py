@@ -1,4 +1,5 @@
-"""Expert placement: which host holds which routed experts (pure logic; never imports nats).
+"""Expert placement: which host holds which routed experts. Everything here but `service.py` (the NATS
+service) is pure logic and never imports nats.
 
 `types` holds the shared data types and the proxy objective, `policies` the registry of policies.
 """

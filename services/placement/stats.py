@@ -1,8 +1,10 @@
 """Activation statistics for placement: sliding windows of counts per (node, layer, expert), a sample of
 top-k sets for co-activation, and workload-shift detection. Pure numpy; nothing here imports nats.
 
-Each node's tokens are cut into chunks of about `chunk_tokens` tokens. The window is the last
-`window_chunks` chunks (a sliding window). After every chunk, the last `short_chunks` chunks (short
+Each node's tokens are cut into chunks of about `chunk_tokens` tokens: token by token in the simulator
+(`add_tokens`); in the service a gating's activation report is added whole (`add_counts`), so a
+report of at least `chunk_tokens` tokens is one chunk and the windows below count reports. The window
+is the last `window_chunks` chunks (a sliding window). After every chunk, the last `short_chunks` chunks (short
 window) are compared with the earlier chunks of the window (reference) by total variation, mean over
 layers. Sampling noise alone makes that distance ≈ sqrt(2/π)·½·Σ_e sqrt(p_e(1-p_e)(1/n_s + 1/n_r))
 (n = expert selections); a shift is declared when the distance exceeds `noise_factor` times that plus
