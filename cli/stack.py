@@ -30,7 +30,6 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -404,25 +403,40 @@ class LocalStack:
             await asyncio.sleep(poll_s)
 
     async def _restart(self, child: Child) -> None:
-        """Start `child` again; an expert host with the experts of the current plan, so that it serves
-        what the other services expect of it (its first experts may have moved since)."""
+        """Start `child` again; an expert host with the experts it last reported holding (its first
+        ones may have moved since). Not the current plan's: during a migration that would drop experts
+        whose new holders have not loaded them yet. The migrator resends the command it lost."""
         host = child.name.removeprefix("host-") if child.name.startswith("host-") else None
         if host is not None and child.env is not None:
-            plan = await self._current_plan()
-            if plan is not None and host in plan["hosts"]:
-                keys = [(int(k[0]), int(k[1])) for k in plan["hosts"][host]]
+            keys = await self._last_held(host)
+            if keys is not None:
                 child.env = {**child.env, "PRISM_HOST_EXPERTS": _format_experts(keys)}
         await child.start()
 
-    async def _current_plan(self) -> dict[str, Any] | None:
+    async def _last_held(self, host: str) -> list[tuple[int, int]] | None:
+        """The experts of the host's last heartbeat (KV prism_hosts, kept host_ttl_s), else of the
+        current plan; None when the hub cannot tell (the host restarts as it first started)."""
         import nats
 
+        from shared import subjects
+        from shared.schemas import HostStatus
+
+        async def quiet(_: Exception) -> None:  # the hub may be restarting too: no traceback on stderr
+            pass
+
         try:
-            nc = await nats.connect(self.hub_url, max_reconnect_attempts=0, connect_timeout=2)
-        except Exception:  # the hub itself is down: restart the host as it started
+            nc = await nats.connect(self.hub_url, max_reconnect_attempts=0, connect_timeout=2, error_cb=quiet)
+        except Exception:  # the hub itself is down
             return None
         try:
-            return await read_plan(nc)
+            with contextlib.suppress(Exception):  # no bucket, no key (expired), or a malformed status
+                kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_HOSTS)
+                entry = await kv.get(host)
+                return [(int(k[0]), int(k[1])) for k in HostStatus.model_validate_json(entry.value or b"").experts]
+            plan = await read_plan(nc)
+            if plan is not None and host in plan["hosts"]:
+                return [(int(k[0]), int(k[1])) for k in plan["hosts"][host]]
+            return None
         finally:
             await nc.close()
 
@@ -456,7 +470,7 @@ class LocalStack:
             "ready": ready,
             "hub_url": self.hub_url,
             "leaf_urls": self.leaf_urls,
-            "pids": {child.name: child.pid for child in self._all()},
+            "pids": {child.name: child.pid if child.returncode is None else None for child in self._all()},
             "placement": {host: [list(k) for k in keys] for host, keys in self.placement.items()},
             "max_payload": self.max_payload,
         }

@@ -152,6 +152,7 @@ class HostStatus(Message):
     errors: int
     messages_served: int = Field(0, description="data messages answered")
     busy_s: float = Field(0.0, description="seconds spent answering them, from decoding to the reply's send")
+    instance: str = Field("", max_length=64, description="random id of the host process: changes on a restart")
 
 
 class StatusCommand(Message):

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,7 @@ class ExpertHost:
     ) -> None:
         self.nc = nc
         self.store = store
+        self.instance = uuid.uuid4().hex[:12]  # a restarted host is a new instance (the migrator retries)
         self.model_id = settings.model_id or settings.model.name
         self.settings = settings
         self.weights = weights
@@ -294,6 +296,7 @@ class ExpertHost:
             errors=self.counters.errors,
             messages_served=self.counters.messages,
             busy_s=self.counters.busy_s,
+            instance=self.instance,
         )
 
     def _stats_data(self, endpoint: EndpointStats) -> dict[str, object]:

@@ -55,6 +55,10 @@ class HostAbsent(MigrationFailed):
     """No host of that name is subscribed (not started yet, or gone)."""
 
 
+class HostRestarted(Exception):
+    """A new process of the host beats while a command to the old one is unanswered: it was lost."""
+
+
 class Migrator:
     def __init__(self, nc: NatsClient, plans: KeyValue, store: ObjectStore, settings: MigratorSettings) -> None:
         self.nc = nc
@@ -68,6 +72,7 @@ class Migrator:
         self._micro: Service | None = None
         self._heartbeats: Subscription | None = None
         self._last_beat: dict[str, float] = {}  # host -> when its last status heartbeat came
+        self._instance: dict[str, str] = {}  # host -> the process that sent it (HostStatus.instance)
 
     async def start(self) -> None:
         await self.upload_weights()
@@ -160,18 +165,33 @@ class Migrator:
     async def _on_heartbeat(self, msg: Msg) -> None:
         host = msg.subject.split(".")[-2]  # prism.v1.host.<host>.status
         self._last_beat[host] = time.monotonic()
+        with contextlib.suppress(ValueError, AttributeError):  # not JSON or not an object: time only
+            self._instance[host] = str(json.loads(msg.data).get("instance", ""))
 
     async def _command(self, host: str, command: dict[str, Any]) -> HostStatus:
         """One command, answered or failed: within command_timeout_s, and sooner when the host stops
-        beating while it works (a host killed during a load would hold the epoch for the whole timeout)."""
+        beating while it works (a host killed during a load would hold the epoch for the whole timeout).
+        A host restarted meanwhile (`prism up` does that) lost the command: it is sent again, once; loads
+        and unloads are idempotent."""
+        for attempt in (1, 2):
+            try:
+                return await self._command_once(host, command)
+            except HostRestarted:
+                log.info("host_restarted_during_command", host=host, kind=command["kind"], attempt=attempt)
+        raise MigrationFailed(f"host {host} restarted twice during {command['kind']}")
+
+    async def _command_once(self, host: str, command: dict[str, Any]) -> HostStatus:
         payload, kind = json.dumps(command).encode(), command["kind"]
         timeout_s = self.settings.command_timeout_s
+        sent_to = self._instance.get(host)
         request = asyncio.ensure_future(self.nc.request(subjects.host_cmd(host), payload, timeout=timeout_s))
         try:
             while not (await asyncio.wait([request], timeout=HOST_POLL_S))[0]:
                 if self._stopped_beating(host):
                     silent_s = time.monotonic() - self._last_beat[host]
                     raise HostAbsent(f"host {host} stopped during {kind} (no heartbeat for {silent_s:.0f} s)")
+                if sent_to and self._instance.get(host, sent_to) != sent_to:
+                    raise HostRestarted(host)
             msg = request.result()
         except NoRespondersError:
             raise HostAbsent(f"host {host} did not answer {kind} (no such host is up)") from None

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from cli.client import Final, PrismClient
-from shared.nats_server import free_port
+from shared.nats_server import NatsServer, free_port
 
 PRISM = [sys.executable, "-c", "from cli.main import main; main()"]
 START_TIMEOUT_S = 150
@@ -375,3 +375,31 @@ async def test_a_child_that_keeps_failing_is_restarted_five_times_then_left(tiny
     assert sum("restarted" in r for r in reports) == RESTARTS_PER_MINUTE == 5
     assert sum("exited with code 3" in r for r in reports) == RESTARTS_PER_MINUTE + 1
     assert reports[-1] == "flaky failed 6 times within a minute; it stays stopped"
+
+
+async def test_a_restarted_host_gets_the_experts_it_last_reported(
+    nats_hub: NatsServer, tiny_model: Path, tmp_path: Path, unique: str
+) -> None:
+    """Not the current plan's: killed during a migration, the host would drop experts whose new
+    holders had not loaded them yet (both nodes failed every request for the 60 s command timeout)."""
+    import nats as nats_client
+
+    from cli.main import build_parser
+    from cli.stack import LocalStack
+    from cli.up import build_options
+    from shared import subjects
+    from shared.schemas import HostStatus
+
+    args = build_parser().parse_args(["up", "--nodes", "1", "--model", str(tiny_model), "--run-dir", str(tmp_path)])
+    stack = LocalStack(build_options(args))
+    stack.hub_url = nats_hub.cfg.client_url()
+    status = HostStatus(host=f"{unique}-h", node="n", device="cpu", memory_used_bytes=0, memory_limit_bytes=1,
+                        experts=[(0, 3), (2, 5)], queue_depth=0, batches_served=0, tokens_served=0, errors=0)
+    nc = await nats_client.connect(stack.hub_url)
+    try:
+        kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).create_key_value(bucket=subjects.KV_HOSTS, ttl=30)
+        await kv.put(status.host, status.model_dump_json().encode())
+    finally:
+        await nc.close()
+    assert await stack._last_held(status.host) == [(0, 3), (2, 5)]
+    assert await stack._last_held(f"{unique}-unknown") is None

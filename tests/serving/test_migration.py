@@ -224,3 +224,56 @@ async def test_a_host_answering_garbage_fails_the_epoch_and_says_so(
     assert event["error"].startswith("internal: ")
     await broken.close()
     await hub.close()
+
+
+async def test_a_command_lost_with_a_restarted_host_is_sent_again(
+    cluster: LocalCluster, mixtral_dir: Path, unique: str
+) -> None:
+    """`prism up` restarts a host killed during a load within a few seconds, so its heartbeats hardly
+    pause: the migrator waited command_timeout_s (60 s) for the lost command while experts were held
+    nowhere. A new instance in the heartbeats now means the command is sent again."""
+    from shared.schemas import HostStatus
+
+    hub, migrator, _ = await migrator_and_host(cluster, mixtral_dir, unique, host_wait_s=10)
+    migrator = await build(hub, migrator.settings.model_copy(update={"command_timeout_s": 60, "host_ttl_s": 5}))
+    await migrator.start()
+    name = f"{cluster.prefix}-phoenix"
+
+    def status(instance: str, experts: list[tuple[int, int]]) -> bytes:
+        return HostStatus(host=name, node=cluster.node("a"), device="cpu", memory_used_bytes=0,
+                          memory_limit_bytes=2**30, experts=experts, queue_depth=0, batches_served=0,
+                          tokens_served=0, errors=0, instance=instance).model_dump_json().encode()
+
+    old, new = await cluster.connect("a"), await cluster.connect("a")
+    loads: list[str] = []
+
+    async def dies_during_load(msg: nats.aio.msg.Msg) -> None:
+        if json.loads(msg.data)["kind"] == "status":
+            await msg.respond(status("old", []))
+        else:
+            loads.append("old")  # ... and never answers: killed
+
+    async def answers(msg: nats.aio.msg.Msg) -> None:
+        command = json.loads(msg.data)
+        if command["kind"] == "load":
+            loads.append("new")
+        await msg.respond(status("new", [tuple(k) for k in command.get("experts", [])]))
+
+    sub = await old.subscribe(subjects.host_cmd(name), cb=dies_during_load)
+    await old.publish(subjects.host_status(name), status("old", []))
+    await old.flush()
+    applying = asyncio.create_task(migrator.apply({"epoch": 1, "hosts": {name: [[1, 0]]}}))
+    async with asyncio.timeout(15):
+        while loads != ["old"]:  # noqa: ASYNC110 - real messages
+            await asyncio.sleep(0.05)
+    await sub.unsubscribe()  # the old process is gone; the new one beats at once
+    await new.subscribe(subjects.host_cmd(name), cb=answers)
+    await new.publish(subjects.host_status(name), status("new", []))
+    await new.flush()
+    started = asyncio.get_running_loop().time()
+    assert await asyncio.wait_for(applying, 30) is True
+    assert asyncio.get_running_loop().time() - started < 10
+    assert loads == ["old", "new"]
+    await migrator.stop()
+    for nc in (old, new, hub):
+        await nc.close()
