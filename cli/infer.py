@@ -60,13 +60,7 @@ def handler(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"prism infer: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    codes: list[int] = []
-
-    async def main() -> None:
-        codes.append(await infer(args, request))
-
-    run(main)
-    return codes[0]
+    return run(lambda: infer(args, request))
 
 
 async def infer(args: argparse.Namespace, request: dict[str, Any]) -> int:

@@ -34,13 +34,7 @@ def register(subparsers: Any) -> None:
 def handler(args: argparse.Namespace) -> int:
     from shared.runtime import run
 
-    codes: list[int] = []
-
-    async def main() -> None:
-        codes.append(await status(args))
-
-    run(main)
-    return codes[0]
+    return run(lambda: status(args))
 
 
 async def status(args: argparse.Namespace) -> int:

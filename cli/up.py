@@ -159,26 +159,23 @@ def run_until_signal(options: StackOptions, body: Callable[[LocalStack, asyncio.
     from cli.stack import LocalStack, StackError
     from shared.runtime import run
 
-    result: list[int] = []
-
-    async def main() -> None:
+    async def main() -> int:
         stopped = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopped.set)
         try:
-            await start_run_stop(stopped)
+            return await start_run_stop(stopped)
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
-    async def start_run_stop(stopped: asyncio.Event) -> None:
+    async def start_run_stop(stopped: asyncio.Event) -> int:
         stack = LocalStack(options)
         try:
             stack.prepare()  # a bad model or a taken port: say so before "starting"
         except StackError as exc:
-            result.append(fail(str(exc)))
-            return
+            return fail(str(exc))
         print(f"prism: starting; logs in {options.run_dir}/", file=sys.stderr, flush=True)
         starting = asyncio.create_task(stack.start())
         interrupted = asyncio.create_task(stopped.wait())
@@ -186,23 +183,20 @@ def run_until_signal(options: StackOptions, body: Callable[[LocalStack, asyncio.
         if not starting.done():
             starting.cancel()  # start() stops what it started
             await asyncio.gather(starting, return_exceptions=True)
-            result.append(fail("interrupted while starting; everything is stopped", EXIT_INTERRUPTED))
-            return
+            return fail("interrupted while starting; everything is stopped", EXIT_INTERRUPTED)
         interrupted.cancel()
         try:
             starting.result()
         except StackError as exc:
-            result.append(fail(str(exc)))
-            return
+            return fail(str(exc))
         for var in sorted(stack.ignored_env):
             print(f"prism: warning: {var} from the environment is not used: prism up sets it", file=sys.stderr)
         try:
-            result.append(await body(stack, stopped))
+            return await body(stack, stopped)
         finally:
             await stack.stop()
 
-    run(main)
-    return result[0] if result else EXIT_FAILED
+    return run(main)
 
 
 def fail(message: str, code: int = EXIT_FAILED) -> int:

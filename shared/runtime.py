@@ -19,6 +19,7 @@ from shared.errors import PrismError
 from shared.settings import ServiceSettings, from_cli
 
 S = TypeVar("S", bound=ServiceSettings)
+T = TypeVar("T")
 
 log = structlog.get_logger()
 
@@ -69,14 +70,13 @@ def stop_event() -> asyncio.Event:
     return event
 
 
-def run(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run `main()` on uvloop where available, else asyncio."""
+def run(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run `main()` on uvloop where available, else asyncio; its result."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is pinned on every supported platform
-        asyncio.run(main())
-        return
-    uvloop.run(main())
+        return asyncio.run(main())
+    return uvloop.run(main())
 
 
 async def serve_until_stopped(start: Awaitable[None], stop: Callable[[], Awaitable[None]], nc: NatsClient) -> None:
