@@ -26,7 +26,7 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 
-GATING_SERVICE = "prism-gating"
+GATING_SERVICE = "prism-gating"  # (shared.subjects.SERVICE_GATING; this client imports nothing of Prism)
 
 
 def infer_subject(node: str) -> str:

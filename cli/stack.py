@@ -36,6 +36,7 @@ from nats.errors import TimeoutError as NatsTimeoutError
 
 from cli.client import InferError, PrismClient
 from cli.control_plane import control_plane_env, read_plan, write_initial_plan
+from shared import subjects
 from shared.linkemu import LinkEmulator
 from shared.nats_server import LeafRemote, NatsServerError, ServerConfig, find_binary, free_port, port_is_free
 from shared.nats_server import render_config as render_nats_config
@@ -340,7 +341,7 @@ class LocalStack:
                 want = len(self.placement[host.name])
                 probe = functools.partial(self._host_ready, client, host.name, want)
                 await self._until_ready(f"host {host.name} of {node.name}", self._all(), probe)
-            for service in ("prism-migrator", "prism-placement"):  # weights uploaded, statistics listening
+            for service in (subjects.SERVICE_MIGRATOR, subjects.SERVICE_PLACEMENT):  # weights up, statistics on
                 probe = functools.partial(_service_answers, client, service)
                 await self._until_ready(service, self._all(), probe)
             for node in self.options.topology.nodes:
@@ -350,7 +351,6 @@ class LocalStack:
             await client.close()
 
     async def _host_ready(self, client: PrismClient, host: str, want: int) -> bool:
-        from shared import subjects
 
         try:
             msg = await client.nc.request(subjects.host_cmd(host), b'{"kind": "status"}', timeout=1.0)
@@ -418,7 +418,6 @@ class LocalStack:
         current plan; None when the hub cannot tell (the host restarts as it first started)."""
         import nats
 
-        from shared import subjects
         from shared.schemas import HostStatus
 
         async def quiet(_: Exception) -> None:  # the hub may be restarting too: no traceback on stderr

@@ -19,8 +19,9 @@ from typing import Any
 
 from cli.args import EXIT_ERROR, add_connection_args, positive
 from cli.control_plane import read_plan
+from shared import subjects
 
-HOST_SERVICE = "prism-expert-host"
+HOST_SERVICE = subjects.SERVICE_HOST
 
 
 def register(subparsers: Any) -> None:
@@ -91,14 +92,16 @@ def host_status(stats: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def render(services: list[dict[str, Any]], hosts: list[dict[str, Any]]) -> list[str]:
-    gatings = sorted(s.get("metadata", {}).get("node", "?") for s in services if s.get("name") == "prism-gating")
+    gatings = sorted(
+        s.get("metadata", {}).get("node", "?") for s in services if s.get("name") == subjects.SERVICE_GATING
+    )
     lines = []
     for node in sorted({*gatings, *(h["node"] for h in hosts)}):
         lines.append(f"{node}: gating {'up' if node in gatings else 'NOT ANSWERING'}")
         lines.extend(f"  {host_line(h)}" for h in hosts if h["node"] == node)
     others: dict[str, int] = {}
     for s in services:
-        if s.get("name") not in ("prism-gating", HOST_SERVICE):
+        if s.get("name") not in (subjects.SERVICE_GATING, HOST_SERVICE):
             others[str(s.get("name"))] = others.get(str(s.get("name")), 0) + 1
     if others:
         lines.append("services: " + ", ".join(f"{name} ×{n}" for name, n in sorted(others.items())))

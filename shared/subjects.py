@@ -14,6 +14,12 @@ ROOT = f"prism.{VERSION}"
 EXPERT_QUEUE = "prism-experts"
 """Queue group of every expert subscription: NATS picks one holder, preferring the local leaf."""
 
+# nats.micro service names: `$SRV.PING|INFO|STATS.<name>` finds them (prism status, prism up's readiness)
+SERVICE_GATING = "prism-gating"
+SERVICE_HOST = "prism-expert-host"
+SERVICE_PLACEMENT = "prism-placement"
+SERVICE_MIGRATOR = "prism-migrator"
+
 KV_PLACEMENT = "prism_placement"
 KV_HOSTS = "prism_hosts"
 OBJECT_WEIGHTS = "prism_weights"

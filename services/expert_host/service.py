@@ -48,7 +48,7 @@ from shared.schemas import HostStatus, LoadCommand, StatusCommand, UnloadCommand
 from shared.weights import fetch_expert
 
 log = structlog.get_logger()
-SERVICE_NAME = "prism-expert-host"
+SERVICE_NAME = subjects.SERVICE_HOST
 
 
 @dataclass

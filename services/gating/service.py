@@ -51,7 +51,7 @@ from shared.schemas import (
 )
 
 log = structlog.get_logger()
-SERVICE_NAME = "prism-gating"
+SERVICE_NAME = subjects.SERVICE_GATING
 REPLY_GRACE_S = 1.0  # for the error replies of requests still running when the drain ends
 
 

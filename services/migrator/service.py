@@ -78,7 +78,7 @@ class Migrator:
         await self.upload_weights()
         self._heartbeats = await self.nc.subscribe(subjects.ALL_HOST_STATUS, cb=self._on_heartbeat)
         self._watch = asyncio.create_task(self._watch_plans(), name="watch-plans")
-        self._micro = await announce(self.nc, "prism-migrator", {"model": self.model_id})
+        self._micro = await announce(self.nc, subjects.SERVICE_MIGRATOR, {"model": self.model_id})
 
     async def upload_weights(self) -> int:
         """Put every expert of the model into the store (skipping those already there)."""

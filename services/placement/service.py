@@ -106,7 +106,7 @@ class PlacementService:
             await self.nc.subscribe(subjects.PLAN_EVENTS, cb=self._on_plan_event),
         ]
         self._loop_task = asyncio.create_task(self._plan_loop(), name="plan-loop")
-        self._micro = await announce(self.nc, "prism-placement", {"policy": self.settings.policy})
+        self._micro = await announce(self.nc, subjects.SERVICE_PLACEMENT, {"policy": self.settings.policy})
         log.info("placement_started", nodes=self.nodes, policy=self.settings.policy)
 
     async def _on_activations(self, msg: Msg) -> None:
