@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 
 EXIT_ERROR = 1  # the command ran and failed (an error reply, no server)
 EXIT_USAGE = 2  # as argparse: the command line cannot work
@@ -29,6 +30,18 @@ def positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
+
+
+def at_least(low: float) -> Callable[[str], float]:
+    """A finite number >= `low` for argparse."""
+
+    def check(text: str) -> float:
+        value = _number(text)
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low:g}, got {text}")
+        return value
+
+    return check
 
 
 def non_negative(text: str) -> float:

@@ -320,7 +320,7 @@ class LocalStack:
             f"{prefix}LOG_FORMAT": "json",
             **own,
         }
-        self.ignored_env |= {key for key, value in wiring.items() if os.environ.get(key, value) != value}
+        self.ignored_env |= {key for key, value in wiring.items() if _overridden(key, value)}
         env = {
             **os.environ,
             "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
@@ -474,6 +474,16 @@ class LocalStack:
             "max_payload": self.max_payload,
         }
         (self.run_dir / "stack.json").write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _overridden(var: str, value: str) -> bool:
+    """The environment sets `var` to something else than `value` ("3" and "3.0" are the same number)."""
+    given = os.environ.get(var)
+    if given is None or given == value:
+        return False
+    with contextlib.suppress(ValueError):
+        return float(given) != float(value)
+    return True
 
 
 def _format_experts(keys: list[tuple[int, int]]) -> str:

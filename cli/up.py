@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli import DEMO_MODEL
-from cli.args import non_negative, port_number, positive
+from cli.args import at_least, non_negative, port_number, positive
 
 if TYPE_CHECKING:  # imported in the handlers: the CLI starts without nats and torch
     from cli.stack import LocalStack, StackOptions
@@ -64,7 +64,8 @@ def add_stack_arguments(
     p.add_argument("--ready-timeout", type=positive, default=180.0, help="seconds to wait for every node (default 180)")
     p.add_argument("--policy", default="prism", choices=POLICY_NAMES, help="placement policy (default prism)")
     if not demo:  # the demo re-plans once, when round 1 is done
-        p.add_argument("--plan-interval", type=positive, default=10.0, help="seconds between re-plans (default 10)")
+        p.add_argument("--plan-interval", type=at_least(0.1), default=10.0,
+                       help="seconds between re-plans, at least 0.1 (default 10)")
     p.set_defaults(default_nodes=nodes, default_hosts=hosts, default_delay_ms=delay_ms)
 
 
@@ -110,23 +111,30 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> StackOptions:
 
 # Gating settings that the launcher also needs (max_payload is sized for the context): read here, so
 # that `PRISM_GATING_MAX_CONTEXT=2048 prism up` works as it would for the service alone.
-GATING_ENV = {"max_context": ("PRISM_GATING_MAX_CONTEXT", int),
-              "expert_timeout_s": ("PRISM_GATING_EXPERT_TIMEOUT_S", float),
-              "activation_interval_s": ("PRISM_GATING_ACTIVATION_INTERVAL_S", float)}
+GATING_ENV = ("max_context", "expert_timeout_s", "activation_interval_s")
 
 
 def gating_settings_from_env() -> dict[str, Any]:
-    """StackOptions fields from PRISM_GATING_* variables that are set; TopologyError names a bad one
-    (the gating checks the bounds)."""
+    """StackOptions fields from the PRISM_GATING_* variables that are set, checked against the gating's
+    own bounds before anything starts; TopologyError names a bad one."""
+    from typing import Annotated
+
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    from services.gating.settings import GatingSettings
     from shared.topology import TopologyError
 
     found: dict[str, Any] = {}
-    for field, (var, kind) in GATING_ENV.items():
-        if var in os.environ:
-            try:
-                found[field] = kind(os.environ[var])
-            except ValueError:
-                raise TopologyError(f"{var}={os.environ[var]!r} is not a {kind.__name__}") from None
+    for name in GATING_ENV:
+        var = f"PRISM_GATING_{name.upper()}"
+        if var not in os.environ:
+            continue
+        field = GatingSettings.model_fields[name]
+        kind = Annotated[field.annotation, *field.metadata]  # type: ignore[name-defined]
+        try:
+            found[name] = TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False)).validate_python(os.environ[var])
+        except ValidationError as exc:
+            raise TopologyError(f"{var}={os.environ[var]!r}: {exc.errors()[0]['msg']}") from None
     return found
 
 

@@ -98,11 +98,18 @@ def load_json(payload: bytes, what: str = "request") -> Any:
         raise InvalidJSON(f"{what} is not valid JSON: {str(exc)[:200]}") from None
 
 
+def json_type(value: Any) -> str:
+    """The JSON name of a decoded value's type (what a client sent, not Python's name for it)."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
 def parse_request(payload: bytes) -> InferRequest:
     """Decode and validate a request, raising BadRequest/InvalidJSON with a readable message."""
     data = load_json(payload)
     if not isinstance(data, dict):
-        raise BadRequest(f"request must be a JSON object, got {type(data).__name__}")  # valid JSON, wrong shape
+        raise BadRequest(f"request must be a JSON object, got {json_type(data)}")  # valid JSON, wrong shape
     try:
         return InferRequest.model_validate(data)
     except ValidationError as exc:

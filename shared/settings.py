@@ -14,7 +14,8 @@ S = TypeVar("S", bound="ServiceSettings")
 
 
 class ServiceSettings(BaseSettings):
-    model_config = SettingsConfigDict(frozen=True, extra="forbid", cli_kebab_case=True)
+    # allow_inf_nan: a NaN timeout would fail its bounds with a message about the bound, not the NaN
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", cli_kebab_case=True, allow_inf_nan=False)
 
     nats_url: str = Field("nats://127.0.0.1:4222", description="NATS server the service connects to")
     nats_user: str | None = Field(None, description="user name, where the server requires credentials")

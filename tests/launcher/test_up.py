@@ -239,7 +239,8 @@ def test_taken_port_is_a_clear_error(tiny_model: Path, tmp_path: Path, capsys: p
         (["--port", "70000"], "argument --port: a port is 0-65535, got 70000"),
         (["--mqtt-port", "-1"], "argument --mqtt-port: a port is 0-65535, got -1"),
         (["--http-port", "http"], "argument --http-port: not a port number: 'http'"),
-        (["--plan-interval", "0"], "argument --plan-interval: must be > 0, got 0"),
+        (["--plan-interval", "0"], "argument --plan-interval: must be >= 0.1, got 0"),
+        (["--plan-interval", "1e-9"], "argument --plan-interval: must be >= 0.1, got 1e-9"),
         (["--memory-mb", "-1"], "argument --memory-mb: must be > 0, got -1"),
         (["--delay-ms", "nan"], "argument --delay-ms: must be finite, got nan"),
         (["--rate-mbit", "0"], "argument --rate-mbit: must be > 0, got 0"),
@@ -274,23 +275,24 @@ def test_service_settings_come_from_the_environment_except_the_wiring(
     from cli.stack import LocalStack
     from cli.up import build_options
 
-    for var, value in {"PRISM_GATING_MAX_CONTEXT": "2048", "PRISM_GATING_EXPERT_TIMEOUT_S": "0.5",
+    for var, value in {"PRISM_GATING_MAX_CONTEXT": "2048", "PRISM_GATING_EXPERT_TIMEOUT_S": "3",
                        "PRISM_GATING_MAX_BATCH": "3", "PRISM_GATING_LOG_LEVEL": "debug",
                        "PRISM_GATING_NODE": "elsewhere"}.items():
         monkeypatch.setenv(var, value)
     args = build_parser().parse_args(["up", "--nodes", "1", "--model", str(tiny_model), "--run-dir", str(tmp_path)])
     stack = LocalStack(build_options(args))
-    assert (stack.options.max_context, stack.options.expert_timeout_s) == (2048, 0.5)
+    assert (stack.options.max_context, stack.options.expert_timeout_s) == (2048, 3.0)
     stack.prepare()
     stack.leaf_urls = {"node0": "nats://127.0.0.1:1"}
     gating = stack._service("gating-node0", "services.gating", "PRISM_GATING_", "node0",
-                            {"PRISM_GATING_NODE": "node0", "PRISM_GATING_MAX_CONTEXT": "2048"})
+                            {"PRISM_GATING_NODE": "node0", "PRISM_GATING_MAX_CONTEXT": "2048",
+                             "PRISM_GATING_EXPERT_TIMEOUT_S": str(stack.options.expert_timeout_s)})
     assert gating.env is not None
     assert gating.env["PRISM_GATING_MAX_BATCH"] == "3"
     assert gating.env["PRISM_GATING_LOG_LEVEL"] == "debug"
     assert gating.env["PRISM_GATING_MAX_CONTEXT"] == "2048"
     assert gating.env["PRISM_GATING_NODE"] == "node0"
-    assert stack.ignored_env == {"PRISM_GATING_NODE"}
+    assert stack.ignored_env == {"PRISM_GATING_NODE"}  # "3" and "3.0" are the same timeout
     assert stack.max_payload >= 2 * 2048 * 64 * 4  # sized for the context from the environment
 
 
@@ -403,3 +405,23 @@ async def test_a_restarted_host_gets_the_experts_it_last_reported(
         await nc.close()
     assert await stack._last_held(status.host) == [(0, 3), (2, 5)]
     assert await stack._last_held(f"{unique}-unknown") is None
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("PRISM_GATING_MAX_CONTEXT=4", "Input should be greater than or equal to 8"),
+        ("PRISM_GATING_EXPERT_TIMEOUT_S=nan", "Input should be a finite number"),
+        ("PRISM_GATING_MAX_CONTEXT=abc", "Input should be a valid integer"),
+    ],
+)
+def test_gating_settings_from_the_environment_are_checked_before_anything_starts(
+    assignment: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They used to start the hub, the leaves and the hosts, and then fail in the gating."""
+    var, value = assignment.split("=")
+    monkeypatch.setenv(var, value)
+    run_dir = tmp_path / "run"
+    code, err = prism_in_process(capsys, "up", "--run-dir", str(run_dir), *ports())
+    assert_clean_failure(code, err, f"{var}={value!r}: {message}", run_dir)
+    assert not run_dir.exists()
