@@ -122,7 +122,7 @@ def parse_topology(data: Any, source: str = "topology") -> Topology:
     """
     if not isinstance(data, dict):
         raise TopologyError(f"{source}: expected a table/object with 'nodes', got {type(data).__name__}")
-    if _is_placement_format(data):
+    if is_placement_format(data):
         data = _from_placement_format(data, source)
     try:
         return Topology.model_validate(data)
@@ -132,16 +132,23 @@ def parse_topology(data: Any, source: str = "topology") -> Topology:
 
 _PLACEMENT_TOP_KEYS = {"expert_mb", "link_defaults", "links", "nodes"}
 _PLACEMENT_HOST_KEYS = {"slots", "memory_gb", "speed"}
+_LAUNCHER_HOST_KEYS = {"name", "memory_mb", "device"}  # keys only this format's hosts have
 PLACEMENT_DEFAULT_RTT_MS = 4.0
 PLACEMENT_DEFAULT_RATE_MBIT = 500.0
 
 
-def _is_placement_format(data: dict[str, Any]) -> bool:
+def is_placement_format(data: Any) -> bool:
+    """Whether decoded `data` is in `prism place`'s own format rather than this one, told by keys only
+    one of them has (both readers use this, so a file means the same to `prism up` and `prism place`)."""
+    if not isinstance(data, dict):
+        return False
     if {"expert_mb", "link_defaults", "links"} & data.keys():
         return True
-    nodes = data.get("nodes")
-    hosts = [h for n in nodes if isinstance(n, dict) for h in n.get("hosts") or []] if isinstance(nodes, list) else []
-    return any(isinstance(h, dict) and "name" not in h and _PLACEMENT_HOST_KEYS & h.keys() for h in hosts)
+    nodes = [n for n in data["nodes"] if isinstance(n, dict)] if isinstance(data.get("nodes"), list) else []
+    hosts = [h for n in nodes if isinstance(n.get("hosts"), list) for h in n["hosts"] if isinstance(h, dict)]
+    if "dtype" in data or any("link" in n for n in nodes) or any(_LAUNCHER_HOST_KEYS & h.keys() for h in hosts):
+        return False
+    return any(_PLACEMENT_HOST_KEYS & h.keys() for h in hosts)
 
 
 def _from_placement_format(data: dict[str, Any], source: str) -> dict[str, Any]:

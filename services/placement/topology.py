@@ -24,12 +24,12 @@ Format (TOML shown; JSON has the same structure, chosen by the file suffix `.jso
 Defaults when a file gives no link values: the published testbed's 4 ms and 500 Mbit/s. Unknown keys
 are errors (a typo should not silently become a default). Nodes are indexed in file order.
 
-`load_topology` also reads the `prism up` format (shared/topology.py, the files under topologies/),
-recognised by keys this format lacks (a top-level `dtype`, a node's `link`, a host's `name`,
-`memory_mb` or `device`). Its hosts are sized as `prism up` sizes them (shared.topology.host_slots:
-floor(memory_mb MiB / one expert of a model at the file's dtype), so it needs a model directory;
-every node reaches the others through the hub, so rtt(a, b) = 2 × (delay_a + delay_b) and the
-bandwidth is the slower of the two links (shared.topology.pairwise_links).
+`load_topology` also reads the `prism up` format (shared/topology.py, the files under topologies/);
+`shared.topology.is_placement_format` tells the two apart for both readers. A `prism up` file's hosts
+are sized as `prism up` sizes them (shared.topology.host_slots: floor(memory_mb MiB / one expert of a
+model at the file's dtype), so it needs a model directory; every node reaches the others through the
+hub, so rtt(a, b) = 2 × (delay_a + delay_b) and the bandwidth is the slower of the two links
+(shared.topology.pairwise_links).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from shared.topology import (
     Topology,
     TopologyError,
     host_slots,
+    is_placement_format,
     pairwise_links,
     parse_topology,
     read_document,
@@ -55,7 +56,6 @@ _TOP_KEYS = {"expert_mb", "link_defaults", "nodes", "links"}
 _NODE_KEYS = {"name", "hosts"}
 _HOST_KEYS = {"slots", "memory_gb", "speed"}
 _LINK_KEYS = {"nodes", "rtt_ms", "rate_mbit"}
-_LAUNCHER_HOST_KEYS = {"name", "memory_mb", "device"}  # keys only a `prism up` host has
 
 
 def _check_keys(table: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -154,7 +154,7 @@ def load_topology(path: str | Path, model: str | Path | None = None) -> tuple[Cl
     `prism up` one; `model` (a checkpoint directory) sizes the hosts of the latter."""
     try:
         doc = read_document(path)
-        topology = parse_topology(doc, str(path)) if is_launcher_format(doc) else None
+        topology = None if is_placement_format(doc) else parse_topology(doc, str(path))
     except TopologyError as e:
         raise InvalidInputError(str(e)) from None
     if topology is None:
@@ -162,16 +162,6 @@ def load_topology(path: str | Path, model: str | Path | None = None) -> tuple[Cl
     if model is None:
         raise InvalidInputError(f"{path} is a `prism up` topology: sizing its hosts needs a model directory")
     return cluster_from_launcher(topology, expert_bytes(model, topology.dtype))
-
-
-def is_launcher_format(doc: Any) -> bool:
-    """Whether `doc` is a `prism up` topology: it has a key this module's format does not accept."""
-    if not isinstance(doc, dict):
-        return False
-    nodes = doc.get("nodes")
-    nodes = [n for n in nodes if isinstance(n, dict)] if isinstance(nodes, list) else []
-    hosts = [h for n in nodes if isinstance(n.get("hosts"), list) for h in n["hosts"] if isinstance(h, dict)]
-    return "dtype" in doc or any("link" in n for n in nodes) or any(_LAUNCHER_HOST_KEYS & h.keys() for h in hosts)
 
 
 def cluster_from_launcher(topology: Topology, expert_nbytes: int) -> tuple[Cluster, list[str]]:

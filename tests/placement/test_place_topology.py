@@ -12,7 +12,8 @@ import pytest
 
 from cli import DEMO_MODEL
 from services.placement.errors import InvalidInputError
-from services.placement.topology import expert_bytes, is_launcher_format, load_topology
+from services.placement.topology import expert_bytes, load_topology
+from shared.topology import is_placement_format
 
 ROOT = Path(__file__).resolve().parents[2]
 MIB = 2**20
@@ -82,20 +83,20 @@ hosts = [{ name = "c0", memory_mb = 1 }]
 
 
 @pytest.mark.parametrize(
-    ("doc", "launcher"),
+    ("doc", "placement"),
     [
-        ({"dtype": "float32", "nodes": []}, True),
-        ({"nodes": [{"name": "a", "link": {}, "hosts": [{"slots": 1}]}]}, True),
-        ({"nodes": [{"hosts": [{"name": "h", "slots": 1}]}]}, True),
-        ({"nodes": [{"hosts": [{"memory_mb": 1}]}]}, True),
-        ({"nodes": [{"hosts": [{"slots": 1}, {"memory_gb": 1}]}]}, False),
-        ({"expert_mb": 1, "link_defaults": {}, "nodes": [{"name": "a", "hosts": [{"slots": 1}]}]}, False),
+        ({"dtype": "float32", "nodes": []}, False),
+        ({"nodes": [{"name": "a", "link": {}, "hosts": [{"slots": 1}]}]}, False),
+        ({"nodes": [{"hosts": [{"name": "h", "slots": 1}]}]}, False),
+        ({"nodes": [{"hosts": [{"memory_mb": 1}]}]}, False),
+        ({"nodes": [{"hosts": [{"slots": 1}, {"memory_gb": 1}]}]}, True),
+        ({"expert_mb": 1, "link_defaults": {}, "nodes": [{"name": "a", "hosts": [{"slots": 1}]}]}, True),
         ({"nodes": "x"}, False),
         ([], False),
     ],
 )
-def test_format_is_told_by_its_keys(doc: object, launcher: bool) -> None:
-    assert is_launcher_format(doc) is launcher
+def test_format_is_told_by_its_keys(doc: object, placement: bool) -> None:
+    assert is_placement_format(doc) is placement
 
 
 def test_errors_name_the_problem(tmp_path: Path) -> None:
