@@ -318,3 +318,19 @@ async def test_a_failing_round_is_answered_and_planning_goes_on(
         await send_reports(nc, nodes[0], layers, usage([2, 3], E), n=30, seed=3)  # the nodes swap domains:
         await send_reports(nc, nodes[1], layers, usage([0, 1], E), n=30, seed=4)  # worth a move
         assert (await next_plan(service, first["epoch"]))["epoch"] == first["epoch"] + 1
+
+
+async def test_reports_from_an_unknown_node_are_logged_once(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
+    """A typo in PRISM_PLACEMENT_NODES used to mean silence: the service dropped every report and never
+    planned. The first report dropped from a node is a warning; later ones add nothing to the log."""
+    from structlog.testing import capture_logs
+
+    async with running_service(nats_hub, model_dir, unique, [f"{unique}-a"], plan_interval_s=3600) as (nc, service):
+        config = load_config(model_dir)
+        layers, E = list_moe_layers(config), config.num_experts
+        with capture_logs() as logs:
+            await send_reports(nc, f"{unique}-typo", layers, usage([0, 1], E), n=3, seed=1)
+            await send_reports(nc, f"{unique}-a", layers, usage([0, 1], E), n=1, seed=2)
+            await until_counted(service, 64)  # the known node's report came after the others
+        dropped = [e for e in logs if e["event"] == "activation_reports_dropped"]
+        assert [(e["node"], e["log_level"]) for e in dropped] == [(f"{unique}-typo", "warning")]
