@@ -44,12 +44,7 @@ def at_least(low: float) -> Callable[[str], float]:
     return check
 
 
-def non_negative(text: str) -> float:
-    """A finite number >= 0 for argparse."""
-    value = _number(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+non_negative = at_least(0.0)
 
 
 def _number(text: str) -> float:

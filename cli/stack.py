@@ -13,7 +13,7 @@ stops them in order: services, leaves, links, hub) and, on Linux, get SIGTERM if
 Each writes its log to `<run_dir>/<name>.log`. `start()` either returns with every node answering
 a one-token request and every host reporting its experts, or stops what it started and raises
 StackError with one line saying what went wrong. While serving, `supervise()` restarts a child that
-dies: an expert host with the experts the current plan gives it, anything else as it was.
+dies: an expert host with the experts it last reported, anything else as it was.
 """
 
 from __future__ import annotations
@@ -389,7 +389,7 @@ class LocalStack:
             for child in self._all():
                 if child.returncode is None or child.name in self.given_up:
                     continue
-                report(f"{child.failure()}")
+                report(str(child.failure()))
                 now = time.monotonic()
                 recent = [t for t in restarts.get(child.name, []) if now - t < 60.0] + [now]
                 restarts[child.name] = recent

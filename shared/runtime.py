@@ -100,10 +100,12 @@ def run_service(cls: type[S], main: Callable[[S], Coroutine[Any, Any, None]], na
     a start that fails on the model, the experts or the NATS server (exit 1)."""
     from pydantic import ValidationError
 
+    from shared.schemas import describe_validation_error
+
     try:
         settings = from_cli(cls)
     except ValidationError as exc:
-        _exit(2, name, "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        _exit(2, name, describe_validation_error(exc))
     if unknown := unknown_variables(cls):
         _exit(2, name, f"{', '.join(unknown)}: no such setting (see python -m services.{name} --help)")
     try:

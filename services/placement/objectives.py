@@ -32,7 +32,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from services.placement.latency_model import expected_latency
+from services.placement.latency_model import LatencyModel
 from services.placement.types import Cluster, CoActivation, Placement, PolicyName, Workload, proxy_objective
 
 
@@ -88,8 +88,9 @@ def judge(
         return Verdict(away > 0, away, 0.0, "replicas")
     added = int(np.sum(proposed.hosts & ~current.hosts))
     if measure == "latency":  # seconds per decode step; loading is spread over the window's steps
-        before = expected_latency(current, cluster, freq, coact, workload)
-        after = expected_latency(proposed, cluster, freq, coact, workload) + added * workload.migration_cost_s
+        model = LatencyModel(cluster, freq, coact, workload)  # its set-up is the costly part: once
+        before = model.cost(current)
+        after = model.cost(proposed) + added * workload.migration_cost_s
         return Verdict(after < before * (1.0 - workload.min_gain), before, after, "s/step")
     cost = proxy_objective if measure == "remote calls" else busiest_host_calls
     before = cost(freq, current, cluster)
