@@ -63,7 +63,9 @@ class Timings(Message):
     queue_s: float
     prefill_s: float
     decode_s: float
-    expert_wait_s: float
+    expert_wait_s: float = Field(description="in routed-expert calls: local compute plus what remote ones added")
+    local_experts_s: float = Field(0.0, description="computing experts held in the gating's own process")
+    remote_wait_s: float = Field(0.0, description="waiting on remote experts after the local ones were done")
     total_s: float
 
 
@@ -159,6 +161,10 @@ class HostStatus(Message):
     errors: int
     messages_served: int = Field(0, description="data messages answered")
     busy_s: float = Field(0.0, description="seconds spent answering them, from decoding to the reply's send")
+    direct_groups: int = Field(0, description="expert groups computed for its own gating (embedded, no message)")
+    direct_tokens: int = Field(0, description="rows of those groups")
+    direct_s: float = Field(0.0, description="seconds of that compute")
+    embedded: bool = Field(False, description="the host lives in its node's gating process")
     instance: str = Field("", max_length=64, description="random id of the host process: changes on a restart")
 
 

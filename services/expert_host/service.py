@@ -12,10 +12,17 @@ Subjects:
   answers the HostStatus after the change, or an error.
 - `prism.v1.host.<host>.status`: HostStatus heartbeat every `heartbeat_interval_s`.
 
+Embedded: the same component runs inside a gating's process for the experts of the node's own
+devices (`services/gating/service.py` builds it on the gating's connection). There the gating calls
+`compute_direct` on its hidden states (no envelope, no broker); everything else (subscriptions for
+other nodes, commands, heartbeats, the budget, migration) is what a separate host process does.
+
 Failure behaviour: a bad envelope, wrong hidden size or dtype, or an expert this host does not hold is
 answered with an error reply (Nats-Service-Error headers + JSON body) and the host keeps serving.
 Batches of more than `inline_max_tokens` rows run on a worker thread so heartbeats and pings keep
-flowing; smaller ones (a thread hop costs more than their math) run inline. `stop()` unsubscribes,
+flowing; smaller ones (a thread hop costs more than their math) run inline. More than
+`max_pending` batches in flight are refused with `overloaded` (a bounded queue: an embedded host must
+not let other nodes' batches pile up behind its gating's steps). `stop()` unsubscribes,
 then waits (bounded) for in-flight batches to be answered.
 """
 
@@ -42,7 +49,7 @@ from nats.micro.service import EndpointStats, Service, ServiceConfig
 from services.expert_host.settings import ExpertHostSettings
 from shared import subjects
 from shared.codec import decode_tensor, encode_tensor
-from shared.errors import BadRequest, BadTensor, OverBudget, PrismError, ShuttingDown, UnknownExpert
+from shared.errors import BadRequest, BadTensor, OverBudget, Overloaded, PrismError, ShuttingDown, UnknownExpert
 from shared.model.moe import ExpertWeights, expert_forward
 from shared.schemas import HostStatus, LoadCommand, StatusCommand, UnloadCommand, parse_host_command
 from shared.weights import fetch_expert
@@ -58,6 +65,9 @@ class Counters:
     errors: int = 0
     messages: int = 0
     busy_s: float = 0.0  # answering data messages: with the transport's round trip, a layer's wait
+    direct_groups: int = 0  # expert groups computed for the gating of this process (embedded), no message
+    direct_tokens: int = 0
+    direct_s: float = 0.0  # seconds of that compute
     per_expert: dict[str, int] = field(default_factory=dict)
 
 
@@ -71,8 +81,11 @@ class ExpertHost:
         weights: dict[tuple[int, int], ExpertWeights],
         hidden_size: int,
         store: ObjectStore | None = None,
+        *,
+        embedded: bool = False,
     ) -> None:
         self.nc = nc
+        self.embedded = embedded  # lives in a gating's process (its own connection is the gating's)
         self.store = store
         self.instance = uuid.uuid4().hex[:12]  # a restarted host is a new instance (the migrator retries)
         self.model_id = settings.model_id or settings.model.name
@@ -115,7 +128,13 @@ class ExpertHost:
         self._host_batches = await self.nc.subscribe(subjects.host_batch(self.settings.host), cb=self._on_batch)
         await self.nc.flush()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.settings.host}")
-        log.info("expert_host_started", host=self.settings.host, node=self.settings.node, experts=len(self.weights))
+        log.info(
+            "expert_host_started",
+            host=self.settings.host,
+            node=self.settings.node,
+            experts=len(self.weights),
+            embedded=self.embedded,
+        )
 
     async def subscribe(self, key: tuple[int, int]) -> None:
         """Start answering batches for expert `key` (its weights must be resident)."""
@@ -135,6 +154,8 @@ class ExpertHost:
         try:
             if self._stopping:
                 raise ShuttingDown(f"host {self.settings.host} is shutting down")
+            if self._in_flight > self.settings.max_pending:
+                raise Overloaded(f"host {self.settings.host} has {self._in_flight - 1} batches in flight; retry later")
             hidden, meta = self._decode(msg.data)
             if msg.subject == subjects.host_batch(self.settings.host):
                 layer, experts, counts = self._batch_parts(hidden, meta)
@@ -209,6 +230,32 @@ class ExpertHost:
         if hidden.shape[0] <= self.settings.inline_max_tokens:  # a thread hop costs more than the math
             return self._run_experts(weights, parts)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_experts, weights, parts)
+
+    def holds(self, layer: int, expert: int) -> bool:
+        """Whether the weights of (layer, expert) are resident here (loaded, not yet freed)."""
+        return (layer, expert) in self.weights
+
+    async def compute_direct(self, layer: int, experts: list[int], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The embedded path: each expert's output for its rows (`parts`, in the order of `experts`), for
+        the gating of this process. Inline for small groups, on the host's worker thread for big ones
+        (as for a batch from the bus). Raises UnknownExpert for an expert no longer resident."""
+        missing = [e for e in experts if (layer, e) not in self.weights]
+        if missing:
+            raise UnknownExpert(f"host {self.settings.host} does not hold expert {layer}.{missing[0]}")
+        weights = [self.weights[(layer, e)] for e in experts]
+        started = time.perf_counter()
+        rows = sum(p.shape[0] for p in parts)
+        if rows <= self.settings.inline_max_tokens:
+            outs = self._run_each(weights, parts)
+        else:
+            outs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_each, weights, parts)
+        self.counters.direct_groups += len(experts)
+        self.counters.direct_tokens += rows
+        self.counters.direct_s += time.perf_counter() - started
+        return outs
+
+    def _run_each(self, weights: list[ExpertWeights], parts: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self._run_expert(w, x) for w, x in zip(weights, parts, strict=True)]
 
     def _run_experts(self, weights: list[ExpertWeights], parts: list[torch.Tensor]) -> torch.Tensor:
         outs = [self._run_expert(w, x) for w, x in zip(weights, parts, strict=True)]
@@ -296,6 +343,10 @@ class ExpertHost:
             errors=self.counters.errors,
             messages_served=self.counters.messages,
             busy_s=self.counters.busy_s,
+            direct_groups=self.counters.direct_groups,
+            direct_tokens=self.counters.direct_tokens,
+            direct_s=self.counters.direct_s,
+            embedded=self.embedded,
             instance=self.instance,
         )
 

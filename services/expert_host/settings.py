@@ -31,4 +31,7 @@ class ExpertHostSettings(ServiceSettings):
     busy_poll_s: float = Field(
         0.002, ge=0, le=1, description="keep polling this long after a batch instead of sleeping (0: off), seconds"
     )
+    max_pending: int = Field(
+        64, ge=1, le=100_000, description="batches from the bus in flight at once; beyond, 'overloaded'"
+    )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for expert compute")

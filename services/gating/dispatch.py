@@ -1,17 +1,26 @@
-"""Send one MoE call's tokens to the experts, all at once, and combine the answers.
+"""Answer one MoE call's tokens: embedded experts by a direct call, the others over NATS, overlapped.
 
-The call's rows are one expert-sorted block (`Routing`). With a host directory (host heartbeats), the
-rows of all experts one host holds go to that host in one message (`prism.v1.host.<host>.batch`), local
-hosts first. Experts without a known holder, and any a host refuses, go to
+The call's rows are one expert-sorted block (`Routing`). Experts held by an embedded host (an
+`ExpertHost` in this process: the node's own devices) are computed by a direct call on the rows, with
+no envelope and no broker. The rest leave first: with a host directory (host heartbeats), the rows of
+all experts one host holds go to that host in one message (`prism.v1.host.<host>.batch`), local hosts
+first; experts without a known holder, and any a host refuses, go to
 `prism.v1.expert.<layer>.<expert>` (split to fit max_payload), where NATS picks the nearest holder in
-the queue group. Rows that get no answer within `timeout_s`, "no responders", or an error reply mark
-their tokens failed with `expert_unavailable`; the caller decides which requests that fails. One
-deadline covers a whole call: a fallback after a host that timed out gets only what is left of it.
+the queue group. While they are in flight the embedded experts compute, so a layer waits
+max(local compute, slowest remote), not the sum. Rows that get no answer within `timeout_s`, "no
+responders", or an error reply mark their tokens failed with `expert_unavailable`; the caller
+decides which requests that fails. One deadline covers a whole call: a fallback after a host that
+timed out gets only what is left of it.
+
+Counting: a *group* is one expert's rows in one call (what an expert computes at once); a *message*
+is what crosses the bus (a host message carries several groups).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Sequence
 
 import torch
 from nats.aio.client import Client as NatsClient
@@ -19,6 +28,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from torch import Tensor
 
+from services.expert_host.service import ExpertHost
 from services.gating.directory import HostDirectory
 from services.gating.engine import ExpertsResult
 from shared import subjects
@@ -33,8 +43,8 @@ Spans = dict[int, tuple[int, int]]  # expert -> (first row, end row) in the rout
 Answer = Tensor | PrismError
 
 
-class RemoteExperts:
-    """The gating's `ExpertsFn`: routed experts over NATS."""
+class NodeExperts:
+    """The gating's `ExpertsFn`: routed experts in this process where it holds them, else over NATS."""
 
     def __init__(
         self,
@@ -44,40 +54,91 @@ class RemoteExperts:
         max_payload: int,
         counter: ActivationCounter | None = None,
         directory: HostDirectory | None = None,
+        embedded: Sequence[ExpertHost] = (),
     ) -> None:
         self.nc = nc
         self.timeout_s = timeout_s
         self.max_payload = max_payload
         self.counter = counter
         self.directory = directory
-        self.messages = 0
+        self.embedded = list(embedded)
+        self.messages = 0  # data messages sent
+        self.local_groups = 0  # expert groups computed in this process
+        self.remote_groups = 0  # expert groups sent over the bus (a fallback counts again)
 
     async def __call__(self, call: MoECall, live: Tensor) -> ExpertsResult:
-        T = call.hidden.shape[0]
         routing = Routing.of(call.expert_ids, live)
         if self.counter is not None:
             self.counter.add(call.layer, routing.experts, routing.counts, tokens=int(live.sum()))
         rows = routing.rows(call.hidden)
         spans = routing.spans
-        outputs = torch.zeros_like(rows)
-        failed = torch.zeros(T, dtype=torch.bool)
-        error: PrismError | None = None
         deadline = asyncio.get_running_loop().time() + self.timeout_s
-        for experts, answer in await self._answer(call.layer, rows, spans, deadline):
+        local, remote = self._split(call.layer, list(spans))
+        in_flight = asyncio.ensure_future(self._answer(call.layer, rows, spans, remote, deadline)) if remote else None
+        await _let_requests_leave(in_flight is not None)
+        started = time.perf_counter()
+        answers = await self._compute_local(call.layer, local, rows, spans, deadline)
+        local_s = time.perf_counter() - started if local else 0.0
+        if in_flight is not None:
+            answers += await in_flight
+        remote_wait_s = time.perf_counter() - started - local_s
+        return self._combine(call, routing, rows, answers, local_s, remote_wait_s)
+
+    def _split(self, layer: int, experts: list[int]) -> tuple[dict[int, list[int]], list[int]]:
+        """(embedded host index → experts it computes here, experts to ask over the bus)."""
+        local: dict[int, list[int]] = {}
+        remote = []
+        for expert in experts:
+            holder = next((i for i, h in enumerate(self.embedded) if h.holds(layer, expert)), None)
+            if holder is None:
+                remote.append(expert)
+            else:
+                local.setdefault(holder, []).append(expert)
+        return local, remote
+
+    async def _compute_local(
+        self, layer: int, local: dict[int, list[int]], rows: Tensor, spans: Spans, deadline: float
+    ) -> list[tuple[list[int], Answer]]:
+        answers: list[tuple[list[int], Answer]] = []
+        for index, experts in local.items():
+            parts = [rows[slice(*spans[e])] for e in experts]
+            try:
+                outs = await self.embedded[index].compute_direct(layer, experts, parts)
+            except PrismError:  # freed by a migration since the split: its new holder is on the bus
+                answers += await self._answer(layer, rows, spans, experts, deadline)
+                continue
+            self.local_groups += len(experts)
+            answers += [([e], out) for e, out in zip(experts, outs, strict=True)]
+        return answers
+
+    @staticmethod
+    def _combine(  # noqa: PLR0917 - one call's results
+        call: MoECall,
+        routing: Routing,
+        rows: Tensor,
+        answers: list[tuple[list[int], Answer]],
+        local_s: float,
+        remote_wait_s: float,
+    ) -> ExpertsResult:
+        spans = routing.spans
+        outputs = torch.zeros_like(rows)
+        failed = torch.zeros(call.hidden.shape[0], dtype=torch.bool)
+        error: PrismError | None = None
+        for experts, answer in answers:
             if isinstance(answer, PrismError):
                 for expert in experts:
                     failed[routing.token_idx[slice(*spans[expert])]] = True
                 error = error or answer
             else:
                 _place(outputs, answer.to(rows.dtype), experts, spans)
-        return ExpertsResult(combine(call, routing, outputs), failed, error)
+        return ExpertsResult(combine(call, routing, outputs), failed, error, local_s, remote_wait_s)
 
     async def _answer(
-        self, layer: int, rows: Tensor, spans: Spans, deadline: float
+        self, layer: int, rows: Tensor, spans: Spans, experts: list[int], deadline: float
     ) -> list[tuple[list[int], Answer]]:
-        """Every expert's output rows (or error), as (experts, their rows stacked in that order): one
+        """`experts`' output rows (or error), as (experts, their rows stacked in that order): one
         message per known holding host, the rest (and what a host refuses) on the experts' own subjects."""
-        experts = list(spans)
+        self.remote_groups += len(experts)
         by_host, direct = self.directory.route(layer, experts) if self.directory else ({}, experts)
         jobs = [self._via_host(host, layer, held, rows, spans, deadline) for host, held in by_host.items()]
         if direct:
@@ -144,6 +205,15 @@ class RemoteExperts:
         except PrismError as err:
             return ExpertUnavailable(f"{name}: {err.message}")
         return _parse_reply(msg.headers, msg.data, hidden, name)
+
+
+async def _let_requests_leave(remote: bool) -> None:
+    """Yield to the event loop so that what else waits on it runs before local compute: with requests
+    in flight, two turns (the first publishes them into the client's buffer, the second runs its
+    flusher, which writes them to the socket); without, one turn, so that other nodes' batches,
+    heartbeats and intake are served between layers even when every expert is embedded."""
+    for _ in range(2 if remote else 1):
+        await asyncio.sleep(0)
 
 
 def _left(deadline: float) -> float:

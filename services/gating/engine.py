@@ -43,6 +43,22 @@ class ExpertsResult:
     output: Tensor  # [T, D] combined routed output (rows of failed or dead tokens are garbage)
     failed: Tensor  # [T] bool, tokens whose expert did not answer
     error: PrismError | None = None  # why, when any token failed
+    local_s: float = 0.0  # computing experts embedded in this process
+    remote_wait_s: float = 0.0  # waiting on remote experts once the local ones were done
+
+
+@dataclass
+class ExpertTime:
+    """Seconds one step spent in routed-expert calls, and how they split."""
+
+    wait_s: float = 0.0  # the whole calls
+    local_s: float = 0.0  # computing embedded experts
+    remote_wait_s: float = 0.0  # waiting on remote ones after that
+
+    def add(self, wait_s: float, result: ExpertsResult) -> None:
+        self.wait_s += wait_s
+        self.local_s += result.local_s
+        self.remote_wait_s += result.remote_wait_s
 
 
 @dataclass(frozen=True)
@@ -81,6 +97,8 @@ class Sequence:
     first_token: float = 0.0
     finished: float = 0.0
     expert_wait_s: float = 0.0
+    local_experts_s: float = 0.0
+    remote_wait_s: float = 0.0
     error: PrismError | None = None
 
     def next_tokens(self) -> list[int]:
@@ -151,14 +169,16 @@ class Engine:
         owner = torch.repeat_interleave(torch.tensor([len(t) for t in batch.tokens]))  # [T] sequence of each token
         failed_seqs = torch.zeros(len(batch_seqs), dtype=torch.bool)
         try:
-            logits, wait_s = await self._forward(batch, batch_seqs, owner, failed_seqs)
+            logits, spent = await self._forward(batch, batch_seqs, owner, failed_seqs)
         except PrismError as err:
             for seq in batch_seqs:
                 self._finish(seq, ErrorEvent(err))
             return
         self.steps += 1
         for i, seq in enumerate(batch_seqs):
-            seq.expert_wait_s += wait_s
+            seq.expert_wait_s += spent.wait_s
+            seq.local_experts_s += spent.local_s
+            seq.remote_wait_s += spent.remote_wait_s
             if seq.error is not None:
                 self._finish(seq, ErrorEvent(seq.error))
                 continue
@@ -170,20 +190,20 @@ class Engine:
 
     async def _forward(
         self, batch: Batch, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor
-    ) -> tuple[Tensor, float]:
+    ) -> tuple[Tensor, ExpertTime]:
         steps = self.model.forward_steps(batch, self.cache)
         inline = len(owner) <= self.inline_max_tokens
-        wait_s = 0.0
+        spent = ExpertTime()
         call, logits = await self._compute(inline, steps, None)
         while call is not None:
             started = time.perf_counter()
             result = await self.experts(call, ~failed_seqs[owner])
-            wait_s += time.perf_counter() - started
+            spent.add(time.perf_counter() - started, result)
             if result.error is not None:
                 self._mark_failed(result, seqs, owner, failed_seqs)
             call, logits = await self._compute(inline, steps, result.output)
         assert logits is not None  # the generator returned
-        return logits, wait_s
+        return logits, spent
 
     async def _compute(
         self, inline: bool, steps: Generator[MoECall, Tensor, Tensor], value: Tensor | None

@@ -27,10 +27,12 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.micro.service import Service
 
+from services.expert_host.service import ExpertHost, load_weights
+from services.expert_host.settings import ExpertHostSettings
 from services.gating.directory import HostDirectory
-from services.gating.dispatch import RemoteExperts
+from services.gating.dispatch import NodeExperts
 from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent
-from services.gating.settings import GatingSettings
+from services.gating.settings import EmbeddedHost, GatingSettings
 from shared import subjects
 from shared.activations import ActivationCounter
 from shared.errors import BadRequest, PrismError, PromptTooLong, ShuttingDown, TokenOutOfRange
@@ -65,8 +67,10 @@ class Gating:
         counter: ActivationCounter,
         *,
         directory: HostDirectory | None = None,
+        hosts: list[ExpertHost] | None = None,
     ) -> None:
         self.nc = nc
+        self.hosts = hosts or []  # embedded expert hosts: started before intake, stopped after the engine
         self.settings = settings
         self.engine = engine
         self.tokenizer = tokenizer
@@ -82,6 +86,8 @@ class Gating:
     async def start(self) -> None:
         # Discoverable with $SRV.PING/INFO; intake is a plain subscription because one request is
         # answered by many messages (streaming) and MQTT requests carry no reply subject.
+        for host in self.hosts:
+            await host.start()
         metadata = {"node": self.settings.node, "subject": subjects.infer(self.settings.node)}
         self._micro = await announce(self.nc, SERVICE_NAME, metadata)
         directory = self.directory
@@ -170,6 +176,8 @@ class Gating:
             prefill_s=seq.first_token - seq.admitted,
             decode_s=seq.finished - seq.first_token,
             expert_wait_s=seq.expert_wait_s,
+            local_experts_s=seq.local_experts_s,
+            remote_wait_s=seq.remote_wait_s,
             total_s=seq.finished - seq.arrived,
         )
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))
@@ -220,6 +228,8 @@ class Gating:
         self.engine.abort(ShuttingDown(f"node {self.settings.node} is shutting down; retry on another node"))
         await self._wait_for_replies(REPLY_GRACE_S)  # the error replies go out
         self.engine.close()
+        for host in self.hosts:
+            await host.stop()
         log.info("gating_stopped", node=self.settings.node)
 
     async def _wait_for_replies(self, timeout_s: float) -> None:
@@ -237,12 +247,14 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     config = model.config
     counter = ActivationCounter(settings.node, list_moe_layers(config), config.num_experts)
     directory = HostDirectory(settings.node) if settings.host_batching else None
-    experts = RemoteExperts(
+    hosts = [embedded_host(nc, settings, spec) for spec in settings.embedded_hosts]
+    experts = NodeExperts(
         nc,
         timeout_s=settings.expert_timeout_s,
         max_payload=settings.max_payload_bytes,
         counter=counter,
         directory=directory,
+        embedded=hosts,
     )
     # Stop where the model's own config says (as transformers' generate does), else at the tokenizer's EOS.
     stop_ids = frozenset(config.eos_token_ids) or frozenset(
@@ -257,7 +269,28 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
         inline_max_tokens=settings.inline_max_tokens,
         stop_ids=stop_ids,
     )
-    return Gating(nc, settings, engine, tokenizer, counter, directory=directory)
+    return Gating(nc, settings, engine, tokenizer, counter, directory=directory, hosts=hosts)
+
+
+def embedded_host(nc: NatsClient, settings: GatingSettings, spec: EmbeddedHost) -> ExpertHost:
+    """An expert host in this process, on the gating's connection, with the experts of `spec`."""
+    shared = ("nats_url", "nats_user", "nats_password", "max_payload_bytes", "log_level", "log_format")
+    fields: dict[str, object] = {name: getattr(settings, name) for name in shared}
+    host_settings = ExpertHostSettings(
+        **fields,  # type: ignore[arg-type]  # the connection and logging settings the two share
+        host=spec.host,
+        node=settings.node,
+        model=settings.model,
+        experts=spec.experts,
+        memory_limit_mb=spec.memory_limit_mb,
+        device=spec.device,
+        dtype=settings.dtype,
+        drain_timeout_s=settings.drain_timeout_s,
+        inline_max_tokens=settings.inline_max_tokens,
+        busy_poll_s=0.0,  # the gating's own steps keep the process awake
+    )
+    weights, hidden_size = load_weights(host_settings)
+    return ExpertHost(nc, host_settings, weights, hidden_size, embedded=True)
 
 
 async def main(settings: GatingSettings) -> None:

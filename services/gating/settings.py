@@ -5,10 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.settings import ServiceSettings
+
+
+class EmbeddedHost(BaseModel):
+    """An expert host that lives in the gating's process: the experts of one of the node's own devices."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="unique host name")
+    experts: str = Field("", description="experts it starts with: LAYERS:EXPERTS items, e.g. '1-3:0-7,5:*'")
+    memory_limit_mb: float = Field(4096.0, gt=0, le=2**24, description="memory budget for expert weights, MiB")
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of its experts")
 
 
 class GatingSettings(ServiceSettings):
@@ -28,5 +39,9 @@ class GatingSettings(ServiceSettings):
     )
     host_batching: bool = Field(
         True, description="send one message per holding host and layer (from host heartbeats), not one per expert"
+    )
+    embedded_hosts: list[EmbeddedHost] = Field(
+        default_factory=list,
+        description="expert hosts in this process, as JSON: [{host, experts, memory_limit_mb, device}]",
     )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for the dense model")

@@ -70,8 +70,10 @@ class LocalCluster:
         self.hosts[host] = expert_host
         return expert_host
 
-    async def add_gating(self, node: str, model: Path, **kw: Any) -> Gating:
-        settings = GatingSettings(node=self.node(node), model=model, **kw)
+    async def add_gating(self, node: str, model: Path, embedded: dict[str, str] | None = None, **kw: Any) -> Gating:
+        """A gating for `node`; `embedded` maps host names to expert specs of hosts in its process."""
+        hosts = [{"host": f"{self.prefix}-{h}", "experts": spec} for h, spec in (embedded or {}).items()]
+        settings = GatingSettings(node=self.node(node), model=model, embedded_hosts=hosts, **kw)
         gating = build(await self.connect(node), settings)
         await gating.start()
         self.gatings[node] = gating
@@ -85,7 +87,8 @@ class LocalCluster:
         """
         from shared import subjects
 
-        keys = sorted({key for host in self.hosts.values() for key in host.weights})
+        hosts = [*self.hosts.values(), *(h for g in self.gatings.values() for h in g.hosts)]
+        keys = sorted({key for host in hosts for key in host.weights})
         async with asyncio.timeout(timeout_s):
             for node in self.leaves:
                 nc = await self.connect(node)
@@ -96,6 +99,10 @@ class LocalCluster:
                             break
                         except NoRespondersError:
                             await asyncio.sleep(0.01)
+
+    def embedded(self, node: str, host: str) -> ExpertHost:
+        """The embedded host `host` of `node`'s gating."""
+        return next(h for h in self.gatings[node].hosts if h.settings.host == f"{self.prefix}-{host}")
 
     async def close(self) -> None:
         for gating in self.gatings.values():
