@@ -82,6 +82,7 @@ async def one_request(nc: nats.NATS, node: str, prompt: list[int], max_tokens: i
 
 
 LEVELS = (1, 4, 16)
+EMBEDDED_ALL = json.dumps([{"host": "n2-host", "experts": "*:*"}])
 
 
 async def load_levels(nc: nats.NATS, nodes: list[str], requests: int, max_tokens: int) -> dict[str, dict[int, dict]]:
@@ -191,7 +192,7 @@ async def batch1_latency(
     """ms/token at batch 1 (and a bare round trip), the alternatives interleaved request by request;
     for each node also where its added time goes: waiting on experts, and its host answering."""
     runner = asyncio.create_task(baseline.engine.run())
-    nodes = ("n0", "n1")
+    nodes = ("n0", "n1", "n2")
     out: dict[str, list[float]] = {"in-process": [], "bare": [], "bare-mean": []}
     for node in nodes:
         out[node], out[f"wait:{node}"], out[f"host:{node}"] = [], [], []
@@ -244,7 +245,7 @@ async def run(args: argparse.Namespace) -> None:
         hub = await stack.enter_async_context(NatsServer(hub_cfg, work))
         remote = (LeafRemote(f"nats://127.0.0.1:{hub.cfg.leaf_port}"),)
         urls = {}
-        for node in ("n0", "n1"):  # one leaf per node: queue groups answer from the node's own host
+        for node in ("n0", "n1", "n2"):  # one leaf per node: queue groups answer from the node's own host
             leaf = await stack.enter_async_context(
                 NatsServer(ServerConfig(name=f"leaf-{node}", port=free_port(), leaf_remotes=remote), work)
             )
@@ -254,6 +255,11 @@ async def run(args: argparse.Namespace) -> None:
             "host-n1": ("services.expert_host", host_env(urls["n1"], model, "n1", PRISM_HOST_BUSY_POLL_S="0")),
             "gating-n0": ("services.gating", gating_env(urls["n0"], model, "n0")),
             "gating-n1": ("services.gating", gating_env(urls["n1"], model, "n1")),
+            # node n2: every expert embedded in its gating's process (no host process, no broker)
+            "gating-n2": (
+                "services.gating",
+                gating_env(urls["n2"], model, "n2", PRISM_GATING_EMBEDDED_HOSTS=EMBEDDED_ALL),
+            ),
             # node n0's traffic, one message per expert instead of one per host: the alternative
             "gating-n0-per-expert": (
                 "services.gating",
@@ -264,12 +270,12 @@ async def run(args: argparse.Namespace) -> None:
         procs.append(await start_process([sys.executable, __file__, "--echo", urls["n0"]], work / "echo.log"))
         nc = await nats.connect(urls["n0"])
         try:
-            for node in ("n0", "n1", "n0-per-expert"):
+            for node in ("n0", "n1", "n2", "n0-per-expert"):
                 await wait_until_serving(nc, node)
             await nc.request(ECHO_SUBJECT, b"ready?", timeout=10)
             latency = await batch1_latency(nc, InProcess(model), args, config, moe_layers)
-            both = await load_levels(nc, ["n0", "n0-per-expert"], args.requests, args.max_tokens)
-            levels, per_expert = both["n0"], both["n0-per-expert"]
+            both = await load_levels(nc, ["n0", "n0-per-expert", "n2"], args.requests, args.max_tokens)
+            levels, per_expert, embedded = both["n0"], both["n0-per-expert"], both["n2"]
         finally:
             await nc.close()
             for p in procs:
@@ -282,6 +288,12 @@ async def run(args: argparse.Namespace) -> None:
     for c in levels:
         ratio = levels[c]["tok_s"] / per_expert[c]["tok_s"]
         print(f"| {c} | {per_expert[c]['tok_s']:.1f} | {levels[c]['tok_s']:.1f} | {ratio:.2f}× |")
+    print("\n| concurrent | host process: tok/s | embedded: tok/s | ratio | embedded p50 ms |")
+    print("|---:|---:|---:|---:|---:|")
+    for c in levels:
+        ratio = embedded[c]["tok_s"] / levels[c]["tok_s"]
+        emb = embedded[c]
+        print(f"| {c} | {levels[c]['tok_s']:.1f} | {emb['tok_s']:.1f} | {ratio:.2f}× | {emb['p50_ms']:.0f} |")
 
 
 def report(model, config, moe_layers, args, latency, levels) -> None:  # noqa: PLR0917
@@ -300,22 +312,27 @@ def report(model, config, moe_layers, args, latency, levels) -> None:  # noqa: P
     local = latency["in-process"]
     print(f"\nbatch-1 decode, {len(local)} requests of each, interleaved; added = median over requests of "
           "(Prism − in-process) / MoE layers")
-    print("| path | ms/token p50 | added per MoE layer, ms p50 |")
-    print("|---|---:|---:|")
-    print(f"| in-process engine (all experts local) | {statistics.median(local):.2f} | — |")
-    names = {"n0": "Prism, host busy-polls 2 ms after a batch (default)", "n1": "Prism, host sleeps between batches"}
+    print("| path | ms/token p50 | added per MoE layer, ms p50 | vs in-process |")
+    print("|---|---:|---:|---:|")
+    print(f"| in-process engine (all experts local) | {statistics.median(local):.2f} | — | 1.00× |")
+    names = {
+        "n0": "Prism, host busy-polls 2 ms after a batch (host process)",
+        "n1": "Prism, host sleeps between batches (host process)",
+        "n2": "Prism, every expert embedded in the gating",
+    }
     for node, name in names.items():
         added = [(r - x) / moe_layers for r, x in zip(latency[node], local, strict=True)]
-        print(f"| {name} | {statistics.median(latency[node]):.2f} | {statistics.median(added):.3f} |")
+        ratio = statistics.median(latency[node]) / statistics.median(local)
+        print(f"| {name} | {statistics.median(latency[node]):.2f} | {statistics.median(added):.3f} | {ratio:.2f}× |")
     bare = statistics.median(latency["bare"])
-    print(f"| bare NATS round trip through the leaf (same payload, echo process) | — | {bare:.3f} |")
+    print(f"| bare NATS round trip through the leaf (same payload, echo process) | — | {bare:.3f} | — |")
     print("\nwhere a layer's wait on experts goes: means over each request's layers and steps (prefill included; "
           "the bare round trip's over its requests), ms p50 over requests")
     print("| path | gating waits on experts | its host answering | the rest: gating's dispatch code and transport "
           "| bare round trip |")
     print("|---|---:|---:|---:|---:|")
     bare_mean = statistics.median(latency["bare-mean"])
-    for node, name in names.items():
+    for node, name in list(names.items())[:2]:
         wait, host = statistics.median(latency[f"wait:{node}"]), statistics.median(latency[f"host:{node}"])
         print(f"| {name} | {wait:.3f} | {host:.3f} | {wait - host:.3f} | {bare_mean:.3f} |")
 
