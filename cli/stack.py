@@ -155,7 +155,7 @@ class LocalStack:
 
     def __init__(self, options: StackOptions) -> None:
         self.options = options
-        self.run_dir = options.run_dir
+        self.run_dir = options.run_dir.absolute()  # handed to children, which start in REPO_ROOT
         self.port = options.port or free_port()
         self.hub_url = f"nats://127.0.0.1:{self.port}"
         self.leaf_urls: dict[str, str] = {}

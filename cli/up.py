@@ -93,13 +93,14 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> StackOptions:
             delay_ms=args.default_delay_ms if args.delay_ms is None else args.delay_ms,
             rate_mbit=args.rate_mbit,
         )
-    run_dir = args.run_dir or Path("var") / time.strftime("run-%Y%m%d-%H%M%S")
+    # Absolute from here on: children start in the repository, not in the caller's directory.
+    run_dir = (args.run_dir or Path("var") / time.strftime("run-%Y%m%d-%H%M%S")).absolute()
     settings: dict[str, Any] = {"policy": args.policy, **gating_settings_from_env()}
     if getattr(args, "plan_interval", None) is not None:
         settings["plan_interval_s"] = args.plan_interval
     return StackOptions(
         topology=topology,
-        model=args.model,
+        model=args.model.absolute(),
         run_dir=run_dir,
         port=args.port,
         mqtt_port=args.mqtt_port,

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,11 +43,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def prism_up(*args: str, run_dir: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`prism up ARGS` on free ports; yields (process, hub URL) once it is up; kills it if still running."""
+def prism_up(*args: str, run_dir: Path, cwd: Path = REPO) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`prism up ARGS` on free ports, run in `cwd`; yields (process, hub URL) once it is up; kills it if
+    still running."""
     flags = ports()
     argv = [*PRISM, "up", *args, "--run-dir", str(run_dir), *flags]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     try:
         wait_for_line(process, "prism is up", START_TIMEOUT_S)
         yield process, f"nats://127.0.0.1:{flags[1]}"
@@ -166,6 +168,38 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     assert gone.returncode == 1
     assert gone.stderr.startswith("error connection_failed: ")
     assert "gating_stopped" in (run_dir / "gating-node0.log").read_text()  # a clean stop, not a kill
+
+
+def test_up_from_another_directory_with_relative_paths_answers(tiny_model: Path, tmp_path: Path) -> None:
+    """Run from an unrelated directory with a relative --run-dir, --model and --topology: the servers and
+    services (which start in the repository) get absolute paths, and a plain NATS client gets an answer."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "one.toml").write_text('[[nodes]]\nname = "solo"\nhosts = [{ name = "solo-h0", memory_mb = 64 }]\n')
+    model = os.path.relpath(tiny_model, elsewhere)
+    with prism_up("--topology", "one.toml", "--model", model, run_dir=Path("logs/run"), cwd=elsewhere) as (
+        process, url
+    ):
+        async def ask() -> dict[str, Any]:  # a plain NATS request, as any client would send it
+            import nats
+
+            nc = await nats.connect(url)
+            try:
+                msg = await nc.request("prism.v1.infer.solo", b'{"prompt": "hi", "max_tokens": 3}', timeout=60)
+            finally:
+                await nc.close()
+            reply: dict[str, Any] = json.loads(msg.data)
+            return reply
+
+        answer = asyncio.run(ask())
+        assert answer["done"] is True, answer
+        assert answer["token_ids"], answer
+        manifest = json.loads((elsewhere / "logs" / "run" / "stack.json").read_text())
+        assert manifest["ready"] is True
+        assert (elsewhere / "logs" / "run" / "hub.log").is_file()
+        assert not (REPO / "logs").exists()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
 
 
 def test_a_bfloat16_topology_serves_and_a_stop_lets_running_requests_finish(tiny_model: Path, tmp_path: Path) -> None:
