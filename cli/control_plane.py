@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 from shared.topology import DTYPE_BYTES, pairwise_links
 
-if TYPE_CHECKING:  # cli.stack imports this module
-    from cli.stack import StackOptions
+if TYPE_CHECKING:  # cli.stack_plan imports this module
+    from cli.stack_plan import StackOptions
 
 
 def control_plane_env(opts: StackOptions) -> tuple[dict[str, str], dict[str, str]]:

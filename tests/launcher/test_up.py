@@ -318,9 +318,7 @@ def test_service_settings_come_from_the_environment_except_the_wiring(
     assert (stack.options.max_context, stack.options.expert_timeout_s) == (2048, 3.0)
     stack.prepare()
     stack.leaf_urls = {"node0": "nats://127.0.0.1:1"}
-    gating = stack._service("gating-node0", "services.gating", "PRISM_GATING_", "node0",
-                            {"PRISM_GATING_NODE": "node0", "PRISM_GATING_MAX_CONTEXT": "2048",
-                             "PRISM_GATING_EXPERT_TIMEOUT_S": str(stack.options.expert_timeout_s)})
+    gating = stack.service("gating-node0")
     assert gating.env is not None
     assert gating.env["PRISM_GATING_MAX_BATCH"] == "3"
     assert gating.env["PRISM_GATING_LOG_LEVEL"] == "debug"
@@ -392,19 +390,21 @@ def test_the_demo_model_is_found_from_any_directory(tmp_path: Path, monkeypatch:
 
 async def test_a_child_that_keeps_failing_is_restarted_five_times_then_left(tiny_model: Path, tmp_path: Path) -> None:
     from cli.main import build_parser
-    from cli.stack import RESTARTS_PER_MINUTE, Child, LocalStack
+    from cli.stack import LocalStack
+    from cli.supervisor import RESTARTS_PER_MINUTE
     from cli.up import build_options
+    from shared.process import Child
 
     args = build_parser().parse_args(["up", "--nodes", "1", "--model", str(tiny_model), "--run-dir", str(tmp_path)])
     stack = LocalStack(build_options(args))
     flaky = Child("flaky", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "flaky.log")
-    stack.services = [flaky]
+    stack.supervisor.services = [flaky]
     await flaky.start()
     reports: list[str] = []
     supervisor = asyncio.create_task(stack.supervise(reports.append, poll_s=0.05))
     try:
         async with asyncio.timeout(60):
-            while "flaky" not in stack.given_up:  # noqa: ASYNC110 - the supervisor runs real processes
+            while "flaky" not in stack.supervisor.given_up:  # noqa: ASYNC110 - the supervisor runs real processes
                 await asyncio.sleep(0.05)
     finally:
         supervisor.cancel()
@@ -420,25 +420,21 @@ async def test_a_restarted_host_gets_the_experts_it_last_reported(
     holders had not loaded them yet (both nodes failed every request for the 60 s command timeout)."""
     import nats as nats_client
 
-    from cli.main import build_parser
-    from cli.stack import LocalStack
-    from cli.up import build_options
+    from cli.supervisor import Supervisor
     from shared import subjects
     from shared.schemas import HostStatus
 
-    args = build_parser().parse_args(["up", "--nodes", "1", "--model", str(tiny_model), "--run-dir", str(tmp_path)])
-    stack = LocalStack(build_options(args))
-    stack.hub_url = nats_hub.cfg.client_url()
+    supervisor = Supervisor(nats_hub.cfg.client_url(), stop_timeout_s=5)
     status = HostStatus(host=f"{unique}-h", node="n", device="cpu", memory_used_bytes=0, memory_limit_bytes=1,
                         experts=[(0, 3), (2, 5)], queue_depth=0, batches_served=0, tokens_served=0, errors=0)
-    nc = await nats_client.connect(stack.hub_url)
+    nc = await nats_client.connect(supervisor.hub_url)
     try:
         kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).create_key_value(bucket=subjects.KV_HOSTS, ttl=30)
         await kv.put(status.host, status.model_dump_json().encode())
     finally:
         await nc.close()
-    assert await stack._last_held(status.host) == [(0, 3), (2, 5)]
-    assert await stack._last_held(f"{unique}-unknown") is None
+    assert await supervisor.last_held(status.host) == [(0, 3), (2, 5)]
+    assert await supervisor.last_held(f"{unique}-unknown") is None
 
 
 @pytest.mark.parametrize(
