@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.topology import DTYPE_BYTES, Topology, TopologyError, initial_placement
+from shared.topology import Topology, TopologyError, initial_placement
 
 MIB = 2**20
 MIN_PAYLOAD = 8 * MIB
@@ -88,7 +88,7 @@ def plan_stack(opts: StackOptions, environ: Mapping[str, str], cores: int) -> St
         config = load_config(opts.model)
     except ModelError as exc:
         raise StackError(f"invalid model directory {opts.model}: {exc}") from None
-    expert_bytes = config.expert_nbytes(DTYPE_BYTES[opts.topology.dtype])
+    expert_bytes = config.expert_nbytes(opts.topology.dtype)
     try:
         placement = initial_placement(opts.topology, list_moe_layers(config), config.num_experts, expert_bytes)
     except TopologyError as exc:

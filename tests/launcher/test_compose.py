@@ -188,7 +188,8 @@ def test_static_placement_covers_the_demo_model(compose: dict[str, Any]) -> None
     for _, env in python_services(compose).values():
         if "PRISM_HOST_EXPERTS" in env:
             keys = parse_experts(env["PRISM_HOST_EXPERTS"], list_moe_layers(config), config.num_experts)
-            check_budget(len(keys), config.expert_nbytes(4), int(float(env["PRISM_HOST_MEMORY_LIMIT_MB"]) * 2**20))
+            limit = int(float(env["PRISM_HOST_MEMORY_LIMIT_MB"]) * 2**20)
+            check_budget(len(keys), config.expert_nbytes(env["PRISM_HOST_DTYPE"]), limit)
             held |= set(keys)
     assert held == {(layer, e) for layer in list_moe_layers(config) for e in range(config.num_experts)}
 
