@@ -26,8 +26,10 @@ def control_plane_env(opts: StackOptions) -> tuple[dict[str, str], dict[str, str
         "PRISM_PLACEMENT_MIN_WINDOW_TOKENS": str(opts.min_window_tokens),
         "PRISM_PLACEMENT_RTT_MS": f"{rtt_ms:g}",
         "PRISM_PLACEMENT_BANDWIDTH_MBIT": f"{rate_mbit:g}",
+        "PRISM_PLACEMENT_HOST_TTL_S": str(opts.host_ttl_s),
     }
-    return placement, {"PRISM_MIGRATOR_DTYPE": str(opts.topology.dtype)}
+    migrator = {"PRISM_MIGRATOR_DTYPE": str(opts.topology.dtype), "PRISM_MIGRATOR_HOST_TTL_S": str(opts.host_ttl_s)}
+    return placement, migrator
 
 
 async def write_initial_plan(hub_url: str, model_name: str, placement: dict[str, list[tuple[int, int]]]) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.settings import DEFAULT_HOST_TTL_S
 from shared.topology import Topology, TopologyError, initial_placement
 
 MIB = 2**20
@@ -47,6 +48,7 @@ class StackOptions:
     plan_interval_s: float = 10.0
     migration_cost_calls: float = 50.0
     min_window_tokens: int = 256
+    host_ttl_s: float = DEFAULT_HOST_TTL_S  # gating, placement and migrator alike
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,7 @@ def _gatings(opts: StackOptions) -> list[_Service]:
             "PRISM_GATING_MAX_CONTEXT": str(opts.max_context),
             "PRISM_GATING_EXPERT_TIMEOUT_S": str(opts.expert_timeout_s),
             "PRISM_GATING_ACTIVATION_INTERVAL_S": str(opts.activation_interval_s),
+            "PRISM_GATING_HOST_TTL_S": str(opts.host_ttl_s),
         })
         for node in opts.topology.nodes
     ]

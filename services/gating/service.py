@@ -236,7 +236,7 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     tokenizer = Tokenizer.from_dir(settings.model) if (settings.model / "tokenizer.json").exists() else None
     config = model.config
     counter = ActivationCounter(settings.node, list_moe_layers(config), config.num_experts)
-    directory = HostDirectory(settings.node) if settings.host_batching else None
+    directory = HostDirectory(settings.node, settings.host_ttl_s) if settings.host_batching else None
     experts = RemoteExperts(
         nc,
         timeout_s=settings.expert_timeout_s,

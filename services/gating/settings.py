@@ -8,10 +8,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared.dtypes import DtypeName
-from shared.settings import ServiceSettings
+from shared.settings import WatchesHosts
 
 
-class GatingSettings(ServiceSettings):
+class GatingSettings(WatchesHosts):
     model_config = SettingsConfigDict(env_prefix="PRISM_GATING_", frozen=True, extra="forbid", cli_kebab_case=True)
 
     node: str = Field("node0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="node (edge server) this gating serves")

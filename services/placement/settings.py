@@ -10,10 +10,10 @@ from pydantic_settings import SettingsConfigDict
 from services.placement.types import PolicyName
 from shared import subjects
 from shared.dtypes import DtypeName
-from shared.settings import ServiceSettings
+from shared.settings import WatchesHosts
 
 
-class PlacementSettings(ServiceSettings):
+class PlacementSettings(WatchesHosts):
     model_config = SettingsConfigDict(env_prefix="PRISM_PLACEMENT_", frozen=True, extra="forbid", cli_kebab_case=True)
 
     nodes: str = Field(
@@ -23,7 +23,6 @@ class PlacementSettings(ServiceSettings):
     policy: PolicyName = Field("prism", description="placement policy")
     dtype: DtypeName = Field("float32", description="dtype of the experts on the hosts (sizes their slots)")
     plan_interval_s: float = Field(10.0, ge=0.1, le=86400, description="period of re-planning, seconds")
-    host_ttl_s: float = Field(5.0, ge=1, le=3600, description="a host without heartbeat this long is gone, seconds")
     migration_cost_calls: float = Field(
         50.0, ge=0, le=1e12, description="cost of loading one expert, in remote (token, expert) calls"
     )
