@@ -75,7 +75,7 @@ async def one_policy(model: Path, policy: str, args: argparse.Namespace, run_dir
 
     config = load_config(model)
     options = StackOptions(
-        topology=topology(config.expert_nbytes(4), len(list_moe_layers(config)) * config.num_experts),
+        topology=topology(config.expert_nbytes("float32"), len(list_moe_layers(config)) * config.num_experts),
         model=model,
         run_dir=run_dir,
         port=0,

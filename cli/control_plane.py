@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from shared.topology import DTYPE_BYTES, pairwise_links
+from shared.topology import pairwise_links
 
-if TYPE_CHECKING:  # cli.stack imports this module
-    from cli.stack import StackOptions
+if TYPE_CHECKING:  # cli.stack_plan imports this module
+    from cli.stack_plan import StackOptions
 
 
 def control_plane_env(opts: StackOptions) -> tuple[dict[str, str], dict[str, str]]:
@@ -20,14 +20,16 @@ def control_plane_env(opts: StackOptions) -> tuple[dict[str, str], dict[str, str
     placement = {
         "PRISM_PLACEMENT_NODES": ",".join(node.name for node in opts.topology.nodes),
         "PRISM_PLACEMENT_POLICY": opts.policy,
-        "PRISM_PLACEMENT_EXPERT_DTYPE_BYTES": str(DTYPE_BYTES[opts.topology.dtype]),
+        "PRISM_PLACEMENT_DTYPE": opts.topology.dtype,
         "PRISM_PLACEMENT_PLAN_INTERVAL_S": str(opts.plan_interval_s),
         "PRISM_PLACEMENT_MIGRATION_COST_CALLS": str(opts.migration_cost_calls),
         "PRISM_PLACEMENT_MIN_WINDOW_TOKENS": str(opts.min_window_tokens),
         "PRISM_PLACEMENT_RTT_MS": f"{rtt_ms:g}",
         "PRISM_PLACEMENT_BANDWIDTH_MBIT": f"{rate_mbit:g}",
+        "PRISM_PLACEMENT_HOST_TTL_S": str(opts.host_ttl_s),
     }
-    return placement, {"PRISM_MIGRATOR_DTYPE": str(opts.topology.dtype)}
+    migrator = {"PRISM_MIGRATOR_DTYPE": str(opts.topology.dtype), "PRISM_MIGRATOR_HOST_TTL_S": str(opts.host_ttl_s)}
+    return placement, migrator
 
 
 async def write_initial_plan(hub_url: str, model_name: str, placement: dict[str, list[tuple[int, int]]]) -> None:

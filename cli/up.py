@@ -27,7 +27,8 @@ from cli import DEMO_MODEL
 from cli.args import at_least, non_negative, port_number, positive
 
 if TYPE_CHECKING:  # imported in the handlers: the CLI starts without nats and torch
-    from cli.stack import LocalStack, StackOptions
+    from cli.stack import LocalStack
+    from cli.stack_plan import StackOptions
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
@@ -76,7 +77,7 @@ SHAPE_FLAGS = {"hosts_per_node": "--hosts-per-node", "memory_mb": "--memory-mb",
 def build_options(args: argparse.Namespace, **overrides: Any) -> StackOptions:
     """StackOptions from the parsed flags; raises TopologyError on a bad topology, or on flags that
     describe nodes next to a topology file (which describes them itself)."""
-    from cli.stack import StackOptions
+    from cli.stack_plan import StackOptions
     from shared.topology import TopologyError, load_topology, simple_topology
 
     if args.topology is not None:
@@ -93,13 +94,14 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> StackOptions:
             delay_ms=args.default_delay_ms if args.delay_ms is None else args.delay_ms,
             rate_mbit=args.rate_mbit,
         )
-    run_dir = args.run_dir or Path("var") / time.strftime("run-%Y%m%d-%H%M%S")
+    # Absolute from here on: children start in the repository, not in the caller's directory.
+    run_dir = (args.run_dir or Path("var") / time.strftime("run-%Y%m%d-%H%M%S")).absolute()
     settings: dict[str, Any] = {"policy": args.policy, **gating_settings_from_env()}
     if getattr(args, "plan_interval", None) is not None:
         settings["plan_interval_s"] = args.plan_interval
     return StackOptions(
         topology=topology,
-        model=args.model,
+        model=args.model.absolute(),
         run_dir=run_dir,
         port=args.port,
         mqtt_port=args.mqtt_port,

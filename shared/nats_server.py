@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shared.process import Child
+
 MIN_VERSION = (2, 10)
 
 
@@ -157,26 +159,25 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
         return True
 
 
-class NatsServer:
-    """One nats-server child process; `async with NatsServer(cfg, workdir):` starts and stops it."""
+class NatsServer(Child):
+    """One nats-server child process (see shared.process.Child): `async with NatsServer(cfg, workdir):`
+    starts it and stops it; `start()` returns once it accepts connections on each of its ports."""
 
-    def __init__(self, cfg: ServerConfig, workdir: Path, binary: Path | None = None) -> None:
+    def __init__(self, cfg: ServerConfig, workdir: Path, binary: Path | None = None, cwd: Path | None = None) -> None:
+        super().__init__(cfg.name, [], workdir / f"{cfg.name}.log", cwd=cwd)
         self.cfg = cfg
         self.workdir = workdir
         self.binary = binary
-        self.process: asyncio.subprocess.Process | None = None
-        self.log_path = workdir / f"{cfg.name}.log"
 
     async def start(self, ready_timeout_s: float = 15.0) -> None:
+        """Write `<workdir>/<name>.conf`, start the server and wait for its ports; NatsServerError when
+        a port is taken, it exits, or it is not ready within the bound (then it is stopped)."""
         self._check_ports()
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / f"{self.cfg.name}.conf"
         conf.write_text(render_config(self.cfg))
-        binary = self.binary or find_binary()
-        with self.log_path.open("ab") as log:
-            self.process = await asyncio.create_subprocess_exec(
-                str(binary), "-c", str(conf), stdout=log, stderr=log, stdin=subprocess.DEVNULL
-            )
+        self.argv = [str(self.binary or find_binary()), "-c", str(conf.absolute())]
+        await super().start()
         try:
             async with asyncio.timeout(ready_timeout_s):
                 await self._wait_ready()
@@ -194,8 +195,8 @@ class NatsServer:
         ports = [p for p in (self.cfg.port, self.cfg.mqtt_port, self.cfg.leaf_port) if p is not None]
         for port in ports:
             while True:
-                if self.process is not None and self.process.returncode is not None:
-                    raise NatsServerError(f"{self.cfg.name} exited with {self.process.returncode}; see {self.log_path}")
+                if (failure := self.failure()) is not None:
+                    raise NatsServerError(failure)
                 try:
                     _, writer = await asyncio.open_connection(self.cfg.host, port)
                 except OSError:
@@ -207,16 +208,7 @@ class NatsServer:
                 break
 
     async def stop(self, timeout_s: float = 5.0) -> None:
-        process, self.process = self.process, None
-        if process is None or process.returncode is not None:
-            return
-        process.terminate()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await process.wait()
-        except TimeoutError:
-            process.kill()
-            await process.wait()
+        await super().stop(timeout_s)
 
     async def __aenter__(self) -> NatsServer:
         await self.start()

@@ -28,6 +28,18 @@ class ServiceSettings(BaseSettings):
     drain_timeout_s: float = Field(5.0, gt=0, le=120, description="bound on draining at shutdown, seconds")
 
 
+DEFAULT_HOST_TTL_S = 5.0
+
+
+class WatchesHosts(ServiceSettings):
+    """Settings of a service that follows host heartbeats (gating, placement, migrator): one meaning
+    of "a host is gone" for all of them. At least 1 s: hosts beat every second by default."""
+
+    host_ttl_s: float = Field(
+        DEFAULT_HOST_TTL_S, ge=1, le=3600, description="a host without a heartbeat this long is gone, seconds"
+    )
+
+
 def from_cli(cls: type[S], argv: list[str] | None = None) -> S:
     """Build settings from the environment, overridden by `--field value` flags."""
     if argv is None:

@@ -24,15 +24,14 @@ import math
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from shared.dtypes import DtypeName
 from shared.linkemu import LinkShape
 from shared.schemas import describe_validation_error
 from shared.subjects import NAME_PATTERN
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 class TopologyError(ValueError):
@@ -83,7 +82,7 @@ class NodeSpec(_Spec):
 
 class Topology(_Spec):
     nodes: list[NodeSpec] = Field(min_length=1, max_length=64)
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="expert weight dtype")
+    dtype: DtypeName = Field("float32", description="expert weight dtype")
 
     @model_validator(mode="after")
     def _unique_names(self) -> Topology:

@@ -393,7 +393,7 @@ def load_weights(settings: ExpertHostSettings) -> tuple[dict[tuple[int, int], Ex
     config = load_config(settings.model)
     keys = parse_experts(settings.experts, list_moe_layers(config), config.num_experts)
     dtype = getattr(torch, settings.dtype)
-    check_budget(len(keys), config.expert_nbytes(dtype.itemsize), int(settings.memory_limit_mb * 2**20))
+    check_budget(len(keys), config.expert_nbytes(settings.dtype), int(settings.memory_limit_mb * 2**20))
     return load_experts(settings.model, keys, dtype=dtype, device=settings.device), config.hidden_size
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared import subjects
+from shared.dtypes import DtypeName
 from shared.settings import ServiceSettings
 
 
@@ -23,7 +23,7 @@ class ExpertHostSettings(ServiceSettings):
     experts: str = Field("*:*", description="experts to hold: LAYERS:EXPERTS items, e.g. '1-3:0-7,5:*'")
     memory_limit_mb: float = Field(4096.0, gt=0, le=2**24, description="memory budget for expert weights, MiB")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the experts")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="expert weight dtype")
+    dtype: DtypeName = Field("float32", description="expert weight dtype")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="status heartbeat period, seconds")
     inline_max_tokens: int = Field(
         64, ge=0, le=1_000_000, description="batches of at most this many tokens compute on the event loop"

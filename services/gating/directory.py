@@ -14,12 +14,13 @@ import time
 from pydantic import ValidationError
 
 from shared.schemas import HostStatus
+from shared.settings import DEFAULT_HOST_TTL_S
 
 Key = tuple[int, int]
 
 
 class HostDirectory:
-    def __init__(self, node: str, max_age_s: float = 3.0) -> None:
+    def __init__(self, node: str, max_age_s: float = DEFAULT_HOST_TTL_S) -> None:
         self.node = node
         self.max_age_s = max_age_s
         self._hosts: dict[str, tuple[HostStatus, float]] = {}

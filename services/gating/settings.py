@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
-from shared.settings import ServiceSettings
+from shared.dtypes import DtypeName
+from shared.settings import WatchesHosts
 
 
 class EmbeddedHost(BaseModel):
@@ -22,13 +22,13 @@ class EmbeddedHost(BaseModel):
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of its experts")
 
 
-class GatingSettings(ServiceSettings):
+class GatingSettings(WatchesHosts):
     model_config = SettingsConfigDict(env_prefix="PRISM_GATING_", frozen=True, extra="forbid", cli_kebab_case=True)
 
     node: str = Field("node0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="node (edge server) this gating serves")
     model: Path = Field(Path("models/demo"), description="checkpoint directory (dense part and tokenizer)")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the dense model")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dense model dtype")
+    dtype: DtypeName = Field("float32", description="dense model dtype")
     max_batch: int = Field(32, ge=1, le=1024, description="sequences decoded together (KV cache slots)")
     max_context: int = Field(1024, ge=8, le=131072, description="prompt plus generated tokens per request")
     max_queue: int = Field(256, ge=1, le=100000, description="requests waiting for a slot before 'overloaded'")

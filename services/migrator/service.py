@@ -225,7 +225,7 @@ def _expert_bytes(settings: MigratorSettings) -> int:
     """Bytes of one expert on a host (hosts use the migrator's dtype)."""
     from shared.model.checkpoint import load_config
 
-    return load_config(settings.model).expert_nbytes(getattr(torch, settings.dtype).itemsize)
+    return load_config(settings.model).expert_nbytes(settings.dtype)
 
 
 def _consecutive_by_kind(steps: list[Step]) -> list[list[Step]]:

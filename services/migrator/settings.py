@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from shared import subjects
-from shared.settings import ServiceSettings
+from shared.dtypes import DtypeName
+from shared.settings import WatchesHosts
 
 
-class MigratorSettings(ServiceSettings):
+class MigratorSettings(WatchesHosts):
     model_config = SettingsConfigDict(env_prefix="PRISM_MIGRATOR_", frozen=True, extra="forbid", cli_kebab_case=True)
 
     model: Path = Field(Path("models/demo"), description="checkpoint directory whose experts are uploaded")
     model_id: str = Field("", description="name of the model's objects in the weights store (default: dir name)")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype of uploaded experts")
+    dtype: DtypeName = Field("float32", description="dtype of uploaded experts")
     plans_bucket: str = Field(subjects.KV_PLACEMENT, description="KV bucket of the plan (key 'plan')")
     weights_bucket: str = Field(subjects.OBJECT_WEIGHTS, description="object store bucket of expert weights")
     command_timeout_s: float = Field(60.0, gt=0, le=3600, description="wait for one host command, seconds")
-    host_ttl_s: float = Field(
-        5.0, ge=0.5, le=3600, description="a host silent this long during a command has stopped, seconds"
-    )
     host_wait_s: float = Field(
         30.0, ge=0, le=3600, description="wait for a plan's host that is not up yet (no responders), seconds"
     )

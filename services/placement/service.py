@@ -45,6 +45,7 @@ from services.placement.stats import RoutingStats
 from services.placement.types import CoActivation, Workload
 from shared import subjects
 from shared.activations import ActivationReport
+from shared.dtypes import DTYPE_BYTES
 from shared.errors import BadRequest, PrismError
 from shared.runtime import announce
 from shared.schemas import HostStatus, load_json
@@ -246,7 +247,7 @@ class PlacementService:
         steps of the window (the simulator's Replanner charges it the same way)."""
         steps = max(float(self.stats.window_tokens().sum()) / nodes, 1.0)
         load_s = self.model.expert_bytes / self._link_rate()
-        return Workload.uniform(nodes, bytes_per_token=self.model.hidden_size * self.settings.expert_dtype_bytes,
+        return Workload.uniform(nodes, bytes_per_token=self.model.hidden_size * DTYPE_BYTES[self.settings.dtype],
                                 top_k=self.model.top_k, migration_cost_s=load_s / steps,
                                 min_gain=self.settings.min_gain)
 
@@ -321,7 +322,7 @@ def model_shape(settings: PlacementSettings) -> ModelShape:
         moe_layers=list_moe_layers(config),
         num_experts=config.num_experts,
         top_k=config.top_k,
-        expert_bytes=config.expert_nbytes(settings.expert_dtype_bytes),
+        expert_bytes=config.expert_nbytes(settings.dtype),
         hidden_size=config.hidden_size,
     )
 

@@ -9,10 +9,11 @@ from pydantic_settings import SettingsConfigDict
 
 from services.placement.types import PolicyName
 from shared import subjects
-from shared.settings import ServiceSettings
+from shared.dtypes import DtypeName
+from shared.settings import WatchesHosts
 
 
-class PlacementSettings(ServiceSettings):
+class PlacementSettings(WatchesHosts):
     model_config = SettingsConfigDict(env_prefix="PRISM_PLACEMENT_", frozen=True, extra="forbid", cli_kebab_case=True)
 
     nodes: str = Field(
@@ -20,9 +21,8 @@ class PlacementSettings(ServiceSettings):
     )
     model: Path = Field(Path("models/demo"), description="checkpoint directory (layers, experts, expert size)")
     policy: PolicyName = Field("prism", description="placement policy")
-    expert_dtype_bytes: int = Field(4, ge=1, le=8, description="bytes per expert parameter on the hosts")
+    dtype: DtypeName = Field("float32", description="dtype of the experts on the hosts (sizes their slots)")
     plan_interval_s: float = Field(10.0, ge=0.1, le=86400, description="period of re-planning, seconds")
-    host_ttl_s: float = Field(5.0, ge=1, le=3600, description="a host without heartbeat this long is gone, seconds")
     migration_cost_calls: float = Field(
         50.0, ge=0, le=1e12, description="cost of loading one expert, in remote (token, expert) calls"
     )

@@ -41,8 +41,8 @@ import numpy as np
 
 from services.placement.errors import InvalidInputError
 from services.placement.types import DEFAULT_BANDWIDTH_BPS, DEFAULT_RTT_S, Cluster
+from shared.dtypes import DtypeName
 from shared.topology import (
-    DTYPE_BYTES,
     Topology,
     TopologyError,
     host_slots,
@@ -180,7 +180,7 @@ def cluster_from_launcher(topology: Topology, expert_nbytes: int) -> tuple[Clust
     return cluster, names
 
 
-def expert_bytes(model: str | Path, dtype: str) -> int:
+def expert_bytes(model: str | Path, dtype: DtypeName) -> int:
     """Bytes of one routed expert of checkpoint directory `model` at `dtype` (what `prism up` uses)."""
     # Imported here: shared.model loads torch, which files in this module's own format never need.
     from shared.model.checkpoint import load_config
@@ -190,4 +190,4 @@ def expert_bytes(model: str | Path, dtype: str) -> int:
         config = load_config(model)
     except ModelError as e:
         raise InvalidInputError(f"invalid model directory {model}: {e}") from None
-    return config.expert_nbytes(DTYPE_BYTES[dtype])
+    return config.expert_nbytes(dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
+from shared.dtypes import DTYPE_BYTES, DtypeName
 from shared.model.errors import ConfigError
 
 QKNorm = Literal["none", "per_head", "full"]
@@ -159,9 +160,10 @@ class ModelConfig:
         """Query heads per key/value head (grouped-query attention)."""
         return self.num_heads // self.num_kv_heads
 
-    def expert_nbytes(self, bytes_per_param: int = 2) -> int:
-        """Bytes of one routed expert (gate, up, down) at `bytes_per_param` (2 for bf16)."""
-        return 3 * self.hidden_size * self.moe_intermediate_size * bytes_per_param
+    def expert_nbytes(self, dtype: DtypeName = "bfloat16") -> int:
+        """Bytes of one routed expert (gate, up, down) at `dtype`: what a host's budget and the
+        placement's slots are counted in."""
+        return 3 * self.hidden_size * self.moe_intermediate_size * DTYPE_BYTES[dtype]
 
     def with_(self, **changes: object) -> ModelConfig:
         """A copy with `changes` applied (validated again)."""

@@ -65,12 +65,18 @@ def python_services(compose: dict[str, Any]) -> dict[str, tuple[str, dict[str, s
     return out
 
 
-def test_services_match_the_demo_topology(compose: dict[str, Any]) -> None:
-    topology = load_topology(REPO / "topologies" / "demo.toml")
+TESTBED = REPO / "topologies" / "testbed.toml"
+
+
+def test_services_match_the_testbed_topology(compose: dict[str, Any]) -> None:
+    """A hub, placement, migrator, and three nodes with a leaf, a gating and 1, 1 and 2 hosts."""
+    topology = load_topology(TESTBED)
+    assert [len(node.hosts) for node in topology.nodes] == [1, 1, 2]
     services = compose["services"]
     expected = {"hub"} | {f"leaf-{n.name}" for n in topology.nodes} | {f"gating-{n.name}" for n in topology.nodes}
     expected |= {f"host-{h.name}" for _, h in topology.hosts()} | {"placement", "migrator"}
     assert set(services) == expected
+    assert len(services) == 1 + 3 * 2 + 4 + 2
     for node, host in topology.hosts():
         env = services[f"host-{host.name}"]["environment"]
         assert env["PRISM_HOST_HOST"] == host.name
@@ -79,9 +85,45 @@ def test_services_match_the_demo_topology(compose: dict[str, Any]) -> None:
         assert env["PRISM_HOST_NATS_URL"] == f"nats://leaf-{node.name}:4222"  # its own node's leaf
     for node in topology.nodes:
         assert services[f"leaf-{node.name}"]["environment"]["PRISM_NODE"] == node.name
+        assert services[f"leaf-{node.name}"]["depends_on"] == ["hub"]
         gating = services[f"gating-{node.name}"]["environment"]
         assert gating["PRISM_GATING_NODE"] == node.name
         assert gating["PRISM_GATING_NATS_URL"] == f"nats://leaf-{node.name}:4222"
+
+
+def test_every_service_is_what_prism_up_starts_for_the_testbed(compose: dict[str, Any]) -> None:
+    """Command, environment and dependency of each Python service are those of `prism up --topology
+    topologies/testbed.toml` (cli.stack_plan, busy polling off), but for the addresses (its node's leaf,
+    or the hub), the model's path in the container and the credentials; ports and payload limits match
+    the launcher's defaults and the nats configs."""
+    from cli.stack_plan import StackOptions, plan_stack
+
+    options = StackOptions(topology=load_topology(TESTBED), model=REPO / "models" / "demo", run_dir=REPO / "var")
+    plan = plan_stack(options, environ={}, cores=1)
+    services = compose["services"]
+    assert set(python_services(compose)) == {spec.name for spec in plan.services}
+    for spec in plan.services:
+        service = services[spec.name]
+        assert service["command"] == ["python", "-m", spec.module], spec.name
+        assert service["depends_on"] == [f"leaf-{spec.node}" if spec.node else "hub"], spec.name
+        assert "ports" not in service, spec.name
+        want = {
+            **spec.settings,
+            f"{spec.prefix}MODEL": "/models/demo",
+            f"{spec.prefix}NATS_URL": f"nats://leaf-{spec.node}:4222" if spec.node else "nats://hub:4222",
+            f"{spec.prefix}NATS_USER": "${PRISM_SERVICE_USER}",
+            f"{spec.prefix}NATS_PASSWORD": "${PRISM_SERVICE_PASSWORD}",
+        }
+        assert service["environment"] == want, spec.name
+    hub = services["hub"]
+    published = [port.removeprefix("${PRISM_BIND:-127.0.0.1}:") for port in hub["ports"]]
+    assert published == [f"{p}:{p}" for p in (options.port, options.mqtt_port, options.http_port)]
+    for conf in ("hub.conf", "leaf.conf"):
+        text = (REPO / "docker" / "nats" / conf).read_text()
+        assert f"max_payload: {plan.max_payload}\n" in text, conf
+    hub_conf = (REPO / "docker" / "nats" / "hub.conf").read_text()
+    for port in (options.port, options.mqtt_port, options.http_port, 7422):
+        assert f'"0.0.0.0:{port}"' in hub_conf
 
 
 def test_python_service_variables_are_settings_fields_with_valid_values(
@@ -146,7 +188,8 @@ def test_static_placement_covers_the_demo_model(compose: dict[str, Any]) -> None
     for _, env in python_services(compose).values():
         if "PRISM_HOST_EXPERTS" in env:
             keys = parse_experts(env["PRISM_HOST_EXPERTS"], list_moe_layers(config), config.num_experts)
-            check_budget(len(keys), config.expert_nbytes(4), int(float(env["PRISM_HOST_MEMORY_LIMIT_MB"]) * 2**20))
+            limit = int(float(env["PRISM_HOST_MEMORY_LIMIT_MB"]) * 2**20)
+            check_budget(len(keys), config.expert_nbytes(env["PRISM_HOST_DTYPE"]), limit)
             held |= set(keys)
     assert held == {(layer, e) for layer in list_moe_layers(config) for e in range(config.num_experts)}
 

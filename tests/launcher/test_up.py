@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -42,11 +43,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def prism_up(*args: str, run_dir: Path) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    """`prism up ARGS` on free ports; yields (process, hub URL) once it is up; kills it if still running."""
+def prism_up(*args: str, run_dir: Path, cwd: Path = REPO) -> Iterator[tuple[subprocess.Popen[str], str]]:
+    """`prism up ARGS` on free ports, run in `cwd`; yields (process, hub URL) once it is up; kills it if
+    still running."""
     flags = ports()
     argv = [*PRISM, "up", *args, "--run-dir", str(run_dir), *flags]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     try:
         wait_for_line(process, "prism is up", START_TIMEOUT_S)
         yield process, f"nats://127.0.0.1:{flags[1]}"
@@ -168,6 +170,38 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     assert "gating_stopped" in (run_dir / "gating-node0.log").read_text()  # a clean stop, not a kill
 
 
+def test_up_from_another_directory_with_relative_paths_answers(tiny_model: Path, tmp_path: Path) -> None:
+    """Run from an unrelated directory with a relative --run-dir, --model and --topology: the servers and
+    services (which start in the repository) get absolute paths, and a plain NATS client gets an answer."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "one.toml").write_text('[[nodes]]\nname = "solo"\nhosts = [{ name = "solo-h0", memory_mb = 64 }]\n')
+    model = os.path.relpath(tiny_model, elsewhere)
+    with prism_up("--topology", "one.toml", "--model", model, run_dir=Path("logs/run"), cwd=elsewhere) as (
+        process, url
+    ):
+        async def ask() -> dict[str, Any]:  # a plain NATS request, as any client would send it
+            import nats
+
+            nc = await nats.connect(url)
+            try:
+                msg = await nc.request("prism.v1.infer.solo", b'{"prompt": "hi", "max_tokens": 3}', timeout=60)
+            finally:
+                await nc.close()
+            reply: dict[str, Any] = json.loads(msg.data)
+            return reply
+
+        answer = asyncio.run(ask())
+        assert answer["done"] is True, answer
+        assert answer["token_ids"], answer
+        manifest = json.loads((elsewhere / "logs" / "run" / "stack.json").read_text())
+        assert manifest["ready"] is True
+        assert (elsewhere / "logs" / "run" / "hub.log").is_file()
+        assert not (REPO / "logs").exists()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+
+
 def test_a_bfloat16_topology_serves_and_a_stop_lets_running_requests_finish(tiny_model: Path, tmp_path: Path) -> None:
     """The topology's dtype reaches the gatings too (with float32 gatings, bfloat16 hosts refused every
     hidden state and `prism up` waited for its ready timeout). SIGTERM while a request is decoding: the
@@ -284,9 +318,7 @@ def test_service_settings_come_from_the_environment_except_the_wiring(
     assert (stack.options.max_context, stack.options.expert_timeout_s) == (2048, 3.0)
     stack.prepare()
     stack.leaf_urls = {"node0": "nats://127.0.0.1:1"}
-    gating = stack._service("gating-node0", "services.gating", "PRISM_GATING_", "node0",
-                            {"PRISM_GATING_NODE": "node0", "PRISM_GATING_MAX_CONTEXT": "2048",
-                             "PRISM_GATING_EXPERT_TIMEOUT_S": str(stack.options.expert_timeout_s)})
+    gating = stack.service("gating-node0")
     assert gating.env is not None
     assert gating.env["PRISM_GATING_MAX_BATCH"] == "3"
     assert gating.env["PRISM_GATING_LOG_LEVEL"] == "debug"
@@ -358,19 +390,21 @@ def test_the_demo_model_is_found_from_any_directory(tmp_path: Path, monkeypatch:
 
 async def test_a_child_that_keeps_failing_is_restarted_five_times_then_left(tiny_model: Path, tmp_path: Path) -> None:
     from cli.main import build_parser
-    from cli.stack import RESTARTS_PER_MINUTE, Child, LocalStack
+    from cli.stack import LocalStack
+    from cli.supervisor import RESTARTS_PER_MINUTE
     from cli.up import build_options
+    from shared.process import Child
 
     args = build_parser().parse_args(["up", "--nodes", "1", "--model", str(tiny_model), "--run-dir", str(tmp_path)])
     stack = LocalStack(build_options(args))
     flaky = Child("flaky", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "flaky.log")
-    stack.services = [flaky]
+    stack.supervisor.services = [flaky]
     await flaky.start()
     reports: list[str] = []
     supervisor = asyncio.create_task(stack.supervise(reports.append, poll_s=0.05))
     try:
         async with asyncio.timeout(60):
-            while "flaky" not in stack.given_up:  # noqa: ASYNC110 - the supervisor runs real processes
+            while "flaky" not in stack.supervisor.given_up:  # noqa: ASYNC110 - the supervisor runs real processes
                 await asyncio.sleep(0.05)
     finally:
         supervisor.cancel()
@@ -386,25 +420,21 @@ async def test_a_restarted_host_gets_the_experts_it_last_reported(
     holders had not loaded them yet (both nodes failed every request for the 60 s command timeout)."""
     import nats as nats_client
 
-    from cli.main import build_parser
-    from cli.stack import LocalStack
-    from cli.up import build_options
+    from cli.supervisor import Supervisor
     from shared import subjects
     from shared.schemas import HostStatus
 
-    args = build_parser().parse_args(["up", "--nodes", "1", "--model", str(tiny_model), "--run-dir", str(tmp_path)])
-    stack = LocalStack(build_options(args))
-    stack.hub_url = nats_hub.cfg.client_url()
+    supervisor = Supervisor(nats_hub.cfg.client_url(), stop_timeout_s=5)
     status = HostStatus(host=f"{unique}-h", node="n", device="cpu", memory_used_bytes=0, memory_limit_bytes=1,
                         experts=[(0, 3), (2, 5)], queue_depth=0, batches_served=0, tokens_served=0, errors=0)
-    nc = await nats_client.connect(stack.hub_url)
+    nc = await nats_client.connect(supervisor.hub_url)
     try:
         kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).create_key_value(bucket=subjects.KV_HOSTS, ttl=30)
         await kv.put(status.host, status.model_dump_json().encode())
     finally:
         await nc.close()
-    assert await stack._last_held(status.host) == [(0, 3), (2, 5)]
-    assert await stack._last_held(f"{unique}-unknown") is None
+    assert await supervisor.last_held(status.host) == [(0, 3), (2, 5)]
+    assert await supervisor.last_held(f"{unique}-unknown") is None
 
 
 @pytest.mark.parametrize(

@@ -26,6 +26,8 @@ BUNDLED = {
     "demo.toml": (["edge-a", "edge-b"], [0, 0, 1], [52] * 3, [1.0] * 3, 8e-3, 62.5e6),
     # 512 MiB → 2427.2; every delay 2 ms, so rtt = 2 × (2 + 2) ms; 500 Mbit/s = 62.5 MB/s
     "three-edge.toml": (["edge-a", "edge-b", "edge-c"], [0, 1, 2, 2], [2427] * 4, [1.0, 0.7, 1.0, 1.0], 8e-3, 62.5e6),
+    # 8.1 MiB → 38.4 → 38 (30% of 128); every delay 1 ms, so rtt = 2 × (1 + 1) ms
+    "testbed.toml": (["edge-a", "edge-b", "edge-c"], [0, 1, 2, 2], [38] * 4, [1.0] * 4, 4e-3, 62.5e6),
     # 1024 MiB → 4854.4; no links: an ideal hub
     "loopback.json": (["node0", "node1"], [0, 1], [4854] * 2, [1.0] * 2, 0.0, np.inf),
 }

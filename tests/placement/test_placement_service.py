@@ -125,7 +125,7 @@ async def running_service(
 async def test_plans_follow_shifts_not_noise(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
     nodes = [f"{unique}-a", f"{unique}-b"]
     async with running_service(
-        nats_hub, model_dir, unique, nodes, policy="prism", plan_interval_s=0.2, expert_dtype_bytes=4
+        nats_hub, model_dir, unique, nodes, policy="prism", plan_interval_s=0.2, dtype="float32"
     ) as (nc, service):
         config = load_config(model_dir)
         layers, E = list_moe_layers(config), config.num_experts
@@ -195,7 +195,7 @@ async def test_a_lost_node_is_planned_around_at_once(nats_hub: NatsServer, model
     and planning goes on although node b, still sending requests, has no host at all."""
     nodes = [f"{unique}-a", f"{unique}-b"]
     async with running_service(
-        nats_hub, model_dir, unique, nodes, plan_interval_s=0.2, host_ttl_s=1.0, expert_dtype_bytes=4
+        nats_hub, model_dir, unique, nodes, plan_interval_s=0.2, host_ttl_s=1.0, dtype="float32"
     ) as (nc, service):
         assert service.settings.migration_timeout_s >= 60
         config = load_config(model_dir)
