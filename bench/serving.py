@@ -263,7 +263,7 @@ async def run(args: argparse.Namespace) -> None:
             # node n0's traffic, one message per expert instead of one per host: the alternative
             "gating-n0-per-expert": (
                 "services.gating",
-                gating_env(urls["n0"], model, "n0-per-expert", PRISM_GATING_HOST_BATCHING="false"),
+                gating_env(urls["n0"], model, "n0-per-expert", PRISM_GATING_HOST_MESSAGES="false"),
             ),
         }
         procs = [await start_service(module, env, work / f"{name}.log") for name, (module, env) in services.items()]

@@ -6,8 +6,8 @@ and a summary, stop everything.
 Default topology: topologies/demo.toml (2 nodes, 3 hosts, 2 ms one way, 500 Mbit/s). Node i gets
 domain i of workloads/prompts/ (built-in prompts when those files are missing). Nodes run one
 after another, each with its prompts in flight together (continuous batching), so the change in
-every host's `batches_served` during a node's turn is that node's traffic. Summary per node:
-client-side latency p50/p99, generated tokens/s, the share of expert batches answered by the
+every host's `calls_served` during a node's turn is that node's traffic. Summary per node:
+client-side latency p50/p99, generated tokens/s, the share of expert calls answered by the
 node's own hosts (host counters), and the share of (token, expert) calls whose expert the node
 holds (the gating's activation reports on `prism.v1.activations.<node>` against the placement).
 """
@@ -86,8 +86,8 @@ class NodeRun:
     latencies_s: list[float] = field(default_factory=list)
     tokens: int = 0
     wall_s: float = 0.0
-    own_batches: int = 0
-    all_batches: int = 0
+    own_calls: int = 0
+    all_calls: int = 0
     errors: list[str] = field(default_factory=list)
 
 
@@ -218,7 +218,7 @@ async def _run_node(
     from cli.client import InferError
 
     node = run.node
-    before = await host_batches(client, host_node)
+    before = await host_calls(client, host_node)
     started = time.perf_counter()
     requests = [{"prompt": p, "max_tokens": max_tokens} for p in prompts]
     results = await asyncio.gather(*(client.infer(node, r, timeout_s=120) for r in requests), return_exceptions=True)
@@ -232,20 +232,20 @@ async def _run_node(
             run.answers.append((prompt, result.text))
             run.latencies_s.append(result.latency_s)
             run.tokens += len(result.token_ids)
-    after = await host_batches(client, host_node)
+    after = await host_calls(client, host_node)
     delta = {h: after[h] - before[h] for h in after}
-    run.own_batches = sum(d for h, d in delta.items() if host_node[h] == node)
-    run.all_batches = sum(delta.values())
+    run.own_calls = sum(d for h, d in delta.items() if host_node[h] == node)
+    run.all_calls = sum(delta.values())
 
 
-async def host_batches(client: Any, host_node: dict[str, str]) -> dict[str, int]:
-    """Host → batches_served, from each host's `status` command."""
+async def host_calls(client: Any, host_node: dict[str, str]) -> dict[str, int]:
+    """Host → calls_served, from each host's `status` command."""
     from shared import subjects
 
     out = {}
     for host in host_node:
         msg = await client.nc.request(subjects.host_cmd(host), b'{"kind": "status"}', timeout=5)
-        out[host] = int(json.loads(msg.data)["batches_served"])
+        out[host] = int(json.loads(msg.data)["calls_served"])
     return out
 
 
@@ -286,7 +286,7 @@ def summary_table(
     """One row per node: answered requests, latency p50/p99 (ms), tokens/s, the two local shares."""
     header = (
         f"{'node':<10} {'domain':<8} {'ok':>4} {'p50 ms':>8} {'p99 ms':>8} {'tok/s':>7} "
-        f"{'own-host batches':>17} {'own (token, expert) calls':>26}"
+        f"{'own-host calls':>17} {'own (token, expert) calls':>26}"
     )
     lines = ["", header, "-" * len(header)]
     for run in runs:
@@ -295,10 +295,10 @@ def summary_table(
         ok = len(run.latencies_s)
         p50 = f"{percentile(run.latencies_s, 50) * 1000:.0f}" if ok else "-"
         p99 = f"{percentile(run.latencies_s, 99) * 1000:.0f}" if ok else "-"
-        batch_share = f"{run.own_batches / run.all_batches:.0%} of {run.all_batches}" if run.all_batches else "-"
+        call_share = f"{run.own_calls / run.all_calls:.0%} of {run.all_calls}" if run.all_calls else "-"
         lines.append(
             f"{run.node:<10} {run.domain:<8} {ok:>4} {p50:>8} {p99:>8} {run.tokens / run.wall_s:>7.1f} "
-            f"{batch_share:>17} {'-' if token_share is None else f'{token_share:.0%}':>26}"
+            f"{call_share:>17} {'-' if token_share is None else f'{token_share:.0%}':>26}"
         )
     lines.append("own-host: answered by a host on the asking node (no network hop); the rest crossed the hub.")
     return "\n".join(lines)

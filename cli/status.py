@@ -3,7 +3,7 @@
     prism status [--url nats://...] [--wait S] [--json]
 
 Every Prism service answers `$SRV.PING`; each expert host's `$SRV.STATS` reply carries its HostStatus
-(node, device, resident experts, memory, batches and messages answered, seconds spent answering them,
+(node, device, resident experts, memory, expert calls and messages answered, seconds spent answering them,
 errors). Prints one line per gating and host, grouped by node, then the control-plane services and,
 from the placement plan in KV `prism_placement`, the experts no live host holds (lost with a host,
 until the next plan moves them). --json prints {"services": [...], "hosts": [...], "plan": {...}}.
@@ -115,6 +115,6 @@ def host_line(h: dict[str, Any]) -> str:
     return (
         f"host {h['host']} ({h['device']}): {len(h['experts'])} experts, "
         f"{h['memory_used_bytes'] / mb:.1f}/{h['memory_limit_bytes'] / mb:.0f} MB, "
-        f"{h['batches_served']} expert batches in {messages} messages ({busy}), "
+        f"{h['calls_served']} expert calls in {messages} messages ({busy}), "
         f"queue {h['queue_depth']}, errors {h['errors']}"
     )

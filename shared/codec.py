@@ -30,7 +30,7 @@ DTYPES: dict[str, torch.dtype] = {
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
 ENVELOPE_OVERHEAD = 256
-"""Bytes reserved for the msgpack keys, dtype, shape and meta when sizing batches."""
+"""Bytes reserved for the msgpack keys, dtype, shape and meta when sizing messages."""
 
 # torch warns that a tensor over an immutable buffer is not writable; we never write to it.
 warnings.filterwarnings("ignore", message="The given buffer is not writable")

@@ -156,13 +156,13 @@ class HostStatus(Message):
     memory_limit_bytes: int
     experts: list[tuple[int, int]] = Field(description="resident (layer, expert) pairs")
     queue_depth: int
-    batches_served: int = Field(description="expert batches answered (a host message carries one per expert)")
+    calls_served: int = Field(description="expert calls answered (one per expert of each message answered)")
     tokens_served: int
     errors: int
     messages_served: int = Field(0, description="data messages answered")
     busy_s: float = Field(0.0, description="seconds spent answering them, from decoding to the reply's send")
-    direct_groups: int = Field(0, description="expert groups computed for its own gating (embedded, no message)")
-    direct_tokens: int = Field(0, description="rows of those groups")
+    direct_calls: int = Field(0, description="expert calls computed for its own gating (embedded, no message)")
+    direct_tokens: int = Field(0, description="rows of those calls")
     direct_s: float = Field(0.0, description="seconds of that compute")
     embedded: bool = Field(False, description="the host lives in its node's gating process")
     instance: str = Field("", max_length=64, description="random id of the host process: changes on a restart")
@@ -181,7 +181,7 @@ class LoadCommand(Message):
 
 
 class UnloadCommand(Message):
-    """Unsubscribe these experts, answer the batches already received, then free them (break)."""
+    """Unsubscribe these experts, answer the calls already received, then free them (break)."""
 
     kind: Literal["unload"] = "unload"
     epoch: int = Field(ge=0)

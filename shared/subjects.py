@@ -52,7 +52,7 @@ def reply(client_id: str) -> str:
 
 
 def expert(layer: int, expert_index: int) -> str:
-    """Token batches for one routed expert; served by any holder in queue group EXPERT_QUEUE."""
+    """Expert calls for one routed expert; served by any holder in queue group EXPERT_QUEUE."""
     if layer < 0 or expert_index < 0:
         raise ValueError(f"layer and expert must be >= 0, got {layer}, {expert_index}")
     return f"{ROOT}.expert.{layer}.{expert_index}"
@@ -78,9 +78,9 @@ def host_cmd(host: str) -> str:
     return f"{ROOT}.host.{check_token(host, 'host')}.cmd"
 
 
-def host_batch(host: str) -> str:
-    """Token groups of several experts of one layer for one host (one message instead of one per expert)."""
-    return f"{ROOT}.host.{check_token(host, 'host')}.batch"
+def host_calls(host: str) -> str:
+    """Expert calls for several experts of one layer to one host (one message instead of one per expert)."""
+    return f"{ROOT}.host.{check_token(host, 'host')}.calls"
 
 
 def host_status(host: str) -> str:

@@ -1,1 +1,1 @@
-"""Expert host service: holds routed experts within a memory budget and answers token batches."""
+"""Expert host service: holds routed experts within a memory budget and answers expert calls."""

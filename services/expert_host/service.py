@@ -1,10 +1,11 @@
-"""Expert host: holds routed experts and answers token batches for them.
+"""Expert host: holds routed experts and answers expert calls for them (a call: the rows of one layer
+for one expert; a message carries one call, or on the host subject several).
 
 Subjects:
 - `prism.v1.expert.<layer>.<expert>` (queue group `prism-experts`), one subscription per held expert:
   request = tensor envelope of hidden states [n, D]; reply = envelope of expert outputs [n, D].
   An empty request is a reachability probe and gets an empty reply.
-- `prism.v1.host.<host>.batch`: the groups of several experts of one layer in one envelope
+- `prism.v1.host.<host>.calls`: the calls of several experts of one layer in one envelope
   (meta `layer`, `experts`, `counts` = rows per expert); the reply holds the outputs in the same order.
 - `prism.v1.host.<host>.cmd`: a nats.micro endpoint (service `prism-expert-host`, discoverable with
   `$SRV.PING`): `{"kind": "status"}`, `{"kind": "load", "epoch", "experts"}` (fetch from the object
@@ -19,11 +20,11 @@ other nodes, commands, heartbeats, the budget, migration) is what a separate hos
 
 Failure behaviour: a bad envelope, wrong hidden size or dtype, or an expert this host does not hold is
 answered with an error reply (Nats-Service-Error headers + JSON body) and the host keeps serving.
-Batches of more than `inline_max_tokens` rows run on a worker thread so heartbeats and pings keep
+Messages of more than `inline_max_tokens` rows run on a worker thread so heartbeats and pings keep
 flowing; smaller ones (a thread hop costs more than their math) run inline. More than
-`max_pending` batches in flight are refused with `overloaded` (a bounded queue: an embedded host must
-not let other nodes' batches pile up behind its gating's steps). `stop()` unsubscribes,
-then waits (bounded) for in-flight batches to be answered.
+`max_pending` messages in flight are refused with `overloaded` (a bounded queue: an embedded host must
+not let other nodes' messages pile up behind its gating's steps). `stop()` unsubscribes,
+then waits (bounded) for in-flight messages to be answered.
 """
 
 from __future__ import annotations
@@ -60,12 +61,12 @@ SERVICE_NAME = subjects.SERVICE_HOST
 
 @dataclass
 class Counters:
-    batches: int = 0
+    calls: int = 0
     tokens: int = 0
     errors: int = 0
     messages: int = 0
     busy_s: float = 0.0  # answering data messages: with the transport's round trip, a layer's wait
-    direct_groups: int = 0  # expert groups computed for the gating of this process (embedded), no message
+    direct_calls: int = 0  # expert calls computed for the gating of this process (embedded), no message
     direct_tokens: int = 0
     direct_s: float = 0.0  # seconds of that compute
     per_expert: dict[str, int] = field(default_factory=dict)
@@ -95,7 +96,7 @@ class ExpertHost:
         self.dtype = getattr(torch, settings.dtype)
         self.counters = Counters()
         self._subscriptions: dict[tuple[int, int], Subscription] = {}
-        self._host_batches: Subscription | None = None
+        self._host_calls: Subscription | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"experts-{settings.host}")
         self._in_flight = 0
         self._idle = asyncio.Event()
@@ -104,7 +105,7 @@ class ExpertHost:
         self._micro: Service | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._spinner: asyncio.Task[None] | None = None
-        self._last_batch = 0.0
+        self._last_message = 0.0
 
     async def start(self) -> None:
         self._micro = await add_service(
@@ -125,7 +126,7 @@ class ExpertHost:
         )
         for key in sorted(self.weights):
             await self.subscribe(key)
-        self._host_batches = await self.nc.subscribe(subjects.host_batch(self.settings.host), cb=self._on_batch)
+        self._host_calls = await self.nc.subscribe(subjects.host_calls(self.settings.host), cb=self._on_message)
         await self.nc.flush()
         self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name=f"heartbeat-{self.settings.host}")
         log.info(
@@ -137,14 +138,15 @@ class ExpertHost:
         )
 
     async def subscribe(self, key: tuple[int, int]) -> None:
-        """Start answering batches for expert `key` (its weights must be resident)."""
+        """Start answering calls for expert `key` (its weights must be resident)."""
         if key not in self._subscriptions:
             subject = subjects.expert(*key)
-            self._subscriptions[key] = await self.nc.subscribe(subject, queue=subjects.EXPERT_QUEUE, cb=self._on_batch)
+            queue = subjects.EXPERT_QUEUE
+            self._subscriptions[key] = await self.nc.subscribe(subject, queue=queue, cb=self._on_message)
 
     # ---- data plane --------------------------------------------------------------------------
 
-    async def _on_batch(self, msg: Msg) -> None:
+    async def _on_message(self, msg: Msg) -> None:
         if not msg.data:  # an empty request is a reachability probe (used for readiness checks)
             await msg.respond(b"")
             return
@@ -155,10 +157,10 @@ class ExpertHost:
             if self._stopping:
                 raise ShuttingDown(f"host {self.settings.host} is shutting down")
             if self._in_flight > self.settings.max_pending:
-                raise Overloaded(f"host {self.settings.host} has {self._in_flight - 1} batches in flight; retry later")
+                raise Overloaded(f"host {self.settings.host} has {self._in_flight - 1} messages in flight; retry later")
             hidden, meta = self._decode(msg.data)
-            if msg.subject == subjects.host_batch(self.settings.host):
-                layer, experts, counts = self._batch_parts(hidden, meta)
+            if msg.subject == subjects.host_calls(self.settings.host):
+                layer, experts, counts = self._call_parts(hidden, meta)
             else:
                 (layer, expert), counts = subjects.parse_expert(msg.subject), [hidden.shape[0]]
                 experts = [expert]
@@ -170,11 +172,11 @@ class ExpertHost:
             self._stay_awake()
         except PrismError as err:
             self.counters.errors += 1
-            log.warning("batch_refused", subject=msg.subject, code=err.code, error=err.message)
+            log.warning("message_refused", subject=msg.subject, code=err.code, error=err.message)
             await self._respond_error(msg, err)
-        except Exception:  # a bug must cost one batch, answered, not the host or a caller's timeout
+        except Exception:  # a bug must cost one message, answered, not the host or a caller's timeout
             self.counters.errors += 1
-            log.exception("batch_failed", subject=msg.subject)
+            log.exception("message_failed", subject=msg.subject)
             await self._respond_error(msg, PrismError(f"host {self.settings.host} failed on this batch"))
         finally:
             self._in_flight -= 1
@@ -182,17 +184,17 @@ class ExpertHost:
                 self._idle.set()
 
     def _stay_awake(self) -> None:
-        """Busy-poll for `busy_poll_s` after a batch: the next layer's batch follows within a millisecond
+        """Busy-poll for `busy_poll_s` after a message: the next layer's message follows within a millisecond
         or two, and a process woken from sleep answers it markedly later on virtual machines (an echo
         through a leaf here: 1.0 ms p50 sleeping, 0.5 ms polling; bench/serving.py compares both).
         Like Linux's busy_poll, bounded; it costs a core while it lasts."""
-        self._last_batch = time.monotonic()
+        self._last_message = time.monotonic()
         if self._spinner is None and self.settings.busy_poll_s > 0:
             self._spinner = asyncio.create_task(self._spin(), name=f"busy-poll-{self.settings.host}")
 
     async def _spin(self) -> None:
         try:
-            while time.monotonic() - self._last_batch < self.settings.busy_poll_s:  # noqa: ASYNC110 - spinning is the point
+            while time.monotonic() - self._last_message < self.settings.busy_poll_s:  # noqa: ASYNC110 - spinning is the point
                 await asyncio.sleep(0)  # one event-loop turn: polls the socket without blocking
         finally:
             self._spinner = None
@@ -206,8 +208,8 @@ class ExpertHost:
         return hidden, meta
 
     @staticmethod
-    def _batch_parts(hidden: torch.Tensor, meta: dict[str, Any]) -> tuple[int, list[int], list[int]]:
-        """(layer, experts, rows per expert) of a host batch, checked against the tensor."""
+    def _call_parts(hidden: torch.Tensor, meta: dict[str, Any]) -> tuple[int, list[int], list[int]]:
+        """(layer, experts, rows per expert) of a host message, checked against the tensor."""
         layer, experts, counts = meta.get("layer"), meta.get("experts"), meta.get("counts")
         if not (
             isinstance(layer, int)
@@ -217,7 +219,7 @@ class ExpertHost:
             and all(isinstance(x, int) and x >= 0 for x in [*experts, *counts])
             and sum(counts) == hidden.shape[0]
         ):
-            raise BadTensor("a host batch needs meta layer, experts and counts (rows per expert, summing to n)")
+            raise BadTensor("a host message needs meta layer, experts and counts (rows per expert, summing to n)")
         return layer, experts, counts
 
     async def _compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
@@ -237,7 +239,7 @@ class ExpertHost:
 
     async def compute_direct(self, layer: int, experts: list[int], parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """The embedded path: each expert's output for its rows (`parts`, in the order of `experts`), for
-        the gating of this process. Inline for small groups, on the host's worker thread for big ones
+        the gating of this process. Inline for small calls, on the host's worker thread for big ones
         (as for a batch from the bus). Raises UnknownExpert for an expert no longer resident."""
         missing = [e for e in experts if (layer, e) not in self.weights]
         if missing:
@@ -249,7 +251,7 @@ class ExpertHost:
             outs = self._run_each(weights, parts)
         else:
             outs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_each, weights, parts)
-        self.counters.direct_groups += len(experts)
+        self.counters.direct_calls += len(experts)
         self.counters.direct_tokens += rows
         self.counters.direct_s += time.perf_counter() - started
         return outs
@@ -262,7 +264,7 @@ class ExpertHost:
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _count(self, layer: int, experts: list[int], tokens: int) -> None:
-        self.counters.batches += len(experts)  # one per expert, whichever subject carried it
+        self.counters.calls += len(experts)  # one per expert, whichever subject carried it
         self.counters.tokens += tokens
         for expert in experts:
             name = f"{layer}.{expert}"
@@ -320,7 +322,7 @@ class ExpertHost:
         await self.nc.flush()
 
     async def unload(self, keys: list[tuple[int, int]]) -> None:
-        """Stop taking batches for `keys`, answer the ones already received (drain), then free them."""
+        """Stop taking calls for `keys`, answer the ones already received (drain), then free them."""
         for key in sorted(set(keys)):
             sub = self._subscriptions.pop(key, None)
             if sub is not None:
@@ -338,12 +340,12 @@ class ExpertHost:
             memory_limit_bytes=int(self.settings.memory_limit_mb * 2**20),
             experts=sorted(self._subscriptions),
             queue_depth=self._in_flight,
-            batches_served=self.counters.batches,
+            calls_served=self.counters.calls,
             tokens_served=self.counters.tokens,
             errors=self.counters.errors,
             messages_served=self.counters.messages,
             busy_s=self.counters.busy_s,
-            direct_groups=self.counters.direct_groups,
+            direct_calls=self.counters.direct_calls,
             direct_tokens=self.counters.direct_tokens,
             direct_s=self.counters.direct_s,
             embedded=self.embedded,
@@ -351,7 +353,7 @@ class ExpertHost:
         )
 
     def _stats_data(self, endpoint: EndpointStats) -> dict[str, object]:
-        return {"status": self.status().model_dump(), "batches_per_expert": dict(self.counters.per_expert)}
+        return {"status": self.status().model_dump(), "calls_per_expert": dict(self.counters.per_expert)}
 
     async def _heartbeat_loop(self) -> None:
         subject = subjects.host_status(self.settings.host)
@@ -361,15 +363,15 @@ class ExpertHost:
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
     async def stop(self) -> None:
-        """Stop taking batches, answer the ones in flight (bounded), release resources."""
+        """Stop taking calls, answer the ones in flight (bounded), release resources."""
         self._stopping = True
         for sub in self._subscriptions.values():
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subscriptions.clear()
-        if self._host_batches is not None:
+        if self._host_calls is not None:
             with contextlib.suppress(Exception):
-                await self._host_batches.unsubscribe()
+                await self._host_calls.unsubscribe()
         started = time.monotonic()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.settings.drain_timeout_s):

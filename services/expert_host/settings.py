@@ -26,12 +26,12 @@ class ExpertHostSettings(ServiceSettings):
     dtype: DtypeName = Field("float32", description="expert weight dtype")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="status heartbeat period, seconds")
     inline_max_tokens: int = Field(
-        64, ge=0, le=1_000_000, description="batches of at most this many tokens compute on the event loop"
+        64, ge=0, le=1_000_000, description="messages of at most this many tokens compute on the event loop"
     )
     busy_poll_s: float = Field(
-        0.002, ge=0, le=1, description="keep polling this long after a batch instead of sleeping (0: off), seconds"
+        0.002, ge=0, le=1, description="keep polling this long after a message instead of sleeping (0: off), seconds"
     )
     max_pending: int = Field(
-        64, ge=1, le=100_000, description="batches from the bus in flight at once; beyond, 'overloaded'"
+        64, ge=1, le=100_000, description="messages from the bus in flight at once; beyond, 'overloaded'"
     )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for expert compute")

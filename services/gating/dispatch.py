@@ -3,7 +3,7 @@
 The call's rows are one expert-sorted block (`Routing`). Experts held by an embedded host (an
 `ExpertHost` in this process: the node's own devices) are computed by a direct call on the rows, with
 no envelope and no broker. The rest leave first: with a host directory (host heartbeats), the rows of
-all experts one host holds go to that host in one message (`prism.v1.host.<host>.batch`), local hosts
+all experts one host holds go to that host in one message (`prism.v1.host.<host>.calls`), local hosts
 first; experts without a known holder, and any a host refuses, go to
 `prism.v1.expert.<layer>.<expert>` (split to fit max_payload), where NATS picks the nearest holder in
 the queue group. While they are in flight the embedded experts compute, so a layer waits
@@ -12,8 +12,8 @@ responders", or an error reply mark their tokens failed with `expert_unavailable
 decides which requests that fails. One deadline covers a whole call: a fallback after a host that
 timed out gets only what is left of it.
 
-Counting: a *group* is one expert's rows in one call (what an expert computes at once); a *message*
-is what crosses the bus (a host message carries several groups).
+Counting: an *expert call* is one expert's rows in one MoE call (what an expert computes at once); a *message*
+is what crosses the bus (a host message carries several expert calls).
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ class NodeExperts:
         self.directory = directory
         self.embedded = list(embedded)
         self.messages = 0  # data messages sent
-        self.local_groups = 0  # expert groups computed in this process
-        self.remote_groups = 0  # expert groups sent over the bus (a fallback counts again)
+        self.local_calls = 0  # expert calls computed in this process
+        self.remote_calls = 0  # expert calls sent over the bus (a fallback counts again)
 
     async def __call__(self, call: MoECall, live: Tensor) -> ExpertsResult:
         routing = Routing.of(call.expert_ids, live)
@@ -107,7 +107,7 @@ class NodeExperts:
             except PrismError:  # freed by a migration since the split: its new holder is on the bus
                 answers += await self._answer(layer, rows, spans, experts, deadline)
                 continue
-            self.local_groups += len(experts)
+            self.local_calls += len(experts)
             answers += [([e], out) for e, out in zip(experts, outs, strict=True)]
         return answers
 
@@ -138,7 +138,7 @@ class NodeExperts:
     ) -> list[tuple[list[int], Answer]]:
         """`experts`' output rows (or error), as (experts, their rows stacked in that order): one
         message per known holding host, the rest (and what a host refuses) on the experts' own subjects."""
-        self.remote_groups += len(experts)
+        self.remote_calls += len(experts)
         by_host, direct = self.directory.route(layer, experts) if self.directory else ({}, experts)
         jobs = [self._via_host(host, layer, held, rows, spans, deadline) for host, held in by_host.items()]
         if direct:
@@ -156,7 +156,7 @@ class NodeExperts:
         self.messages += 1
         try:
             check_size(payload, None, self.max_payload)
-            msg = await self.nc.request(subjects.host_batch(host), payload, timeout=_left(deadline))
+            msg = await self.nc.request(subjects.host_calls(host), payload, timeout=_left(deadline))
         except (PrismError, NoRespondersError, NatsTimeoutError, TimeoutError):
             return await self._via_subjects(layer, experts, rows, spans, deadline)
         out = _parse_reply(msg.headers, msg.data, hidden, f"host {host}")

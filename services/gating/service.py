@@ -5,7 +5,7 @@ Subjects:
   replies go to the message's reply subject, or for MQTT clients (no reply subject) to
   `prism.v1.reply.<client_id>` (MQTT `prism/v1/reply/<client_id>`). Streaming requests get one
   TokenChunk per token, then a FinalReply; errors are one ErrorReply plus Nats-Service-Error headers.
-- `prism.v1.host.<host>.batch` / `prism.v1.expert.<layer>.<expert>`: token batches out (see dispatch.py);
+- `prism.v1.host.<host>.calls` / `prism.v1.expert.<layer>.<expert>`: expert calls out (see dispatch.py);
   `prism.v1.host.*.status` in: who holds which expert (directory.py).
 - `prism.v1.activations.<node>`: activation report every `activation_interval_s`.
 
@@ -246,7 +246,7 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     tokenizer = Tokenizer.from_dir(settings.model) if (settings.model / "tokenizer.json").exists() else None
     config = model.config
     counter = ActivationCounter(settings.node, list_moe_layers(config), config.num_experts)
-    directory = HostDirectory(settings.node, settings.host_ttl_s) if settings.host_batching else None
+    directory = HostDirectory(settings.node, settings.host_ttl_s) if settings.host_messages else None
     hosts = [embedded_host(nc, settings, spec) for spec in settings.embedded_hosts]
     experts = NodeExperts(
         nc,

@@ -37,7 +37,7 @@ class GatingSettings(WatchesHosts):
     inline_max_tokens: int = Field(
         64, ge=0, le=1_000_000, description="steps of at most this many tokens compute on the event loop"
     )
-    host_batching: bool = Field(
+    host_messages: bool = Field(
         True, description="send one message per holding host and layer (from host heartbeats), not one per expert"
     )
     embedded_hosts: list[EmbeddedHost] = Field(

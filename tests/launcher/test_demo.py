@@ -54,7 +54,7 @@ def test_demo_runs_summarises_and_stops_everything(
     for node in first:
         assert first[node][2] == second[node][2] == "2", (first, second)  # both requests answered, twice
         assert float(first[node][5]) > 0  # tokens/s
-        # One host per node holding half the experts: some batches are local, some crossed the hub.
+        # One host per node holding half the experts: some calls are local, some crossed the hub.
         assert 0 < int(first[node][6].rstrip("%")) < 100, first[node]
         # Each host has room for the whole model, so the re-placement makes every call local.
         assert second[node][6] == "100%", second[node]
@@ -89,7 +89,7 @@ def test_percentile_is_nearest_rank() -> None:
 
 
 def test_summary_table_shares() -> None:
-    run = NodeRun("n0", "c", latencies_s=[0.1, 0.3], tokens=8, wall_s=0.5, own_batches=3, all_batches=4)
+    run = NodeRun("n0", "c", latencies_s=[0.1, 0.3], tokens=8, wall_s=0.5, own_calls=3, all_calls=4)
     tally = ActivationTally()
     tally.counts = {"n0": {(0, 0): 6, (0, 1): 2}}
     table = summary_table([run], tally, {"h0": [(0, 0)], "h1": [(0, 1)]}, {"h0": "n0", "h1": "n1"})

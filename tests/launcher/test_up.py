@@ -426,7 +426,7 @@ async def test_a_restarted_host_gets_the_experts_it_last_reported(
 
     supervisor = Supervisor(nats_hub.cfg.client_url(), stop_timeout_s=5)
     status = HostStatus(host=f"{unique}-h", node="n", device="cpu", memory_used_bytes=0, memory_limit_bytes=1,
-                        experts=[(0, 3), (2, 5)], queue_depth=0, batches_served=0, tokens_served=0, errors=0)
+                        experts=[(0, 3), (2, 5)], queue_depth=0, calls_served=0, tokens_served=0, errors=0)
     nc = await nats_client.connect(supervisor.hub_url)
     try:
         kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).create_key_value(bucket=subjects.KV_HOSTS, ttl=30)

@@ -60,7 +60,7 @@ async def register_hosts(
             memory_limit_bytes=slots * expert_bytes,
             experts=held,
             queue_depth=0,
-            batches_served=0,
+            calls_served=0,
             tokens_served=0,
             errors=0,
         )

@@ -35,7 +35,7 @@ async def test_greedy_equals_in_process(cluster: LocalCluster, family: str, deep
     batch = prompts(4, seed=7)
     expected = reference(model_dir, batch, max_tokens=12)
     clients = {n: await cluster.connect(n) for n in ("a", "b")}
-    served_before = {name: host.counters.batches for name, host in cluster.hosts.items()}
+    served_before = {name: host.counters.calls for name, host in cluster.hosts.items()}
     # Two requests per node at once: each gating batches them (ragged prefill + decode over MLA).
     async with asyncio.timeout(60):
         replies = await asyncio.gather(*(
@@ -45,7 +45,7 @@ async def test_greedy_equals_in_process(cluster: LocalCluster, family: str, deep
     for i, (reply, _) in enumerate(replies):
         assert reply["token_ids"] == expected[i], f"prompt {i} on node {'abab'[i]}"
     # Routed experts crossed the seam to the hosts; only MoE layers (1, 2) are hosted at all.
-    assert all(host.counters.batches > served_before[name] for name, host in cluster.hosts.items())
+    assert all(host.counters.calls > served_before[name] for name, host in cluster.hosts.items())
     assert {layer for host in cluster.hosts.values() for layer, _ in host.weights} == {1, 2}
     # Each gating keeps shared experts local and caches kv_lora_rank + qk_rope_head_dim per token and layer.
     for gating in cluster.gatings.values():

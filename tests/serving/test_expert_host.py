@@ -50,7 +50,7 @@ async def test_bad_batches_get_coded_errors_and_the_host_keeps_serving(
     assert torch.equal(out, expert_forward(load_expert(mixtral_dir, 0, 2), x))
     assert host.counters.errors == len(cases)
     status = host.status()  # refused batches are errors, not served messages or busy time
-    assert (status.messages_served, status.batches_served, status.tokens_served) == (1, 1, 5)
+    assert (status.messages_served, status.calls_served, status.tokens_served) == (1, 1, 5)
     assert 0 < status.busy_s < 5
 
 
@@ -58,7 +58,7 @@ async def test_unknown_expert_is_refused_by_name(cluster: LocalCluster, mixtral_
     await cluster.add_node("a")
     host = await cluster.add_host("a", "h", mixtral_dir, "0:0")
     # a batch can only reach this host for an expert it does not hold through a stale subscription
-    await host.nc.subscribe(subjects.expert(0, 5), queue=subjects.EXPERT_QUEUE, cb=host._on_batch)
+    await host.nc.subscribe(subjects.expert(0, 5), queue=subjects.EXPERT_QUEUE, cb=host._on_message)
     nc = await cluster.connect("a")
     reply = await nc.request(subjects.expert(0, 5), encode_tensor(torch.zeros(1, host.hidden_size)), timeout=5)
     assert json.loads(reply.data)["error"]["code"] == "unknown_expert"

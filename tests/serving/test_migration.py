@@ -77,10 +77,10 @@ async def test_experts_move_while_requests_run(cluster: LocalCluster, mixtral_di
     assert sorted(b0.weights) == keys
     assert sorted(a0.weights) == keys[: len(keys) // 2]
 
-    served_by_a = a0.counters.batches
+    served_by_a = a0.counters.calls
     reply, _ = await ask(nc, node, {"input_ids": prompts[0], "max_tokens": 8})
     assert reply["token_ids"] == expected[0][:8]
-    assert a0.counters.batches == served_by_a, "after the move node b serves itself"
+    assert a0.counters.calls == served_by_a, "after the move node b serves itself"
     await migrator.stop()
     await hub.close()
 
@@ -180,7 +180,7 @@ async def test_a_host_that_stops_during_a_load_fails_the_epoch_at_once(
     doomed = await cluster.connect("a")
     name = f"{cluster.prefix}-doomed"
     status = HostStatus(host=name, node=cluster.node("a"), device="cpu", memory_used_bytes=0,
-                        memory_limit_bytes=2**30, experts=[], queue_depth=0, batches_served=0, tokens_served=0,
+                        memory_limit_bytes=2**30, experts=[], queue_depth=0, calls_served=0, tokens_served=0,
                         errors=0).model_dump_json().encode()
 
     async def answer_status_only(msg: nats.aio.msg.Msg) -> None:  # takes the load, then "dies"
@@ -241,7 +241,7 @@ async def test_a_command_lost_with_a_restarted_host_is_sent_again(
 
     def status(instance: str, experts: list[tuple[int, int]]) -> bytes:
         return HostStatus(host=name, node=cluster.node("a"), device="cpu", memory_used_bytes=0,
-                          memory_limit_bytes=2**30, experts=experts, queue_depth=0, batches_served=0,
+                          memory_limit_bytes=2**30, experts=experts, queue_depth=0, calls_served=0,
                           tokens_served=0, errors=0, instance=instance).model_dump_json().encode()
 
     old, new = await cluster.connect("a"), await cluster.connect("a")

@@ -64,14 +64,14 @@ async def test_sixteen_concurrent_requests_batch_and_match(cluster: LocalCluster
 async def test_local_holder_serves_its_own_node(cluster: LocalCluster, mixtral_dir: Path) -> None:
     await spread(cluster, mixtral_dir)
     a0, a1, b0 = (cluster.hosts[h] for h in ("a0", "a1", "b0"))
-    before = {h: cluster.hosts[h].counters.batches for h in cluster.hosts}
+    before = {h: cluster.hosts[h].counters.calls for h in cluster.hosts}
     await ask(await cluster.connect("b"), cluster.node("b"), {"input_ids": prompts(1, 2)[0], "max_tokens": 6})
-    assert a0.counters.batches == before["a0"], "experts 0-3 of node b must be served by b's own host"
-    assert b0.counters.batches > before["b0"]
-    assert a1.counters.batches > before["a1"], "experts 4-7 exist only on node a"
-    before = {h: cluster.hosts[h].counters.batches for h in cluster.hosts}
+    assert a0.counters.calls == before["a0"], "experts 0-3 of node b must be served by b's own host"
+    assert b0.counters.calls > before["b0"]
+    assert a1.counters.calls > before["a1"], "experts 4-7 exist only on node a"
+    before = {h: cluster.hosts[h].counters.calls for h in cluster.hosts}
     await ask(await cluster.connect("a"), cluster.node("a"), {"input_ids": prompts(1, 3)[0], "max_tokens": 6})
-    assert b0.counters.batches == before["b0"], "node a holds everything it needs"
+    assert b0.counters.calls == before["b0"], "node a holds everything it needs"
 
 
 BAD_REQUESTS = [
@@ -112,7 +112,7 @@ async def test_hostile_traffic_leaves_serving_alone(cluster: LocalCluster, mixtr
     nc = await cluster.connect("a")
     node = cluster.node("a")
     fake = {"host": "a.b", "node": node, "device": "cpu", "memory_used_bytes": 0, "memory_limit_bytes": 1,
-            "experts": [[0, e] for e in range(8)], "queue_depth": 0, "batches_served": 0, "tokens_served": 0,
+            "experts": [[0, e] for e in range(8)], "queue_depth": 0, "calls_served": 0, "tokens_served": 0,
             "errors": 0}
     await nc.publish(subjects.host_status("x"), json.dumps(fake).encode())
     await nc.publish(subjects.infer(node), json.dumps({"input_ids": [5, 6], "max_tokens": 4096}).encode())
@@ -181,9 +181,9 @@ async def test_a_hung_host_fails_its_requests_within_one_timeout(cluster: LocalC
     await cluster.add_gating("a", mixtral_dir, expert_timeout_s=1.0)
     hung = await cluster.connect("a")
     name = f"{cluster.prefix}-hung"
-    await hung.subscribe(subjects.host_batch(name))  # takes every batch, answers none
+    await hung.subscribe(subjects.host_calls(name))  # takes every message, answers none
     status = HostStatus(host=name, node=cluster.node("a"), device="cpu", memory_used_bytes=0, memory_limit_bytes=1,
-                        experts=[(layer, e) for layer in (0, 1) for e in range(8)], queue_depth=0, batches_served=0,
+                        experts=[(layer, e) for layer in (0, 1) for e in range(8)], queue_depth=0, calls_served=0,
                         tokens_served=0, errors=0)
     directory = cluster.gatings["a"].engine.experts.directory
     async with asyncio.timeout(5):

@@ -62,7 +62,7 @@ def test_error_reply_finds_id_and_mqtt_client_when_it_can() -> None:
 def test_host_names_must_be_subject_tokens() -> None:
     """A heartbeat naming host "a.b" would make gatings and the migrator address a bad subject."""
     status = {"host": "a.b", "node": "n", "device": "cpu", "memory_used_bytes": 0, "memory_limit_bytes": 1,
-              "experts": [], "queue_depth": 0, "batches_served": 0, "tokens_served": 0, "errors": 0}
+              "experts": [], "queue_depth": 0, "calls_served": 0, "tokens_served": 0, "errors": 0}
     with pytest.raises(ValueError, match="host"):
         HostStatus.model_validate(status)
     assert HostStatus.model_validate({**status, "host": "a-b_1"}).host == "a-b_1"
