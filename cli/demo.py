@@ -6,7 +6,8 @@ and a summary, stop everything.
 Default topology: topologies/demo.toml (2 nodes, 3 hosts, 2 ms one way, 500 Mbit/s). Node i gets
 domain i of workloads/prompts/ (built-in prompts when those files are missing). Nodes run one
 after another, each with its prompts in flight together (continuous batching), so the change in
-every host's `calls_served` during a node's turn is that node's traffic. Summary per node:
+every host's expert calls (`calls_served` + `direct_calls`) during a node's turn is that node's
+traffic. Summary per node:
 client-side latency p50/p99, generated tokens/s, the share of expert calls answered by the
 node's own hosts (host counters), and the share of (token, expert) calls whose expert the node
 holds (the gating's activation reports on `prism.v1.activations.<node>` against the placement).
@@ -239,13 +240,15 @@ async def _run_node(
 
 
 async def host_calls(client: Any, host_node: dict[str, str]) -> dict[str, int]:
-    """Host → calls_served, from each host's `status` command."""
+    """Host → expert calls answered (from the bus, and by a direct call for its own gating when it is
+    embedded), from each host's `status` command."""
     from shared import subjects
 
     out = {}
     for host in host_node:
         msg = await client.nc.request(subjects.host_cmd(host), b'{"kind": "status"}', timeout=5)
-        out[host] = int(json.loads(msg.data)["calls_served"])
+        status = json.loads(msg.data)
+        out[host] = int(status["calls_served"]) + int(status["direct_calls"])
     return out
 
 

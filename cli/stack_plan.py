@@ -2,7 +2,8 @@
 and nothing runs). cli/stack.py starts what this describes; docker-compose.yml describes the same
 services, and tests/launcher/test_compose.py reads it against `plan_stack`.
 
-Per node a gating and its expert hosts, which connect to the node's leaf server; on the hub the
+Per node a gating, with the node's embedded expert hosts in its process (`embedded = true`, the
+default), and a process per other expert host, all connected to the node's leaf server; on the hub the
 placement service and the migrator (KV writes from a leaf get "no responders"). Each service is
 configured by environment variables only: `settings` are the ones the launcher sets (the wiring of
 the stack, and the stack options), everything else comes from the caller's environment.
@@ -11,13 +12,14 @@ the stack, and the stack options), everything else comes from the caller's envir
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from shared.settings import DEFAULT_HOST_TTL_S
-from shared.topology import Topology, TopologyError, initial_placement
+from shared.topology import NodeSpec, Topology, TopologyError, initial_placement
 
 MIB = 2**20
 MIN_PAYLOAD = 8 * MIB
@@ -97,7 +99,11 @@ def plan_stack(opts: StackOptions, environ: Mapping[str, str], cores: int) -> St
         raise StackError(str(exc)) from None
     max_payload = max_payload_for(config.hidden_size, opts.max_context)
     wiring = {"MODEL": str(opts.model.resolve()), "MAX_PAYLOAD_BYTES": str(max_payload), "LOG_FORMAT": "json"}
-    services = [*_hosts(opts, placement, expert_bytes, environ, cores), *_gatings(opts), *_control_plane(opts)]
+    services = [
+        *_hosts(opts, placement, expert_bytes, environ, cores),
+        *_gatings(opts, placement, expert_bytes),
+        *_control_plane(opts),
+    ]
     return StackPlan(
         model_name=opts.model.resolve().name,
         expert_bytes=expert_bytes,
@@ -121,9 +127,9 @@ def _hosts(
     opts: StackOptions, placement: dict[str, list[tuple[int, int]]], expert_bytes: int, environ: Mapping[str, str],
     cores: int,
 ) -> list[_Service]:
-    hosts = opts.topology.hosts()
-    # A host busy-polls after a batch only where every host and gating can have a core of its own:
-    # on fewer cores the spinning takes CPU from the others (bench/serving.py measures both).
+    hosts = [(node, host) for node, host in opts.topology.hosts() if not host.embedded]
+    # A host process busy-polls after a message only where every host and gating can have a core of its
+    # own: on fewer cores the spinning takes CPU from the others (bench/serving.py measures both).
     spare_cores = cores > len(hosts) + len(opts.topology.nodes)
     busy_poll_s = environ.get("PRISM_HOST_BUSY_POLL_S", "0.002" if spare_cores else "0")
     return [
@@ -140,7 +146,7 @@ def _hosts(
     ]
 
 
-def _gatings(opts: StackOptions) -> list[_Service]:
+def _gatings(opts: StackOptions, placement: dict[str, list[tuple[int, int]]], expert_bytes: int) -> list[_Service]:
     return [
         (f"gating-{node.name}", "services.gating", "PRISM_GATING_", node.name, {
             "PRISM_GATING_NODE": node.name,
@@ -149,9 +155,24 @@ def _gatings(opts: StackOptions) -> list[_Service]:
             "PRISM_GATING_EXPERT_TIMEOUT_S": str(opts.expert_timeout_s),
             "PRISM_GATING_ACTIVATION_INTERVAL_S": str(opts.activation_interval_s),
             "PRISM_GATING_HOST_TTL_S": str(opts.host_ttl_s),
+            "PRISM_GATING_EMBEDDED_HOSTS": embedded_hosts_json(node, placement, expert_bytes),
         })
         for node in opts.topology.nodes
     ]
+
+
+def embedded_hosts_json(node: NodeSpec, placement: dict[str, list[tuple[int, int]]], expert_bytes: int) -> str:
+    """PRISM_GATING_EMBEDDED_HOSTS for `node`: its hosts that live in its gating, with their first experts."""
+    return json.dumps([
+        {
+            "host": host.name,
+            "experts": format_experts(placement[host.name]),
+            "memory_limit_mb": round(host.memory_limit_mb(expert_bytes), 6),
+            "device": host.device,
+        }
+        for host in node.hosts
+        if host.embedded
+    ], separators=(",", ":"))
 
 
 def _control_plane(opts: StackOptions) -> list[_Service]:

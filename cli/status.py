@@ -113,8 +113,8 @@ def host_line(h: dict[str, Any]) -> str:
     busy = f"{1000 * h.get('busy_s', 0.0) / messages:.2f} ms each" if messages else "—"
     mb = 2**20
     return (
-        f"host {h['host']} ({h['device']}): {len(h['experts'])} experts, "
+        f"host {h['host']} ({h['device']}{', embedded' if h.get('embedded') else ''}): {len(h['experts'])} experts, "
         f"{h['memory_used_bytes'] / mb:.1f}/{h['memory_limit_bytes'] / mb:.0f} MB, "
-        f"{h['calls_served']} expert calls in {messages} messages ({busy}), "
+        f"{h['calls_served']} expert calls in {messages} messages ({busy}), {h.get('direct_calls', 0)} direct, "
         f"queue {h['queue_depth']}, errors {h['errors']}"
     )

@@ -1,6 +1,7 @@
 """The children of `prism up` while they run: restart one that dies, stop them all in order.
 
-An expert host restarts with the experts it last reported holding (its first ones may have moved
+An expert host restarts with the experts it last reported holding, a gating with its embedded hosts'
+experts as they last reported them (the first ones may have moved
 since); not the current plan's: during a migration that would drop experts whose new holders have
 not loaded them yet. The migrator resends the command the dead host lost. A child that fails
 RESTARTS_PER_MINUTE times within a minute is left stopped: it would only loop.
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import Awaitable, Callable
 
@@ -62,13 +64,24 @@ class Supervisor:
             await asyncio.sleep(poll_s)
 
     async def restart(self, child: Child) -> None:
-        """Start `child` again; an expert host with the experts it last reported holding."""
-        host = child.name.removeprefix("host-") if child.name.startswith("host-") else None
-        if host is not None and child.env is not None:
-            keys = await self.last_held(host)
+        """Start `child` again; an expert host (a process, or embedded in a gating) with the experts it
+        last reported holding."""
+        if child.env is not None and child.name.startswith("host-"):
+            keys = await self.last_held(child.name.removeprefix("host-"))
             if keys is not None:
                 child.env = {**child.env, "PRISM_HOST_EXPERTS": format_experts(keys)}
+        elif child.env is not None and "PRISM_GATING_EMBEDDED_HOSTS" in child.env:
+            child.env = {**child.env, "PRISM_GATING_EMBEDDED_HOSTS": await self._embedded_last_held(child.env)}
         await child.start()
+
+    async def _embedded_last_held(self, env: dict[str, str]) -> str:
+        """A gating's PRISM_GATING_EMBEDDED_HOSTS with each host's experts as it last reported them."""
+        hosts = json.loads(env["PRISM_GATING_EMBEDDED_HOSTS"])
+        for host in hosts:
+            keys = await self.last_held(host["host"])
+            if keys is not None:
+                host["experts"] = format_experts(keys)
+        return json.dumps(hosts, separators=(",", ":"))
 
     async def last_held(self, host: str) -> list[tuple[int, int]] | None:
         """The experts of the host's last heartbeat (KV prism_hosts, kept host_ttl_s), else of the

@@ -1,6 +1,7 @@
 """`prism up`: run the whole system on this machine until Ctrl-C or SIGTERM.
 
-    prism up [--topology FILE | --nodes N --hosts-per-node H [--memory-mb M] [--delay-ms D] [--rate-mbit R]]
+    prism up [--topology FILE | --nodes N --hosts-per-node H [--memory-mb M] [--delay-ms D] [--rate-mbit R]
+              [--host-processes]]
              [--model DIR] [--port P] [--mqtt-port Q] [--http-port R] [--run-dir DIR]
 
 Starts the hub, one leaf per node (behind a link emulator where the link has a delay or rate),
@@ -56,6 +57,8 @@ def add_stack_arguments(
     shape.add_argument("--memory-mb", type=positive, help="expert memory per host, MiB (default 4096)")
     shape.add_argument("--delay-ms", type=non_negative, help=f"one-way hub delay, ms (default {delay_ms:g})")
     shape.add_argument("--rate-mbit", type=positive, help="link rate per direction, Mbit/s (default unlimited)")
+    shape.add_argument("--host-processes", action="store_true", default=None,
+                       help="run each expert host as a process of its own (default: in its node's gating)")
     p.add_argument("--model", type=Path, default=DEMO_MODEL, help="checkpoint directory (default: the demo model)")
     port, mqtt, http = (0, 0, 0) if demo else (4222, 1883, 8222)
     p.add_argument("--port", type=port_number, default=port, help=f"hub client port, 0 = a free one (default {port})")
@@ -71,7 +74,7 @@ def add_stack_arguments(
 
 
 SHAPE_FLAGS = {"hosts_per_node": "--hosts-per-node", "memory_mb": "--memory-mb", "delay_ms": "--delay-ms",
-               "rate_mbit": "--rate-mbit"}
+               "rate_mbit": "--rate-mbit", "host_processes": "--host-processes"}
 
 
 def build_options(args: argparse.Namespace, **overrides: Any) -> StackOptions:
@@ -93,6 +96,7 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> StackOptions:
             memory_mb=4096.0 if args.memory_mb is None else args.memory_mb,
             delay_ms=args.default_delay_ms if args.delay_ms is None else args.delay_ms,
             rate_mbit=args.rate_mbit,
+            embedded=not args.host_processes,
         )
     # Absolute from here on: children start in the repository, not in the caller's directory.
     run_dir = (args.run_dir or Path("var") / time.strftime("run-%Y%m%d-%H%M%S")).absolute()

@@ -52,6 +52,9 @@ class HostSpec(_Spec):
     slots: int | None = Field(None, ge=0, le=2**20, description="most experts it holds (and within memory_mb)")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the experts")
     speed: float = Field(1.0, gt=0, le=1000, description="relative compute speed (1.0 = reference)")
+    embedded: bool = Field(
+        True, description="lives in its node's gating process (a direct call for the node's tokens); false: a process"
+    )
 
     @model_validator(mode="after")
     def _sized(self) -> HostSpec:
@@ -240,15 +243,20 @@ def simple_topology(
     memory_mb: float = 4096.0,
     delay_ms: float = 0.0,
     rate_mbit: float | None = None,
+    embedded: bool = True,
 ) -> Topology:
-    """`nodes` nodes `node0..`, each with `hosts_per_node` CPU hosts `node0-h0..`, equal links."""
+    """`nodes` nodes `node0..`, each with `hosts_per_node` CPU hosts `node0-h0..` (in the node's gating
+    process, or processes of their own when not `embedded`), equal links."""
     if not 1 <= nodes <= 64 or not 1 <= hosts_per_node <= 64:
         raise TopologyError(f"nodes and hosts per node must be 1..64, got {nodes} and {hosts_per_node}")
     data = {
         "nodes": [
             {
                 "name": f"node{n}",
-                "hosts": [{"name": f"node{n}-h{h}", "memory_mb": memory_mb} for h in range(hosts_per_node)],
+                "hosts": [
+                    {"name": f"node{n}-h{h}", "memory_mb": memory_mb, "embedded": embedded}
+                    for h in range(hosts_per_node)
+                ],
                 "link": {"delay_ms": delay_ms, "rate_mbit": rate_mbit},
             }
             for n in range(nodes)

@@ -362,6 +362,16 @@ class ExpertHost:
                 await self.nc.publish(subject, self.status().model_dump_json().encode())
             await asyncio.sleep(self.settings.heartbeat_interval_s)
 
+    async def linger(self, quiet_s: float, timeout_s: float) -> None:
+        """Keep serving the bus until no message came for `quiet_s` (at most `timeout_s`): an embedded
+        host whose gating stops still holds experts other nodes' running requests need (in a whole-stack
+        stop, every gating drains at once); it goes once they stop asking."""
+        deadline = time.monotonic() + timeout_s
+        while (quiet_left := self._last_message + quiet_s - time.monotonic()) > 0:
+            if time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(min(quiet_left, deadline - time.monotonic()))
+
     async def stop(self) -> None:
         """Stop taking calls, answer the ones in flight (bounded), release resources."""
         self._stopping = True

@@ -55,6 +55,7 @@ from shared.schemas import (
 log = structlog.get_logger()
 SERVICE_NAME = subjects.SERVICE_GATING
 REPLY_GRACE_S = 1.0  # for the error replies of requests still running when the drain ends
+EMBEDDED_LINGER_S = 0.5  # a decoding node asks every few ms: this long without a message, nobody still needs us
 
 
 class Gating:
@@ -212,7 +213,8 @@ class Gating:
 
     async def stop(self) -> None:
         """Stop intake, let running requests finish (bounded), then stop the engine; a request still
-        running then gets a `shutting_down` error reply, never silence. Idempotent."""
+        running then gets a `shutting_down` error reply, never silence. Embedded hosts then answer other
+        nodes until those stop asking (bounded), and stop. Idempotent."""
         intake, micro, self._intake, self._micro = self._intake, self._micro, None, None
         if intake:
             await intake.unsubscribe()
@@ -228,6 +230,8 @@ class Gating:
         self.engine.abort(ShuttingDown(f"node {self.settings.node} is shutting down; retry on another node"))
         await self._wait_for_replies(REPLY_GRACE_S)  # the error replies go out
         self.engine.close()
+        # Other nodes' requests may still need the embedded experts: serve them until they stop asking.
+        await asyncio.gather(*(h.linger(EMBEDDED_LINGER_S, self.settings.drain_timeout_s) for h in self.hosts))
         for host in self.hosts:
             await host.stop()
         log.info("gating_stopped", node=self.settings.node)

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import subprocess
 import tomllib
+import typing
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -69,20 +71,28 @@ TESTBED = REPO / "topologies" / "testbed.toml"
 
 
 def test_services_match_the_testbed_topology(compose: dict[str, Any]) -> None:
-    """A hub, placement, migrator, and three nodes with a leaf, a gating and 1, 1 and 2 hosts."""
+    """A hub, placement, migrator, and three nodes with a leaf, a gating and 1, 1 and 2 hosts: three
+    embedded in their gating, edge-c-gpu1 a container of its own."""
     topology = load_topology(TESTBED)
     assert [len(node.hosts) for node in topology.nodes] == [1, 1, 2]
     services = compose["services"]
     expected = {"hub"} | {f"leaf-{n.name}" for n in topology.nodes} | {f"gating-{n.name}" for n in topology.nodes}
-    expected |= {f"host-{h.name}" for _, h in topology.hosts()} | {"placement", "migrator"}
+    expected |= {"host-edge-c-gpu1", "placement", "migrator"}
     assert set(services) == expected
-    assert len(services) == 1 + 3 * 2 + 4 + 2
+    assert len(services) == 1 + 3 * 2 + 1 + 2
     for node, host in topology.hosts():
+        if host.embedded:
+            embedded = json.loads(services[f"gating-{node.name}"]["environment"]["PRISM_GATING_EMBEDDED_HOSTS"])
+            env = next(e for e in embedded if e["host"] == host.name)
+            assert env["memory_limit_mb"] == host.memory_mb
+            continue
         env = services[f"host-{host.name}"]["environment"]
         assert env["PRISM_HOST_HOST"] == host.name
         assert env["PRISM_HOST_NODE"] == node.name
         assert float(env["PRISM_HOST_MEMORY_LIMIT_MB"]) == host.memory_mb
         assert env["PRISM_HOST_NATS_URL"] == f"nats://leaf-{node.name}:4222"  # its own node's leaf
+    assert sum(len(json.loads(services[f"gating-{n.name}"]["environment"]["PRISM_GATING_EMBEDDED_HOSTS"]))
+               for n in topology.nodes) == 3
     for node in topology.nodes:
         assert services[f"leaf-{node.name}"]["environment"]["PRISM_NODE"] == node.name
         assert services[f"leaf-{node.name}"]["depends_on"] == ["hub"]
@@ -139,6 +149,8 @@ def test_python_service_variables_are_settings_fields_with_valid_values(
             field = key.removeprefix(prefix).lower()
             assert field in cls.model_fields, f"{name}: {key} is not a field of {cls.__name__}"
             values[field] = substitute(str(value), example_env)
+            if typing.get_origin(cls.model_fields[field].annotation) in (list, dict):
+                values[field] = json.loads(values[field])  # pydantic-settings reads these as JSON
         cls.model_validate(values)  # every value passes the field's validation
         assert env[f"{prefix}NATS_USER"], f"{name} must authenticate"
         assert env[f"{prefix}NATS_PASSWORD"], f"{name} must authenticate"
@@ -185,12 +197,17 @@ def test_static_placement_covers_the_demo_model(compose: dict[str, Any]) -> None
 
     config = load_config(REPO / "models" / "demo")
     held: set[tuple[int, int]] = set()
+    hosts = []  # (experts, memory limit MiB, dtype) of every host, embedded or a process
     for _, env in python_services(compose).values():
         if "PRISM_HOST_EXPERTS" in env:
-            keys = parse_experts(env["PRISM_HOST_EXPERTS"], list_moe_layers(config), config.num_experts)
-            limit = int(float(env["PRISM_HOST_MEMORY_LIMIT_MB"]) * 2**20)
-            check_budget(len(keys), config.expert_nbytes(env["PRISM_HOST_DTYPE"]), limit)
-            held |= set(keys)
+            hosts.append((env["PRISM_HOST_EXPERTS"], env["PRISM_HOST_MEMORY_LIMIT_MB"], env["PRISM_HOST_DTYPE"]))
+        for host in json.loads(env.get("PRISM_GATING_EMBEDDED_HOSTS", "[]")):
+            hosts.append((host["experts"], host["memory_limit_mb"], env["PRISM_GATING_DTYPE"]))
+    assert len(hosts) == 4
+    for experts, memory_mb, dtype in hosts:
+        keys = parse_experts(experts, list_moe_layers(config), config.num_experts)
+        check_budget(len(keys), config.expert_nbytes(dtype), int(float(memory_mb) * 2**20))
+        held |= set(keys)
     assert held == {(layer, e) for layer in list_moe_layers(config) for e in range(config.num_experts)}
 
 

@@ -60,9 +60,9 @@ def prism_up(*args: str, run_dir: Path, cwd: Path = REPO) -> Iterator[tuple[subp
 
 @pytest.fixture
 def launcher(tiny_model: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], Path, str]]:
-    """`prism up` with 2 nodes × 1 host, 1 ms links; yields (process, run dir, hub URL) once up."""
+    """`prism up` with 2 nodes × 1 host process, 1 ms links; yields (process, run dir, hub URL) once up."""
     run_dir = tmp_path / "run"
-    links = ["--delay-ms", "1", "--rate-mbit", "200"]
+    links = ["--delay-ms", "1", "--rate-mbit", "200", "--host-processes"]
     with prism_up("--nodes", "2", "--hosts-per-node", "1", *links, "--model", str(tiny_model), run_dir=run_dir) as (
         process, url
     ):
@@ -196,6 +196,9 @@ def test_up_from_another_directory_with_relative_paths_answers(tiny_model: Path,
         assert answer["token_ids"], answer
         manifest = json.loads((elsewhere / "logs" / "run" / "stack.json").read_text())
         assert manifest["ready"] is True
+        assert "host-solo-h0" not in manifest["pids"], "a topology's hosts live in their gating by default"
+        hosts = json.loads(prism_status(url, "--json", check=True).stdout)["hosts"]
+        assert [(h["host"], h["embedded"], h["direct_calls"] > 0) for h in hosts] == [("solo-h0", True, True)]
         assert (elsewhere / "logs" / "run" / "hub.log").is_file()
         assert not (REPO / "logs").exists()
         process.send_signal(signal.SIGTERM)
@@ -367,7 +370,7 @@ def test_a_child_failing_at_start_stops_everything(
         pytest.skip("needs a machine without CUDA")
     topology = tmp_path / "cuda.toml"
     topology.write_text(
-        '[[nodes]]\nname = "a"\n[[nodes.hosts]]\nname = "a0"\nmemory_mb = 64\ndevice = "cuda"\n'
+        '[[nodes]]\nname = "a"\n[[nodes.hosts]]\nname = "a0"\nmemory_mb = 64\ndevice = "cuda"\nembedded = false\n'
     )
     run_dir = tmp_path / "run"
     code, err = prism_in_process(capsys, "up", "--topology", str(topology), "--model", str(tiny_model),
@@ -435,6 +438,11 @@ async def test_a_restarted_host_gets_the_experts_it_last_reported(
         await nc.close()
     assert await supervisor.last_held(status.host) == [(0, 3), (2, 5)]
     assert await supervisor.last_held(f"{unique}-unknown") is None
+    # A gating restarts its embedded hosts with what they last reported; one the hub cannot tell of as it began.
+    embedded = [{"host": status.host, "experts": "0:0", "memory_limit_mb": 1.0, "device": "cpu"},
+                {"host": f"{unique}-unknown", "experts": "1:1", "memory_limit_mb": 1.0, "device": "cpu"}]
+    again = await supervisor._embedded_last_held({"PRISM_GATING_EMBEDDED_HOSTS": json.dumps(embedded)})
+    assert [h["experts"] for h in json.loads(again)] == ["0:3,2:5", "1:1"]
 
 
 @pytest.mark.parametrize(
