@@ -117,3 +117,17 @@ class OverBudget(PrismError):
     status = 507
 
 
+
+
+class RouteUnavailable(PrismError):
+    """A node on the request's route did not answer its segment in time (or is gone)."""
+
+    code = "route_unavailable"
+    status = 503
+
+
+class BadSegment(PrismError):
+    """A route segment this node cannot run: wrong shapes, an unknown request, a layer range not its own."""
+
+    code = "bad_segment"
+    status = 400

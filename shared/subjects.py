@@ -90,6 +90,17 @@ def host_status(host: str) -> str:
 ALL_HOST_STATUS = f"{ROOT}.host.*.status"
 
 
+def route_segment(node: str) -> str:
+    """Request: hidden states of a route's segment for `node` to execute (the reply goes to the home
+    node, forwarded along the chain, see services/gating/segments.py)."""
+    return f"{ROOT}.route.{check_token(node, 'node')}.segment"
+
+
+def route_release(node: str) -> str:
+    """Publish: sequences whose home finished them; `node` frees their KV of the layers it ran."""
+    return f"{ROOT}.route.{check_token(node, 'node')}.release"
+
+
 PLACEMENT_CMD = f"{ROOT}.placement.cmd"
 """Request/reply: `{"kind": "replan"}` makes the placement service plan now (answers epoch, published)."""
 

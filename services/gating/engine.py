@@ -7,6 +7,10 @@ runs its model compute on one worker thread (the generator of `forward_steps` is
 event loop stays free for intake and replies; smaller steps, most decode steps, run inline, where a
 thread hop would cost more than the compute.
 
+With a route (services/gating/routes.py) some layers run on other nodes: the step's generator yields a
+`Hop` per chain of them, answered by `hops` (an async callable, as `experts` is); a step batches the
+sequences of one route, so while routes change the engine runs one step per route in use.
+
 A sequence whose expert failed is finished with that error after the step; the others in the same
 step are unaffected (attention is per sequence, experts are per token), and its tokens are left out of
 later layers' expert calls so a dead expert costs one timeout per step, not one per layer.
@@ -27,6 +31,7 @@ import structlog
 import torch
 from torch import Tensor
 
+from services.gating.routes import Hop, Route, route_steps
 from shared.errors import Overloaded, PrismError
 from shared.model.model import Batch, MoEModel
 from shared.model.moe import MoECall
@@ -36,6 +41,9 @@ log = structlog.get_logger()
 
 ExpertsFn = Callable[[MoECall, Tensor], Awaitable["ExpertsResult"]]
 """(call, live [T] bool) -> combined output of the live tokens and which tokens failed."""
+
+HopsFn = Callable[[Hop, list[str]], Awaitable[Tensor]]
+"""(hop, ids of the step's sequences) -> x [T, D] after the hop's chain; raises PrismError when it failed."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,8 @@ class Sequence:
     local_experts_s: float = 0.0
     remote_wait_s: float = 0.0
     error: PrismError | None = None
+    route: Route | None = None  # executing node per layer, fixed for the sequence's life; None: all at home
+    hops: int = 0  # chains its steps sent to other nodes
 
     def next_tokens(self) -> list[int]:
         return self.prompt if not self.generated else self.generated[-1:]
@@ -116,9 +126,15 @@ class Engine:
         max_queue: int,
         inline_max_tokens: int = 0,
         stop_ids: frozenset[int] = frozenset(),
+        home: str = "",
+        hops: HopsFn | None = None,
+        on_finish: Callable[[Sequence], None] | None = None,
     ) -> None:
         self.model = model
         self.experts = experts
+        self.home = home
+        self.hops = hops
+        self.on_finish = on_finish  # e.g. tell the nodes on its route to free its KV
         self.max_len = max_len
         self.max_queue = max_queue
         self.inline_max_tokens = inline_max_tokens
@@ -163,8 +179,15 @@ class Engine:
             self.active.append(seq)
 
     async def step(self) -> None:
-        """One forward step over every active sequence, then sample and retire finished ones."""
-        batch_seqs = list(self.active)
+        """One forward step over every active sequence (one per route in use), then sample and retire
+        finished ones."""
+        by_route: dict[Route | None, list[Sequence]] = {}
+        for seq in self.active:
+            by_route.setdefault(seq.route, []).append(seq)
+        for seqs in by_route.values():
+            await self._step(seqs)
+
+    async def _step(self, batch_seqs: list[Sequence]) -> None:
         batch = Batch(slots=[s.slot for s in batch_seqs], tokens=[s.next_tokens() for s in batch_seqs])
         owner = torch.repeat_interleave(torch.tensor([len(t) for t in batch.tokens]))  # [T] sequence of each token
         failed_seqs = torch.zeros(len(batch_seqs), dtype=torch.bool)
@@ -191,23 +214,46 @@ class Engine:
     async def _forward(
         self, batch: Batch, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor
     ) -> tuple[Tensor, ExpertTime]:
-        steps = self.model.forward_steps(batch, self.cache)
+        route = seqs[0].route
+        steps: Generator[MoECall | Hop, Tensor, Tensor] = (
+            route_steps(self.model, batch, self.cache, route, self.home) if route else
+            self.model.forward_steps(batch, self.cache)
+        )
         inline = len(owner) <= self.inline_max_tokens
         spent = ExpertTime()
         call, logits = await self._compute(inline, steps, None)
         while call is not None:
-            started = time.perf_counter()
-            result = await self.experts(call, ~failed_seqs[owner])
-            spent.add(time.perf_counter() - started, result)
-            if result.error is not None:
-                self._mark_failed(result, seqs, owner, failed_seqs)
-            call, logits = await self._compute(inline, steps, result.output)
+            if isinstance(call, Hop):
+                output = await self._hop(call, seqs, failed_seqs)
+            else:
+                started = time.perf_counter()
+                result = await self.experts(call, ~failed_seqs[owner])
+                spent.add(time.perf_counter() - started, result)
+                if result.error is not None:
+                    self._mark_failed(result, seqs, owner, failed_seqs)
+                output = result.output
+            call, logits = await self._compute(inline, steps, output)
         assert logits is not None  # the generator returned
         return logits, spent
 
+    async def _hop(self, hop: Hop, seqs: list[Sequence], failed_seqs: Tensor) -> Tensor:
+        """x after the hop's chain; when it fails, every sequence of the step fails with its error (the
+        chain ran them all) and the step goes on with x unchanged, to be discarded."""
+        for seq in seqs:
+            seq.hops += 1
+        try:
+            if self.hops is None:
+                raise PrismError("this engine has no way to reach other nodes on a route")
+            return await self.hops(hop, [seq_id(self.home, s) for s in seqs])
+        except PrismError as err:
+            failed_seqs[:] = True
+            for seq in seqs:
+                seq.error = seq.error or err
+            return hop.hidden
+
     async def _compute(
-        self, inline: bool, steps: Generator[MoECall, Tensor, Tensor], value: Tensor | None
-    ) -> tuple[MoECall | None, Tensor | None]:
+        self, inline: bool, steps: Generator[MoECall | Hop, Tensor, Tensor], value: Tensor | None
+    ) -> tuple[MoECall | Hop | None, Tensor | None]:
         """Run dense compute up to the next MoE call: inline for small steps (a thread hop costs more
         than the math), on the worker thread for big ones so intake and replies keep flowing."""
         if inline:
@@ -241,6 +287,8 @@ class Engine:
         self.cache.free(seq.slot)
         self.sampler.release(seq.key)
         seq.events.put_nowait(event)
+        if self.on_finish is not None and seq.route is not None:
+            self.on_finish(seq)
 
     def abort(self, err: PrismError) -> None:
         """Finish every running and waiting sequence with `err` (call it once `run` has stopped)."""
@@ -253,7 +301,14 @@ class Engine:
         self._executor.shutdown(wait=False)
 
 
-def _resume(steps: Generator[MoECall, Tensor, Tensor], value: Tensor | None) -> tuple[MoECall | None, Tensor | None]:
+def seq_id(home: str, seq: Sequence) -> str:
+    """A sequence's name on the nodes of its route: its home and its key there."""
+    return f"{home}/{seq.key}"
+
+
+def _resume(
+    steps: Generator[MoECall | Hop, Tensor, Tensor], value: Tensor | None
+) -> tuple[MoECall | Hop | None, Tensor | None]:
     """Advance the forward generator (on the worker thread): (next call, None) or (None, logits).
 
     StopIteration cannot cross a Future, so the generator's return value is unpacked here.

@@ -8,6 +8,8 @@ Subjects:
 - `prism.v1.host.<host>.calls` / `prism.v1.expert.<layer>.<expert>`: expert calls out (see dispatch.py);
   `prism.v1.host.*.status` in: who holds which expert (directory.py).
 - `prism.v1.activations.<node>`: activation report every `activation_interval_s`.
+- `prism.v1.route.<node>.segment` / `.release` in, the next node's `segment` out: other nodes' route
+  segments executed here, and this node's requests' layers executed elsewhere (see hops.py).
 
 Failure behaviour: a bad request is answered with an error and touches nothing else; a missing
 expert fails the requests that needed it with `expert_unavailable` within the timeout while the
@@ -31,7 +33,10 @@ from services.expert_host.service import ExpertHost, load_weights
 from services.expert_host.settings import ExpertHostSettings
 from services.gating.directory import HostDirectory
 from services.gating.dispatch import NodeExperts
-from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent
+from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent, seq_id
+from services.gating.hops import RouteHops, SegmentService
+from services.gating.routes import Route, check_route, foreign_nodes
+from services.gating.segments import SegmentRunner
 from services.gating.settings import EmbeddedHost, GatingSettings
 from shared import subjects
 from shared.activations import ActivationCounter
@@ -69,8 +74,16 @@ class Gating:
         *,
         directory: HostDirectory | None = None,
         hosts: list[ExpertHost] | None = None,
+        hops: RouteHops | None = None,
+        segments: SegmentService | None = None,
+        route: Route | None = None,
     ) -> None:
         self.nc = nc
+        self.hops = hops
+        self.segments = segments
+        self.route = route  # new requests take it; a running one keeps the route it started with
+        if hops is not None:
+            engine.on_finish = self._release_route
         self.hosts = hosts or []  # embedded expert hosts: started before intake, stopped after the engine
         self.settings = settings
         self.engine = engine
@@ -83,6 +96,7 @@ class Gating:
         self._micro: Service | None = None
         self._intake: Subscription | None = None
         self._status: Subscription | None = None
+        self._route_subs: list[Subscription] = []
 
     async def start(self) -> None:
         # Discoverable with $SRV.PING/INFO; intake is a plain subscription because one request is
@@ -98,6 +112,12 @@ class Gating:
                 directory.on_status(msg.data)
 
             self._status = await self.nc.subscribe(subjects.ALL_HOST_STATUS, cb=on_status)
+        if self.segments is not None:
+            node = self.settings.node
+            self._route_subs = [
+                await self.nc.subscribe(subjects.route_segment(node), cb=self.segments.on_segment),
+                await self.nc.subscribe(subjects.route_release(node), cb=self.segments.on_release),
+            ]
         self._intake = await self.nc.subscribe(
             subjects.infer(self.settings.node), queue=f"gating-{self.settings.node}", cb=self._on_request
         )
@@ -123,6 +143,7 @@ class Gating:
             return
         try:
             seq = Sequence(self._prompt_ids(req), req.max_tokens, SamplingParams(req.temperature, req.top_p, req.seed))
+            seq.route = self.route
             self.engine.submit(seq)
         except PrismError as err:
             await self._send_error(reply_to, req.id, err)
@@ -198,6 +219,14 @@ class Gating:
         body = ErrorReply(id=request_id, error=ErrorBody(code=err.code, message=err.message))
         await self.nc.publish(reply_to, body.model_dump_json().encode(), headers=err.headers())
 
+    def _release_route(self, seq: Sequence) -> None:
+        """A finished request's KV on the other nodes of its route is freed (they also expire it)."""
+        nodes = foreign_nodes(seq.route, self.settings.node)
+        if nodes and self.hops is not None:
+            task = asyncio.create_task(self.hops.release(seq_id(self.settings.node, seq), nodes))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
     # ---- activations -------------------------------------------------------------------------
 
     async def _report_activations(self) -> None:
@@ -227,6 +256,9 @@ class Gating:
         status, self._status = self._status, None  # kept until the engine stops: draining requests route by it
         if status:
             await status.unsubscribe()
+        for sub in self._route_subs:  # other nodes' segments stop here too: their requests fail over
+            await sub.unsubscribe()
+        self._route_subs = []
         self.engine.abort(ShuttingDown(f"node {self.settings.node} is shutting down; retry on another node"))
         await self._wait_for_replies(REPLY_GRACE_S)  # the error replies go out
         self.engine.close()
@@ -264,16 +296,28 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     stop_ids = frozenset(config.eos_token_ids) or frozenset(
         [tokenizer.eos_token_id] if tokenizer and tokenizer.eos_token_id is not None else []
     )
+    max_len = min(settings.max_context, config.max_position_embeddings)
+    payload = settings.max_payload_bytes
+    hops = RouteHops(nc, settings.node, layer_timeout_s=settings.expert_timeout_s, max_payload=payload)
     engine = Engine(
         model,
         experts,
         max_slots=settings.max_batch,
-        max_len=min(settings.max_context, config.max_position_embeddings),
+        max_len=max_len,
         max_queue=settings.max_queue,
         inline_max_tokens=settings.inline_max_tokens,
         stop_ids=stop_ids,
+        home=settings.node,
+        hops=hops,
     )
-    return Gating(nc, settings, engine, tokenizer, counter, directory=directory, hosts=hosts)
+    runner = SegmentRunner(
+        settings.node, model, experts, max_slots=settings.max_foreign, max_len=max_len,
+        idle_ttl_s=settings.foreign_ttl_s, inline_max_tokens=settings.inline_max_tokens,
+    )
+    segments = SegmentService(nc, runner, hidden_size=config.hidden_size, max_payload=settings.max_payload_bytes)
+    route = check_route(settings.route, config.num_layers) if settings.route else None
+    return Gating(nc, settings, engine, tokenizer, counter, directory=directory, hosts=hosts,
+                  hops=hops, segments=segments, route=route)
 
 
 def embedded_host(nc: NatsClient, settings: GatingSettings, spec: EmbeddedHost) -> ExpertHost:

@@ -45,3 +45,13 @@ class GatingSettings(WatchesHosts):
         description="expert hosts in this process, as JSON: [{host, experts, memory_limit_mb, device}]",
     )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for the dense model")
+    route: list[str] = Field(
+        default_factory=list,
+        description="executing node of each layer for this node's requests, as JSON (empty: every layer at home)",
+    )
+    max_foreign: int = Field(
+        32, ge=1, le=1024, description="other nodes' requests whose route segments run here at once"
+    )
+    foreign_ttl_s: float = Field(
+        60.0, ge=1, le=3600, description="free a foreign request's KV after this long without a segment, seconds"
+    )

@@ -31,7 +31,7 @@ from shared.model.families import family_of
 from shared.model.moe import MoECall
 from shared.model.rope import Rotary
 from shared.model.router import ROUTERS, Router
-from shared.model.step import build_context
+from shared.model.step import StepContext, build_context
 
 
 @dataclass(frozen=True)
@@ -113,6 +113,24 @@ def _load_layer(reader: TensorReader, config: ModelConfig, i: int) -> DecoderLay
     )
 
 
+@dataclass(frozen=True)
+class LayerStep:
+    """What the layers of one step share: its index tensors, rotary tables and the cache it writes."""
+
+    ctx: StepContext
+    cos_sin: tuple[Tensor, Tensor]
+    cache: KVCache
+
+    def embed(self, table: Tensor) -> Tensor:
+        """Token embeddings [T, D] of the step's tokens."""
+        return F.embedding(self.ctx.token_ids, table)
+
+    def advance(self) -> None:
+        """The step is done: each sequence's cached length grows by its new tokens."""
+        for slot, n in zip(self.ctx.slots.tolist(), self.ctx.counts, strict=True):
+            self.cache.advance(slot, n)
+
+
 class MoEModel:
     """The dense part of one MoE decoder model, on one device in one dtype."""
 
@@ -166,14 +184,32 @@ class MoEModel:
         Returns logits [B, V] of each sequence's last new token, or [T, V] for every token when
         `all_logits`. The cache lengths advance only when the step completes.
         """
+        step = self.begin_step(batch, cache)
+        x = yield from self.layer_steps(step, step.embed(self.embed), 0, self.config.num_layers)
+        return self.end_step(step, x, all_logits)
+
+    def begin_step(self, batch: Batch, cache: KVCache) -> LayerStep:
+        """Validate a step of `batch` against `cache` and build what its layers share."""
         if len(cache.keys) != self.config.num_layers:
             raise InputError(f"cache has {len(cache.keys)} layers, the model {self.config.num_layers}")
         ctx = build_context(batch.slots, batch.tokens, cache, self.config.vocab_size, self.device)
-        cos_sin = self.rotary.cos_sin(ctx.positions, ctx.seq_lens, self.dtype)
-        x = F.embedding(ctx.token_ids, self.embed)  # [T, D]
+        return LayerStep(ctx, self.rotary.cos_sin(ctx.positions, ctx.seq_lens, self.dtype), cache)
+
+    def segment_step(self, slots: list[int], counts: list[int], cache: KVCache) -> LayerStep:
+        """A step of a layer range without the tokens (a route's segment on another node): the
+        sequences' slots in `cache` and how many tokens each appends."""
+        ctx = build_context(slots, [[0] * n for n in counts], cache, self.config.vocab_size, self.device)
+        return LayerStep(ctx, self.rotary.cos_sin(ctx.positions, ctx.seq_lens, self.dtype), cache)
+
+    def layer_steps(self, step: LayerStep, x: Tensor, start: int, end: int) -> Generator[MoECall, Tensor, Tensor]:
+        """Layers `start .. end - 1` on hidden states x [T, D]; yields a MoECall per MoE layer and
+        returns x after the last one."""
+        want = (len(step.ctx.token_ids), self.config.hidden_size)
+        if not 0 <= start <= end <= self.config.num_layers or tuple(x.shape) != want:
+            raise InputError(f"layers {start}..{end} of {self.config.num_layers} on hidden states {tuple(x.shape)}")
         eps = self.config.rms_norm_eps
-        for layer in self.layers:
-            x = x + layer.attention(rms_norm(x, layer.input_norm, eps), ctx, cos_sin, cache, layer.index)
+        for layer in self.layers[start:end]:
+            x = x + layer.attention(rms_norm(x, layer.input_norm, eps), step.ctx, step.cos_sin, step.cache, layer.index)
             h = rms_norm(x, layer.post_norm, eps)
             if layer.router is None:
                 x = x + _dense(layer)(h)
@@ -181,12 +217,15 @@ class MoEModel:
             ids, weights = layer.router(h)
             routed = yield MoECall(layer.index, h, ids, weights)
             x = x + self._moe_output(layer, h, routed)
-        x = rms_norm(x, self.norm, eps)
+        return x
+
+    def end_step(self, step: LayerStep, x: Tensor, all_logits: bool = False) -> Tensor:
+        """Final norm and head on x [T, D] (logits as in `forward_steps`); the step's cache lengths advance."""
+        x = rms_norm(x, self.norm, self.config.rms_norm_eps)
         if not all_logits:
-            x = x[ctx.last_token]
+            x = x[step.ctx.last_token]
         logits = F.linear(x, self.lm_head)
-        for slot, n in zip(batch.slots, ctx.counts, strict=True):
-            cache.advance(slot, n)
+        step.advance()
         return logits
 
     def _moe_output(self, layer: DecoderLayer, h: Tensor, routed: Tensor) -> Tensor:

@@ -1,0 +1,133 @@
+"""The bus side of routes: a home's hops out, other nodes' segments in, one way along each chain.
+
+Home: `RouteHops` sends a step's hidden states to the first node of a chain as a request on
+`prism.v1.route.<node>.segment`; the reply (x after the chain) comes from the chain's last node.
+Executing node: `SegmentService` runs its segment (services/gating/segments.py), then publishes x to
+the next node of the chain *with the home's reply subject*, so the hidden states hop one way from node
+to node and only the last hop goes home; an error anywhere is answered straight to the home. When a
+home finishes a request it publishes its id on `prism.v1.route.<node>.release` of each node on the
+route, which frees the request's KV there.
+
+Failure: a chain that does not answer within the hop's deadline, or whose first node has no
+subscriber, fails the step's requests with `route_unavailable`; an expert that fails on an executing
+node fails them with `expert_unavailable`, as at home.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Any
+
+import structlog
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeoutError
+from torch import Tensor
+
+from services.gating.routes import Hop, Segment
+from services.gating.segments import SegmentRequest, SegmentRunner
+from shared import subjects
+from shared.codec import check_size, decode_tensor, encode_tensor
+from shared.errors import PrismError, RouteUnavailable, error_from_headers
+
+log = structlog.get_logger()
+
+
+class RouteHops:
+    """The home's side: `await hops(hop, seq_ids)` -> x [T, D] after the hop's chain."""
+
+    def __init__(self, nc: NatsClient, home: str, *, layer_timeout_s: float, max_payload: int) -> None:
+        self.nc = nc
+        self.home = home
+        self.layer_timeout_s = layer_timeout_s
+        self.max_payload = max_payload
+        self.sent = 0
+        self.bytes_out = 0
+
+    async def __call__(self, hop: Hop, seq_ids: list[str]) -> Tensor:
+        meta = {"home": self.home, "seqs": seq_ids, "counts": hop.counts, "lens": hop.lens,
+                "chain": [seg.as_list() for seg in hop.chain]}
+        payload = encode_tensor(hop.hidden, meta)
+        check_size(payload, None, self.max_payload)
+        first = hop.chain[0].node
+        # each layer of the chain may wait up to the expert timeout, and the hops cost little besides
+        timeout_s = self.layer_timeout_s * (len(hop.chain) + 1)
+        self.sent += 1
+        self.bytes_out += len(payload)
+        try:
+            msg = await self.nc.request(subjects.route_segment(first), payload, timeout=timeout_s)
+        except NoRespondersError:
+            raise RouteUnavailable(f"node {first} on the route is not serving segments") from None
+        except (NatsTimeoutError, TimeoutError):
+            nodes = ", ".join(seg.node for seg in hop.chain)
+            raise RouteUnavailable(f"the route through {nodes} did not answer within {timeout_s:g} s") from None
+        error = error_from_headers(msg.headers)
+        if error is not None:
+            raise error
+        try:
+            x, _ = decode_tensor(msg.data)
+        except PrismError as err:
+            raise RouteUnavailable(f"the route through {first} answered a bad tensor: {err.message}") from None
+        if x.shape != hop.hidden.shape:
+            raise RouteUnavailable(f"the route through {first} answered {list(x.shape)} for {list(hop.hidden.shape)}")
+        return x.to(hop.hidden.dtype)
+
+    async def release(self, seq_id: str, nodes: Iterable[str]) -> None:
+        """Tell the nodes that keep KV for `seq_id` that it is done."""
+        body = json.dumps({"seqs": [seq_id]}).encode()
+        for node in nodes:
+            await self.nc.publish(subjects.route_release(node), body)
+
+
+class SegmentService:
+    """The executing node's side: answers segments and releases for `runner`."""
+
+    def __init__(self, nc: NatsClient, runner: SegmentRunner, *, hidden_size: int, max_payload: int) -> None:
+        self.nc = nc
+        self.runner = runner
+        self.hidden_size = hidden_size
+        self.max_payload = max_payload
+        self.errors = 0
+
+    async def on_segment(self, msg: Msg) -> None:
+        if not msg.reply:  # nobody waits for the result: running it would only hold KV
+            log.warning("segment_without_reply", node=self.runner.node)
+            return
+        try:
+            hidden, meta = decode_tensor(msg.data)
+            req = SegmentRequest.parse(meta, hidden, self.runner.node, self.hidden_size)
+            x = await self.runner.run(hidden, req)
+            await self._forward(x, req, meta, msg.reply)
+        except PrismError as err:
+            await self._refuse(msg.reply, err)
+        except Exception:  # a bug costs this segment, answered, not the node
+            log.exception("segment_failed", node=self.runner.node)
+            await self._refuse(msg.reply, PrismError(f"node {self.runner.node} failed on this segment"))
+
+    async def _forward(self, x: Tensor, req: SegmentRequest, meta: dict[str, Any], reply: str) -> None:
+        """x on to the chain's next node with the home's reply subject, or home if this was the last."""
+        rest: list[Segment] = req.chain[1:]
+        if not rest:
+            await self.nc.publish(reply, encode_tensor(x))
+            return
+        payload = encode_tensor(x, {**meta, "chain": [seg.as_list() for seg in rest]})
+        check_size(payload, None, self.max_payload)
+        await self.nc.publish(subjects.route_segment(rest[0].node), payload, reply=reply)
+
+    async def _refuse(self, reply: str, err: PrismError) -> None:
+        self.errors += 1
+        log.warning("segment_refused", node=self.runner.node, code=err.code, error=err.message)
+        await self.nc.publish(reply, json.dumps({"error": {"code": err.code, "message": err.message}}).encode(),
+                              headers=err.headers())
+
+    async def on_release(self, msg: Msg) -> None:
+        try:
+            seqs = json.loads(msg.data)["seqs"]
+            if not isinstance(seqs, list):
+                raise TypeError("seqs must be a list")
+            self.runner.release([str(s) for s in seqs])
+        except (ValueError, TypeError, KeyError) as exc:
+            log.warning("release_refused", node=self.runner.node, error=str(exc))
+

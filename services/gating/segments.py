@@ -1,0 +1,177 @@
+"""Other nodes' route segments, executed here: their KV for the layers this node runs, its experts.
+
+A segment message (`prism.v1.route.<node>.segment`) is a tensor envelope of the step's hidden states
+x [T, D] with meta `home`, `seqs` (ids, one per sequence of the step), `counts` (new tokens per
+sequence, summing to T), `lens` (tokens each had cached before the step) and `chain` (the segments
+still to run, `[[start, end, node], ...]`, this node's first). The runner keeps a KV slot per foreign
+sequence and segment (a route may visit a node twice) in a cache of its own (`max_slots` of them): a
+sequence's segment is admitted when its first step
+arrives (`lens` 0) and freed when its home releases it (`prism.v1.route.<node>.release`) or after
+`idle_ttl_s` without a step (its home stopped answering). A message that does not fit (shapes, an
+unknown sequence, a KV length that disagrees with `lens`, a segment for another node) is refused with
+`bad_segment`; no cache length moves unless the whole segment ran.
+
+Shape legend: T tokens, D hidden size, B sequences.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from services.gating.engine import ExpertsFn
+from services.gating.routes import Segment
+from shared import subjects
+from shared.errors import BadSegment, Overloaded
+from shared.model.errors import InputError
+from shared.model.model import MoEModel
+from shared.model.moe import MoECall
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """One decoded segment message."""
+
+    home: str
+    seqs: list[str]
+    counts: list[int]
+    lens: list[int]
+    chain: list[Segment]
+
+    @classmethod
+    def parse(cls, meta: dict[str, Any], hidden: Tensor, node: str, hidden_size: int) -> SegmentRequest:
+        """Check `meta` and x [T, D] against each other and against this node; BadSegment otherwise."""
+        try:
+            req = cls(
+                home=subjects.check_token(str(meta["home"]), "home"),
+                seqs=[str(s) for s in meta["seqs"]],
+                counts=[int(n) for n in meta["counts"]],
+                lens=[int(n) for n in meta["lens"]],
+                chain=[Segment(int(a), int(b), subjects.check_token(str(n), "node")) for a, b, n in meta["chain"]],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            want = "home, seqs, counts, lens and chain [[start, end, node]]"
+            raise BadSegment(f"segment meta needs {want}: {exc}") from None
+        if not req.seqs or not len(req.seqs) == len(req.counts) == len(req.lens) or len(set(req.seqs)) < len(req.seqs):
+            raise BadSegment(f"{len(req.seqs)} distinct sequences need as many counts and lens")
+        if min(req.counts) < 1 or min(req.lens) < 0:
+            raise BadSegment("counts must be >= 1 and lens >= 0")
+        if hidden.dim() != 2 or hidden.shape != (sum(req.counts), hidden_size):
+            raise BadSegment(f"hidden states must be [{sum(req.counts)}, {hidden_size}], got {list(hidden.shape)}")
+        if not req.chain or req.chain[0].node != node:
+            raise BadSegment(f"this is node {node}; the segment's chain starts at {req.chain[:1]}")
+        return req
+
+
+class SegmentRunner:
+    """Runs route segments for other nodes' requests with this node's dense layers and experts."""
+
+    def __init__(
+        self,
+        node: str,
+        model: MoEModel,
+        experts: ExpertsFn,
+        *,
+        max_slots: int,
+        max_len: int,
+        idle_ttl_s: float,
+        inline_max_tokens: int,
+    ) -> None:
+        self.node = node
+        self.model = model
+        self.experts = experts
+        self.cache = model.new_cache(max_slots, max_len)
+        self.idle_ttl_s = idle_ttl_s
+        self.inline_max_tokens = inline_max_tokens
+        self.slots: dict[tuple[str, int], int] = {}  # (foreign sequence id, segment start) -> its KV slot here
+        self.last_used: dict[tuple[str, int], float] = {}
+        self.segments_run = 0
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segments")
+
+    async def run(self, hidden: Tensor, req: SegmentRequest) -> Tensor:
+        """x [T, D] after this node's first segment of `req.chain`; its KV lengths advance only when
+        every layer ran. Raises BadSegment, Overloaded, or the experts' error (ExpertUnavailable)."""
+        seg = req.chain[0]
+        if not 0 <= seg.start < seg.end <= self.model.config.num_layers:
+            raise BadSegment(f"layers {seg.start}..{seg.end} are not layers of this model")
+        slots = self._slots(req, seg.start)
+        try:
+            step = self.model.segment_step(slots, req.counts, self.cache)
+        except InputError as exc:
+            raise BadSegment(str(exc)) from None
+        layers = self.model.layer_steps(step, hidden.to(self.model.dtype), seg.start, seg.end)
+        x = await self._drive(layers, inline=hidden.shape[0] <= self.inline_max_tokens)
+        step.advance()
+        self.segments_run += 1
+        return x
+
+    def _slots(self, req: SegmentRequest, start: int) -> list[int]:
+        """The KV slot of each sequence for the segment at `start`: a first step (lens 0) takes a free one."""
+        now = time.monotonic()
+        self.expire(now)
+        keys = [(sid, start) for sid in req.seqs]
+        for key, before in zip(keys, req.lens, strict=True):
+            if key in self.slots and before == 0:  # its home restarted the sequence: start over
+                self.cache.reset(self.slots[key])
+            elif key not in self.slots and before == 0:
+                if self.cache.num_free() == 0:
+                    raise Overloaded(f"node {self.node} holds KV for {len(self.slots)} foreign segments; retry later")
+                self.slots[key] = self.cache.allocate()
+            elif key not in self.slots:
+                raise BadSegment(f"node {self.node} holds no KV for request {key[0]} (first seen after its first step)")
+            if (cached := self.cache.length(self.slots[key])) != before:
+                raise BadSegment(f"request {key[0]}: {cached} tokens cached here, {before} at home")
+            self.last_used[key] = now
+        return [self.slots[key] for key in keys]
+
+    async def _drive(self, layers: Generator[MoECall, Tensor, Tensor], inline: bool) -> Tensor:
+        """Run the layers, answering each MoE call with this node's experts; raise the first failure."""
+        value: Tensor | None = None
+        while True:
+            call, x = await self._resume(layers, value, inline)
+            if call is None:
+                assert x is not None
+                return x
+            result = await self.experts(call, torch.ones(call.hidden.shape[0], dtype=torch.bool))
+            if result.error is not None:
+                raise result.error
+            value = result.output
+
+    async def _resume(
+        self, layers: Generator[MoECall, Tensor, Tensor], value: Tensor | None, inline: bool
+    ) -> tuple[MoECall | None, Tensor | None]:
+        if inline:
+            return _resume(layers, value)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _resume, layers, value)
+
+    def release(self, seqs: list[str]) -> int:
+        """Free the KV of these sequences (their home finished them); returns how many slots were held."""
+        done = set(seqs)
+        return self._free([key for key in self.slots if key[0] in done])
+
+    def expire(self, now: float) -> None:
+        """Free segments idle for `idle_ttl_s` (their home stopped answering, or lost the release)."""
+        self._free([key for key, used in self.last_used.items() if now - used > self.idle_ttl_s])
+
+    def _free(self, keys: list[tuple[str, int]]) -> int:
+        for key in keys:
+            self.cache.free(self.slots.pop(key))
+            self.last_used.pop(key, None)
+        return len(keys)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False)
+
+
+def _resume(layers: Generator[MoECall, Tensor, Tensor], value: Tensor | None) -> tuple[MoECall | None, Tensor | None]:
+    try:
+        return layers.send(value), None  # type: ignore[arg-type]  # the first send must be None
+    except StopIteration as done:
+        return None, done.value

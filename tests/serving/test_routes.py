@@ -1,0 +1,168 @@
+"""Routes: a request's layers run on the nodes its route names, hidden states hopping one way.
+
+Over real NATS (hub + one leaf per node, three nodes, each with an embedded host holding part of every
+layer's experts): greedy answers through routes that visit every node, leave home and come back twice,
+equal the model in one process, for 16 concurrent requests from all nodes; foreign KV is freed when
+requests finish; a route change lets running requests finish on their old route; a node on a route that
+stops answering fails only the requests routed through it, with `route_unavailable`; bad segment
+messages get coded errors and the node keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from shared import subjects
+from shared.codec import encode_tensor
+from tests.checkpoints import make_tiny_checkpoint
+from tests.serving.conftest import LocalCluster, ask, reference
+from tests.serving.test_serving import prompts
+
+pytestmark = pytest.mark.slow
+
+FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v2")
+LAYERS = 5
+# Per home: a leaves home twice (b, then c); b hops c -> a and comes home for its last layer; c sends
+# its first two layers along a -> b and its fourth and fifth along b -> a.
+ROUTES = {"a": "abaca", "b": "ccaab", "c": "abcba"}
+
+
+@pytest.fixture(scope="session")
+def route_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {
+        f: make_tiny_checkpoint(f, tmp_path_factory.mktemp(f"route-{f}"), seed=13, num_hidden_layers=LAYERS)
+        for f in FAMILIES
+    }
+
+
+async def three_nodes(cluster: LocalCluster, model: Path, routes: dict[str, str] = ROUTES) -> None:
+    """Nodes a, b, c; each embeds a third of every layer's experts and routes its requests by `routes`."""
+    experts = {"a": "*:0-2", "b": "*:3-5", "c": "*:6-7"}
+    for node in experts:
+        await cluster.add_node(node)
+    for node, spec in experts.items():
+        route = [cluster.node(n) for n in routes[node]]
+        await cluster.add_gating(node, model, embedded={f"{node}e": spec}, route=route, expert_timeout_s=2.0)
+    await cluster.settle()
+
+
+async def ask_all(cluster: LocalCluster, nodes: list[str], batch: list[list[int]], max_tokens: int) -> list[dict]:
+    clients = {n: await cluster.connect(n) for n in set(nodes)}
+    async with asyncio.timeout(90):
+        replies = await asyncio.gather(*(
+            ask(clients[n], cluster.node(n), {"input_ids": p, "max_tokens": max_tokens})
+            for n, p in zip(nodes, batch, strict=True)
+        ))
+    return [r for r, _ in replies]
+
+
+async def no_foreign_kv(cluster: LocalCluster, timeout_s: float = 5.0) -> None:
+    """Every node frees the KV it kept for other nodes' requests (their homes release it)."""
+    async with asyncio.timeout(timeout_s):
+        while any(g.segments and g.segments.runner.slots for g in cluster.gatings.values()):  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+async def test_sixteen_concurrent_greedy_through_routes_equal_in_process(
+    cluster: LocalCluster, family: str, route_dirs: dict[str, Path]
+) -> None:
+    model = route_dirs[family]
+    await three_nodes(cluster, model)
+    batch = prompts(16, seed=21)
+    expected = reference(model, batch, max_tokens=8)
+    nodes = ["a", "b", "c", "a"] * 4
+    replies = await ask_all(cluster, nodes, batch, 8)
+    assert [r.get("token_ids") for r in replies] == expected
+    for node, gating in cluster.gatings.items():
+        assert gating.segments is not None
+        assert gating.hops is not None
+        assert gating.segments.runner.segments_run > 0, f"{node} ran no segment"
+        assert gating.hops.sent > 0, f"{node} sent no hop"
+    await no_foreign_kv(cluster)
+
+
+async def test_a_route_change_lets_running_requests_finish_on_their_old_route(
+    cluster: LocalCluster, route_dirs: dict[str, Path]
+) -> None:
+    model = route_dirs["mixtral"]
+    await three_nodes(cluster, model, routes={"a": "abaca", "b": "bbbbb", "c": "ccccc"})
+    a = cluster.gatings["a"]
+    first, second = prompts(4, seed=31), prompts(4, seed=32)
+    expected = reference(model, first + second, max_tokens=24)
+    nc = await cluster.connect("a")
+    running = [asyncio.create_task(ask(nc, cluster.node("a"), {"input_ids": p, "max_tokens": 24})) for p in first]
+    async with asyncio.timeout(30):
+        while a.engine.steps < 3:  # noqa: ASYNC110 - they are decoding on route a-b-a-c-a
+            await asyncio.sleep(0.005)
+    a.route = tuple(cluster.node(n) for n in "aaacc")
+    c_before = cluster.gatings["c"].segments.runner.segments_run  # type: ignore[union-attr]
+    b_before = cluster.gatings["b"].segments.runner.segments_run  # type: ignore[union-attr]
+    later = await ask_all(cluster, ["a"] * 4, second, 24)
+    async with asyncio.timeout(60):
+        done = [r for r, _ in await asyncio.gather(*running)]
+    assert [r.get("token_ids") for r in done + later] == expected
+    assert not a.engine.active
+    assert cluster.gatings["c"].segments.runner.segments_run > c_before  # type: ignore[union-attr]
+    assert cluster.gatings["b"].segments.runner.segments_run > b_before, "the old route still ran on b"  # type: ignore[union-attr]
+    await no_foreign_kv(cluster)
+
+
+async def test_a_node_on_the_route_that_stops_fails_only_the_requests_through_it(
+    cluster: LocalCluster, route_dirs: dict[str, Path]
+) -> None:
+    model = route_dirs["mixtral"]
+    # Every expert on every node, so that only the route decides who needs node c.
+    for node in "abc":
+        await cluster.add_node(node)
+    routes = {"a": "abcca", "b": "bbbbb"}  # a's chain goes b -> c: b's forward to c is lost, a times out
+    for node in "ab":
+        await cluster.add_gating(node, model, embedded={f"{node}e": "*:*"},
+                                 route=[cluster.node(n) for n in routes[node]], expert_timeout_s=1.0)
+    c = await cluster.add_gating("c", model, embedded={"ce": "*:*"})
+    await cluster.settle()
+    await c.stop()  # node c's gating is gone
+    del cluster.gatings["c"]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    replies = await ask_all(cluster, ["a", "b"], prompts(2, seed=41), 6)
+    assert replies[0]["error"]["code"] == "route_unavailable", replies[0]
+    assert "token_ids" in replies[1], replies[1]
+    assert loop.time() - started < 3 * 1.0 + 5, "the failure came within the hop's timeout (3 x 1 s)"
+
+
+async def test_bad_segments_get_coded_errors_and_the_node_keeps_serving(
+    cluster: LocalCluster, route_dirs: dict[str, Path]
+) -> None:
+    model = route_dirs["mixtral"]
+    await three_nodes(cluster, model, routes={"a": "aaaaa", "b": "bbbbb", "c": "ccccc"})
+    b, c = cluster.node("b"), cluster.node("c")
+    hidden = cluster.gatings["b"].engine.model.config.hidden_size
+    nc = await cluster.connect("a")
+    ok_meta = {"home": cluster.node("a"), "seqs": ["x/1"], "counts": [2], "lens": [0], "chain": [[0, 2, b]]}
+    cases = {
+        "wrong shape": encode_tensor(torch.zeros(3, hidden), ok_meta),
+        "wrong width": encode_tensor(torch.zeros(2, hidden + 1), ok_meta),
+        "unknown request": encode_tensor(torch.zeros(2, hidden), {**ok_meta, "seqs": ["x/2"], "lens": [5]}),
+        "another node's layers": encode_tensor(torch.zeros(2, hidden), {**ok_meta, "chain": [[0, 2, c]]}),
+        "layers out of range": encode_tensor(torch.zeros(2, hidden), {**ok_meta, "chain": [[3, 9, b]]}),
+        "no meta": encode_tensor(torch.zeros(2, hidden)),
+        "not a tensor": b"\x93garbage",
+    }
+    for case, payload in cases.items():
+        msg = await nc.request(subjects.route_segment(b), payload, timeout=5)
+        code = json.loads(msg.data)["error"]["code"]
+        assert code in {"bad_segment", "bad_tensor"}, (case, code)
+        assert msg.headers is not None, case
+        assert msg.headers.get("Nats-Service-Error-Code") == "400", case
+    assert not cluster.gatings["b"].segments.runner.slots  # type: ignore[union-attr]  # nothing half-admitted
+    # A good segment still runs, and the node still answers its own requests.
+    msg = await nc.request(subjects.route_segment(b), encode_tensor(torch.randn(2, hidden), ok_meta), timeout=5)
+    assert msg.headers is None or "Nats-Service-Error" not in msg.headers
+    replies = await ask_all(cluster, ["b"], prompts(1, seed=51), 4)
+    assert replies[0]["token_ids"] == reference(model, prompts(1, seed=51), max_tokens=4)[0]
