@@ -20,13 +20,19 @@ running after `drain_timeout_s` get `shutting_down`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 import torch
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.micro.service import Service
 
 from services.expert_host.service import ExpertHost, load_weights
@@ -35,6 +41,7 @@ from services.gating.directory import HostDirectory
 from services.gating.dispatch import NodeExperts
 from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent, seq_id
 from services.gating.hops import RouteHops, SegmentService
+from services.gating.route_plan import RouteFollower
 from services.gating.routes import Route, check_route, foreign_nodes
 from services.gating.segments import SegmentRunner
 from services.gating.settings import EmbeddedHost, GatingSettings
@@ -60,6 +67,7 @@ from shared.schemas import (
 log = structlog.get_logger()
 SERVICE_NAME = subjects.SERVICE_GATING
 REPLY_GRACE_S = 1.0  # for the error replies of requests still running when the drain ends
+PLAN_RETRY_S = 2.0  # look for the plan bucket again after this long when it is not there
 EMBEDDED_LINGER_S = 0.5  # a decoding node asks every few ms: this long without a message, nobody still needs us
 
 
@@ -125,6 +133,14 @@ class Gating:
             asyncio.create_task(self.engine.run(), name="engine"),
             asyncio.create_task(self._report_activations(), name="activations"),
         ]
+        if not self.settings.route:  # no fixed route: follow the plan's
+            follower = RouteFollower(self.settings.node, self.engine.model.config.num_layers, self._switch_route)
+
+            async def on_event(msg: Msg) -> None:
+                _feed(follower.on_applied, msg.data)
+
+            self._route_subs.append(await self.nc.subscribe(subjects.PLAN_EVENTS, cb=on_event))
+            self._background.append(asyncio.create_task(self._follow_plans(follower), name="route-plans"))
         await self.nc.flush()
         log.info("gating_started", node=self.settings.node)
 
@@ -227,6 +243,32 @@ class Gating:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
+    def _switch_route(self, route: Route | None, epoch: int) -> None:
+        if route != self.route:
+            log.info("route_switched", node=self.settings.node, epoch=epoch, route=list(route or []))
+        self.route = route
+
+    async def _follow_plans(self, follower: RouteFollower) -> None:
+        """Feed the plan KV to `follower`: the value found first is in force, later ones wait for their
+        epoch's migration. Without the bucket (no control plane yet) look again every few seconds."""
+        while True:
+            try:
+                js = self.nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
+                watcher = await (await js.key_value(self.settings.plans_bucket)).watch("plan")
+                current = True
+                while True:
+                    with contextlib.suppress(NatsTimeoutError):
+                        entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
+                        if entry is None:  # the end of what was there already
+                            current = False
+                        elif entry.value:
+                            _feed(functools.partial(follower.on_plan, current=current), entry.value)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # no JetStream or bucket yet, or the hub went away: try again
+                log.debug("plan_watch_retry", node=self.settings.node, error=str(exc))
+                await asyncio.sleep(PLAN_RETRY_S)
+
     # ---- activations -------------------------------------------------------------------------
 
     async def _report_activations(self) -> None:
@@ -318,6 +360,16 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     route = check_route(settings.route, config.num_layers) if settings.route else None
     return Gating(nc, settings, engine, tokenizer, counter, directory=directory, hosts=hosts,
                   hops=hops, segments=segments, route=route)
+
+
+def _feed(handler: Callable[[Any], None], data: bytes) -> None:
+    """JSON `data` to `handler`; what is not JSON is ignored (plans and events come from the control plane)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        log.warning("plan_message_not_json", bytes=len(data))
+        return
+    handler(value)
 
 
 def embedded_host(nc: NatsClient, settings: GatingSettings, spec: EmbeddedHost) -> ExpertHost:

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic_settings import SettingsConfigDict
 
+from shared import subjects
 from shared.dtypes import DtypeName
 from shared.settings import WatchesHosts
 
@@ -47,8 +48,9 @@ class GatingSettings(WatchesHosts):
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for the dense model")
     route: list[str] = Field(
         default_factory=list,
-        description="executing node of each layer for this node's requests, as JSON (empty: every layer at home)",
+        description="a fixed executing node per layer for this node's requests, as JSON (empty: the plan's route)",
     )
+    plans_bucket: str = Field(subjects.KV_PLACEMENT, description="KV bucket of the plan (key 'plan'), for routes")
     max_foreign: int = Field(
         32, ge=1, le=1024, description="other nodes' requests whose route segments run here at once"
     )
