@@ -110,8 +110,8 @@ def mean_latency_ms(r: Round) -> float:
 
 
 def own_share(r: Round) -> float:
-    own = sum(run.own_batches for run in r.runs)
-    return own / max(sum(run.all_batches for run in r.runs), 1)
+    own = sum(run.own_calls for run in r.runs)
+    return own / max(sum(run.all_calls for run in r.runs), 1)
 
 
 def main() -> None:
