@@ -54,7 +54,7 @@ def place(scenario: Scenario, policy: str) -> tuple[Placement, float]:
     t0 = time.perf_counter()
     placement = fn(f, scenario.cluster, coact=coact, workload=scenario.workload)
     solve = time.perf_counter() - t0
-    validate(placement, scenario.cluster, f.shape[1], f.shape[2])
+    validate(placement, scenario.cluster, f.shape[1], f.shape[2], scenario.workload.kv_slots_per_layer)
     return placement, solve
 
 
