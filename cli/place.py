@@ -138,8 +138,7 @@ def _print_table(name: str, info: dict[str, Any], solve_s: float) -> None:
 def _print_routes(routes: np.ndarray | None) -> None:
     from services.placement.routes import hops, segments
 
-    if routes is None:
-        print("routes: every home executes every layer itself")
+    if routes is None:  # stay-home: the table says it all
         return
     for h, row in enumerate(routes):
         parts = ", ".join(f"layers {s.start}-{s.end - 1} on node {s.node}" for s in segments(row))

@@ -370,7 +370,8 @@ async def test_plans_carry_routes(nats_hub: NatsServer, routed_model_dir: Path, 
     assert set(routes) == set(nodes)
     held = {host.removesuffix("-h0"): {tuple(k) for k in keys} for host, keys in plan["hosts"].items()}
     for home, route in routes.items():
-        assert len(route) == 5 and route[0] == home, route
+        assert len(route) == 5, route
+        assert route[0] == home, route
         assert set(route) == set(nodes), f"{home}'s route leaves home for the layers it lacks: {route}"
         for layer in layers:
             assert {(layer, e) for e in range(E)} <= held[route[layer]], (home, layer, route)

@@ -10,9 +10,9 @@ layer costs it E + (N - 1) · workload.kv_slots_per_layer slots; its whole-layer
 floor(slots / that). Ranges are ∝ slots, capped by those capacities (largest remainder, water-filling).
 
 Where the nodes cannot hold whole layers for all L layers (Σ capacity < L), it degrades: the layers
-that fit are split as above, and the experts of each layer left over are spread expert-major over the
-nodes' remaining slots (∝ remaining slots); such a layer is executed by the node holding most of its
-experts (ties: lower index), which calls the rest remotely.
+that fit are split as above; each layer left over is executed by the node with the most room left
+(which keeps the other homes' KV for it), and its experts are spread expert-major over the nodes'
+remaining slots (∝ room), so its executing node holds the largest share and calls the rest remotely.
 
 Worked example: slots 64, 64, 128 and 4 layers × 16 experts (no KV) → ranges of 1, 1, 2 layers:
 node 0 layer 0, node 1 layer 1, node 2 layers 2-3; every home's route is [0, 1, 2, 2].
@@ -46,15 +46,27 @@ def pipeline_split(node_slots: np.ndarray, num_layers: int, num_experts: int,
     view = np.zeros((n_nodes, num_layers, num_experts), dtype=bool)
     view[owner[:whole], np.arange(whole)] = True
     if whole < num_layers:
-        left = num_layers - whole
-        room = np.maximum(slots - counts * num_experts - np.ceil(counts * (n_nodes - 1) * kv_slots_per_layer), 0)
-        if room.sum() < left * num_experts:  # no room for their KV as well: experts first
-            room = slots - counts * num_experts
-        share = apportion(left * num_experts, room, room.astype(np.int64))
-        blocks = expert_major_blocks(share, left, num_experts)  # [N, left, E]
-        view[:, whole:] = blocks
-        owner[whole:] = np.argmax(blocks.sum(axis=2), axis=0)
+        view[:, whole:], owner[whole:] = _degraded(slots, counts, num_layers - whole, num_experts, kv_slots_per_layer)
     return view, owner
+
+
+def _degraded(slots: np.ndarray, counts: np.ndarray, left: int, num_experts: int, kv: float
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """(view [N, left, E], owner [left]) of the layers no node holds whole: each goes to the node with
+    the most room left (ties: lower index), which reserves its KV for the other homes; the experts are
+    spread expert-major ∝ the room then left, so the owner holds the largest share of its layer."""
+    n_nodes = slots.size
+    owned = counts.astype(np.float64).copy()
+    room = slots - counts * num_experts - (n_nodes - 1) * kv * owned
+    owner = np.zeros(left, dtype=np.int64)
+    for i in range(left):
+        owner[i] = int(np.argmax(room))
+        room[owner[i]] -= (n_nodes - 1) * kv
+    room = np.floor(np.maximum(room, 0)).astype(np.int64)
+    if room.sum() < left * num_experts:  # no room for their KV as well: experts first
+        room = slots - counts * num_experts
+    share = apportion(left * num_experts, room, room)
+    return expert_major_blocks(share, left, num_experts), owner
 
 
 def pipeline(
