@@ -11,13 +11,17 @@ or that of `prism up` (the files under topologies/). A `prism up` file's hosts g
 floor(memory_mb / one expert) slots, the expert being one of `--model` (default: the demo model) at
 the file's dtype; only that size is taken from the model, so FILE.npy's layers and experts may differ.
 `--batch`, `--top-k`, `--bytes-per-token`, `--expert-time-us` describe the workload for the `latency`
-policy (its co-activation sets are drawn ∝ f, independently, with `--top-k` experts per token).
+and `route` policies (co-activation sets are drawn ∝ f, independently, with `--top-k` experts per
+token); `--kv-slots-per-layer` charges a node that runs a layer for another home that many expert
+slots for that home's KV (`pipeline`, `route`; default 0).
 
 Output: a table of calls, remote calls and slot use per node, and the proxy objective Σ f·remote;
 with `--json`, one JSON object: `policy`, `objective` (the proxy), `remote_share`, `nodes` (per node:
 `slots`, `used`, `calls`, `remote`), `placement` ([node, layer, expert] triples, nodes by index),
-`host_placement` ([host, layer, expert]) and `solve_s`. `--plot` writes a heatmap per node of the
-frequency shares with the held experts marked.
+`host_placement` ([host, layer, expert]), `solve_s` and `routes`: {"<home node index>": [executing
+node index per layer of FILE.npy]}, every home listed (stay-home, [h] * layers, for every policy but
+`pipeline` and `route`). `--plot` writes a heatmap per node of the frequency shares with the held
+experts marked.
 
 Errors (unreadable file, wrong shape, NaN, negative counts, fewer slots than experts, unknown policy)
 are one line on stderr and exit code 2.
@@ -51,7 +55,8 @@ def register(subparsers: Any) -> None:
                    help="checkpoint directory whose expert size (at the file's dtype) gives the slots of a "
                    "`prism up` topology's hosts; only the size is used, --counts may have other "
                    "layers/experts (default: the demo model)")
-    p.add_argument("--policy", required=True, help="uniform, redundance, eplb, prism, optimal or latency")
+    p.add_argument("--policy", required=True,
+                   help="uniform, redundance, eplb, prism, optimal, latency, pipeline or route")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.add_argument("--plot", help="write a heatmap of the placement against the frequencies (PNG)")
     p.add_argument("--rtt-ms", type=float, default=4.0, help="round trip between nodes with --slots (ms)")
@@ -60,6 +65,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-k", type=int, default=2, help="experts per token (latency policy)")
     p.add_argument("--bytes-per-token", type=float, default=4096.0, help="hidden × dtype bytes (latency)")
     p.add_argument("--expert-time-us", type=float, default=40.0, help="one active expert per step (latency)")
+    p.add_argument("--kv-slots-per-layer", type=float, default=0.0,
+                   help="expert slots a home's KV takes per layer another node runs for it (pipeline, route)")
     p.set_defaults(func=handler)
 
 
@@ -128,6 +135,16 @@ def _print_table(name: str, info: dict[str, Any], solve_s: float) -> None:
               f"{row['remote']:>12.6g} {share:>9.1f}")
 
 
+def _print_routes(routes: np.ndarray | None) -> None:
+    from services.placement.routes import hops, segments
+
+    if routes is None:  # stay-home: the table says it all
+        return
+    for h, row in enumerate(routes):
+        parts = ", ".join(f"layers {s.start}-{s.end - 1} on node {s.node}" for s in segments(row))
+        print(f"home {h}: {parts} ({hops(row, h)} hops per step)")
+
+
 def handler(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -144,7 +161,8 @@ def handler(args: argparse.Namespace) -> int:
         freq = check_inputs(_load_counts(args.counts), cluster)
         workload = Workload.uniform(cluster.num_nodes, args.batch, top_k=args.top_k,
                                     bytes_per_token=args.bytes_per_token,
-                                    expert_time_s=args.expert_time_us * 1e-6)
+                                    expert_time_s=args.expert_time_us * 1e-6,
+                                    kv_slots_per_layer=args.kv_slots_per_layer)
         start = time.perf_counter()
         placement = policy(freq, cluster, workload=workload)
         solve_s = time.perf_counter() - start
@@ -155,9 +173,12 @@ def handler(args: argparse.Namespace) -> int:
         out = {"policy": args.policy, **info, "solve_s": solve_s,
                "placement": [list(t) for t in placement.to_triples(cluster)],
                "host_placement": np.argwhere(placement.hosts).tolist()}
+        table = placement.route_table(cluster.num_nodes)  # stay-home rows for the stay-home policies
+        out["routes"] = {str(h): [int(x) for x in row] for h, row in enumerate(table)}
         print(json.dumps(out))
     else:
         _print_table(args.policy, info, solve_s)
+        _print_routes(placement.routes)
     if args.plot:
         try:
             plot(freq, placement.node_view(cluster), args.plot, title=f"policy {args.policy}")

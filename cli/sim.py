@@ -14,8 +14,10 @@ Scenarios (model shapes, timing and traffic in `services/placement/scenarios.py`
 alternate requests of each node are the statistics the policy sees and the simulated load).
 
 Prints one table per scenario: policy, solve time, proxy remote share (on the statistics), simulated
-remote share, messages and MB across nodes, mean / p99 request latency, tokens/s, mean batch,
-migrations. `--json` prints {"scenarios": [{"name", "note", "runs": [...]}]} instead.
+remote share, messages and MB across nodes (expert calls and route hops), hops of hidden states
+between executing nodes, mean / p99 request latency, tokens/s, mean batch, migrations. `pipeline` and
+`route` run each layer on the node their routes name (see services/placement/simulator.py).
+`--json` prints {"scenarios": [{"name", "note", "runs": [...]}]} instead.
 Errors are one line on stderr and exit code 2.
 """
 
@@ -28,7 +30,7 @@ from typing import Any
 
 EXIT_BAD_INPUT = 2
 SCENARIOS = ("testbed-deepseek", "testbed-mixtral", "shift", "sweep")
-ALL_POLICIES = "uniform,redundance,eplb,prism,optimal,latency"
+ALL_POLICIES = "uniform,redundance,eplb,prism,optimal,latency,pipeline,route"
 
 
 def register(subparsers: Any) -> None:

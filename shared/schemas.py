@@ -199,3 +199,46 @@ def parse_host_command(payload: bytes) -> StatusCommand | LoadCommand | UnloadCo
         return HOST_COMMAND.validate_python(data)
     except ValidationError as exc:
         raise BadRequest(f"bad host command ({describe_validation_error(exc)}); kinds: status, load, unload") from None
+
+
+class Plan(Message):
+    """The placement plan in KV `prism_placement`, key `plan` (placement service and `prism up` write
+    it; the migrator, the gatings and `prism status` read it).
+
+    `routes` (optional; absent = every home executes every layer itself, what plans before routes
+    meant): home node name → the node name that executes each decoder layer for that home's requests,
+    one entry per decoder layer of the model (dense layers included: a dense layer runs where the layer
+    before it ran, at home for leading ones). Every route has the same length.
+    """
+
+    epoch: int = Field(ge=0)
+    model: str
+    policy: str
+    hosts: dict[str, list[tuple[int, int]]] = Field(description="host → held (layer, expert) pairs")
+    objective: float | None = Field(None, description="remote (token, expert) calls on the window it was made from")
+    routes: dict[str, list[str]] | None = Field(None, description="home node → executing node per decoder layer")
+
+    @model_validator(mode="after")
+    def _routes_agree(self) -> Plan:
+        if self.routes:
+            lengths = {len(r) for r in self.routes.values()}
+            if len(lengths) != 1 or 0 in lengths:
+                raise ValueError(f"every route needs one node per decoder layer, got lengths {sorted(lengths)}")
+            names = set(self.routes).union(*self.routes.values())
+            bad = sorted(n for n in names if not is_token(n))
+            if bad:
+                raise ValueError(f"route node names must be subject tokens, got {bad[:3]}")
+        return self
+
+    def encode(self) -> bytes:
+        """JSON for the KV entry; fields that are None are left out (an old reader sees an old plan)."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def parse_plan(payload: bytes) -> Plan:
+    """Decode a plan from KV: not JSON is InvalidJSON, a bad plan BadRequest."""
+    data = load_json(payload, "plan")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(f"bad plan ({describe_validation_error(exc)})") from None

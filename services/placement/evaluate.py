@@ -41,7 +41,8 @@ class PolicyRun:
             "remote_share": round(r.remote_share, 4), "messages": r.messages,
             "bytes_across": r.bytes_across, "mean_latency_s": round(r.mean_latency_s, 4),
             "p99_latency_s": round(r.p99_latency_s, 4), "tokens_per_s": round(r.tokens_per_s, 2),
-            "mean_batch": round(r.mean_batch, 2), "migrations": r.migrations,
+            "mean_batch": round(r.mean_batch, 2), "migrations": r.migrations, "hops": r.hops,
+            "foreign_kv_peak_bytes": [float(x) for x in r.foreign_kv_peak_bytes],
             "migrated_replicas": r.migrated_replicas,
         }
 
@@ -54,7 +55,7 @@ def place(scenario: Scenario, policy: str) -> tuple[Placement, float]:
     t0 = time.perf_counter()
     placement = fn(f, scenario.cluster, coact=coact, workload=scenario.workload)
     solve = time.perf_counter() - t0
-    validate(placement, scenario.cluster, f.shape[1], f.shape[2])
+    validate(placement, scenario.cluster, f.shape[1], f.shape[2], scenario.workload.kv_slots_per_layer)
     return placement, solve
 
 
@@ -88,13 +89,13 @@ def latency_by_phase(run_: PolicyRun, at_request: int) -> tuple[float, float]:
 def table(runs: list[PolicyRun]) -> str:
     """A fixed-width table of runs (one line per run)."""
     head = (f"{'policy':10s} {'solve s':>8s} {'proxy %':>8s} {'remote %':>8s} {'messages':>9s} {'MB across':>10s} "
-            f"{'mean s':>8s} {'p99 s':>8s} {'tok/s':>8s} {'batch':>6s} {'migr':>5s}")
+            f"{'hops':>7s} {'mean s':>8s} {'p99 s':>8s} {'tok/s':>8s} {'batch':>6s} {'migr':>5s}")
     lines = [head, "-" * len(head)]
     for x in runs:
         r = x.sim
         lines.append(
             f"{x.policy:10s} {x.solve_s:8.3f} {100 * x.proxy_share:8.1f} {100 * r.remote_share:8.1f} "
-            f"{r.messages:9d} {r.bytes_across / 1e6:10.1f} {r.mean_latency_s:8.3f} {r.p99_latency_s:8.3f} "
+            f"{r.messages:9d} {r.bytes_across / 1e6:10.1f} {r.hops:7d} {r.mean_latency_s:8.3f} {r.p99_latency_s:8.3f} "
             f"{r.tokens_per_s:8.1f} {r.mean_batch:6.2f} {r.migrations:5d}"
         )
     return "\n".join(lines)

@@ -223,6 +223,11 @@ def expected_latency(
     """Expected MoE time of one decode step (s), token-weighted over nodes; see the module docstring.
 
     freq [N, L, E] counts; coact defaults to independent sets drawn ∝ f with workload.top_k experts;
-    workload defaults to batch 1 everywhere. The placement must cover every expert.
+    workload defaults to batch 1 everywhere. The placement must cover every expert. A placement with
+    routes is costed along them (`route_model.RouteModel`: hops, and each layer from where it runs).
     """
+    if placement.routes is not None:
+        from services.placement.route_model import RouteModel  # it extends this module's model
+
+        return RouteModel(cluster, freq, coact, workload).cost(placement)
     return LatencyModel(cluster, freq, coact, workload).cost(placement)

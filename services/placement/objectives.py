@@ -14,7 +14,9 @@ charged in the same unit:
   workload's `migration_cost_s`, and P' must be better by the workload's `min_gain` (a share of C(P)):
   the model's estimate is sampled, so without it a steady workload moves experts on noise. (The
   policy applies the same test to its own candidates.)
-- `uniform`: ignores statistics; C is how many replicas a placement is away from the proposal and
+- `route`: the same expected latency, along each placement's routes (route_model; hops, layers run
+  away from home); stay-home placements cost exactly what they cost for `latency`.
+- `uniform`, `pipeline`: ignore statistics; C is how many replicas a placement is away from the proposal and
   T_mig is 0, so its own layout is taken whenever it differs (the same hosts give the same layout,
   so it cannot thrash).
 
@@ -32,7 +34,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from services.placement.latency_model import LatencyModel
+from services.placement.route_model import RouteModel
 from services.placement.types import Cluster, CoActivation, Placement, PolicyName, Workload, proxy_objective
 
 
@@ -64,7 +66,9 @@ MEASURES: dict[PolicyName, Measure] = {
     "redundance": "remote calls",
     "eplb": "busiest host calls",
     "latency": "latency",
+    "route": "latency",
     "uniform": "layout",
+    "pipeline": "layout",
 }
 if set(MEASURES) != set(get_args(PolicyName)):  # a new policy must say what it minimises
     raise ImportError(f"no measure for {sorted(set(get_args(PolicyName)) - set(MEASURES))}")
@@ -84,11 +88,12 @@ def judge(
     """Whether moving from `current` to `proposed` pays, in the measure `policy` minimises."""
     measure = MEASURES[policy]
     if measure == "layout":
-        away = float(np.sum(current.hosts ^ proposed.hosts))
+        # replicas that differ, plus one when only the routes do
+        away = float(np.sum(current.hosts ^ proposed.hosts)) or float(not current.equals(proposed))
         return Verdict(away > 0, away, 0.0, "replicas")
     added = int(np.sum(proposed.hosts & ~current.hosts))
     if measure == "latency":  # seconds per decode step; loading is spread over the window's steps
-        model = LatencyModel(cluster, freq, coact, workload)  # its set-up is the costly part: once
+        model = RouteModel(cluster, freq, coact, workload)  # its set-up is the costly part: once
         before = model.cost(current)
         after = model.cost(proposed) + added * workload.migration_cost_s
         return Verdict(after < before * (1.0 - workload.min_gain), before, after, "s/step")

@@ -80,3 +80,40 @@ def from_plan_hosts(
         return None
     return Placement(hosts)
 
+
+
+def to_plan_routes(
+    routes: np.ndarray | None, view: ClusterView, moe_layers: list[int], num_layers: int
+) -> dict[str, list[str]] | None:
+    """home node name → executing node name per decoder layer (0..num_layers-1), or None (stay-home).
+
+    routes [N, L_moe] over the view's nodes. A dense layer (no routed experts) runs where the layer
+    before it ran, at home for leading dense layers, so it adds no hop."""
+    if routes is None:
+        return None
+    row = {layer: i for i, layer in enumerate(moe_layers)}
+    out: dict[str, list[str]] = {}
+    for h, home in enumerate(view.nodes):
+        names, at = [], home
+        for layer in range(num_layers):
+            if layer in row:
+                at = view.nodes[int(routes[h, row[layer]])]
+            names.append(at)
+        out[home] = names
+    return out
+
+
+def from_plan_routes(
+    plan_routes: dict[str, list[str]] | None, view: ClusterView, moe_layers: list[int]
+) -> np.ndarray | None:
+    """[N, L_moe] node indices over the view's nodes from a plan's routes; None when there are none
+    or they name other nodes or layers than the view's (the next plan then starts from stay-home)."""
+    if not plan_routes:
+        return None
+    index = {n: i for i, n in enumerate(view.nodes)}
+    table = np.repeat(np.arange(len(view.nodes))[:, None], len(moe_layers), axis=1)
+    for home, names in plan_routes.items():
+        if home not in index or any(n not in index for n in names) or max(moe_layers, default=-1) >= len(names):
+            return None
+        table[index[home]] = [index[names[layer]] for layer in moe_layers]
+    return table

@@ -30,6 +30,7 @@ DENSE_TIME_S = {"deepseek-v2-lite": 150e-6, "mixtral-8x7b": 250e-6, "deepseek-v3
 PUBLISHED_RTT_S = 0.004          # the testbed's round trip is not published; 4 ms as in ARCHITECTURE.md
 PUBLISHED_BW_BPS = 500e6 / 8     # 500 Mbit/s
 LOCAL_LOAD_BPS = 2e9             # NVMe → GPU when a node keeps the full weights locally
+KV_CONTEXT_TOKENS = 2048         # context a request's KV is sized for when a node runs its layers (routes)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ def _timing_and_load(shape: ModelShape, cluster: Cluster, max_batch: int, mean_t
     t = timing(shape)
     return SimConfig(max_batch=max_batch, arrival_rate=rate, shared_experts=shape.num_shared_experts,
                      expert_bytes=shape.expert_bytes, seed=seed, dense_time_s=t["dense_time_s"],
+                     kv_bytes_per_token_layer=shape.kv_bytes_per_token_layer,
                      dense_time_per_token_s=t["dense_time_per_token_s"], expert_time_s=t["expert_time_s"],
                      expert_time_per_token_s=t["expert_time_per_token_s"])
 
@@ -141,7 +143,8 @@ def _timing_and_load(shape: ModelShape, cluster: Cluster, max_batch: int, mean_t
 def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, config: SimConfig) -> Workload:
     """What the policies are told about the traffic: the mean batch per node measured by simulating the
     profile trace with the `eplb` placement (a running system knows its batch sizes), and the compute
-    of one (token, expert) call with the per-group weight read shared by the tokens of a group."""
+    of one (token, expert) call with the per-group weight read shared by the tokens of a group, and the
+    KV a home's batch keeps per layer a node runs for it (KV_CONTEXT_TOKENS per request), in slots."""
     from services.placement.policies import get_policy
     from services.placement.simulator import simulate
 
@@ -153,7 +156,9 @@ def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, c
     B, K, E = float(batch.mean()), shape.top_k, shape.num_experts
     distinct = E * (1.0 - (1.0 - K / E) ** B)                     # experts a step's tokens choose per layer
     per_call = config.expert_time_per_token_s + config.expert_time_s * distinct / (B * K)
-    return Workload(batch=batch, bytes_per_token=shape.bytes_per_token, expert_time_s=per_call, top_k=K)
+    kv = float(batch.max()) * KV_CONTEXT_TOKENS * shape.kv_bytes_per_token_layer / shape.expert_bytes
+    return Workload(batch=batch, bytes_per_token=shape.bytes_per_token, expert_time_s=per_call, top_k=K,
+                    kv_slots_per_layer=kv)
 
 
 def published_testbed(model: str, regime: str = "rtt-b8", *, requests_per_node: int = 60, seed: int = 0,

@@ -6,8 +6,9 @@ Subjects and stores:
 - `prism.v1.host.*.status` in: host heartbeats; the live registry (also mirrored to KV `prism_hosts`,
   whose TTL drops silent hosts).
 - `prism.v1.placement.cmd` in: `{"kind": "replan"}` plans now (operators, `prism demo`).
-- KV `prism_placement`, key `plan` out: `{"epoch", "model", "policy", "hosts": {host: [[layer, expert]]},
-  "objective"}`; the epoch only grows.
+- KV `prism_placement`, key `plan` out: `shared.schemas.Plan`, `{"epoch", "model", "policy", "hosts":
+  {host: [[layer, expert]]}, "objective", "routes"}`; `routes` (home node → executing node per decoder
+  layer) only when the policy made some (`pipeline`, `route`); the epoch only grows.
 
 A plan is computed at start (once hosts are known), every `plan_interval_s`, and at once on a detected
 shift; it is published only when the migration rule accepts it, in the measure the policy minimises
@@ -38,17 +39,24 @@ from pydantic import ValidationError
 
 from services.placement.errors import PlacementError
 from services.placement.objectives import judge
-from services.placement.planner import ClusterView, cluster_view, from_plan_hosts, to_plan_hosts
+from services.placement.planner import (
+    ClusterView,
+    cluster_view,
+    from_plan_hosts,
+    from_plan_routes,
+    to_plan_hosts,
+    to_plan_routes,
+)
 from services.placement.policies import get_policy
 from services.placement.settings import PlacementSettings
 from services.placement.stats import RoutingStats
-from services.placement.types import CoActivation, Workload
+from services.placement.types import CoActivation, Placement, Workload
 from shared import subjects
 from shared.activations import ActivationReport
 from shared.dtypes import DTYPE_BYTES
 from shared.errors import BadRequest, PrismError
 from shared.runtime import announce
-from shared.schemas import HostStatus, load_json
+from shared.schemas import HostStatus, Plan, load_json
 
 log = structlog.get_logger()
 
@@ -70,6 +78,7 @@ class ModelShape:
     top_k: int
     expert_bytes: int
     hidden_size: int
+    num_layers: int  # decoder layers, dense ones included (the length of a plan's routes)
 
 
 class PlacementService:
@@ -284,22 +293,28 @@ class PlacementService:
         if from_plan_hosts(self.plan["hosts"], view, self.model.moe_layers, self.model.num_experts) is None:
             return None
         resident = {host: [list(k) for k in live[host].experts] for host in view.hosts}
-        return from_plan_hosts(resident, view, self.model.moe_layers, self.model.num_experts, require_coverage=True)
+        held = from_plan_hosts(resident, view, self.model.moe_layers, self.model.num_experts, require_coverage=True)
+        if held is None:
+            return None
+        return Placement(held.hosts, routes=from_plan_routes(self.plan.get("routes"), view, self.model.moe_layers))
 
     async def _publish(self, placement: Any, view: ClusterView, freq: np.ndarray) -> None:
         from services.placement.types import proxy_objective
 
-        plan = {
-            "epoch": (self.plan or {}).get("epoch", 0) + 1,
-            "model": self.model.name,
-            "policy": self.settings.policy,
-            "hosts": to_plan_hosts(placement, view, self.model.moe_layers),
-            "objective": proxy_objective(freq, placement, view.cluster),
-        }
-        await self.plans.put("plan", json.dumps(plan).encode())
-        self.plan = plan
+        plan = Plan(
+            epoch=(self.plan or {}).get("epoch", 0) + 1,
+            model=self.model.name,
+            policy=self.settings.policy,
+            hosts=to_plan_hosts(placement, view, self.model.moe_layers),  # type: ignore[arg-type]
+            objective=proxy_objective(freq, placement, view.cluster),
+            routes=to_plan_routes(placement.routes, view, self.model.moe_layers, self.model.num_layers),
+        )
+        payload = plan.encode()
+        await self.plans.put("plan", payload)
+        self.plan = json.loads(payload)
         self._published_at = time.monotonic()
-        log.info("plan_published", epoch=plan["epoch"], objective=plan["objective"], hosts=len(view.hosts))
+        log.info("plan_published", epoch=plan.epoch, objective=plan.objective, hosts=len(view.hosts),
+                 routed_homes=sum(r != [h] * len(r) for h, r in (plan.routes or {}).items()))
 
     async def stop(self) -> None:
         if self._micro:
@@ -324,6 +339,7 @@ def model_shape(settings: PlacementSettings) -> ModelShape:
         top_k=config.top_k,
         expert_bytes=config.expert_nbytes(settings.dtype),
         hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
     )
 
 

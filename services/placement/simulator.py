@@ -21,6 +21,13 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
 - Host compute of a group of m tokens: (expert_time_s + m · expert_time_per_token_s) / host speed.
 - A placement change (migration) takes a share of the bandwidth of every link into a node that
   loads experts, for as long as the weights take at that share; the new placement serves from then.
+- Routes (`Placement.routes`): layer l of a step of home n runs on node x = routes[n, l] as above,
+  from x (dense part on x's first host, x's own experts as compute only, the rest from the holder
+  nearest to x). When the executing node changes, the step's hidden states hop one way (rtt/2 +
+  batch × hidden bytes + envelope over the link), and after the last layer they hop back home. A
+  step keeps the routes it started with. Foreign KV: a node running layers for another home holds
+  that home's active requests' KV for them (positions so far × layers × kv_bytes_per_token_layer);
+  its peak per node is reported.
 
 Shape legend: T tokens, L MoE layers, K top-k, E experts, N nodes, H hosts, B batch.
 Pure numpy and heapq; nothing here imports nats.
@@ -35,6 +42,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.placement.errors import InvalidInputError
+from services.placement.sim_resources import Timeline, serving_hosts, serving_nodes
 from services.placement.traces import RoutingTrace
 from services.placement.types import Cluster, Placement, validate
 
@@ -55,13 +63,15 @@ class SimConfig:
     expert_bytes: int = 17_300_000        # weights moved per replica a migration loads
     local_load_bytes_per_s: float = 0.0           # > 0: nodes load new replicas from local storage at this rate
                                           # (links untouched); 0: over the links from the nearest peer
+    kv_bytes_per_token_layer: float = 0.0  # KV cache of one token position in one layer (foreign KV report)
     seed: int = 0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.arrival_rate <= 0 or not 0 < self.migration_share < 1:
             raise InvalidInputError("need max_batch >= 1, arrival_rate > 0 and 0 < migration_share < 1")
         if min(self.dense_time_s, self.dense_time_per_token_s, self.expert_time_s,
-               self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts, self.local_load_bytes_per_s) < 0:
+               self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts, self.local_load_bytes_per_s,
+               self.kv_bytes_per_token_layer) < 0:
             raise InvalidInputError("SimConfig times and sizes must be >= 0")
 
 
@@ -80,6 +90,8 @@ class SimResult:
     makespan_s: float = 0.0
     migrations: int = 0
     migrated_replicas: int = 0
+    hops: int = 0                         # one-way hops of hidden states between executing nodes
+    foreign_kv_peak_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [N]
     latencies_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     arrivals_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     request_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
@@ -107,82 +119,6 @@ class SimResult:
         return self.tokens / max(self.steps, 1)
 
 
-class Timeline:
-    """Busy intervals of one resource (a host or a directed link), sorted and disjoint."""
-
-    __slots__ = ("busy",)
-
-    def __init__(self) -> None:
-        self.busy: list[tuple[float, float]] = []
-
-    def book(self, ready: float, duration: float, now: float) -> float:
-        """Book `duration` seconds at the earliest gap starting at or after `ready`; return the end.
-        Intervals that ended before `now` are dropped: no later booking can start before `now`."""
-        b = self.busy
-        while b and b[0][1] <= now:
-            del b[0]
-        if not b or ready >= b[-1][1]:                       # the common case: after everything booked
-            end = ready + duration
-            if b and b[-1][1] == ready:
-                b[-1] = (b[-1][0], end)
-            else:
-                b.append((ready, end))
-            return end
-        start, pos = ready, len(b)
-        for k, (s, e) in enumerate(b):
-            if start + duration <= s:
-                pos = k
-                break
-            start = max(start, e)
-        end = start + duration
-        # merge with touching neighbours, so a saturated resource stays one interval, not thousands
-        end_merged = end
-        if pos < len(b) and b[pos][0] == end:
-            end_merged = b[pos][1]
-            del b[pos]
-        if pos > 0 and b[pos - 1][1] == start:
-            b[pos - 1] = (b[pos - 1][0], end_merged)
-        else:
-            b.insert(pos, (start, end_merged))
-        return end
-
-
-def serving_nodes(view: np.ndarray, cluster: Cluster) -> np.ndarray:
-    """[N, L, E] int: the node that serves requester n's calls to (l, e): n itself if it holds a
-    replica, else the nearest holder (lowest rtt, highest bandwidth, next index after n cyclically)."""
-    N = cluster.num_nodes
-    out = np.empty(view.shape, dtype=np.int64)
-    for n in range(N):
-        others = [m for m in range(N) if m != n]
-        ranked = sorted(others, key=lambda m: (cluster.rtt_s[n, m], -cluster.bandwidth_Bps[n, m], (m - n) % N))
-        order = np.array([n, *ranked])
-        first = np.argmax(view[order], axis=0)             # [L, E] index into `order` of the first holder
-        out[n] = order[first]
-    return out
-
-
-def serving_hosts(placement: Placement, cluster: Cluster) -> np.ndarray:
-    """[N, L, E] int: the host that computes requester n's calls to (l, e), on the serving node. When
-    several hosts of that node hold a replica, requesters are spread over them by (n + e) (a queue
-    group spreads requests too; a fixed rule keeps runs deterministic)."""
-    hosts = placement.hosts
-    serve = serving_nodes(placement.node_view(cluster), cluster)        # [N, L, E]
-    N, _, E = serve.shape
-    out = np.empty_like(serve)
-    e_idx = np.arange(E)[None, :]
-    for m in range(N):
-        hs = cluster.hosts_of(m)
-        held = hosts[hs]                                                # [h_m, L, E]
-        count = held.sum(axis=0)                                        # [L, E]
-        rank = np.cumsum(held, axis=0) - 1                              # replica rank on each host
-        for n in range(N):
-            want = (n + e_idx) % np.maximum(count, 1)                   # [L, E]
-            pick = np.argmax(held & (rank == want[None]), axis=0)       # [L, E] index into hs
-            mask = serve[n] == m
-            out[n][mask] = hs[pick][mask]
-    return out
-
-
 # A controller sees each finished step and may schedule a new placement: (node, experts [B, L, K],
 # now, current placement) -> None or (new placement, replicas to load per node [N]).
 Controller = Callable[[int, np.ndarray, float, Placement], "tuple[Placement, np.ndarray] | None"]
@@ -199,6 +135,7 @@ class _Node:
     layer: int = 0
     step: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # token indices
     plan: list[list[tuple[int, int, int]]] = field(default_factory=list)  # per layer: (host, calls, groups)
+    execs: list[int] = field(default_factory=list)  # executing node per layer of the current step
 
 
 class Simulator:
@@ -211,7 +148,7 @@ class Simulator:
         if trace.num_nodes > cluster.num_nodes:
             raise InvalidInputError(f"trace has {trace.num_nodes} nodes, the cluster {cluster.num_nodes}")
         self.trace, self.cluster, self.cfg, self.controller = trace, cluster, config, controller
-        self.placement, self.route = placement, serving_hosts(placement, cluster)
+        self._activate(placement)
         self.pending: tuple[float, Placement] | None = None
         self.bpt = float(trace.meta.bytes_per_token)
         self.experts = trace.experts.astype(np.int64)
@@ -228,7 +165,8 @@ class Simulator:
         self.bw = cluster.bandwidth_Bps.tolist()
         self.migrating = False
         self.nodes = self._nodes(np.random.default_rng(config.seed), arrivals)
-        self.result = SimResult()
+        self.result = SimResult(foreign_kv_peak_bytes=np.zeros(N))
+        self.kv_now = np.zeros((N, N))                          # [home, node] foreign KV bytes held now
         self._done: list[tuple[int, float, float, int]] = []   # (node, arrival, completion, index)
 
     def _nodes(self, rng: np.random.Generator, arrivals: list[np.ndarray] | None) -> list[_Node]:
@@ -278,15 +216,41 @@ class Simulator:
                 nd.active.append([nd.next_req, 0])
                 nd.next_req += 1
             if not nd.active:
+                self.kv_now[n] = 0.0                            # finished requests free their KV
                 return float(nd.arrival[nd.next_req]) if nd.next_req < len(nd.tokens) else None
             nd.step = np.array([nd.tokens[r][p] for r, p in nd.active], dtype=np.int64)
-            nd.plan = self._group(n, nd.step)
-        end = self._layer(n, nd.plan[nd.layer], nd.step.size, now)
+            nd.execs = self.routes[n].tolist()
+            nd.plan = self._group(n, nd.step, self.routes[n])
+            self._foreign_kv(n, nd)
+        x = nd.execs[nd.layer]
+        prev = nd.execs[nd.layer - 1] if nd.layer else n
+        ready = self._hop(prev, x, nd.step.size, now) if x != prev else now
+        end = self._layer(x, nd.plan[nd.layer], nd.step.size, ready, now)
         nd.layer += 1
         if nd.layer == self.L:
             nd.layer = 0
+            if x != n:                                          # back home for the head
+                end = self._hop(x, n, nd.step.size, end, now)
             self._finish_step(n, nd, end)
         return end
+
+    def _hop(self, a: int, b: int, batch: int, ready: float, now: float | None = None) -> float:
+        """The step's hidden states from node a to node b, one way; returns their arrival."""
+        size = batch * self.bpt + self.cfg.envelope_bytes
+        self.result.hops += 1
+        self.result.bytes_across += size
+        return float(self._send(a, b, ready, size, ready if now is None else now) + self.half_rtt[a][b])
+
+    def _foreign_kv(self, n: int, nd: _Node) -> None:
+        """Foreign KV of home n's active requests on each node of its route; keeps the peak per node."""
+        if self.cfg.kv_bytes_per_token_layer <= 0 or self.placement.routes is None:
+            return
+        positions = sum(p + 1 for _, p in nd.active)
+        layers = np.bincount(self.routes[n], minlength=self.kv_now.shape[0]).astype(np.float64)
+        layers[n] = 0.0
+        self.kv_now[n] = layers * positions * self.cfg.kv_bytes_per_token_layer
+        res = self.result
+        res.foreign_kv_peak_bytes = np.maximum(res.foreign_kv_peak_bytes, self.kv_now.sum(axis=0))
 
     def _finish_step(self, n: int, nd: _Node, end: float) -> None:
         self.result.steps += 1
@@ -303,13 +267,14 @@ class Simulator:
             if plan is not None:
                 self._migrate(plan[0], plan[1], end)
 
-    def _group(self, n: int, step: np.ndarray) -> list[list[tuple[int, int, int]]]:
-        """For each layer of node n's step: (host, calls, groups) per host it needs, local hosts too.
-        One numpy pass for the whole step; a group is the tokens of one expert (one message)."""
+    def _group(self, n: int, step: np.ndarray, execs: np.ndarray) -> list[list[tuple[int, int, int]]]:
+        """For each layer of node n's step: (host, calls, groups) per host it needs, local hosts too,
+        seen from the layer's executing node execs [L]. One numpy pass for the whole step; a group is
+        the tokens of one expert (one message)."""
         L, E, H = self.trace.num_layers, self.E, self.H
         ex = self.experts[step]                                        # [B, L, K]
-        host = np.take_along_axis(self.route[n][None], ex, axis=2)     # [B, L, K] serving host
         lay = np.arange(L)[None, :, None]
+        host = self.serve_host[execs[None, :, None], lay, ex]          # [B, L, K] serving host
         key = np.sort(((lay * H + host) * E + ex).ravel())             # layer·H·E + host·E + expert
         first = np.ones(key.size, dtype=bool)
         first[1:] = key[1:] != key[:-1]
@@ -323,8 +288,9 @@ class Simulator:
             plan[layer].append((h, m, g))
         return plan
 
-    def _layer(self, n: int, plan: list[tuple[int, int, int]], batch: int, now: float) -> float:
-        """Book one layer of node n's step; return when its slowest group is back.
+    def _layer(self, n: int, plan: list[tuple[int, int, int]], batch: int, ready: float, now: float) -> float:
+        """Book one layer of a step on its executing node n from `ready`; return when its slowest group
+        is back.
 
         Groups going to one host are booked together: their link transfer as one block (the
         messages leave back to back) and their compute as one block (the host runs them in a row)."""
@@ -332,7 +298,7 @@ class Simulator:
         dense = cfg.dense_time_s + batch * cfg.dense_time_per_token_s
         dense += cfg.shared_experts * (cfg.expert_time_s + batch * cfg.expert_time_per_token_s)
         h0 = self.first_host[n]
-        t0 = self.hosts[h0].book(now, dense / self.speed[h0], now)
+        t0 = self.hosts[h0].book(ready, dense / self.speed[h0], now)
         end, res = t0, self.result
         for h, m, g in plan:
             work = (g * cfg.expert_time_s + m * cfg.expert_time_per_token_s) / self.speed[h]
@@ -379,7 +345,8 @@ class Simulator:
                                   f"({int(loads.sum())} replicas)")
 
     def _activate(self, placement: Placement) -> None:
-        self.placement, self.route = placement, serving_hosts(placement, self.cluster)
+        self.placement, self.serve_host = placement, serving_hosts(placement, self.cluster)
+        self.routes = placement.route_table(self.cluster.num_nodes)
         self.pending = None
 
 
@@ -387,3 +354,7 @@ def simulate(trace: RoutingTrace, cluster: Cluster, placement: Placement, config
              controller: Controller | None = None, arrivals: list[np.ndarray] | None = None) -> SimResult:
     """Run one simulation; see `Simulator`."""
     return Simulator(trace, cluster, placement, config, controller=controller, arrivals=arrivals).run()
+
+
+__all__ = ["Controller", "SimConfig", "SimResult", "Simulator", "Timeline", "serving_hosts", "serving_nodes",
+           "simulate"]

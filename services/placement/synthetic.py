@@ -58,6 +58,7 @@ class ModelShape:
     expert_bytes: int           # one routed expert's weights (bf16), for migration cost
     routing: RoutingParams
     bytes_per_element: int = 2
+    kv_bytes_per_token_layer: int = 0   # KV cache of one token position in one layer (bf16)
 
     @property
     def bytes_per_token(self) -> int:
@@ -70,7 +71,7 @@ PRESETS: dict[str, ModelShape] = {
     # affinity 0.62–0.74 needs; 3 of 9 topics common to all domains keep domains 0.29–0.44 apart.
     "deepseek-v2-lite": ModelShape(
         name="deepseek-v2-lite", num_layers=26, num_experts=64, top_k=6, num_shared_experts=2,
-        hidden_size=2048, expert_bytes=17_300_000,
+        hidden_size=2048, expert_bytes=17_300_000, kv_bytes_per_token_layer=(512 + 64) * 2,  # MLA latent + rope key
         routing=RoutingParams(
             shared_sigma=0.1, domain_sigma=0.45, curve=-0.3, topics=9, common_topics=3, topic_size=10,
             topic_boost=4.0, topic_stay=0.15, topic_focus=2.0, reuse_bonus=0.6,
@@ -79,7 +80,7 @@ PRESETS: dict[str, ModelShape] = {
     # Mixtral-8x7B: 32 MoE layers × 8 experts, top-2; hidden 4096. Nearly flat, as measured.
     "mixtral-8x7b": ModelShape(
         name="mixtral-8x7b", num_layers=32, num_experts=8, top_k=2, num_shared_experts=0,
-        hidden_size=4096, expert_bytes=352_000_000,
+        hidden_size=4096, expert_bytes=352_000_000, kv_bytes_per_token_layer=2 * 8 * 128 * 2,  # K and V, 8 heads
         routing=RoutingParams(
             shared_sigma=0.16, domain_sigma=0.1, curve=0.5, topics=4, common_topics=1, topic_size=2,
             topic_boost=0.3, topic_stay=0.3, topic_focus=2.0, reuse_bonus=0.8,

@@ -29,8 +29,9 @@ from services.placement.errors import (
     InfeasibleError,
     InvalidInputError,
 )
+from services.placement.routes import check_routes, is_stay_home, kv_slots
 
-PolicyName = Literal["uniform", "redundance", "eplb", "prism", "optimal", "latency"]
+PolicyName = Literal["uniform", "redundance", "eplb", "prism", "optimal", "latency", "pipeline", "route"]
 
 # Published testbed (3 nodes, 500 Mbit/s links): the defaults of Cluster.from_slots.
 DEFAULT_RTT_S = 0.004
@@ -143,15 +144,35 @@ class Cluster:
 
 @dataclass(frozen=True, eq=False)
 class Placement:
-    """hosts [H, L, E] bool: host h holds a replica of logical expert (l, e). Read-only copy."""
+    """hosts [H, L, E] bool: host h holds a replica of logical expert (l, e). Read-only copy.
+
+    routes [N, L] int or None: routes[h, l] is the node that executes layer l for home h's requests
+    (`services.placement.routes`); None means stay-home, what every policy but `pipeline` and `route`
+    returns. A stay-home table is stored as None, so equal placements compare equal.
+    """
 
     hosts: np.ndarray
+    routes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         h = np.asarray(self.hosts)
         if h.ndim != 3:
             raise InvalidInputError(f"Placement.hosts must be [H, L, E], got shape {h.shape}")
         object.__setattr__(self, "hosts", _frozen(h.astype(bool)))
+        if self.routes is not None:
+            r = np.asarray(self.routes)
+            if r.ndim != 2:
+                raise InvalidInputError(f"Placement.routes must be [N homes, L layers], got shape {r.shape}")
+            table = check_routes(r, r.shape[0], h.shape[1])
+            object.__setattr__(self, "routes", None if is_stay_home(table) else _frozen(table))
+
+    def route_table(self, num_nodes: int) -> np.ndarray:
+        """[N, L] int: the routes, stay-home rows when there are none."""
+        if self.routes is None:
+            return np.repeat(np.arange(num_nodes, dtype=np.int64)[:, None], self.num_layers, axis=1)
+        if self.routes.shape[0] != num_nodes:
+            raise InvalidInputError(f"routes name {self.routes.shape[0]} homes, the cluster has {num_nodes} nodes")
+        return self.routes
 
     @property
     def num_layers(self) -> int:
@@ -172,7 +193,10 @@ class Placement:
         return [(int(n), int(lay), int(e)) for n, lay, e in np.argwhere(self.node_view(cluster))]
 
     def equals(self, other: Placement) -> bool:
-        return self.hosts.shape == other.hosts.shape and bool(np.array_equal(self.hosts, other.hosts))
+        same_routes = (self.routes is None and other.routes is None) or (
+            self.routes is not None and other.routes is not None and np.array_equal(self.routes, other.routes)
+        )
+        return same_routes and self.hosts.shape == other.hosts.shape and bool(np.array_equal(self.hosts, other.hosts))
 
 
 @dataclass(frozen=True, eq=False)
@@ -292,6 +316,10 @@ class Workload:
                             per host and layer); False: once per remote node holding some of its
                             experts (a gating that would dedupe tokens per node). Round trips overlap
                             either way.
+    kv_slots_per_layer float  expert slots one home's requests' KV cache takes on a node per layer that
+                            node executes for it (batch × context × KV bytes per token and layer /
+                            expert bytes); a node executing foreign layers has that much less room
+                            for experts. 0 (default): KV is not charged
     migration_cost_s float  objective seconds charged per replica that `current` lacks (loading it)
     min_gain         float  relative gain a new plan must bring over `current` to be chosen (hysteresis)
     top_k            int    experts per token; used only when no CoActivation is given
@@ -302,6 +330,7 @@ class Workload:
     expert_time_s: float = 40e-6
     expert_time_per_token_s: float = 0.0
     per_expert_messages: bool = True
+    kv_slots_per_layer: float = 0.0
     migration_cost_s: float = 0.0
     min_gain: float = 0.0
     top_k: int = 2
@@ -310,7 +339,8 @@ class Workload:
         batch = np.asarray(self.batch)
         if batch.ndim != 1 or np.any(batch < 1) or np.any(batch != np.round(batch)):
             raise InvalidInputError(f"Workload.batch must be [N] integers >= 1, got {batch.tolist()}")
-        for name in ("bytes_per_token", "expert_time_s", "expert_time_per_token_s", "migration_cost_s", "min_gain"):
+        for name in ("bytes_per_token", "expert_time_s", "expert_time_per_token_s", "kv_slots_per_layer",
+                     "migration_cost_s", "min_gain"):
             v = float(getattr(self, name))
             if not np.isfinite(v) or v < 0:
                 raise InvalidInputError(f"Workload.{name} must be finite and >= 0, got {v}")
@@ -366,8 +396,11 @@ def proxy_objective(freq: np.ndarray, placement: Placement, cluster: Cluster) ->
     return float(np.sum(f, where=~placement.node_view(cluster)))
 
 
-def validate(placement: Placement, cluster: Cluster, num_layers: int, num_experts: int) -> None:
-    """Raise CoverageError if some expert has no replica, CapacityError if a host is over its slots."""
+def validate(
+    placement: Placement, cluster: Cluster, num_layers: int, num_experts: int, kv_slots_per_layer: float = 0.0
+) -> None:
+    """Raise CoverageError if some expert has no replica, CapacityError if a host is over its slots
+    or (with routes) a node over its slots once foreign KV takes `kv_slots_per_layer` per foreign layer."""
     h = placement.hosts
     if h.shape != (cluster.num_hosts, num_layers, num_experts):
         raise InvalidInputError(
@@ -382,3 +415,12 @@ def validate(placement: Placement, cluster: Cluster, num_layers: int, num_expert
     if over.size:
         k = over[0]
         raise CapacityError(f"host {k} holds {used[k]} experts but has {cluster.host_slots[k]} slots")
+    if placement.routes is not None:
+        table = placement.route_table(cluster.num_nodes)
+        node_used = np.bincount(cluster.host_node, weights=used, minlength=cluster.num_nodes)
+        room = cluster.node_slots() - kv_slots(table, cluster.num_nodes, kv_slots_per_layer)
+        tight = np.flatnonzero(node_used > room)
+        if tight.size:
+            n = tight[0]
+            raise CapacityError(f"node {n} holds {int(node_used[n])} experts but has room for {int(room[n])} "
+                                "beside the foreign KV its routes put there")

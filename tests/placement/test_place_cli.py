@@ -182,7 +182,7 @@ def test_unknown_policy_in_a_subprocess(counts: tuple[Path, np.ndarray]) -> None
     assert out.stdout == ""
     assert out.stderr.strip() == (
         "prism place: error: unknown placement policy 'fastest'; "
-        "accepted: uniform, redundance, eplb, prism, optimal, latency"
+        "accepted: uniform, redundance, eplb, prism, optimal, latency, pipeline, route"
     )
 
 

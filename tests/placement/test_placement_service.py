@@ -334,3 +334,44 @@ async def test_reports_from_an_unknown_node_are_logged_once(nats_hub: NatsServer
             await until_counted(service, 64)  # the known node's report came after the others
         dropped = [e for e in logs if e["event"] == "activation_reports_dropped"]
         assert [(e["node"], e["log_level"]) for e in dropped] == [(f"{unique}-typo", "warning")]
+
+
+@pytest.fixture(scope="module")
+def routed_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """DeepSeek-V2 tiny with 5 decoder layers: layer 0 dense, layers 1-4 with 8 routed experts (top-2)."""
+    return make_tiny_checkpoint("deepseek_v2", tmp_path_factory.mktemp("routed-model"), seed=4, num_hidden_layers=5)
+
+
+@pytest.mark.parametrize("policy", ["route", "pipeline"])
+async def test_plans_carry_routes(nats_hub: NatsServer, routed_model_dir: Path, unique: str, policy: str) -> None:
+    """Two nodes whose hosts hold 2.5 of the 4 MoE layers each, flat routing: a stay-home step would pay a
+    round trip in most layers, a route two one-way hops. The plan names, per home, the executing node of
+    every decoder layer (the dense layer 0 runs at home), and each home runs a layer only where all its
+    experts are held. Old readers: the plan without routes is the same JSON as before."""
+    from shared.schemas import parse_plan
+
+    nodes = [f"{unique}-a", f"{unique}-b"]
+    config = load_config(routed_model_dir)
+    layers, E = list_moe_layers(config), config.num_experts
+    assert (config.num_layers, layers) == (5, [1, 2, 3, 4])
+    slots = len(layers) * E * 5 // 8
+    async with running_service(nats_hub, routed_model_dir, unique, nodes, policy=policy, plan_interval_s=3600) as (
+        nc, service
+    ):
+        await send_reports(nc, nodes[0], layers, usage(list(range(E)), E), n=10, seed=1)
+        await send_reports(nc, nodes[1], layers, usage(list(range(E)), E), n=10, seed=2)
+        await until_counted(service, 20 * 64)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots)
+        plan = await next_plan(service, 0)
+        entry = await service.plans.get("plan")
+    assert parse_plan(entry.value).routes == plan["routes"]
+    assert plan["policy"] == policy
+    routes = plan["routes"]
+    assert set(routes) == set(nodes)
+    held = {host.removesuffix("-h0"): {tuple(k) for k in keys} for host, keys in plan["hosts"].items()}
+    for home, route in routes.items():
+        assert len(route) == 5, route
+        assert route[0] == home, route
+        assert set(route) == set(nodes), f"{home}'s route leaves home for the layers it lacks: {route}"
+        for layer in layers:
+            assert {(layer, e) for e in range(E)} <= held[route[layer]], (home, layer, route)

@@ -2,7 +2,8 @@
 
 Every policy is a pure function `policy(freq [N, L, E], cluster, *, coact, current, workload) ->
 Placement` (see `services.placement.types.Policy`): every logical expert on at least one host, no host
-over its slots, the same output for the same input.
+over its slots, the same output for the same input. `pipeline` and `route` also return routes
+(`Placement.routes`, [N, L] executing node per home and layer); the others leave them None (stay-home).
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from services.placement.errors import InvalidInputError
 from services.placement.policies.eplb import eplb
 from services.placement.policies.latency import latency
 from services.placement.policies.optimal import optimal
+from services.placement.policies.pipeline import pipeline
 from services.placement.policies.prism import prism
 from services.placement.policies.redundance import redundance
+from services.placement.policies.route import route
 from services.placement.policies.uniform import uniform
 from services.placement.types import Policy, PolicyName
 
@@ -25,6 +28,8 @@ POLICIES: dict[PolicyName, Policy] = {
     "prism": prism,
     "optimal": optimal,
     "latency": latency,
+    "pipeline": pipeline,
+    "route": route,
 }
 
 _missing = set(get_args(PolicyName)) ^ set(POLICIES)

@@ -1,0 +1,180 @@
+"""`route` (ours): placement and routes chosen together to minimise the expected decode-step time.
+
+Why: with top-k routing nearly every layer of a stay-home step has some remote expert, so the step
+pays about one round trip per MoE layer whatever the placement; a pipeline split pays a few one-way
+hops instead, but sends every home through every range. `route` lets each home keep the layers it
+covers well and send the rest where their experts are (ARCHITECTURE.md, Execution).
+
+Cost: `route_model.RouteModel` (stay-home routes: exactly the `latency` policy's model). Candidates,
+each a node view with a route table, each within every node's slots once foreign KV takes
+`workload.kv_slots_per_layer` per layer a node runs for another home:
+1. stay-home: the `latency` policy's placement (itself the best of every stay-home policy on the
+   model), and its view with routes from the route DP (a home may leave for a few layers);
+2. the `pipeline` split and its view with DP routes;
+3. whole layers: each node holds whole layers, as many as fit with the others' KV
+   (`pipeline.layer_capacity`); which ones is searched on hops and compute alone: circular blocks in
+   every node order (up to PERMUTE_NODES nodes) and start layer, then single-layer moves while they
+   help, every home's route by DP over (layer, node) with only whole layers allowed. Spare slots take
+   each node's most used experts; the routes are then re-solved on the full model.
+The cheapest candidate, with the migration cost (migration_cost_s per replica `current` lacks), wins;
+it replaces `current` only if it saves `min_gain` of current's cost (hysteresis). Ties go to the
+earlier candidate, so where nothing beats stay-home the result is the `latency` placement as it is.
+Above DP_MAX_NODES nodes the full-model DP (N executing nodes × samples per layer) is skipped: the
+whole-layer routes stand as they are. Deterministic.
+"""
+
+from __future__ import annotations
+
+from itertools import permutations
+
+import numpy as np
+
+from services.placement.policies._common import assign_to_hosts, fill_spare
+from services.placement.policies.latency import latency
+from services.placement.policies.pipeline import layer_capacity, pipeline_split
+from services.placement.route_model import RouteModel, shortest_routes
+from services.placement.routes import kv_slots
+from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
+
+DP_MAX_NODES = 16  # full-model route DP up to this many nodes
+PERMUTE_NODES = 5  # every node order of the whole-layer blocks up to this many nodes
+SEARCH_PASSES = 3
+
+
+def _fits(view: np.ndarray, table: np.ndarray | None, slots: np.ndarray, kv: float) -> bool:
+    room = slots - kv_slots(table, slots.size, kv)
+    return bool(np.all(view.sum(axis=(1, 2)) <= room) and view.any(axis=0).all())
+
+
+class _WholeLayers:
+    """Search over which whole layers each node holds, scored by hops and compute (DP per home)."""
+
+    def __init__(self, model: RouteModel, cap: np.ndarray, num_layers: int) -> None:
+        self.cap, self.L = cap, num_layers
+        self.hop = model.hop_times()
+        own = model.unit_work.sum(axis=2)  # [N_home, L] a home's expert work with every expert local
+        self.compute = own[:, None, :] / model.speed[None, :, None]  # [N_home, N_x, L]
+        self.weight = model.weight
+
+    def routes(self, held: np.ndarray) -> np.ndarray:
+        times = np.where(held[None], self.compute, np.inf)
+        return shortest_routes(times, self.hop)
+
+    def score(self, held: np.ndarray) -> float:
+        if not held.any(axis=0).all():
+            return float("inf")
+        table = self.routes(held)
+        n = table.shape[0]
+        homes = np.arange(n)[:, None]
+        path = np.concatenate([homes, table, homes], axis=1)
+        hops = self.hop[homes, path[:, :-1], path[:, 1:]].sum(axis=1)
+        work = np.take_along_axis(self.compute, table[:, None, :], axis=1)[:, 0].sum(axis=1)
+        return float(self.weight @ (hops + work))
+
+    def blocks(self, order: tuple[int, ...], start: int) -> np.ndarray:
+        """Circular blocks of each node's capacity, in `order`, from layer `start`."""
+        held = np.zeros((self.cap.size, self.L), dtype=bool)
+        pos = start
+        for n in order:
+            k = int(self.cap[n])
+            held[n, (pos + np.arange(k)) % self.L] = True
+            pos += k
+        return held
+
+    def best(self) -> np.ndarray | None:
+        n = self.cap.size
+        if self.cap.sum() < self.L:
+            return None
+        orders = list(permutations(range(n))) if n <= PERMUTE_NODES else [tuple(range(n))]
+        starts = range(self.L) if n <= DP_MAX_NODES else [0]
+        best, best_score = None, float("inf")
+        for order in orders:
+            for s in starts:
+                held = self.blocks(order, s)
+                sc = self.score(held)
+                if sc < best_score:
+                    best, best_score = held, sc
+        if best is None:
+            return None
+        return self.improve(best, best_score) if n <= DP_MAX_NODES else best
+
+    def improve(self, held: np.ndarray, score: float) -> np.ndarray:
+        """Move one layer of one node to another layer while that lowers the score."""
+        for _ in range(SEARCH_PASSES):
+            moved = False
+            for n in range(held.shape[0]):
+                for a in np.flatnonzero(held[n]):
+                    for b in np.flatnonzero(~held[n]):
+                        trial = held.copy()
+                        trial[n, a], trial[n, b] = False, True
+                        sc = self.score(trial)
+                        if sc < score - 1e-12:
+                            held, score, moved = trial, sc, True
+                            break
+            if not moved:
+                break
+        return held
+
+
+def _candidates(f: np.ndarray, cluster: Cluster, model: RouteModel, coact: CoActivation | None,
+                current: Placement | None) -> list[tuple[np.ndarray, np.ndarray | None, Placement | None]]:
+    """(view, routes or None, placement if already made) in tie-break order."""
+    wl = model.workload
+    n_nodes, n_layers, n_experts = f.shape
+    slots = cluster.node_slots()
+    dp = n_nodes <= DP_MAX_NODES
+    base = Placement(current.hosts) if current is not None else None
+    home = latency(f, cluster, coact=coact, current=base, workload=wl)
+    home_view = home.node_view(cluster)
+    out: list[tuple[np.ndarray, np.ndarray | None, Placement | None]] = [(home_view, None, home)]
+    pipe_view, owner = pipeline_split(slots, n_layers, n_experts, wl.kv_slots_per_layer)
+    pipe_routes = np.repeat(owner[None], n_nodes, axis=0)
+    out.append((pipe_view, pipe_routes, None))
+    if dp:
+        out.append((home_view, model.route_dp(home_view), None))
+        out.append((pipe_view, model.route_dp(pipe_view, pipe_routes), None))
+    cap = np.minimum(layer_capacity(slots, n_experts, wl.kv_slots_per_layer), n_layers)
+    search = _WholeLayers(model, cap, n_layers)
+    held = search.best()
+    if held is not None:
+        coarse = search.routes(held)
+        view = np.repeat(held[:, :, None], n_experts, axis=2)
+        view = fill_spare(view, f, slots - kv_slots(coarse, n_nodes, wl.kv_slots_per_layer))
+        out.append((view, coarse, None))
+        if dp:
+            out.append((view, model.route_dp(view, coarse), None))
+    return out
+
+
+def route(
+    freq: np.ndarray,
+    cluster: Cluster,
+    *,
+    coact: CoActivation | None = None,
+    current: Placement | None = None,
+    workload: Workload | None = None,
+) -> Placement:
+    """The cheapest (placement, routes) on the route model; see the module docstring. freq [N, L, E]."""
+    f = check_inputs(freq, cluster)
+    model = RouteModel(cluster, f, coact, workload)
+    wl = model.workload
+    slots = cluster.node_slots()
+    cur_ok = (current is not None and current.hosts.shape == (cluster.num_hosts, *f.shape[1:])
+              and (current.routes is None or current.routes.shape[0] == cluster.num_nodes))
+    cur_view = current.node_view(cluster) if current is not None and cur_ok else None
+    scored = []
+    for view, table, made in _candidates(f, cluster, model, coact, current if cur_ok else None):
+        if table is not None and not _fits(view, table, slots, wl.kv_slots_per_layer):
+            continue  # (the stay-home candidate always fits: it is a valid `latency` placement)
+        cost = model.routed_cost(view, table)
+        if cur_view is not None:
+            cost += wl.migration_cost_s * float((view & ~cur_view).sum())
+        scored.append((cost, view, table, made))
+    cost, view, table, made = min(scored, key=lambda c: c[0])  # min keeps the first of equal costs
+    if (current is not None and cur_view is not None
+            and not cost < model.routed_cost(cur_view, current.routes) * (1.0 - wl.min_gain)):
+        return current
+    if made is not None and table is None:
+        return made
+    prefer = current.hosts if current is not None and cur_ok else None
+    return Placement(assign_to_hosts(view, cluster, f, prefer=prefer), routes=table)

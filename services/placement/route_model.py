@@ -1,0 +1,164 @@
+"""The latency model extended to routes: expected decode-step time when layers run away from home.
+
+Shape legend: N nodes (homes h, executing nodes x, serving nodes m), L layers, E experts, K top-k,
+R sampled token rows (or pseudo-batches at batch > 1).
+
+Per home h and layer l, the executing node x = route[h, l] runs the layer for h's step of B_h tokens:
+- its expert calls are served as in `latency_model`, but from x: the experts x holds are computed on
+  x (compute only: no message, no round trip); the others go to the holder nearest to x as one
+  group per serving node, paying rtt[x, m] + bytes there and back + the server's work;
+- the layer takes max(local work at x, slowest remote group);
+- work: every node m computes, per layer, the groups it serves for every home whose executing node
+  sends them to m (the latency model's "all nodes step together"), over its speed;
+- hops: when the executing node changes between layers (home → first, between segments, last →
+  home for the head), the step pays one way: rtt[a, b] / 2 + B_h · bytes_per_token / bandwidth[a, b].
+With stay-home routes this is exactly `LatencyModel` (same samples, same serving, same work).
+
+`route_dp` finds, for a node view and the work the current routes put on every node, each home's
+cheapest route by dynamic programming over (layer, executing node). Pure numpy; no nats.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from services.placement.latency_model import LatencyModel, _run_lengths
+from services.placement.routes import stay_home
+from services.placement.types import Placement
+
+
+class RouteModel(LatencyModel):
+    """`LatencyModel` with routes; see the module docstring."""
+
+    def hop_times(self) -> np.ndarray:
+        """[N_home, N, N] seconds one hop from a to b takes for home h's batch (0 on the diagonal)."""
+        n = self.cluster.num_nodes
+        with np.errstate(divide="ignore"):
+            one_way = self.workload.bytes_per_token / self.cluster.bandwidth_Bps
+        one_way = np.where(np.eye(n, dtype=bool), 0.0, one_way)
+        half = self.rtt / 2.0
+        return half[None] + self.workload.batch[:, None, None] * one_way[None]
+
+    def route_work(self, view: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(serve [N_x, L, E] serving node per executing node, work [N, L] seconds) under `table` [N, L]."""
+        serve = self.serve(view)
+        layers = np.arange(view.shape[1])
+        return serve, self.work(serve[table, layers[None, :], :], layers)
+
+    def local_work(self, view: np.ndarray, serve: np.ndarray, table: np.ndarray, work: np.ndarray) -> np.ndarray:
+        """[N_home, N_x, L]: work at x in layer l were home h's layer executed there: x's work under
+        `table` minus what h put on x there, plus h's calls to the experts x holds."""
+        n_nodes, n_layers, _ = view.shape
+        lay = np.arange(n_layers)
+        own = np.einsum("hle,xle->hxl", self.unit_work, view.astype(np.float64)) / self.speed[None, :, None]
+        srv_home = serve[table, lay[None, :], :]  # [N_home, L, E] who serves h's calls now
+        put = np.stack([(self.unit_work * (srv_home == x)).sum(axis=2) for x in range(n_nodes)], axis=1)
+        put = put / self.speed[None, :, None]
+        return np.asarray(np.maximum(work[None] - put + own, 0.0))
+
+    def _row_times(self, serve: np.ndarray, work: np.ndarray, local: np.ndarray, ex_home: np.ndarray) -> np.ndarray:
+        """T [N_home, L]: mean layer time of each home's rows when home h runs layer l on ex_home[h, l]."""
+        n_nodes, n_layers, n_experts = serve.shape
+        out = np.array(local[np.arange(n_nodes)[:, None], ex_home, np.arange(n_layers)[None, :]])
+        if self.tok_req.size == 0:
+            return out
+        lay = np.arange(n_layers)[None, :, None]
+        owner = self.tok_req if self.all_batch_1 else self.batch_req
+        ex = ex_home[owner][:, :, None]  # [R, L, 1] executing node of each row
+        ex_tok = ex_home[self.tok_req][:, :, None]
+        srv = np.sort(serve.ravel()[(ex_tok * n_layers + lay) * n_experts + self.tok_sets], axis=2)
+        sent = srv != ex_tok
+        if not self.per_expert:
+            sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
+        loc = local[owner[:, None], ex[:, :, 0], lay[:, :, 0]]  # [R, L]
+        if self.all_batch_1:
+            copies = _run_lengths(srv) if self.per_expert else 1
+            at = ex_tok * n_nodes + srv
+            group = np.where(sent, self.rtt.ravel()[at] + copies * self.byte_time.ravel()[at] + work[srv, lay], 0.0)
+            per = np.maximum(loc, group.max(axis=2))
+        else:
+            n_batches = self.batch_req.size
+            key = (self.tok_batch[:, None, None] * n_layers + lay) * n_nodes + srv
+            c = np.bincount(key[sent], minlength=n_batches * n_layers * n_nodes).reshape(n_batches, n_layers, n_nodes)
+            exb = ex[:, :, 0]  # [NB, L]
+            trip = self.rtt[exb] + c * self.byte_time[exb] + work.T[None]
+            per = np.maximum(loc, np.where(c > 0, trip, 0.0).max(axis=2))
+        has = np.bincount(owner, minlength=n_nodes) > 0
+        starts = np.searchsorted(owner, np.flatnonzero(has))
+        counts = np.diff(np.append(starts, owner.size))
+        out[has] = np.add.reduceat(per, starts, axis=0) / counts[:, None]
+        return out
+
+    def route_layer_times(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """T [N_home, L]: each home's mean layer time along its route `table` [N, L]."""
+        serve, work = self.route_work(view, table)
+        local = self.local_work(view, serve, table, work)
+        return self._row_times(serve, work, local, table)
+
+    def step_times(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """[N_home] seconds of one decode step's MoE layers and hops along `table`."""
+        t = self.route_layer_times(view, table).sum(axis=1)
+        hop = self.hop_times()
+        n = table.shape[0]
+        path = np.concatenate([np.arange(n)[:, None], table, np.arange(n)[:, None]], axis=1)
+        homes = np.arange(n)[:, None]
+        return np.asarray(t + hop[homes, path[:, :-1], path[:, 1:]].sum(axis=1))
+
+    def routed_cost(self, view: np.ndarray, table: np.ndarray | None) -> float:
+        """Σ_h w_h · step time of home h; stay-home when `table` is None."""
+        if table is None:
+            return self.node_view_cost(view)
+        return float(self.weight @ self.step_times(view, table))
+
+    def cost(self, placement: Placement) -> float:
+        view = placement.node_view(self.cluster)
+        return self.routed_cost(view, placement.routes)
+
+    def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """T [N_home, N_x, L]: home h's mean time in layer l if x ran it, the others keeping `table`."""
+        serve, work = self.route_work(view, table)
+        local = self.local_work(view, serve, table, work)
+        n_nodes, n_layers = table.shape
+        out = np.empty((n_nodes, n_nodes, n_layers))
+        for x in range(n_nodes):
+            out[:, x, :] = self._row_times(serve, work, local, np.full(table.shape, x, dtype=np.int64))
+        return out
+
+    def route_dp(self, view: np.ndarray, table: np.ndarray | None = None, rounds: int = 2) -> np.ndarray:
+        """[N, L] routes: per home the cheapest path over (layer, executing node) on `exec_table`,
+        re-solved `rounds` times with the work the previous routes put on each node."""
+        n_nodes, n_layers, _ = view.shape
+        cur = stay_home(n_nodes, n_layers) if table is None else np.asarray(table, dtype=np.int64)
+        hop = self.hop_times()
+        for _ in range(rounds):
+            nxt = shortest_routes(self.exec_table(view, cur), hop)
+            if np.array_equal(nxt, cur):
+                break
+            cur = nxt
+        return cur
+
+
+def shortest_routes(times: np.ndarray, hop: np.ndarray) -> np.ndarray:
+    """[N_home, L] the cheapest route of every home at once: times [N_home, N_x, L] per executing node
+    and layer (inf: not allowed), hop [N_home, N, N] seconds from a to b; home h's path starts and ends
+    at h. Ties go to staying on the same node, then to the lower index; a home ends at home if it can."""
+    n_homes, n_nodes, n_layers = times.shape
+    homes = np.arange(n_homes)
+    nodes = np.arange(n_nodes)
+    back = np.zeros((n_layers, n_homes, n_nodes), dtype=np.int64)
+    cost = hop[homes, homes, :] + times[:, :, 0]  # [H, X]
+    back[0] = homes[:, None]
+    for lay in range(1, n_layers):
+        via = cost[:, :, None] + hop  # [H, from y, to x]
+        best = np.argmin(via, axis=1)  # [H, X]
+        stay = via[:, nodes, nodes]
+        pick = np.where(stay <= np.take_along_axis(via, best[:, None, :], axis=1)[:, 0], nodes[None, :], best)
+        back[lay] = pick
+        cost = np.take_along_axis(via, pick[:, None, :], axis=1)[:, 0] + times[:, :, lay]
+    total = cost + hop[homes, :, homes]
+    x = np.where(total[homes, homes] <= total.min(axis=1), homes, np.argmin(total, axis=1))
+    routes = np.empty((n_homes, n_layers), dtype=np.int64)
+    for lay in range(n_layers - 1, -1, -1):
+        routes[:, lay] = x
+        x = back[lay, homes, x]
+    return routes

@@ -1,0 +1,94 @@
+"""Routes in the simulator (hops one way, foreign KV, each layer from where it runs) and in the CLIs
+(`prism place --policy route --json`, `prism sim` rows for pipeline and route)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli.main import build_parser
+from services.placement.simulator import SimConfig, simulate
+from services.placement.traces import RoutingTrace, TraceMeta
+from services.placement.types import Cluster, Placement
+
+MS = 1e-3
+# hidden 100 × 2 bytes = 200 bytes per token; at 1e6 B/s 0.2 ms per token one way
+CFG = SimConfig(max_batch=4, dense_time_s=0.1 * MS, dense_time_per_token_s=0.0, expert_time_s=0.05 * MS,
+                expert_time_per_token_s=0.0, envelope_bytes=0, kv_bytes_per_token_layer=10.0)
+
+
+def _one_token(experts: list[list[int]]) -> RoutingTrace:
+    """One request of one token at node 0; experts [L][K]."""
+    x = np.array([experts])
+    meta = TraceMeta(model="hand", moe_layers=tuple(range(x.shape[1])), num_experts=2, top_k=x.shape[2],
+                     hidden_size=100, domains=("d",), nodes=("n0", "n1"))
+    return RoutingTrace(experts=x, weights=np.ones(x.shape), node=np.zeros(1, dtype=int), domain=np.zeros(1, dtype=int),
+                        request=np.zeros(1, dtype=int), position=np.zeros(1, dtype=int), meta=meta)
+
+
+def test_a_routed_step_by_hand() -> None:
+    """Node 0 holds layer 0, node 1 layer 1. Home 0 on route [0, 1]: layer 0 at home (dense 0.1 + expert
+    0.05), hop to 1 (0.2 bytes + 1.0 half rtt), layer 1 there (0.15), hop back (1.2): 2.7 ms, no expert
+    message; node 1 held the request's KV for one position of one layer."""
+    cluster = Cluster.from_slots([2, 2], rtt_s=2 * MS, bandwidth_Bps=1e6)
+    hosts = np.array([[[True, True], [False, False]], [[False, False], [True, True]]])
+    routed = Placement(hosts, routes=np.array([[0, 1], [1, 1]]))
+    r = simulate(_one_token([[0], [0]]), cluster, routed, CFG, arrivals=[np.array([0.0]), np.zeros(0)])
+    assert r.latencies_s[0] == pytest.approx(2.7 * MS)
+    assert (r.hops, r.messages, r.remote_calls, r.local_calls) == (2, 0, 0, 2)
+    assert r.bytes_across == 400
+    assert r.foreign_kv_peak_bytes.tolist() == [0.0, 10.0]
+    # the same placement staying home: layer 1 is a round trip from node 0 (0.1 + 0.2 + 1 + 0.05 + 0.2 + 1)
+    home = simulate(_one_token([[0], [0]]), cluster, Placement(hosts), CFG, arrivals=[np.array([0.0]), np.zeros(0)])
+    assert home.latencies_s[0] == pytest.approx(0.15 * MS + 2.55 * MS)
+    assert (home.hops, home.messages) == (0, 1)
+    assert home.foreign_kv_peak_bytes.tolist() == [0.0, 0.0]
+
+
+def test_a_remote_layer_calls_from_where_it_runs() -> None:
+    """Route [1, 1] for home 0 while node 1 lacks expert 1 of layer 1: the call goes from node 1 to
+    node 0 (a round trip from the executing node, not from home)."""
+    cluster = Cluster.from_slots([3, 3], rtt_s=2 * MS, bandwidth_Bps=1e6)
+    hosts = np.array([[[True, True], [False, True]], [[True, True], [True, False]]])
+    routed = Placement(hosts, routes=np.array([[1, 1], [1, 1]]))
+    r = simulate(_one_token([[0], [1]]), cluster, routed, CFG, arrivals=[np.array([0.0]), np.zeros(0)])
+    # hop 1.2, layer 0 0.15, layer 1: dense 0.1 + round trip 2.4 + expert 0.05, hop back 1.2
+    assert r.latencies_s[0] == pytest.approx((1.2 + 0.15 + 2.55 + 1.2) * MS)
+    assert (r.hops, r.messages, r.remote_calls) == (2, 1, 1)
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    args = build_parser().parse_args(list(argv))
+    code = args.func(args)
+    return code, capsys.readouterr().out
+
+
+def test_place_route_json(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """Routes next to the placement: every home, one executing node per layer, and a layer runs only
+    where the placement puts all its experts or calls the rest; stay-home policies print stay-home."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "f.npy", rng.gamma(1.0, size=(3, 6, 8)) * 100)
+    code, out = _run(capsys, "place", "--counts", str(tmp_path / "f.npy"), "--slots", "20,20,40",
+                     "--policy", "route", "--json", "--top-k", "2")
+    assert code == 0
+    got = json.loads(out)
+    assert set(got) >= {"placement", "routes", "host_placement"}
+    assert sorted(got["routes"]) == ["0", "1", "2"]
+    assert all(len(r) == 6 and all(0 <= x < 3 for x in r) for r in got["routes"].values())
+    assert any(r != [int(h)] * 6 for h, r in got["routes"].items()), "with 4 ms round trips some home leaves"
+    code, out = _run(capsys, "place", "--counts", str(tmp_path / "f.npy"), "--slots", "20,20,40",
+                     "--policy", "eplb", "--json")
+    assert json.loads(out)["routes"] == {str(h): [h] * 6 for h in range(3)}
+
+
+def test_sim_has_pipeline_and_route_rows(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _run(capsys, "sim", "--scenario", "testbed-mixtral", "--regime", "rtt-b1", "--requests", "8",
+                     "--policies", "latency,pipeline,route", "--json")
+    assert code == 0
+    runs = {r["policy"]: r for r in json.loads(out)["scenarios"][0]["runs"]}
+    assert set(runs) == {"latency", "pipeline", "route"}
+    assert runs["latency"]["hops"] == 0 < runs["pipeline"]["hops"]
+    assert runs["route"]["mean_latency_s"] <= min(runs["latency"]["mean_latency_s"], runs["pipeline"]["mean_latency_s"])
