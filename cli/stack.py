@@ -10,9 +10,10 @@ the migrator run on the hub and move experts when the nodes' activation statisti
 Three parts: the plan (cli/stack_plan.py, pure), the supervisor (cli/supervisor.py: restart, stop in
 order: services, leaves, links, hub) and the readiness checks (cli/readiness.py). Each child writes
 its log to `<run_dir>/<name>.log` and serves Prometheus /metrics on a free loopback port of its own
-(kept over restarts; `<run_dir>/prometheus.yml` scrapes them all, `stack.json` lists them). `start()` either returns with every node answering a one-token
-request and every host reporting its experts, or stops what it started and raises StackError with
-one line saying what went wrong. While serving, `supervise()` restarts a child that dies.
+(kept over restarts; `<run_dir>/prometheus.yml` scrapes them all, `stack.json` lists them).
+`start()` either returns with every node answering a one-token request and every host reporting its
+experts, or stops what it started and raises StackError with one line saying what went wrong. While
+serving, `supervise()` restarts a child that dies.
 """
 
 from __future__ import annotations
