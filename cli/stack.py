@@ -89,7 +89,7 @@ class LocalStack:
         try:
             plan = self.prepare()
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            targets = {spec.name: (spec.module, self.metrics_ports[spec.name]) for spec in plan.services}
+            targets = {spec.name: (spec.module, f"127.0.0.1:{self.metrics_ports[spec.name]}") for spec in plan.services}
             self.prometheus_config.write_text(prometheus_config(targets))
             await self._start_hub(plan)
             await write_initial_plan(self.hub_url, plan.model_name, plan.placement)

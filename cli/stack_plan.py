@@ -193,19 +193,18 @@ def ignored_env(spec: ServiceSpec, nats_url: str, environ: Mapping[str, str], *,
     return {key for key, value in wiring.items() if _overridden(environ.get(key), value)}
 
 
-def prometheus_config(targets: Mapping[str, tuple[str, int]], scrape_interval_s: float = 5.0) -> str:
-    """A Prometheus scrape config (YAML) for `targets`: service name → (module, metrics port on 127.0.0.1).
-    One job per kind of service (`prism_gating`, `prism_expert_host`, ...); each target carries its
-    service name as the label `service`."""
-    jobs: dict[str, list[tuple[str, int]]] = {}
-    for name, (module, port) in targets.items():
-        jobs.setdefault("prism_" + module.rsplit(".", 1)[-1], []).append((name, port))
-    lines = ["# written by prism up: every service's /metrics on this machine",
-             "global:", f"  scrape_interval: {scrape_interval_s:g}s", "scrape_configs:"]
+def prometheus_config(targets: Mapping[str, tuple[str, str]], scrape_interval_s: float = 5.0) -> str:
+    """A Prometheus scrape config (YAML) for `targets`: service name → (module, "host:port" of its
+    /metrics). One job per kind of service (`prism_gating`, `prism_expert_host`, ...); each target
+    carries its service name as the label `service`."""
+    jobs: dict[str, list[tuple[str, str]]] = {}
+    for name, (module, address) in targets.items():
+        jobs.setdefault("prism_" + module.rsplit(".", 1)[-1], []).append((name, address))
+    lines = ["global:", f"  scrape_interval: {scrape_interval_s:g}s", "scrape_configs:"]
     for job, members in jobs.items():
         lines += [f"  - job_name: {job}", "    static_configs:"]
-        for name, port in members:
-            lines += [f'      - targets: ["127.0.0.1:{port}"]', f"        labels: {{service: {name}}}"]
+        for name, address in members:
+            lines += [f'      - targets: ["{address}"]', f"        labels: {{service: {name}}}"]
     return "\n".join(lines) + "\n"
 
 
