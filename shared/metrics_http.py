@@ -3,7 +3,8 @@
 Why not prometheus_client's `start_http_server`: it scrapes on a thread of its own, and the collectors
 of shared/metrics.py read state that the event loop mutates (a host's resident experts, a gating's
 queue). Here a scrape runs on the loop between two of its callbacks: consistent, and no locks.
-A scrape of a gating with its hosts costs well under a millisecond of loop time.
+A scrape of a demo-model gating with two embedded hosts took 0.49 ms of loop time (bench/metrics.py,
+2-core development machine): about a third of one batch-1 decode step, every scrape interval.
 
 One request per connection (HTTP/1.1 with `Connection: close`): GET or HEAD `/metrics` (a query
 string is ignored) → 200; another path → 404; another method → 405; a request head that is not
