@@ -169,3 +169,12 @@ async def test_a_collector_that_fails_costs_one_scrape_not_the_server() -> None:
         assert parse((await http_get(port))[1].decode()).value("prism_queue_depth", node="n") == 0
     finally:
         await server.close()
+
+
+def test_the_readme_lists_every_metric() -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme[readme.index("## Metrics"):readme.index("## Benchmarks")]
+    missing = [spec.name for spec in SPECS if f"`{spec.name}`" not in section]
+    assert not missing
