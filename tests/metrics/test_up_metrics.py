@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 from pathlib import Path
@@ -17,7 +18,7 @@ import yaml
 from shared import subjects
 from shared.metrics import SPECS
 from tests.checkpoints import make_tiny_checkpoint
-from tests.launcher.test_up import prism_up
+from tests.launcher.test_up import prism_up, wait_for_line
 from tests.metrics.scrape import Scrape, scrape
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,6 +61,17 @@ async def check_stack(url: str, found: dict[str, tuple[str, str]]) -> None:
     assert after["migrator"].value("prism_plan_epoch", stage="applied") >= 1
 
 
+async def until_scraped(address: str) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            try:
+                m = await scrape(int(address.rsplit(":", 1)[1]))
+                break
+            except OSError:  # the restarted process is still loading its experts
+                await asyncio.sleep(0.2)
+    assert m.value("prism_host_experts", host="node1-h0") > 0
+
+
 def test_prism_up_writes_a_scrape_config_whose_every_target_answers(tmp_path: Path) -> None:
     model = make_tiny_checkpoint("qwen2_moe", tmp_path / "model")
     run_dir = tmp_path / "run"
@@ -75,6 +87,10 @@ def test_prism_up_writes_a_scrape_config_whose_every_target_answers(tmp_path: Pa
             assert address.startswith("127.0.0.1:"), name
             assert manifest["metrics"][name] == f"http://{address}/metrics"
         asyncio.run(check_stack(url, found))
+        # a restarted child serves its metrics where the config says
+        os.kill(manifest["pids"]["host-node1-h0"], signal.SIGKILL)
+        wait_for_line(process, "host-node1-h0 restarted", 60, stream="stderr")
+        asyncio.run(until_scraped(found["host-node1-h0"][1]))
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
 
