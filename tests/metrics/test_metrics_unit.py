@@ -178,3 +178,19 @@ def test_the_readme_lists_every_metric() -> None:
     section = readme[readme.index("## Metrics"):readme.index("## Benchmarks")]
     missing = [spec.name for spec in SPECS if f"`{spec.name}`" not in section]
     assert not missing
+
+
+def test_every_service_has_metrics_off_on_loopback_by_default_and_bounded() -> None:
+    from pydantic import ValidationError
+
+    from services.expert_host.settings import ExpertHostSettings
+    from services.gating.settings import GatingSettings
+    from services.migrator.settings import MigratorSettings
+    from services.placement.settings import PlacementSettings
+
+    for cls in (GatingSettings, ExpertHostSettings, PlacementSettings, MigratorSettings):
+        settings = cls()
+        assert (settings.metrics_port, settings.metrics_bind) == (0, "127.0.0.1"), cls.__name__
+        assert cls(metrics_port=9464).metrics_port == 9464
+        with pytest.raises(ValidationError, match="metrics_port"):
+            cls(metrics_port=65536)
