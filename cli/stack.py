@@ -9,9 +9,11 @@ the migrator run on the hub and move experts when the nodes' activation statisti
 
 Three parts: the plan (cli/stack_plan.py, pure), the supervisor (cli/supervisor.py: restart, stop in
 order: services, leaves, links, hub) and the readiness checks (cli/readiness.py). Each child writes
-its log to `<run_dir>/<name>.log`. `start()` either returns with every node answering a one-token
-request and every host reporting its experts, or stops what it started and raises StackError with
-one line saying what went wrong. While serving, `supervise()` restarts a child that dies.
+its log to `<run_dir>/<name>.log` and serves Prometheus /metrics on a free loopback port of its own
+(kept over restarts; `<run_dir>/prometheus.yml` scrapes them all, `stack.json` lists them).
+`start()` either returns with every node answering a one-token request and every host reporting its
+experts, or stops what it started and raises StackError with one line saying what went wrong. While
+serving, `supervise()` restarts a child that dies.
 """
 
 from __future__ import annotations
@@ -25,7 +27,15 @@ from pathlib import Path
 
 from cli.control_plane import write_initial_plan
 from cli.readiness import wait_ready
-from cli.stack_plan import StackError, StackOptions, StackPlan, ignored_env, plan_stack, service_env
+from cli.stack_plan import (
+    StackError,
+    StackOptions,
+    StackPlan,
+    ignored_env,
+    plan_stack,
+    prometheus_config,
+    service_env,
+)
 from cli.supervisor import Supervisor
 from shared.linkemu import LinkEmulator
 from shared.nats_server import (
@@ -57,10 +67,16 @@ class LocalStack:
         self.plan: StackPlan | None = None
         self.supervisor = Supervisor(self.hub_url, options.stop_timeout_s)
         self.ignored_env: set[str] = set()  # PRISM_* variables of the environment the launcher overrides
+        self.metrics_ports: dict[str, int] = {}  # service → its /metrics port on 127.0.0.1 (kept over restarts)
 
     @property
     def placement(self) -> dict[str, list[tuple[int, int]]]:
         return self.plan.placement if self.plan else {}
+
+    @property
+    def prometheus_config(self) -> Path:
+        """`<run_dir>/prometheus.yml`: a scrape config of every service's /metrics."""
+        return self.run_dir / "prometheus.yml"
 
     @property
     def max_payload(self) -> int:
@@ -73,6 +89,8 @@ class LocalStack:
         try:
             plan = self.prepare()
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            targets = {spec.name: (spec.module, f"127.0.0.1:{self.metrics_ports[spec.name]}") for spec in plan.services}
+            self.prometheus_config.write_text(prometheus_config(targets))
             await self._start_hub(plan)
             await write_initial_plan(self.hub_url, plan.model_name, plan.placement)
             await asyncio.gather(*(self._start_leaf(node.name, plan) for node in self.options.topology.nodes))
@@ -93,6 +111,7 @@ class LocalStack:
         """What can fail before anything starts (model, placement, ports, binary): StackError."""
         if self.plan is None:
             self.plan = plan_stack(self.options, os.environ, os.cpu_count() or 1)
+            self.metrics_ports = {spec.name: free_port() for spec in self.plan.services}
         opts = self.options
         named = {"--port (hub clients)": self.port, "--mqtt-port": opts.mqtt_port, "--http-port": opts.http_port}
         for what, port in named.items():
@@ -147,8 +166,9 @@ class LocalStack:
             raise StackError("prepare() the stack before building its services")
         spec = next(spec for spec in self.plan.services if spec.name == name)
         url = self.leaf_urls[spec.node] if spec.node else self.hub_url
-        self.ignored_env |= ignored_env(spec, url, os.environ)
-        env = service_env(spec, url, os.environ, str(REPO_ROOT))
+        port = self.metrics_ports[name]
+        self.ignored_env |= ignored_env(spec, url, os.environ, metrics_port=port)
+        env = service_env(spec, url, os.environ, str(REPO_ROOT), metrics_port=port)
         return Child(name, [sys.executable, "-m", spec.module], self.run_dir / f"{name}.log", env, cwd=REPO_ROOT)
 
     # ---- serving and stopping -------------------------------------------------------------------
@@ -180,5 +200,7 @@ class LocalStack:
             "pids": {c.name: c.pid if c.returncode is None else None for c in self.supervisor.children()},
             "placement": {host: [list(k) for k in keys] for host, keys in self.placement.items()},
             "max_payload": self.max_payload,
+            "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()},
+            "prometheus_config": str(self.prometheus_config),
         }
         (self.run_dir / "stack.json").write_text(json.dumps(data, indent=2) + "\n")

@@ -185,22 +185,48 @@ def _control_plane(opts: StackOptions) -> list[_Service]:
     ]
 
 
-def service_env(spec: ServiceSpec, nats_url: str, environ: Mapping[str, str], pythonpath: str) -> dict[str, str]:
+def service_env(
+    spec: ServiceSpec, nats_url: str, environ: Mapping[str, str], pythonpath: str, *, metrics_port: int = 0
+) -> dict[str, str]:
     """The whole environment of the service's process: the caller's, overridden by what the launcher sets."""
     return {
         **environ,
         "PYTHONPATH": os.pathsep.join(filter(None, [pythonpath, environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": environ.get("OMP_NUM_THREADS", "1"),
         **spec.settings,
-        f"{spec.prefix}NATS_URL": nats_url,
+        **addresses(spec, nats_url, metrics_port),
     }
 
 
-def ignored_env(spec: ServiceSpec, nats_url: str, environ: Mapping[str, str]) -> set[str]:
+def addresses(spec: ServiceSpec, nats_url: str, metrics_port: int) -> dict[str, str]:
+    """The variables known once the servers run and the ports are picked: the NATS URL, and where
+    /metrics listens (loopback; with metrics_port 0 the environment's, by default off)."""
+    out = {f"{spec.prefix}NATS_URL": nats_url}
+    if metrics_port:
+        out |= {f"{spec.prefix}METRICS_PORT": str(metrics_port), f"{spec.prefix}METRICS_BIND": "127.0.0.1"}
+    return out
+
+
+def ignored_env(spec: ServiceSpec, nats_url: str, environ: Mapping[str, str], *, metrics_port: int = 0) -> set[str]:
     """PRISM_* variables of `environ` that the launcher overrides for this service (`prism up` warns)."""
-    wiring = {**spec.settings, f"{spec.prefix}NATS_URL": nats_url}
+    wiring = {**spec.settings, **addresses(spec, nats_url, metrics_port)}
     wiring.pop(f"{spec.prefix}LOG_LEVEL", None)  # the environment's, where it has one
     return {key for key, value in wiring.items() if _overridden(environ.get(key), value)}
+
+
+def prometheus_config(targets: Mapping[str, tuple[str, str]], scrape_interval_s: float = 5.0) -> str:
+    """A Prometheus scrape config (YAML) for `targets`: service name → (module, "host:port" of its
+    /metrics). One job per kind of service (`prism_gating`, `prism_expert_host`, ...); each target
+    carries its service name as the label `service`."""
+    jobs: dict[str, list[tuple[str, str]]] = {}
+    for name, (module, address) in targets.items():
+        jobs.setdefault("prism_" + module.rsplit(".", 1)[-1], []).append((name, address))
+    lines = ["global:", f"  scrape_interval: {scrape_interval_s:g}s", "scrape_configs:"]
+    for job, members in jobs.items():
+        lines += [f"  - job_name: {job}", "    static_configs:"]
+        for name, address in members:
+            lines += [f'      - targets: ["{address}"]', f"        labels: {{service: {name}}}"]
+    return "\n".join(lines) + "\n"
 
 
 def _overridden(given: str | None, value: str) -> bool:

@@ -240,6 +240,7 @@ def describe(stack: LocalStack) -> str:
         f"  raw NATS: request subject prism.v1.infer.{first} with "
         '{"prompt": "Hello", "max_tokens": 16}  (MQTT: topic prism/v1/infer/' + first + ' plus "client_id")',
         f"logs: {opts.run_dir}/   (stack.json lists URLs and pids)",
+        f"metrics: /metrics of every service on 127.0.0.1; scrape config {stack.prometheus_config}",
         "a child that dies is restarted; Ctrl-C stops everything.",
     ]
     return "\n".join(lines)

@@ -26,6 +26,10 @@ class ServiceSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log threshold")
     log_format: Literal["auto", "console", "json"] = Field("auto", description="auto: console on a terminal")
     drain_timeout_s: float = Field(5.0, gt=0, le=120, description="bound on draining at shutdown, seconds")
+    metrics_port: int = Field(0, ge=0, le=65535, description="TCP port of Prometheus /metrics (0: off)")
+    metrics_bind: str = Field(
+        "127.0.0.1", min_length=1, max_length=253, description="address /metrics listens on (loopback unless set)"
+    )
 
 
 DEFAULT_HOST_TTL_S = 5.0

@@ -419,7 +419,9 @@ async def open_store(nc: NatsClient, bucket: str) -> ObjectStore | None:
 
 
 async def main(settings: ExpertHostSettings) -> None:
+    from services.expert_host.metrics import host_registry
     from shared.logs import configure_logging
+    from shared.metrics_http import serve_metrics
     from shared.runtime import connect, serve_until_stopped
 
     configure_logging(settings.log_level, settings.log_format, service="expert_host", host=settings.host)
@@ -428,7 +430,8 @@ async def main(settings: ExpertHostSettings) -> None:
     nc = await connect(settings, f"expert-host-{settings.host}")
     store = await open_store(nc, settings.weights_bucket)
     host = ExpertHost(nc, settings, weights, hidden_size, store)
-    await serve_until_stopped(host.start(), host.stop, nc)
+    async with serve_metrics(host_registry(host), settings.metrics_bind, settings.metrics_port, "expert_host"):
+        await serve_until_stopped(host.start(), host.stop, nc)
 
 
 def main_cli() -> None:

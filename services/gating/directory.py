@@ -45,6 +45,10 @@ class HostDirectory:
                 holders.setdefault((key[0], key[1]), []).append(status.host)
         self._holders = holders
 
+    def calls_on_node(self, by_host: dict[str, list[int]]) -> int:
+        """Expert calls of `by_host` (a `route` answer) that go to hosts on this gating's node."""
+        return sum(len(experts) for host, experts in by_host.items() if self._hosts[host][0].node == self.node)
+
     def route(self, layer: int, experts: list[int]) -> tuple[dict[str, list[int]], list[int]]:
         """(host → experts it answers, experts with no known live holder)."""
         horizon = time.monotonic() - self.max_age_s

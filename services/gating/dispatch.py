@@ -65,6 +65,7 @@ class NodeExperts:
         self.messages = 0  # data messages sent
         self.local_calls = 0  # expert calls computed in this process
         self.remote_calls = 0  # expert calls sent over the bus (a fallback counts again)
+        self.node_calls = 0  # of those, to a host on this node by its heartbeats (metrics: local)
 
     async def __call__(self, call: MoECall, live: Tensor) -> ExpertsResult:
         routing = Routing.of(call.expert_ids, live)
@@ -140,6 +141,7 @@ class NodeExperts:
         message per known holding host, the rest (and what a host refuses) on the experts' own subjects."""
         self.remote_calls += len(experts)
         by_host, direct = self.directory.route(layer, experts) if self.directory else ({}, experts)
+        self.node_calls += self.directory.calls_on_node(by_host) if self.directory else 0
         jobs = [self._via_host(host, layer, held, rows, spans, deadline) for host, held in by_host.items()]
         if direct:
             jobs.append(self._via_subjects(layer, direct, rows, spans, deadline))

@@ -41,6 +41,7 @@ from services.gating.directory import HostDirectory
 from services.gating.dispatch import NodeExperts
 from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent, seq_id
 from services.gating.hops import RouteHops, SegmentService
+from services.gating.metrics import gating_registry, observe_finished
 from services.gating.route_plan import RouteFollower
 from services.gating.routes import Route, check_route, foreign_nodes
 from services.gating.segments import SegmentRunner
@@ -105,6 +106,7 @@ class Gating:
         self._intake: Subscription | None = None
         self._status: Subscription | None = None
         self._route_subs: list[Subscription] = []
+        self.registry, self.metrics = gating_registry(self)  # served on METRICS_PORT by main()
 
     async def start(self) -> None:
         # Discoverable with $SRV.PING/INFO; intake is a plain subscription because one request is
@@ -204,6 +206,7 @@ class Gating:
                 await self._send_error(reply_to, req.id, event.error)
                 return
             else:
+                observe_finished(self.metrics, seq, event.finish_reason)
                 await self.nc.publish(reply_to, self._final(seq, req, event).model_dump_json().encode())
                 return
 
@@ -230,6 +233,7 @@ class Gating:
 
     async def _send_error(self, reply_to: str | None, request_id: str | None, err: PrismError) -> None:
         log.info("request_failed", node=self.settings.node, code=err.code, error=err.message)
+        self.metrics.failed(err.code)
         if not reply_to:
             return
         body = ErrorReply(id=request_id, error=ErrorBody(code=err.code, message=err.message))
@@ -395,13 +399,15 @@ def embedded_host(nc: NatsClient, settings: GatingSettings, spec: EmbeddedHost) 
 
 async def main(settings: GatingSettings) -> None:
     from shared.logs import configure_logging
+    from shared.metrics_http import serve_metrics
     from shared.runtime import connect, serve_until_stopped
 
     configure_logging(settings.log_level, settings.log_format, service="gating", node=settings.node)
     torch.set_num_threads(settings.compute_threads)
     nc = await connect(settings, f"gating-{settings.node}")
     gating = build(nc, settings)
-    await serve_until_stopped(gating.start(), gating.stop, nc)
+    async with serve_metrics(gating.registry, settings.metrics_bind, settings.metrics_port, "gating"):
+        await serve_until_stopped(gating.start(), gating.stop, nc)
 
 
 def main_cli() -> None:

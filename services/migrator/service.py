@@ -33,6 +33,7 @@ from nats.js.kv import KeyValue
 from nats.js.object_store import ObjectStore
 from nats.micro.service import Service
 
+from services.migrator.metrics import migrator_registry
 from services.migrator.settings import MigratorSettings
 from services.migrator.steps import MigrationPlanError, Step, plan_steps
 from shared import subjects
@@ -73,6 +74,7 @@ class Migrator:
         self._heartbeats: Subscription | None = None
         self._last_beat: dict[str, float] = {}  # host -> when its last status heartbeat came
         self._instance: dict[str, str] = {}  # host -> the process that sent it (HostStatus.instance)
+        self.registry, self.metrics = migrator_registry(lambda: nc.stats)  # served on METRICS_PORT by main()
 
     async def start(self) -> None:
         await self.upload_weights()
@@ -111,6 +113,12 @@ class Migrator:
 
     async def apply(self, plan: dict[str, Any]) -> bool:
         """Move weights until the hosts hold `plan`; publish the outcome. True when fully applied."""
+        started = time.perf_counter()
+        ok = await self._apply(plan)
+        self.metrics.epoch(int(plan.get("epoch", 0)), ok, time.perf_counter() - started)
+        return ok
+
+    async def _apply(self, plan: dict[str, Any]) -> bool:
         epoch = int(plan.get("epoch", 0))
         done: list[Step] = []
         try:
@@ -160,7 +168,12 @@ class Migrator:
     async def _run(self, step: Step, epoch: int) -> None:
         cls = LoadCommand if step.kind == "load" else UnloadCommand
         command = cls(epoch=epoch, experts=list(step.experts))
-        await self._command(step.host, command.model_dump())
+        try:
+            await self._command(step.host, command.model_dump())
+        except Exception:
+            self.metrics.step(step.kind, ok=False)
+            raise
+        self.metrics.step(step.kind, ok=True)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         host = msg.subject.split(".")[-2]  # prism.v1.host.<host>.status
@@ -248,12 +261,14 @@ async def build(nc: NatsClient, settings: MigratorSettings) -> Migrator:
 
 async def main(settings: MigratorSettings) -> None:
     from shared.logs import configure_logging
+    from shared.metrics_http import serve_metrics
     from shared.runtime import connect, serve_until_stopped
 
     configure_logging(settings.log_level, settings.log_format, service="migrator")
     nc = await connect(settings, "migrator")
     migrator = await build(nc, settings)
-    await serve_until_stopped(migrator.start(), migrator.stop, nc)
+    async with serve_metrics(migrator.registry, settings.metrics_bind, settings.metrics_port, "migrator"):
+        await serve_until_stopped(migrator.start(), migrator.stop, nc)
 
 
 def main_cli() -> None:

@@ -351,13 +351,16 @@ async def build(nc: NatsClient, settings: PlacementSettings) -> PlacementService
 
 
 async def main(settings: PlacementSettings) -> None:
+    from services.placement.metrics import placement_registry
     from shared.logs import configure_logging
+    from shared.metrics_http import serve_metrics
     from shared.runtime import connect, serve_until_stopped
 
     configure_logging(settings.log_level, settings.log_format, service="placement")
     nc = await connect(settings, "placement")
     service = await build(nc, settings)
-    await serve_until_stopped(service.start(), service.stop, nc)
+    async with serve_metrics(placement_registry(service), settings.metrics_bind, settings.metrics_port, "placement"):
+        await serve_until_stopped(service.start(), service.stop, nc)
 
 
 def main_cli() -> None:

@@ -123,6 +123,8 @@ def test_every_service_is_what_prism_up_starts_for_the_testbed(compose: dict[str
             f"{spec.prefix}NATS_URL": f"nats://leaf-{spec.node}:4222" if spec.node else "nats://hub:4222",
             f"{spec.prefix}NATS_USER": "${PRISM_SERVICE_USER}",
             f"{spec.prefix}NATS_PASSWORD": "${PRISM_SERVICE_PASSWORD}",
+            f"{spec.prefix}METRICS_PORT": "9464",  # on the compose network only: no port is published
+            f"{spec.prefix}METRICS_BIND": "0.0.0.0",
         }
         assert service["environment"] == want, spec.name
     hub = services["hub"]
