@@ -162,9 +162,27 @@ class Engine:
             seq.admitted = now
             self.active.append(seq)
 
+    def cancel(self, seq: Sequence, err: PrismError) -> bool:
+        """Stop `seq` with `err`: at once while it waits; at the next step boundary while it runs (a step in
+        flight still holds its slot). False when it is already finished or cancelled."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.events.put_nowait(ErrorEvent(err))
+            return True
+        if seq in self.active and seq.error is None:
+            seq.error = err  # retired like a sequence whose expert failed
+            self._wake.set()
+            return True
+        return False
+
     async def step(self) -> None:
         """One forward step over every active sequence, then sample and retire finished ones."""
+        for seq in list(self.active):
+            if seq.error is not None:  # cancelled between steps: its slot is free before the batch forms
+                self._finish(seq, ErrorEvent(seq.error))
         batch_seqs = list(self.active)
+        if not batch_seqs:
+            return
         batch = Batch(slots=[s.slot for s in batch_seqs], tokens=[s.next_tokens() for s in batch_seqs])
         owner = torch.repeat_interleave(torch.tensor([len(t) for t in batch.tokens]))  # [T] sequence of each token
         failed_seqs = torch.zeros(len(batch_seqs), dtype=torch.bool)
