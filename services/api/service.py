@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from nats.aio.client import Client as NatsClient
@@ -55,6 +55,7 @@ from shared.model.tokenizer import Tokenizer
 from shared.schemas import MAX_TOKENS_LIMIT
 
 log = structlog.get_logger()
+T = TypeVar("T")
 
 
 class Relay:
@@ -159,7 +160,7 @@ class Api:
             infer["seed"] = req.seed
         generation = await self.gateway.open(node, infer)
         relay = Relay(generation, req.stops())
-        await relay.start()
+        await _unless_disconnected(request, relay.start(), generation)  # a queued request can be left too
         if req.stream:
             events = self._events(relay, chat, rid, len(ids), req.include_usage())
             return GenerationResponse(events, generation)
@@ -229,9 +230,9 @@ async def _join(relay: Relay) -> str:
     return "".join([text async for text in relay.pieces()])
 
 
-async def _unless_disconnected(request: Request, work: Any, generation: Generation) -> str:
+async def _unless_disconnected(request: Request, work: Awaitable[T], generation: Generation) -> T:
     """`await work`, unless the client goes away first: then the generation is cancelled."""
-    task: asyncio.Task[str] = asyncio.ensure_future(work)
+    task = asyncio.ensure_future(work)
     gone = asyncio.ensure_future(_disconnect(request.receive))
     try:
         await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
