@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +65,14 @@ class ApiStack:
 
     async def wait_load(self, node: str, *, active: int, cancelled: int, timeout_s: float = 10.0) -> GatingLoad:
         """Poll the node's stats until it reports `active` sequences and `cancelled` cancels."""
+        return await self.wait_for(node, lambda load: (load.active, load.cancelled) == (active, cancelled), timeout_s)
+
+    async def wait_for(self, node: str, check: Callable[[GatingLoad], bool], timeout_s: float = 10.0) -> GatingLoad:
+        """Poll the node's stats until `check` holds."""
         async with asyncio.timeout(timeout_s):
             while True:
                 load = await self.load(node)
-                if load.active == active and load.cancelled == cancelled:
+                if check(load):
                     return load
                 await asyncio.sleep(0.05)
 
