@@ -63,6 +63,11 @@ class LocalStack:
         return self.plan.placement if self.plan else {}
 
     @property
+    def api_url(self) -> str:
+        """The HTTP API's base URL (without /v1), as a client on this machine reaches it."""
+        return f"http://127.0.0.1:{self.options.api_port}"
+
+    @property
     def max_payload(self) -> int:
         return self.plan.max_payload if self.plan else 0
 
@@ -80,7 +85,8 @@ class LocalStack:
             await asyncio.gather(*(child.start() for child in self.supervisor.services))
             self._write_manifest(ready=False)
             await wait_ready(self.hub_url, self.options.topology, plan.placement, watch=self.supervisor.children,
-                             timeout_s=self.options.ready_timeout_s, run_dir=self.run_dir)
+                             timeout_s=self.options.ready_timeout_s, run_dir=self.run_dir,
+                             api_port=self.options.api_port)
             self._write_manifest(ready=True)
         except NatsServerError as exc:
             await self.stop()
@@ -94,7 +100,8 @@ class LocalStack:
         if self.plan is None:
             self.plan = plan_stack(self.options, os.environ, os.cpu_count() or 1)
         opts = self.options
-        named = {"--port (hub clients)": self.port, "--mqtt-port": opts.mqtt_port, "--http-port": opts.http_port}
+        named = {"--port (hub clients)": self.port, "--mqtt-port": opts.mqtt_port, "--monitor-port": opts.http_port,
+                 "--api-port": opts.api_port}
         for what, port in named.items():
             if port and not port_is_free(port):
                 raise StackError(f"port 127.0.0.1:{port} ({what}) is already in use; choose another or stop its user")
@@ -180,5 +187,6 @@ class LocalStack:
             "pids": {c.name: c.pid if c.returncode is None else None for c in self.supervisor.children()},
             "placement": {host: [list(k) for k in keys] for host, keys in self.placement.items()},
             "max_payload": self.max_payload,
+            "api_url": self.api_url if self.options.api_port else None,
         }
         (self.run_dir / "stack.json").write_text(json.dumps(data, indent=2) + "\n")

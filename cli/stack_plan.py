@@ -30,7 +30,7 @@ class StackError(RuntimeError):
 
 @dataclass(frozen=True)
 class StackOptions:
-    """What `prism up` starts. Ports: `port` 0 picks a free one; 0 disables MQTT / monitoring."""
+    """What `prism up` starts. Ports: `port` 0 picks a free one; 0 disables MQTT / monitoring / the HTTP API."""
 
     topology: Topology
     model: Path
@@ -38,6 +38,7 @@ class StackOptions:
     port: int = 4222
     mqtt_port: int = 1883
     http_port: int = 8222
+    api_port: int = 8000
     max_context: int = 1024
     expert_timeout_s: float = 2.0
     activation_interval_s: float = 2.0
@@ -97,7 +98,8 @@ def plan_stack(opts: StackOptions, environ: Mapping[str, str], cores: int) -> St
         raise StackError(str(exc)) from None
     max_payload = max_payload_for(config.hidden_size, opts.max_context)
     wiring = {"MODEL": str(opts.model.resolve()), "MAX_PAYLOAD_BYTES": str(max_payload), "LOG_FORMAT": "json"}
-    services = [*_hosts(opts, placement, expert_bytes, environ, cores), *_gatings(opts), *_control_plane(opts)]
+    services = [*_hosts(opts, placement, expert_bytes, environ, cores), *_gatings(opts), *_control_plane(opts),
+                *_api(opts)]
     return StackPlan(
         model_name=opts.model.resolve().name,
         expert_bytes=expert_bytes,
@@ -162,6 +164,14 @@ def _control_plane(opts: StackOptions) -> list[_Service]:
         ("placement", "services.placement", "PRISM_PLACEMENT_", None, placement),
         ("migrator", "services.migrator", "PRISM_MIGRATOR_", None, migrator),
     ]
+
+
+def _api(opts: StackOptions) -> list[_Service]:
+    """The HTTP API on the hub (it asks any node); its address and key come from the environment
+    (PRISM_API_HOST, PRISM_API_KEY: loopback and no key unless set)."""
+    if not opts.api_port:
+        return []
+    return [("api", "services.api", "PRISM_API_", None, {"PRISM_API_PORT": str(opts.api_port)})]
 
 
 def service_env(spec: ServiceSpec, nats_url: str, environ: Mapping[str, str], pythonpath: str) -> dict[str, str]:

@@ -30,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
+from tokenizers import Tokenizer
 
 from services.api.chat import ChatTemplate, TemplateError
 from services.api.gateway import Gateway, Generation, Piece
@@ -51,7 +52,6 @@ from services.api.protocol import (
 )
 from services.api.settings import ApiSettings
 from services.api.stops import StopMatcher
-from shared.model.tokenizer import Tokenizer
 from shared.schemas import MAX_TOKENS_LIMIT
 
 log = structlog.get_logger()
@@ -220,7 +220,7 @@ class Api:
     def _encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
             raise ApiError(400, "invalid_request", f"model {self.model} has no tokenizer.json; send token ids")
-        ids = self.tokenizer.encode(text)
+        ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False).ids  # as the gating encodes
         if not ids:
             raise ApiError(400, "invalid_request", "the prompt encodes to no tokens", param="prompt")
         return ids
@@ -273,7 +273,9 @@ def build(nc: NatsClient, settings: ApiSettings) -> Api:
     model: Path = settings.model
     if not (model / "config.json").is_file():
         raise ValueError(f"{model} is not a checkpoint directory (no config.json)")
-    tokenizer = Tokenizer.from_dir(model) if (model / "tokenizer.json").is_file() else None
+    # The `tokenizers` library itself, not shared.model.tokenizer: importing shared.model brings torch
+    # (a second and ~200 MB for a process that never computes).
+    tokenizer = Tokenizer.from_file(str(model / "tokenizer.json")) if (model / "tokenizer.json").is_file() else None
     return Api(settings, Gateway(nc, settings), tokenizer, ChatTemplate.from_dir(model))
 
 
