@@ -17,6 +17,7 @@ from typing import Any
 
 import structlog
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from pydantic import ValidationError
@@ -40,20 +41,40 @@ class Piece:
 class Generation:
     """One streaming request on a node; `next()` → Piece or FinalReply; ApiError on an error reply."""
 
-    def __init__(self, gateway: Gateway, node: str, sub: Subscription, timeout_s: float) -> None:
-        self.gateway, self.node, self._sub, self.timeout_s = gateway, node, sub, timeout_s
+    def __init__(self, gateway: Gateway, node: str, sub: Subscription, replies: asyncio.Queue[Msg],
+                 timeout_s: float) -> None:
+        self.gateway, self.node, self._sub, self._replies, self.timeout_s = gateway, node, sub, replies, timeout_s
         self.finished = False
         self.tokens = 0  # TokenChunks received
 
     async def next(self) -> Piece | FinalReply:
         try:
-            msg = await self._sub.next_msg(timeout=self.timeout_s)
-        except NatsTimeoutError:
+            async with asyncio.timeout(self.timeout_s):  # not next_msg: it spawns two tasks per message
+                msg = await self._replies.get()
+        except TimeoutError:
             self.abandon()
             raise ApiError(504, "timeout", f"node {self.node} sent nothing for {self.timeout_s:g} s") from None
+        return self._parse(msg)
+
+    def next_nowait(self) -> Piece | FinalReply | None:
+        """The next reply if one has arrived already, else None (lets a busy stream join queued tokens)."""
+        try:
+            msg = self._replies.get_nowait()
+        except asyncio.QueueEmpty:
+            return None
+        return self._parse(msg)
+
+    def _parse(self, msg: Msg) -> Piece | FinalReply:
         if not msg.data and (msg.headers or {}).get("Status") == "503":
             self._end()
             raise ApiError(503, "no_responders", f"no gating serves node {self.node!r}")
+        if b'"done"' not in msg.data:  # most replies: a token (validated straight from JSON)
+            try:
+                chunk = TokenChunk.model_validate_json(msg.data)
+                self.tokens += 1
+                return Piece(chunk.text)
+            except ValidationError:
+                pass  # reported below with the others
         data = _json(msg.data)
         try:
             if "error" in data:
@@ -157,10 +178,15 @@ class Gateway:
     async def open(self, node: str, request: dict[str, Any]) -> Generation:
         """Send one streaming request to `node`; its replies arrive on the Generation."""
         inbox = self.nc.new_inbox()
-        sub = await self.nc.subscribe(inbox)
+        replies: asyncio.Queue[Msg] = asyncio.Queue()
+
+        async def on_reply(msg: Msg) -> None:
+            replies.put_nowait(msg)
+
+        sub = await self.nc.subscribe(inbox, cb=on_reply)
         self.pending[node] = self.pending.get(node, 0) + 1
         await self.nc.publish(subjects.infer(node), json.dumps({**request, "stream": True}).encode(), reply=inbox)
-        return Generation(self, node, sub, self.settings.request_timeout_s)
+        return Generation(self, node, sub, replies, self.settings.request_timeout_s)
 
     def cancel_soon(self, node: str, reply_to: str) -> None:
         """Cancel the request of `node` replying to `reply_to`, without waiting (a client may be gone)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -232,6 +233,15 @@ def chunk(chat: bool, rid: str, model: str, text: str | None, finish: FinishReas
         choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
         obj = "text_completion"
     return {"id": rid, "object": obj, "created": now(), "model": model, "choices": [choice]}
+
+
+def piece_encoder(chat: bool, rid: str, model: str, include_usage: bool) -> Callable[[str], bytes]:
+    """text → the SSE event of one text chunk, from a template made once per stream (the per-token path:
+    only the text is serialised)."""
+    marker = "\x00piece\x00"
+    data = {**chunk(chat, rid, model, marker, None), **({"usage": None} if include_usage else {})}
+    head, tail = sse(data).split(json.dumps(marker).encode())
+    return lambda text: head + json.dumps(text).encode() + tail
 
 
 def usage_chunk(chat: bool, rid: str, model: str, use: dict[str, int]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from services.api.protocol import (
     model_list,
     new_id,
     parse_body,
+    piece_encoder,
     sse,
     usage,
     usage_chunk,
@@ -72,15 +73,20 @@ class Relay:
         self._first = await self.generation.next()
 
     async def pieces(self) -> AsyncIterator[str]:
+        """Text as it comes; tokens that arrived while the last piece was being sent travel together
+        (one write instead of several when the server is busy)."""
         event, self._first = self._first or await self.generation.next(), None
         while isinstance(event, Piece):
-            if text := self.matcher.push(event.text):
+            text = event.text
+            while isinstance(event := self.generation.next_nowait(), Piece):
+                text += event.text
+            if text := self.matcher.push(text):
                 yield text
             if self.matcher.stopped:
                 self.generation.abandon()
                 self.finish = "stop"
                 return
-            event = await self.generation.next()
+            event = event or await self.generation.next()
         if tail := self.matcher.flush():
             yield tail
         self.finish = event.finish_reason
@@ -173,11 +179,12 @@ class Api:
     async def _events(self, relay: Relay, chat: bool, rid: str, prompt_tokens: int,
                       include_usage: bool) -> AsyncIterator[bytes]:
         extra = {"usage": None} if include_usage else {}  # as OpenAI: null in every chunk but the last
+        piece = piece_encoder(chat, rid, self.model, include_usage)
         if chat:
             yield sse({**chunk(True, rid, self.model, None, None, role=True), **extra})
         try:
             async for text in relay.pieces():
-                yield sse({**chunk(chat, rid, self.model, text, None), **extra})
+                yield piece(text)
             yield sse({**chunk(chat, rid, self.model, None, relay.finish), **extra})
             if include_usage:
                 yield sse(usage_chunk(chat, rid, self.model, usage(prompt_tokens, relay.generation.tokens)))
