@@ -187,3 +187,26 @@ async def test_a_key_is_required_off_loopback(stack: ApiStack) -> None:
         assert [m.id for m in (await c.models.list()).data] == ["demo"]
         reply = await c.completions.create(model="demo", prompt="x", max_tokens=1, temperature=0)
         assert reply.choices[0].finish_reason == "length"
+
+
+async def test_the_cancel_subject_answers_bad_input_with_a_code(stack: ApiStack) -> None:
+    import json
+
+    import nats as nats_client
+
+    from shared import subjects
+    from shared.errors import error_from_headers
+
+    nc = await nats_client.connect(stack.hub.cfg.client_url())
+    try:
+        subject = subjects.cancel(stack.cluster.node("ok"))
+        for payload, code in ((b"nope", "invalid_json"), (b'{"reply_to": 5}', "invalid_request"),
+                              (b'{"reply_to": "x", "more": 1}', "invalid_request")):
+            reply = await nc.request(subject, payload, timeout=5)
+            error = error_from_headers(dict(reply.headers or {}))
+            assert error is not None
+            assert error.code == code
+        reply = await nc.request(subject, b'{"reply_to": "_INBOX.nobody"}', timeout=5)
+        assert json.loads(reply.data) == {"cancelled": 0}
+    finally:
+        await nc.close()
