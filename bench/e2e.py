@@ -81,6 +81,7 @@ async def one_policy(model: Path, policy: str, args: argparse.Namespace, run_dir
         port=0,
         mqtt_port=0,
         http_port=0,
+        api_port=0,
         max_context=256,
         expert_timeout_s=10.0,
         activation_interval_s=0.5,

@@ -8,9 +8,11 @@ service default) and node n1 (an identical node whose host sleeps between batche
 then a bare round trip of the same size to an echo process, spaced like the layers of a decode step.
 A second table splits each node's wait on experts (routing to combining, from the replies' timings) into
 its host's answering time (host status `busy_s`) and the rest (the gating's dispatch code and the
-transport), next to the bare round trip.
+transport), next to the bare round trip. The last table is the HTTP path (bench/serving_http.py): the
+same streaming requests through the OpenAI-compatible API and over NATS to node n2, 16 concurrent streams;
+`--http-only` runs just that (a hub, node n2's leaf and gating, the API).
 
-    .venv/bin/python bench/serving.py [--model DIR] [--max-tokens 32] [--requests 16]
+    .venv/bin/python bench/serving.py [--model DIR] [--max-tokens 32] [--requests 16] [--http-only] [--http-blocks 6]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from nats.aio.msg import Msg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.serving_http import http_vs_nats, print_table, wait_for_api  # noqa: E402
 from shared import subjects  # noqa: E402
 from shared.codec import encode_tensor  # noqa: E402
 from shared.model.checkpoint import load_config  # noqa: E402
@@ -234,6 +237,49 @@ def gating_env(url: str, model: Path, node: str, **extra: str) -> dict[str, str]
     return {"PRISM_GATING_NATS_URL": url, "PRISM_GATING_MODEL": str(model), "PRISM_GATING_NODE": node, **extra}
 
 
+def api_env(hub_url: str, model: Path, port: int) -> dict[str, str]:
+    """The HTTP API on the hub, as `prism up` starts it."""
+    return {"PRISM_API_NATS_URL": hub_url, "PRISM_API_MODEL": str(model), "PRISM_API_PORT": str(port)}
+
+
+async def http_path(nc: nats.NATS, api_url: str, model: Path, args: argparse.Namespace) -> None:
+    """The HTTP table: node n2 through the API and over NATS, taking turns."""
+    await wait_for_api(api_url)
+    results = await http_vs_nats(nc, api_url, model.name, "n2", blocks=args.http_blocks, concurrent=16,
+                                 max_tokens=args.max_tokens)
+    print_table(results, blocks=args.http_blocks, concurrent=16, max_tokens=args.max_tokens)
+
+
+async def run_http_only(args: argparse.Namespace) -> None:
+    """Only the HTTP path: a hub, node n2's leaf and gating (every expert embedded), the API."""
+    work = Path(tempfile.mkdtemp(prefix="prism-bench-"))
+    model = (Path(args.model) if args.model else default_model(work)).absolute()
+    hub_cfg = ServerConfig(name="hub", port=free_port(), leaf_port=free_port(), max_payload=8 << 20)
+    async with contextlib.AsyncExitStack() as stack:
+        hub = await stack.enter_async_context(NatsServer(hub_cfg, work))
+        remote = (LeafRemote(f"nats://127.0.0.1:{hub.cfg.leaf_port}"),)
+        leaf = await stack.enter_async_context(
+            NatsServer(ServerConfig(name="leaf-n2", port=free_port(), leaf_remotes=remote), work))
+        port = free_port()
+        procs = [
+            await start_service("services.gating", gating_env(leaf.cfg.client_url(), model, "n2",
+                                PRISM_GATING_EMBEDDED_HOSTS=EMBEDDED_ALL), work / "gating-n2.log"),
+            await start_service("services.api", api_env(hub.cfg.client_url(), model, port), work / "api.log"),
+        ]
+        nc = await nats.connect(hub.cfg.client_url())  # where the API connects too
+        try:
+            await wait_until_serving(nc, "n2")
+            machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32"
+            print(f"# Prism HTTP path — {machine}, model {model.name}, 1 torch thread per process")
+            await http_path(nc, f"http://127.0.0.1:{port}", model, args)
+        finally:
+            await nc.close()
+            for p in procs:
+                if p.returncode is None:
+                    p.terminate()
+                await p.wait()
+
+
 async def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     work = Path(tempfile.mkdtemp(prefix="prism-bench-"))
@@ -266,8 +312,11 @@ async def run(args: argparse.Namespace) -> None:
                 gating_env(urls["n0"], model, "n0-per-expert", PRISM_GATING_HOST_MESSAGES="false"),
             ),
         }
+        api_port = free_port()
+        services["api"] = ("services.api", api_env(hub.cfg.client_url(), model, api_port))
         procs = [await start_service(module, env, work / f"{name}.log") for name, (module, env) in services.items()]
         procs.append(await start_process([sys.executable, __file__, "--echo", urls["n0"]], work / "echo.log"))
+        hub_nc = await nats.connect(hub.cfg.client_url())  # the API's server: both paths start there
         nc = await nats.connect(urls["n0"])
         try:
             for node in ("n0", "n1", "n2", "n0-per-expert"):
@@ -276,8 +325,10 @@ async def run(args: argparse.Namespace) -> None:
             latency = await batch1_latency(nc, InProcess(model), args, config, moe_layers)
             both = await load_levels(nc, ["n0", "n0-per-expert", "n2"], args.requests, args.max_tokens)
             levels, per_expert, embedded = both["n0"], both["n0-per-expert"], both["n2"]
+            await http_path(hub_nc, f"http://127.0.0.1:{api_port}", model, args)  # printed before the rest
         finally:
             await nc.close()
+            await hub_nc.close()
             for p in procs:
                 if p.returncode is None:
                     p.terminate()
@@ -343,6 +394,8 @@ if __name__ == "__main__":
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--requests", type=int, default=32, help="requests per concurrency level (blocks of 16)")
     parser.add_argument("--latency-rounds", type=int, default=15, help="batch-1 requests per path, interleaved")
+    parser.add_argument("--http-only", action="store_true", help="only the HTTP API vs NATS table")
+    parser.add_argument("--http-blocks", type=int, default=6, help="blocks of 16 streams per path (HTTP table)")
     parser.add_argument("--echo", metavar="URL", help=argparse.SUPPRESS)  # internal: run the echo process
     cli = parser.parse_args()
-    asyncio.run(echo(cli.echo) if cli.echo else run(cli))
+    asyncio.run(echo(cli.echo) if cli.echo else run_http_only(cli) if cli.http_only else run(cli))

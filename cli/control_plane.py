@@ -32,9 +32,12 @@ def control_plane_env(opts: StackOptions) -> tuple[dict[str, str], dict[str, str
     return placement, migrator
 
 
-async def write_initial_plan(hub_url: str, model_name: str, placement: dict[str, list[tuple[int, int]]]) -> None:
-    """Epoch 1 of KV `prism_placement`: the static placement the hosts start with. The placement
-    service takes over from it once activation statistics justify a move."""
+async def write_initial_plan(
+    hub_url: str, model_name: str, placement: dict[str, list[tuple[int, int]]],
+    routes: dict[str, list[str]] | None = None,
+) -> None:
+    """Epoch 1 of KV `prism_placement`: the static placement the hosts start with (and, for a routed
+    policy, its routes). The placement service takes over from it once statistics justify a move."""
     import nats
 
     from shared import subjects
@@ -44,6 +47,7 @@ async def write_initial_plan(hub_url: str, model_name: str, placement: dict[str,
         "model": model_name,
         "policy": "initial",
         "hosts": {host: [list(k) for k in keys] for host, keys in placement.items()},
+        **({"routes": routes} if routes else {}),
     }
     nc = await nats.connect(hub_url, max_reconnect_attempts=1)
     try:

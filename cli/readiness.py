@@ -1,5 +1,6 @@
 """When `prism up` is ready: every host answers `status` with its experts, the migrator and the
-placement service answer a micro PING, and every node answers a one-token request. Each wait fails
+placement service answer a micro PING, every node answers a one-token request, and the HTTP API
+answers `GET /v1/models` (401 counts: it serves, and wants the key). Each wait fails
 fast when a watched child exits, and is bounded."""
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ from shared.topology import Topology
 
 async def wait_ready(
     hub_url: str, topology: Topology, placement: dict[str, list[tuple[int, int]]], *,
-    watch: Callable[[], Sequence[Child]], timeout_s: float, run_dir: Path,
+    watch: Callable[[], Sequence[Child]], timeout_s: float, run_dir: Path, api_port: int = 0,
 ) -> None:
-    """Hosts (with their experts), then the control plane (weights up, statistics on), then the gatings."""
+    """Hosts (with their experts), then the control plane (weights up, statistics on), then the gatings,
+    then the HTTP API (when `api_port`)."""
     client = await PrismClient.connect(hub_url)
 
     async def until(what: str, probe: Callable[[], Awaitable[bool]]) -> None:
@@ -38,6 +40,8 @@ async def wait_ready(
             await until(service, functools.partial(service_answers, client, service))
         for node in topology.nodes:
             await until(f"gating of {node.name}", functools.partial(node_ready, client, node.name))
+        if api_port:
+            await until(f"HTTP API on port {api_port}", functools.partial(api_ready, api_port))
     finally:
         await client.close()
 
@@ -86,3 +90,19 @@ async def node_ready(client: PrismClient, node: str) -> bool:
             return False
         raise StackError(f"node {node} answered a test request with error {exc.code}: {exc.message}") from None
     return True
+
+
+async def api_ready(port: int) -> bool:
+    """`GET /v1/models` on 127.0.0.1:`port` gets an HTTP answer (200, or 401 where a key is required)."""
+    try:
+        async with asyncio.timeout(2.0):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                writer.write(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+                await writer.drain()
+                status = await reader.readline()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError):
+        return False
+    return status.split(b" ")[1:2] in ([b"200"], [b"401"])

@@ -79,6 +79,11 @@ class LocalStack:
         return self.run_dir / "prometheus.yml"
 
     @property
+    def api_url(self) -> str:
+        """The HTTP API's base URL (without /v1), as a client on this machine reaches it."""
+        return f"http://127.0.0.1:{self.options.api_port}"
+
+    @property
     def max_payload(self) -> int:
         return self.plan.max_payload if self.plan else 0
 
@@ -92,13 +97,14 @@ class LocalStack:
             targets = {spec.name: (spec.module, f"127.0.0.1:{self.metrics_ports[spec.name]}") for spec in plan.services}
             self.prometheus_config.write_text(prometheus_config(targets))
             await self._start_hub(plan)
-            await write_initial_plan(self.hub_url, plan.model_name, plan.placement)
+            await write_initial_plan(self.hub_url, plan.model_name, plan.placement, plan.routes)
             await asyncio.gather(*(self._start_leaf(node.name, plan) for node in self.options.topology.nodes))
             self.supervisor.services = [self.service(spec.name) for spec in plan.services]
             await asyncio.gather(*(child.start() for child in self.supervisor.services))
             self._write_manifest(ready=False)
             await wait_ready(self.hub_url, self.options.topology, plan.placement, watch=self.supervisor.children,
-                             timeout_s=self.options.ready_timeout_s, run_dir=self.run_dir)
+                             timeout_s=self.options.ready_timeout_s, run_dir=self.run_dir,
+                             api_port=self.options.api_port)
             self._write_manifest(ready=True)
         except NatsServerError as exc:
             await self.stop()
@@ -113,7 +119,8 @@ class LocalStack:
             self.plan = plan_stack(self.options, os.environ, os.cpu_count() or 1)
             self.metrics_ports = {spec.name: free_port() for spec in self.plan.services}
         opts = self.options
-        named = {"--port (hub clients)": self.port, "--mqtt-port": opts.mqtt_port, "--http-port": opts.http_port}
+        named = {"--port (hub clients)": self.port, "--mqtt-port": opts.mqtt_port, "--monitor-port": opts.http_port,
+                 "--api-port": opts.api_port}
         for what, port in named.items():
             if port and not port_is_free(port):
                 raise StackError(f"port 127.0.0.1:{port} ({what}) is already in use; choose another or stop its user")
@@ -202,5 +209,6 @@ class LocalStack:
             "max_payload": self.max_payload,
             "metrics": {name: f"http://127.0.0.1:{port}/metrics" for name, port in self.metrics_ports.items()},
             "prometheus_config": str(self.prometheus_config),
+            "api_url": self.api_url if self.options.api_port else None,
         }
         (self.run_dir / "stack.json").write_text(json.dumps(data, indent=2) + "\n")

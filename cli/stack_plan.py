@@ -17,9 +17,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from shared.settings import DEFAULT_HOST_TTL_S
 from shared.topology import NodeSpec, Topology, TopologyError, initial_placement
+
+if TYPE_CHECKING:  # the model code imports torch: the CLI loads it only when it starts a stack
+    from shared.model.config import ModelConfig
 
 MIB = 2**20
 MIN_PAYLOAD = 8 * MIB
@@ -32,7 +36,7 @@ class StackError(RuntimeError):
 
 @dataclass(frozen=True)
 class StackOptions:
-    """What `prism up` starts. Ports: `port` 0 picks a free one; 0 disables MQTT / monitoring."""
+    """What `prism up` starts. Ports: `port` 0 picks a free one; 0 disables MQTT / monitoring / the HTTP API."""
 
     topology: Topology
     model: Path
@@ -40,6 +44,7 @@ class StackOptions:
     port: int = 4222
     mqtt_port: int = 1883
     http_port: int = 8222
+    api_port: int = 8000
     max_context: int = 1024
     expert_timeout_s: float = 2.0
     activation_interval_s: float = 2.0
@@ -73,6 +78,8 @@ class StackPlan:
     placement: dict[str, list[tuple[int, int]]]
     """Epoch 1: host → (layer, expert) pairs it starts with."""
     services: tuple[ServiceSpec, ...]
+    routes: dict[str, list[str]] | None = None
+    """Epoch 1's routes (home node → executing node per layer); None: every node runs every layer."""
 
 
 def max_payload_for(hidden_size: int, max_context: int) -> int:
@@ -93,8 +100,12 @@ def plan_stack(opts: StackOptions, environ: Mapping[str, str], cores: int) -> St
     except ModelError as exc:
         raise StackError(f"invalid model directory {opts.model}: {exc}") from None
     expert_bytes = config.expert_nbytes(opts.topology.dtype)
+    routes = None
     try:
-        placement = initial_placement(opts.topology, list_moe_layers(config), config.num_experts, expert_bytes)
+        if opts.policy in ROUTED_POLICIES:
+            placement, routes = pipeline_start(opts.topology, config, expert_bytes)
+        else:
+            placement = initial_placement(opts.topology, list_moe_layers(config), config.num_experts, expert_bytes)
     except TopologyError as exc:
         raise StackError(str(exc)) from None
     max_payload = max_payload_for(config.hidden_size, opts.max_context)
@@ -103,12 +114,14 @@ def plan_stack(opts: StackOptions, environ: Mapping[str, str], cores: int) -> St
         *_hosts(opts, placement, expert_bytes, environ, cores),
         *_gatings(opts, placement, expert_bytes),
         *_control_plane(opts),
+        *_api(opts),
     ]
     return StackPlan(
         model_name=opts.model.resolve().name,
         expert_bytes=expert_bytes,
         max_payload=max_payload,
         placement=placement,
+        routes=routes,
         services=tuple(
             ServiceSpec(name, module, prefix, node, {
                 f"{prefix}LOG_LEVEL": environ.get(f"{prefix}LOG_LEVEL", opts.log_level),
@@ -121,6 +134,37 @@ def plan_stack(opts: StackOptions, environ: Mapping[str, str], cores: int) -> St
 
 
 _Service = tuple[str, str, str, str | None, dict[str, str]]
+
+ROUTED_POLICIES = ("pipeline", "route")
+"""Policies whose plans carry routes: `prism up` starts them from the pipeline split (no statistics yet)."""
+
+
+def pipeline_start(
+    topology: Topology, config: ModelConfig, expert_bytes: int
+) -> tuple[dict[str, list[tuple[int, int]]], dict[str, list[str]] | None]:
+    """Epoch 1 for a routed policy: the `pipeline` split of the topology (contiguous layer ranges in
+    proportion to each node's memory, a node holding every expert of its range) and its routes."""
+    import numpy as np
+
+    from services.placement.errors import PlacementError
+    from services.placement.planner import ClusterView, to_plan_routes
+    from services.placement.policies.pipeline import pipeline
+    from services.placement.topology import cluster_from_launcher
+    from shared.model.config import list_moe_layers
+
+    cluster, nodes = cluster_from_launcher(topology, expert_bytes)
+    hosts = [host.name for _, host in topology.hosts()]
+    moe = list_moe_layers(config)
+    try:
+        placed = pipeline(np.zeros((len(nodes), len(moe), config.num_experts)), cluster)
+    except PlacementError as exc:
+        raise TopologyError(f"no pipeline split of the model fits the topology: {exc}") from None
+    placement = {
+        host: [(moe[int(layer)], int(expert)) for layer, expert in zip(*np.nonzero(placed.hosts[i]), strict=True)]
+        for i, host in enumerate(hosts)
+    }
+    view = ClusterView(cluster, nodes, hosts)
+    return placement, to_plan_routes(placed.routes, view, moe, config.num_layers)
 
 
 def _hosts(
@@ -183,6 +227,14 @@ def _control_plane(opts: StackOptions) -> list[_Service]:
         ("placement", "services.placement", "PRISM_PLACEMENT_", None, placement),
         ("migrator", "services.migrator", "PRISM_MIGRATOR_", None, migrator),
     ]
+
+
+def _api(opts: StackOptions) -> list[_Service]:
+    """The HTTP API on the hub (it asks any node); its address and key come from the environment
+    (PRISM_API_HOST, PRISM_API_KEY: loopback and no key unless set)."""
+    if not opts.api_port:
+        return []
+    return [("api", "services.api", "PRISM_API_", None, {"PRISM_API_PORT": str(opts.api_port)})]
 
 
 def service_env(

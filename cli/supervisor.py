@@ -110,12 +110,15 @@ class Supervisor:
             await nc.close()
 
     async def stop(self, before_hub: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Gatings first: they drain their requests while the hosts still answer. Then the other
-        services, the leaves, `before_hub` (the links) and the hub."""
+        """The HTTP API first (no new requests; its streams end), then the gatings: they drain their
+        requests while the hosts still answer. Then the other services, the leaves, `before_hub` (the
+        links) and the hub."""
         bound = self.stop_timeout_s
+        api = [child for child in self.services if child.name == "api"]
         gatings = [child for child in self.services if child.name.startswith("gating-")]
+        await asyncio.gather(*(child.stop(bound) for child in api))
         await asyncio.gather(*(child.stop(bound) for child in gatings))
-        await asyncio.gather(*(child.stop(bound) for child in self.services if child not in gatings))
+        await asyncio.gather(*(child.stop(bound) for child in self.services if child not in gatings + api))
         await asyncio.gather(*(server.stop(bound) for server in self.servers[1:]))
         if before_hub is not None:
             await before_hub()

@@ -2,12 +2,13 @@
 
     prism up [--topology FILE | --nodes N --hosts-per-node H [--memory-mb M] [--delay-ms D] [--rate-mbit R]
               [--host-processes]]
-             [--model DIR] [--port P] [--mqtt-port Q] [--http-port R] [--run-dir DIR]
+             [--model DIR] [--port P] [--mqtt-port Q] [--monitor-port R] [--api-port A] [--run-dir DIR]
 
 Starts the hub, one leaf per node (behind a link emulator where the link has a delay or rate),
-a gating per node and the expert hosts (see cli/stack.py), waits until every node answers, prints
-how to send a request, restarts a child that dies while serving, and on Ctrl-C / SIGTERM stops every
-child (SIGKILL after a bound).
+a gating per node, the expert hosts and the OpenAI-compatible HTTP API (see cli/stack.py), waits until
+every node and the API answer, prints how to send a request (`prism infer` and `curl`), restarts a child
+that dies while serving, and on Ctrl-C / SIGTERM stops every child (SIGKILL after a bound).
+`--http-port` is the old name of `--monitor-port` (the hub's monitoring port), kept as an alias.
 Errors (taken port, invalid model, topology that cannot hold the model, a child that fails to
 start) are one line on stderr, exit code 1, nothing left running. Exit code 0 after a clean stop.
 """
@@ -35,7 +36,9 @@ EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
-POLICY_NAMES = ("uniform", "redundance", "eplb", "prism", "optimal", "latency")  # services.placement's PolicyName
+POLICY_NAMES = (  # services.placement's PolicyName
+    "uniform", "redundance", "eplb", "prism", "optimal", "latency", "pipeline", "route",
+)
 
 
 def register(subparsers: Any) -> None:
@@ -60,10 +63,13 @@ def add_stack_arguments(
     shape.add_argument("--host-processes", action="store_true", default=None,
                        help="run each expert host as a process of its own (default: in its node's gating)")
     p.add_argument("--model", type=Path, default=DEMO_MODEL, help="checkpoint directory (default: the demo model)")
-    port, mqtt, http = (0, 0, 0) if demo else (4222, 1883, 8222)
+    port, mqtt, http, api = (0, 0, 0, 0) if demo else (4222, 1883, 8222, 8000)
     p.add_argument("--port", type=port_number, default=port, help=f"hub client port, 0 = a free one (default {port})")
     p.add_argument("--mqtt-port", type=port_number, default=mqtt, help=f"hub MQTT port, 0 = off (default {mqtt})")
-    p.add_argument("--http-port", type=port_number, default=http, help=f"hub monitoring port, 0 = off (default {http})")
+    p.add_argument("--monitor-port", "--http-port", dest="http_port", type=port_number, default=http,
+                   help=f"hub monitoring port (nats-server's HTTP), 0 = off (default {http}; old name --http-port)")
+    p.add_argument("--api-port", type=port_number, default=api,
+                   help=f"OpenAI-compatible HTTP API on 127.0.0.1, 0 = off (default {api})")
     p.add_argument("--run-dir", type=Path, help="logs and configs (default var/run-<timestamp>)")
     p.add_argument("--ready-timeout", type=positive, default=180.0, help="seconds to wait for every node (default 180)")
     p.add_argument("--policy", default="prism", choices=POLICY_NAMES, help="placement policy (default prism)")
@@ -110,6 +116,7 @@ def build_options(args: argparse.Namespace, **overrides: Any) -> StackOptions:
         port=args.port,
         mqtt_port=args.mqtt_port,
         http_port=args.http_port,
+        api_port=args.api_port,
         ready_timeout_s=args.ready_timeout,
         **{**settings, **overrides},
     )
@@ -218,6 +225,14 @@ def fail(message: str, code: int = EXIT_FAILED) -> int:
     return code
 
 
+def curl_line(stack: LocalStack) -> str:
+    """A `curl` that asks the HTTP API (with the key's header when PRISM_API_KEY is set)."""
+    auth = ' -H "Authorization: Bearer $PRISM_API_KEY"' if os.environ.get("PRISM_API_KEY") else ""
+    model = stack.plan.model_name if stack.plan else ""
+    body = f'{{"model": "{model}", "prompt": "Hello", "max_tokens": 16}}'
+    return f"curl {stack.api_url}/v1/completions{auth} -H 'Content-Type: application/json' -d '{body}'"
+
+
 def describe(stack: LocalStack) -> str:
     """What is running and how to send a request."""
     opts = stack.options
@@ -227,6 +242,8 @@ def describe(stack: LocalStack) -> str:
     extras = [f"monitoring http://127.0.0.1:{opts.http_port}" if opts.http_port else "",
               f"MQTT 127.0.0.1:{opts.mqtt_port}" if opts.mqtt_port else ""]
     lines.append(f"  hub    {stack.hub_url}  {'  '.join(x for x in extras if x)}".rstrip())
+    if opts.api_port:
+        lines.append(f"  api    {stack.api_url}/v1  (OpenAI-compatible HTTP)")
     for node in opts.topology.nodes:
         link = node.link
         shape = "ideal link" if link.shape().is_ideal else (
@@ -239,6 +256,7 @@ def describe(stack: LocalStack) -> str:
         f'  prism infer --url {stack.hub_url} --node {first} "Hello"',
         f"  raw NATS: request subject prism.v1.infer.{first} with "
         '{"prompt": "Hello", "max_tokens": 16}  (MQTT: topic prism/v1/infer/' + first + ' plus "client_id")',
+        *([f"  {curl_line(stack)}"] if opts.api_port else []),
         f"logs: {opts.run_dir}/   (stack.json lists URLs and pids)",
         f"metrics: /metrics of every service on 127.0.0.1; scrape config {stack.prometheus_config}",
         "a child that dies is restarted; Ctrl-C stops everything.",

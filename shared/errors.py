@@ -105,6 +105,13 @@ class Overloaded(PrismError):
     status = 503
 
 
+class Cancelled(PrismError):
+    """The requester cancelled the request (`prism.v1.infer.<node>.cancel`); its sequence is freed."""
+
+    code = "cancelled"
+    status = 499  # "client closed request", as nginx names it
+
+
 class ShuttingDown(PrismError):
     code = "shutting_down"
     status = 503

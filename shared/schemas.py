@@ -45,6 +45,24 @@ class InferRequest(Message):
         return self
 
 
+class CancelRequest(Message):
+    """On `prism.v1.infer.<node>.cancel`: stop the requests whose replies go to `reply_to`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    reply_to: str = Field(min_length=1, max_length=256, description="the reply subject of the requests to stop")
+
+
+class GatingLoad(Message):
+    """What a gating reports in its `$SRV.STATS` endpoint data: how busy it is, and what it cancelled."""
+
+    node: str
+    active: int = Field(description="sequences in the running batch")
+    waiting: int = Field(description="sequences queued for a batch slot")
+    max_batch: int = Field(description="batch slots (KV cache slots)")
+    cancelled: int = Field(description="running or queued requests stopped by a cancel, since start")
+
+
 class TokenChunk(Message):
     id: str | None
     index: int
@@ -114,6 +132,17 @@ def parse_request(payload: bytes) -> InferRequest:
         raise BadRequest(f"request must be a JSON object, got {json_type(data)}")  # valid JSON, wrong shape
     try:
         return InferRequest.model_validate(data)
+    except ValidationError as exc:
+        raise BadRequest(describe_validation_error(exc)) from None
+
+
+def parse_cancel(payload: bytes) -> CancelRequest:
+    """Decode a cancel (`prism.v1.infer.<node>.cancel`): InvalidJSON or BadRequest as for a request."""
+    data = load_json(payload, "cancel")
+    if not isinstance(data, dict):
+        raise BadRequest(f"cancel must be a JSON object, got {json_type(data)}")
+    try:
+        return CancelRequest.model_validate(data)
     except ValidationError as exc:
         raise BadRequest(describe_validation_error(exc)) from None
 

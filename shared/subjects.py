@@ -46,6 +46,13 @@ def infer(node: str) -> str:
     return f"{ROOT}.infer.{check_token(node, 'node')}"
 
 
+def cancel(node: str) -> str:
+    """Cancel requests running on one node (public contract): JSON `{"reply_to": subject}` stops every
+    request of that node whose replies go to `subject`. Under `infer.<node>` so that whoever may ask a
+    node may also cancel what it asked."""
+    return f"{infer(node)}.cancel"
+
+
 def reply(client_id: str) -> str:
     """Replies to an MQTT client; MQTT sees it as `prism/v1/reply/<client_id>`."""
     return f"{ROOT}.reply.{check_token(client_id, 'client_id')}"

@@ -77,6 +77,16 @@ def learning_rate(step: int, steps: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+# Markdown-like turns, close to the docs the model read; the HTTP API renders it (services/api/chat.py).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% else %}### {{ message['role'] | capitalize }}:\n{{ message['content'] }}\n\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### Assistant:\n{% endif %}"
+)
+
+
 def save_hf(model: Any, directory: Path, tokenizer_file: Path) -> None:
     """Save in Hugging Face format as bf16 (per-expert names), with the tokenizer and its config."""
     training_flag = getattr(model.config, "output_router_logits", False)
@@ -86,7 +96,7 @@ def save_hf(model: Any, directory: Path, tokenizer_file: Path) -> None:
     model.config.output_router_logits = training_flag
     shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
     tok_config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
-                  "model_max_length": SEQ_LEN, "clean_up_tokenization_spaces": False}
+                  "model_max_length": SEQ_LEN, "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}
     (directory / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2) + "\n")
 
 

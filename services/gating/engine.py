@@ -178,9 +178,25 @@ class Engine:
             seq.admitted = now
             self.active.append(seq)
 
+    def cancel(self, seq: Sequence, err: PrismError) -> bool:
+        """Stop `seq` with `err`: at once while it waits; at the next step boundary while it runs (a step in
+        flight still holds its slot). False when it is already finished or cancelled."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.events.put_nowait(ErrorEvent(err))
+            return True
+        if seq in self.active and seq.error is None:
+            seq.error = err  # retired like a sequence whose expert failed
+            self._wake.set()
+            return True
+        return False
+
     async def step(self) -> None:
         """One forward step over every active sequence (one per route in use), then sample and retire
         finished ones."""
+        for seq in list(self.active):
+            if seq.error is not None:  # cancelled between steps: its slot is free before the batch forms
+                self._finish(seq, ErrorEvent(seq.error))
         by_route: dict[Route | None, list[Sequence]] = {}
         for seq in self.active:
             by_route.setdefault(seq.route, []).append(seq)

@@ -5,6 +5,10 @@ Subjects:
   replies go to the message's reply subject, or for MQTT clients (no reply subject) to
   `prism.v1.reply.<client_id>` (MQTT `prism/v1/reply/<client_id>`). Streaming requests get one
   TokenChunk per token, then a FinalReply; errors are one ErrorReply plus Nats-Service-Error headers.
+- `prism.v1.infer.<node>.cancel` (nats.micro endpoint `cancel`, a queue group per instance so that every
+  gating of the node sees it): `{"reply_to"}` stops the requests replying there (error reply `cancelled`),
+  and frees their batch slots at the next step; answers `{"cancelled": n}` when asked. The service's
+  `$SRV.STATS` endpoint data is a GatingLoad (active, waiting, max_batch, cancelled).
 - `prism.v1.host.<host>.calls` / `prism.v1.expert.<layer>.<expert>`: expert calls out (see dispatch.py);
   `prism.v1.host.*.status` in: who holds which expert (directory.py).
 - `prism.v1.activations.<node>`: activation report every `activation_interval_s`.
@@ -24,6 +28,7 @@ import contextlib
 import functools
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +38,9 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.micro.service import Service
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import EndpointStats, Service, ServiceConfig
 
 from services.expert_host.service import ExpertHost, load_weights
 from services.expert_host.settings import ExpertHostSettings
@@ -48,19 +55,20 @@ from services.gating.segments import SegmentRunner
 from services.gating.settings import EmbeddedHost, GatingSettings
 from shared import subjects
 from shared.activations import ActivationCounter
-from shared.errors import BadRequest, PrismError, PromptTooLong, ShuttingDown, TokenOutOfRange
+from shared.errors import BadRequest, Cancelled, PrismError, PromptTooLong, ShuttingDown, TokenOutOfRange
 from shared.model.model import MoEModel
 from shared.model.sampling import SamplingParams
 from shared.model.tokenizer import Tokenizer
-from shared.runtime import announce
 from shared.schemas import (
     ErrorBody,
     ErrorReply,
     FinalReply,
+    GatingLoad,
     InferRequest,
     Timings,
     TokenChunk,
     Usage,
+    parse_cancel,
     parse_request,
     reply_hints,
 )
@@ -106,15 +114,22 @@ class Gating:
         self._intake: Subscription | None = None
         self._status: Subscription | None = None
         self._route_subs: list[Subscription] = []
+        self._running: dict[str, list[Sequence]] = {}  # reply subject → its requests still answering
+        self.cancelled = 0
         self.registry, self.metrics = gating_registry(self)  # served on METRICS_PORT by main()
 
     async def start(self) -> None:
-        # Discoverable with $SRV.PING/INFO; intake is a plain subscription because one request is
+        # Discoverable with $SRV.PING/INFO/STATS; intake is a plain subscription because one request is
         # answered by many messages (streaming) and MQTT requests carry no reply subject.
         for host in self.hosts:
             await host.start()
-        metadata = {"node": self.settings.node, "subject": subjects.infer(self.settings.node)}
-        self._micro = await announce(self.nc, SERVICE_NAME, metadata)
+        node = self.settings.node
+        metadata = {"node": node, "subject": subjects.infer(node)}
+        config = ServiceConfig(name=SERVICE_NAME, version="1.0.0", metadata=metadata, stats_handler=self._stats_data)
+        self._micro = await add_service(self.nc, config)
+        await self._micro.add_endpoint(  # its own queue group: each gating of the node hears every cancel
+            name="cancel", subject=subjects.cancel(node), handler=self._on_cancel, queue_group=f"c{uuid.uuid4().hex}"
+        )
         directory = self.directory
         if directory is not None:  # who holds what, from host heartbeats: one message per host and layer
 
@@ -169,6 +184,45 @@ class Gating:
         task = asyncio.create_task(self._respond(seq, req, reply_to), name=f"reply-{seq.key}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self._running.setdefault(reply_to, []).append(seq)
+        task.add_done_callback(lambda _: self._forget(reply_to, seq))
+
+    def _forget(self, reply_to: str, seq: Sequence) -> None:
+        seqs = self._running.get(reply_to, [])
+        if seq in seqs:
+            seqs.remove(seq)
+        if not seqs:
+            self._running.pop(reply_to, None)
+
+    # ---- cancel and load ---------------------------------------------------------------------
+
+    async def _on_cancel(self, request: Request) -> None:
+        try:
+            cancel = parse_cancel(request.data)
+        except PrismError as err:
+            with contextlib.suppress(ValueError):  # ValueError: nobody asked for an answer
+                await request.respond(err.body(), headers=err.headers())
+            return
+        why = Cancelled("the requester cancelled this request")
+        stopped = sum(self.engine.cancel(seq, why) for seq in list(self._running.get(cancel.reply_to, [])))
+        self.cancelled += stopped
+        if stopped:
+            log.info("request_cancelled", node=self.settings.node, requests=stopped)
+        with contextlib.suppress(ValueError):
+            await request.respond(f'{{"cancelled": {stopped}}}'.encode())
+
+    def load(self) -> GatingLoad:
+        engine = self.engine
+        return GatingLoad(
+            node=self.settings.node,
+            active=len(engine.active),
+            waiting=len(engine.waiting),
+            max_batch=self.settings.max_batch,
+            cancelled=self.cancelled,
+        )
+
+    def _stats_data(self, endpoint: EndpointStats) -> dict[str, object]:
+        return {"load": self.load().model_dump()}
 
     def _prompt_ids(self, req: InferRequest) -> list[int]:
         if req.input_ids is not None:

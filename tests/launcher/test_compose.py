@@ -21,6 +21,7 @@ import nats
 import pytest
 import yaml
 
+from services.api.settings import ApiSettings
 from services.expert_host.settings import ExpertHostSettings
 from services.gating.settings import GatingSettings
 from services.migrator.settings import MigratorSettings
@@ -34,6 +35,7 @@ SETTINGS = {
     "services.expert_host": (ExpertHostSettings, "PRISM_HOST_"),
     "services.placement": (PlacementSettings, "PRISM_PLACEMENT_"),
     "services.migrator": (MigratorSettings, "PRISM_MIGRATOR_"),
+    "services.api": (ApiSettings, "PRISM_API_"),
 }
 VAR = re.compile(r"\$\{([A-Z_][A-Z0-9_]*)(?::?[-?][^}]*)?\}")
 
@@ -77,9 +79,9 @@ def test_services_match_the_testbed_topology(compose: dict[str, Any]) -> None:
     assert [len(node.hosts) for node in topology.nodes] == [1, 1, 2]
     services = compose["services"]
     expected = {"hub"} | {f"leaf-{n.name}" for n in topology.nodes} | {f"gating-{n.name}" for n in topology.nodes}
-    expected |= {"host-edge-c-gpu1", "placement", "migrator"}
+    expected |= {"host-edge-c-gpu1", "placement", "migrator", "api"}
     assert set(services) == expected
-    assert len(services) == 1 + 3 * 2 + 1 + 2
+    assert len(services) == 1 + 3 * 2 + 1 + 2 + 1
     for node, host in topology.hosts():
         if host.embedded:
             embedded = json.loads(services[f"gating-{node.name}"]["environment"]["PRISM_GATING_EMBEDDED_HOSTS"])
@@ -116,16 +118,23 @@ def test_every_service_is_what_prism_up_starts_for_the_testbed(compose: dict[str
         service = services[spec.name]
         assert service["command"] == ["python", "-m", spec.module], spec.name
         assert service["depends_on"] == [f"leaf-{spec.node}" if spec.node else "hub"], spec.name
-        assert "ports" not in service, spec.name
+        api = spec.name == "api"  # a client of the bus, and the one service with a port of its own
+        user = "CLIENT" if api else "SERVICE"
         want = {
             **spec.settings,
             f"{spec.prefix}MODEL": "/models/demo",
             f"{spec.prefix}NATS_URL": f"nats://leaf-{spec.node}:4222" if spec.node else "nats://hub:4222",
-            f"{spec.prefix}NATS_USER": "${PRISM_SERVICE_USER}",
-            f"{spec.prefix}NATS_PASSWORD": "${PRISM_SERVICE_PASSWORD}",
+            f"{spec.prefix}NATS_USER": f"${{PRISM_{user}_USER}}",
+            f"{spec.prefix}NATS_PASSWORD": f"${{PRISM_{user}_PASSWORD}}",
             f"{spec.prefix}METRICS_PORT": "9464",  # on the compose network only: no port is published
             f"{spec.prefix}METRICS_BIND": "0.0.0.0",
         }
+        if api:  # every address of the container, so the published port reaches it: a key is required
+            key = "${PRISM_API_KEY:?set PRISM_API_KEY (see docker/env.example)}"
+            want |= {"PRISM_API_HOST": "0.0.0.0", "PRISM_API_KEY": key}
+            assert service["ports"] == [f"${{PRISM_BIND:-127.0.0.1}}:{options.api_port}:{options.api_port}"]
+        else:
+            assert "ports" not in service, spec.name
         assert service["environment"] == want, spec.name
     hub = services["hub"]
     published = [port.removeprefix("${PRISM_BIND:-127.0.0.1}:") for port in hub["ports"]]
@@ -167,7 +176,7 @@ def test_every_variable_has_an_example_and_ports_stay_on_loopback(
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert port.startswith("${PRISM_BIND:-127.0.0.1}:"), f"{name} publishes {port} beyond loopback"
-    assert [name for name, s in compose["services"].items() if s.get("ports")] == ["hub"]
+    assert [name for name, s in compose["services"].items() if s.get("ports")] == ["hub", "api"]
 
 
 def test_referenced_files_exist(compose: dict[str, Any]) -> None:
@@ -317,6 +326,9 @@ async def client_permissions(service: nats.NATS, url: str, creds: dict[str, str]
     nc = await nats.connect(url, error_cb=record, **creds)
     try:
         assert (await nc.request("prism.v1.infer.edge-a", b"ping", timeout=5)).data == b"pong"
+        # allowed (the HTTP API uses them): a cancel, and reading the gatings' load; a refusal would come first
+        await nc.publish("prism.v1.infer.edge-a.cancel", b'{"reply_to": "_INBOX.x"}')
+        await nc.publish("$SRV.STATS.prism-gating", b"")
         await nc.publish("prism.v1.host.edge-a-gpu0.status", b'{"host": "spoofed"}')
         await nc.subscribe("prism.v1.expert.>")
         await nc.flush()

@@ -27,7 +27,8 @@ START_TIMEOUT_S = 150
 
 
 def ports() -> list[str]:
-    return ["--port", str(free_port()), "--mqtt-port", str(free_port()), "--http-port", str(free_port())]
+    return ["--port", str(free_port()), "--mqtt-port", str(free_port()), "--monitor-port", str(free_port()),
+            "--api-port", str(free_port())]
 
 
 def alive(pid: int) -> bool:
@@ -97,7 +98,7 @@ def test_up_serves_infer_and_stops_every_child_on_sigterm(
     assert manifest["ready"] is True
     pids = manifest["pids"]
     assert set(pids) == {"hub", "leaf-node0", "leaf-node1", "host-node0-h0", "host-node1-h0",
-                         "gating-node0", "gating-node1", "placement", "migrator"}
+                         "gating-node0", "gating-node1", "placement", "migrator", "api"}
     assert all(alive(pid) for pid in pids.values())
     placed = sorted(tuple(k) for keys in manifest["placement"].values() for k in keys)
     assert len(placed) == len(set(placed)) == 2 * 8  # qwen2_moe tiny: MoE layers 0 and 2, 8 experts
@@ -264,7 +265,7 @@ def test_taken_port_is_a_clear_error(tiny_model: Path, tmp_path: Path, capsys: p
         taken.listen()
         port = taken.getsockname()[1]
         code, err = prism_in_process(capsys, "up", "--model", str(tiny_model), "--run-dir", str(run_dir),
-                                     "--port", str(port), "--mqtt-port", "0", "--http-port", "0")
+                                     "--port", str(port), "--mqtt-port", "0", "--http-port", "0", "--api-port", "0")
     assert_clean_failure(code, err, f"port 127.0.0.1:{port} (--port (hub clients)) is already in use", run_dir)
     assert "starting" not in err  # nothing started, and no run directory to look in
     assert not run_dir.exists()
@@ -275,7 +276,8 @@ def test_taken_port_is_a_clear_error(tiny_model: Path, tmp_path: Path, capsys: p
     [
         (["--port", "70000"], "argument --port: a port is 0-65535, got 70000"),
         (["--mqtt-port", "-1"], "argument --mqtt-port: a port is 0-65535, got -1"),
-        (["--http-port", "http"], "argument --http-port: not a port number: 'http'"),
+        (["--http-port", "http"], "argument --monitor-port/--http-port: not a port number: 'http'"),
+        (["--api-port", "65536"], "argument --api-port: a port is 0-65535, got 65536"),
         (["--plan-interval", "0"], "argument --plan-interval: must be >= 0.1, got 0"),
         (["--plan-interval", "1e-9"], "argument --plan-interval: must be >= 0.1, got 1e-9"),
         (["--memory-mb", "-1"], "argument --memory-mb: must be > 0, got -1"),
@@ -377,7 +379,7 @@ def test_a_child_failing_at_start_stops_everything(
                                  "--run-dir", str(run_dir), *ports())
     assert_clean_failure(code, err, "host-a0 exited with code 1", run_dir)
     pids = json.loads((run_dir / "stack.json").read_text())["pids"]  # it got as far as starting children
-    assert set(pids) == {"hub", "leaf-a", "host-a0", "gating-a", "placement", "migrator"}
+    assert set(pids) == {"hub", "leaf-a", "host-a0", "gating-a", "placement", "migrator", "api"}
     assert f"(log: {run_dir / 'host-a0.log'})" in err
 
 
