@@ -68,9 +68,17 @@ class NodeExperts:
         self.node_calls = 0  # of those, to a host on this node by its heartbeats (metrics: local)
 
     async def __call__(self, call: MoECall, live: Tensor) -> ExpertsResult:
+        return await self._call(call, live, self.counter)
+
+    async def uncounted(self, call: MoECall, live: Tensor) -> ExpertsResult:
+        """The same, left out of this node's activation counts: a route segment run for another node,
+        whose home counts it (the segment's reply carries the counts)."""
+        return await self._call(call, live, None)
+
+    async def _call(self, call: MoECall, live: Tensor, counter: ActivationCounter | None) -> ExpertsResult:
         routing = Routing.of(call.expert_ids, live)
-        if self.counter is not None:
-            self.counter.add(call.layer, routing.experts, routing.counts, tokens=int(live.sum()))
+        if counter is not None:
+            counter.add(call.layer, routing.experts, routing.counts, tokens=int(live.sum()))
         rows = routing.rows(call.hidden)
         spans = routing.spans
         deadline = asyncio.get_running_loop().time() + self.timeout_s

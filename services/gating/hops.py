@@ -29,6 +29,7 @@ from torch import Tensor
 from services.gating.routes import Hop, Segment
 from services.gating.segments import SegmentRequest, SegmentRunner
 from shared import subjects
+from shared.activations import ActivationCounter
 from shared.codec import check_size, decode_tensor, encode_tensor
 from shared.errors import PrismError, RouteUnavailable, error_from_headers
 
@@ -38,9 +39,13 @@ log = structlog.get_logger()
 class RouteHops:
     """The home's side: `await hops(hop, seq_ids)` -> x [T, D] after the hop's chain."""
 
-    def __init__(self, nc: NatsClient, home: str, *, layer_timeout_s: float, max_payload: int) -> None:
+    def __init__(
+        self, nc: NatsClient, home: str, *, layer_timeout_s: float, max_payload: int,
+        counter: ActivationCounter | None = None,
+    ) -> None:
         self.nc = nc
         self.home = home
+        self.counter = counter  # the home's activation counts: the chain's layers count here
         self.layer_timeout_s = layer_timeout_s
         self.max_payload = max_payload
         self.sent = 0
@@ -67,12 +72,25 @@ class RouteHops:
         if error is not None:
             raise error
         try:
-            x, _ = decode_tensor(msg.data)
+            x, meta = decode_tensor(msg.data)
         except PrismError as err:
             raise RouteUnavailable(f"the route through {first} answered a bad tensor: {err.message}") from None
         if x.shape != hop.hidden.shape:
             raise RouteUnavailable(f"the route through {first} answered {list(x.shape)} for {list(hop.hidden.shape)}")
+        activations = meta.get("activations")
+        self._count(activations if isinstance(activations, list) else [])
         return x.to(hop.hidden.dtype)
+
+    def _count(self, activations: list[Any]) -> None:
+        """Add the chain's routing choices to the home's counts; a malformed entry is dropped."""
+        if self.counter is None:
+            return
+        for entry in activations:
+            try:
+                layer, experts, counts, tokens = entry
+                self.counter.add(int(layer), [int(e) for e in experts], [int(c) for c in counts], tokens=int(tokens))
+            except (TypeError, ValueError, KeyError, IndexError):
+                log.warning("segment_activations_dropped", home=self.home)
 
     async def release(self, seq_id: str, nodes: Iterable[str]) -> None:
         """Tell the nodes that keep KV for `seq_id` that it is done."""
@@ -98,7 +116,10 @@ class SegmentService:
         try:
             hidden, meta = decode_tensor(msg.data)
             req = SegmentRequest.parse(meta, hidden, self.runner.node, self.hidden_size)
-            x = await self.runner.run(hidden, req)
+            x, activations = await self.runner.run(hidden, req)
+            chain_activations = meta.get("activations", [])
+            meta = {**meta, "activations": [*(chain_activations if isinstance(chain_activations, list) else []),
+                                            *activations]}
             await self._forward(x, req, meta, msg.reply)
         except PrismError as err:
             await self._refuse(msg.reply, err)
@@ -110,7 +131,7 @@ class SegmentService:
         """x on to the chain's next node with the home's reply subject, or home if this was the last."""
         rest: list[Segment] = req.chain[1:]
         if not rest:
-            await self.nc.publish(reply, encode_tensor(x))
+            await self.nc.publish(reply, encode_tensor(x, {"activations": meta["activations"]}))
             return
         payload = encode_tensor(x, {**meta, "chain": [seg.as_list() for seg in rest]})
         check_size(payload, None, self.max_payload)

@@ -9,7 +9,9 @@ sequence's segment is admitted when its first step
 arrives (`lens` 0) and freed when its home releases it (`prism.v1.route.<node>.release`) or after
 `idle_ttl_s` without a step (its home stopped answering). A message that does not fit (shapes, an
 unknown sequence, a KV length that disagrees with `lens`, a segment for another node) is refused with
-`bad_segment`; no cache length moves unless the whole segment ran.
+`bad_segment`; no cache length moves unless the whole segment ran. The experts a segment's tokens chose
+travel on with the hidden states (meta `activations`) so that the home counts them, as if it had run
+the layers itself (placement's statistics are per home node).
 
 Shape legend: T tokens, D hidden size, B sequences.
 """
@@ -32,7 +34,10 @@ from shared import subjects
 from shared.errors import BadSegment, Overloaded
 from shared.model.errors import InputError
 from shared.model.model import MoEModel
-from shared.model.moe import MoECall
+from shared.model.moe import MoECall, Routing
+
+Activation = list[Any]
+"""[layer, experts, counts, tokens] of one MoE layer a segment ran: what `ActivationCounter.add` takes."""
 
 
 @dataclass(frozen=True)
@@ -95,9 +100,10 @@ class SegmentRunner:
         self.segments_run = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segments")
 
-    async def run(self, hidden: Tensor, req: SegmentRequest) -> Tensor:
-        """x [T, D] after this node's first segment of `req.chain`; its KV lengths advance only when
-        every layer ran. Raises BadSegment, Overloaded, or the experts' error (ExpertUnavailable)."""
+    async def run(self, hidden: Tensor, req: SegmentRequest) -> tuple[Tensor, list[Activation]]:
+        """x [T, D] after this node's first segment of `req.chain`, and the experts its tokens chose in
+        each MoE layer (for the home's activation counts); its KV lengths advance only when every layer
+        ran. Raises BadSegment, Overloaded, or the experts' error (ExpertUnavailable)."""
         seg = req.chain[0]
         if not 0 <= seg.start < seg.end <= self.model.config.num_layers:
             raise BadSegment(f"layers {seg.start}..{seg.end} are not layers of this model")
@@ -107,10 +113,10 @@ class SegmentRunner:
         except InputError as exc:
             raise BadSegment(str(exc)) from None
         layers = self.model.layer_steps(step, hidden.to(self.model.dtype), seg.start, seg.end)
-        x = await self._drive(layers, inline=hidden.shape[0] <= self.inline_max_tokens)
+        x, activations = await self._drive(layers, inline=hidden.shape[0] <= self.inline_max_tokens)
         step.advance()
         self.segments_run += 1
-        return x
+        return x, activations
 
     def _slots(self, req: SegmentRequest, start: int) -> list[int]:
         """The KV slot of each sequence for the segment at `start`: a first step (lens 0) takes a free one."""
@@ -131,14 +137,19 @@ class SegmentRunner:
             self.last_used[key] = now
         return [self.slots[key] for key in keys]
 
-    async def _drive(self, layers: Generator[MoECall, Tensor, Tensor], inline: bool) -> Tensor:
+    async def _drive(
+        self, layers: Generator[MoECall, Tensor, Tensor], inline: bool
+    ) -> tuple[Tensor, list[Activation]]:
         """Run the layers, answering each MoE call with this node's experts; raise the first failure."""
         value: Tensor | None = None
+        activations: list[Activation] = []
         while True:
             call, x = await self._resume(layers, value, inline)
             if call is None:
                 assert x is not None
-                return x
+                return x, activations
+            routing = Routing.of(call.expert_ids)
+            activations.append([call.layer, routing.experts, routing.counts, call.hidden.shape[0]])
             result = await self.experts(call, torch.ones(call.hidden.shape[0], dtype=torch.bool))
             if result.error is not None:
                 raise result.error

@@ -398,7 +398,8 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     )
     max_len = min(settings.max_context, config.max_position_embeddings)
     payload = settings.max_payload_bytes
-    hops = RouteHops(nc, settings.node, layer_timeout_s=settings.expert_timeout_s, max_payload=payload)
+    hops = RouteHops(nc, settings.node, layer_timeout_s=settings.expert_timeout_s, max_payload=payload,
+                     counter=counter)
     engine = Engine(
         model,
         experts,
@@ -411,7 +412,7 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
         hops=hops,
     )
     runner = SegmentRunner(
-        settings.node, model, experts, max_slots=settings.max_foreign, max_len=max_len,
+        settings.node, model, experts.uncounted, max_slots=settings.max_foreign, max_len=max_len,
         idle_ttl_s=settings.foreign_ttl_s, inline_max_tokens=settings.inline_max_tokens,
     )
     segments = SegmentService(nc, runner, hidden_size=config.hidden_size, max_payload=settings.max_payload_bytes)

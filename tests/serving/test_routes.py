@@ -47,7 +47,8 @@ async def three_nodes(cluster: LocalCluster, model: Path, routes: dict[str, str]
         await cluster.add_node(node)
     for node, spec in experts.items():
         route = [cluster.node(n) for n in routes[node]]
-        await cluster.add_gating(node, model, embedded={f"{node}e": spec}, route=route, expert_timeout_s=2.0)
+        await cluster.add_gating(node, model, embedded={f"{node}e": spec}, route=route, expert_timeout_s=2.0,
+                                 activation_interval_s=3600)  # the counts stay in the counter for the test
     await cluster.settle()
 
 
@@ -84,6 +85,10 @@ async def test_sixteen_concurrent_greedy_through_routes_equal_in_process(
         assert gating.hops is not None
         assert gating.segments.runner.segments_run > 0, f"{node} ran no segment"
         assert gating.hops.sent > 0, f"{node} sent no hop"
+        # Every layer's routing is counted by the home, wherever the layer ran: the same tokens each layer.
+        tokens = gating.counter.tokens.tolist()
+        assert tokens[0] > 0
+        assert tokens == [tokens[0]] * len(tokens), (node, tokens)
     await no_foreign_kv(cluster)
 
 
