@@ -25,7 +25,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 import structlog
 import torch
@@ -41,6 +41,8 @@ log = structlog.get_logger()
 
 ExpertsFn = Callable[[MoECall, Tensor], Awaitable["ExpertsResult"]]
 """(call, live [T] bool) -> combined output of the live tokens and which tokens failed."""
+
+Y = TypeVar("Y")  # what a forward generator yields
 
 HopsFn = Callable[[Hop, list[str]], Awaitable[Tensor]]
 """(hop, ids of the step's sequences) -> x [T, D] after the hop's chain; raises PrismError when it failed."""
@@ -273,8 +275,8 @@ class Engine:
         """Run dense compute up to the next MoE call: inline for small steps (a thread hop costs more
         than the math), on the worker thread for big ones so intake and replies keep flowing."""
         if inline:
-            return _resume(steps, value)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _resume, steps, value)
+            return resume(steps, value)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, resume, steps, value)
 
     @staticmethod
     def _mark_failed(result: ExpertsResult, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor) -> None:
@@ -322,10 +324,8 @@ def seq_id(home: str, seq: Sequence) -> str:
     return f"{home}/{seq.key}"
 
 
-def _resume(
-    steps: Generator[MoECall | Hop, Tensor, Tensor], value: Tensor | None
-) -> tuple[MoECall | Hop | None, Tensor | None]:
-    """Advance the forward generator (on the worker thread): (next call, None) or (None, logits).
+def resume(steps: Generator[Y, Tensor, Tensor], value: Tensor | None) -> tuple[Y | None, Tensor | None]:
+    """Advance a forward generator (perhaps on a worker thread): (next yield, None) or (None, result).
 
     StopIteration cannot cross a Future, so the generator's return value is unpacked here.
     """

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from services.gating.engine import ExpertsFn
+from services.gating.engine import ExpertsFn, resume
 from services.gating.routes import Segment
 from shared import subjects
 from shared.errors import BadSegment, Overloaded
@@ -159,8 +159,8 @@ class SegmentRunner:
         self, layers: Generator[MoECall, Tensor, Tensor], value: Tensor | None, inline: bool
     ) -> tuple[MoECall | None, Tensor | None]:
         if inline:
-            return _resume(layers, value)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _resume, layers, value)
+            return resume(layers, value)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, resume, layers, value)
 
     def release(self, seqs: list[str]) -> int:
         """Free the KV of these sequences (their home finished them); returns how many slots were held."""
@@ -180,9 +180,3 @@ class SegmentRunner:
     def close(self) -> None:
         self._executor.shutdown(wait=False)
 
-
-def _resume(layers: Generator[MoECall, Tensor, Tensor], value: Tensor | None) -> tuple[MoECall | None, Tensor | None]:
-    try:
-        return layers.send(value), None  # type: ignore[arg-type]  # the first send must be None
-    except StopIteration as done:
-        return None, done.value
