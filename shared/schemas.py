@@ -61,6 +61,9 @@ class GatingLoad(Message):
     waiting: int = Field(description="sequences queued for a batch slot")
     max_batch: int = Field(description="batch slots (KV cache slots)")
     cancelled: int = Field(description="running or queued requests stopped by a cancel, since start")
+    foreign_kv: int = Field(0, description="KV slots held for other nodes' requests whose route runs layers here")
+    segments_run: int = Field(0, description="route segments run for other nodes, since start")
+    hops_sent: int = Field(0, description="chains of this node's requests' layers sent to other nodes, since start")
 
 
 class TokenChunk(Message):

@@ -8,7 +8,7 @@ Subjects:
 - `prism.v1.infer.<node>.cancel` (nats.micro endpoint `cancel`, a queue group per instance so that every
   gating of the node sees it): `{"reply_to"}` stops the requests replying there (error reply `cancelled`),
   and frees their batch slots at the next step; answers `{"cancelled": n}` when asked. The service's
-  `$SRV.STATS` endpoint data is a GatingLoad (active, waiting, max_batch, cancelled).
+  `$SRV.STATS` endpoint data is a GatingLoad (active, waiting, max_batch, cancelled, foreign KV and route counts).
 - `prism.v1.host.<host>.calls` / `prism.v1.expert.<layer>.<expert>`: expert calls out (see dispatch.py);
   `prism.v1.host.*.status` in: who holds which expert (directory.py).
 - `prism.v1.activations.<node>`: activation report every `activation_interval_s`.
@@ -219,6 +219,9 @@ class Gating:
             waiting=len(engine.waiting),
             max_batch=self.settings.max_batch,
             cancelled=self.cancelled,
+            foreign_kv=len(self.segments.runner.slots) if self.segments else 0,
+            segments_run=self.segments.runner.segments_run if self.segments else 0,
+            hops_sent=self.hops.sent if self.hops else 0,
         )
 
     def _stats_data(self, endpoint: EndpointStats) -> dict[str, object]:
