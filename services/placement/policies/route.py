@@ -10,12 +10,16 @@ each a node view with a route table, each within every node's slots once foreign
 `workload.kv_slots_per_layer` per layer a node runs for another home:
 1. stay-home: the `latency` policy's placement (itself the best of every stay-home policy on the
    model), and its view with routes from the route DP (a home may leave for a few layers);
-2. the `pipeline` split and its view with DP routes;
+2. the `pipeline` placement exactly as that policy makes it (hosts included, so `route` is never worse
+   than it on the model), the same split with hosts balanced as below, and its view with DP routes;
 3. whole layers: each node holds whole layers, as many as fit with the others' KV
    (`pipeline.layer_capacity`); which ones is searched on hops and compute alone: circular blocks in
    every node order (up to PERMUTE_NODES nodes) and start layer, then single-layer moves while they
    help, every home's route by DP over (layer, node) with only whole layers allowed. Spare slots take
    each node's most used experts; the routes are then re-solved on the full model.
+A routed candidate's replicas are spread over each node's hosts layer by layer, by the work every home
+that executes there brings (`_hosts`), and every candidate is costed with its hosts (a layer waits for
+the slowest GPU of the node that runs it, `RouteModel.host_work`).
 The cheapest candidate, with the migration cost (migration_cost_s per replica `current` lacks), wins;
 it replaces `current` only if it saves `min_gain` of current's cost (hysteresis). Ties go to the
 earlier candidate, so where nothing beats stay-home the result is the `latency` placement as it is.
