@@ -9,7 +9,12 @@ Per home h and layer l, the executing node x = route[h, l] runs the layer for h'
   group per serving node, paying rtt[x, m] + bytes there and back + the server's work;
 - the layer takes max(local work at x, slowest remote group);
 - work: every node m computes, per layer, the groups it serves for every home whose executing node
-  sends them to m (the latency model's "all nodes step together"), over its speed;
+  sends them to m (the latency model's "all nodes step together"), over its speed. When the hosts
+  are known (`cost` of a Placement), each call is computed by the host the simulator and the gating
+  use (an expert held by several hosts of the node: shared evenly), and a node's work in a layer
+  is its slowest host's: a 2-GPU node whose GPUs hold unequal shares of the calls it serves (its own
+  and every home's that executes there) waits for the busier one. From a node view alone the hosts
+  of a node are assumed to share its work evenly (what `LatencyModel` assumes);
 - hops: when the executing node changes between layers (home → first, between segments, last →
   home for the head), the step pays one way: rtt[a, b] / 2 + B_h · bytes_per_token / bandwidth[a, b].
 With stay-home routes this is exactly `LatencyModel` (same samples, same serving, same work).
@@ -39,11 +44,40 @@ class RouteModel(LatencyModel):
         half = self.rtt / 2.0
         return half[None] + self.workload.batch[:, None, None] * one_way[None]
 
-    def route_work(self, view: np.ndarray, table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(serve [N_x, L, E] serving node per executing node, work [N, L] seconds) under `table` [N, L]."""
+    def route_work(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """(serve [N_x, L, E] serving node per executing node, work [N, L] seconds) under `table` [N, L];
+        with `hosts` [H, L, E] a node's work is its slowest host's (module docstring)."""
         serve = self.serve(view)
         layers = np.arange(view.shape[1])
-        return serve, self.work(serve[table, layers[None, :], :], layers)
+        if hosts is None or self.cluster.num_hosts == self.cluster.num_nodes:
+            return serve, self.work(serve[table, layers[None, :], :], layers)
+        return serve, self.host_work(hosts, serve, table)
+
+    def served_load(self, serve: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """[N, L, E] expected work (s at speed 1.0) each node serves per step for each expert, summed
+        over the homes whose executing node sends that call to it under `table` [N, L]."""
+        n_nodes, n_layers, n_experts = serve.shape
+        lay = np.arange(n_layers)
+        srv = serve[table, lay[None, :], :]  # [N_home, L, E] node serving home h's calls
+        idx = (srv * n_layers + lay[None, :, None]) * n_experts + np.arange(n_experts)
+        load = np.bincount(idx.ravel(), weights=self.unit_work.ravel(), minlength=n_nodes * n_layers * n_experts)
+        return load.reshape(n_nodes, n_layers, n_experts)
+
+    def host_work(self, hosts: np.ndarray, serve: np.ndarray, table: np.ndarray) -> np.ndarray:
+        """[N, L] seconds: per node and layer, its most loaded host's work over that host's speed.
+        A node's load on an expert (`served_load`) goes to the host holding it; an expert held by
+        several hosts of the node shares it evenly (requesters are spread over the replicas)."""
+        cl = self.cluster
+        held = np.asarray(hosts, dtype=bool)  # [H, L, E]
+        load = self.served_load(serve, table)  # [N, L, E]
+        count = np.zeros(load.shape)
+        np.add.at(count, cl.host_node, held)
+        share = np.divide(load, count, out=np.zeros_like(load), where=count > 0)
+        per = (held * share[cl.host_node]).sum(axis=2) / cl.host_speed[:, None]  # [H, L]
+        out = np.zeros(load.shape[:2])
+        np.maximum.at(out, cl.host_node, per)
+        return out
 
     def local_work(self, view: np.ndarray, serve: np.ndarray, table: np.ndarray, work: np.ndarray) -> np.ndarray:
         """[N_home, N_x, L]: work at x in layer l were home h's layer executed there: x's work under
@@ -89,30 +123,33 @@ class RouteModel(LatencyModel):
         out[has] = np.add.reduceat(per, starts, axis=0) / counts[:, None]
         return out
 
-    def route_layer_times(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
-        """T [N_home, L]: each home's mean layer time along its route `table` [N, L]."""
-        serve, work = self.route_work(view, table)
+    def route_layer_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None
+                          ) -> np.ndarray:
+        """T [N_home, L]: each home's mean layer time along its route `table` [N, L] (hosts: see
+        `route_work`)."""
+        serve, work = self.route_work(view, table, hosts)
         local = self.local_work(view, serve, table, work)
         return self._row_times(serve, work, local, table)
 
-    def step_times(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
+    def step_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
         """[N_home] seconds of one decode step's MoE layers and hops along `table`."""
-        t = self.route_layer_times(view, table).sum(axis=1)
+        t = self.route_layer_times(view, table, hosts).sum(axis=1)
         hop = self.hop_times()
         n = table.shape[0]
         path = np.concatenate([np.arange(n)[:, None], table, np.arange(n)[:, None]], axis=1)
         homes = np.arange(n)[:, None]
         return np.asarray(t + hop[homes, path[:, :-1], path[:, 1:]].sum(axis=1))
 
-    def routed_cost(self, view: np.ndarray, table: np.ndarray | None) -> float:
-        """Σ_h w_h · step time of home h; stay-home when `table` is None."""
+    def routed_cost(self, view: np.ndarray, table: np.ndarray | None, hosts: np.ndarray | None = None) -> float:
+        """Σ_h w_h · step time of home h; stay-home when `table` is None (then hosts are not looked at:
+        the `latency` model, hosts sharing a node's work evenly)."""
         if table is None:
             return self.node_view_cost(view)
-        return float(self.weight @ self.step_times(view, table))
+        return float(self.weight @ self.step_times(view, table, hosts))
 
     def cost(self, placement: Placement) -> float:
         view = placement.node_view(self.cluster)
-        return self.routed_cost(view, placement.routes)
+        return self.routed_cost(view, placement.routes, placement.hosts)
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
         """T [N_home, N_x, L]: home h's mean time in layer l if x ran it, the others keeping `table`."""

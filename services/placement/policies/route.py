@@ -10,12 +10,16 @@ each a node view with a route table, each within every node's slots once foreign
 `workload.kv_slots_per_layer` per layer a node runs for another home:
 1. stay-home: the `latency` policy's placement (itself the best of every stay-home policy on the
    model), and its view with routes from the route DP (a home may leave for a few layers);
-2. the `pipeline` split and its view with DP routes;
+2. the `pipeline` placement exactly as that policy makes it (hosts included, so `route` is never worse
+   than it on the model), the same split with hosts balanced as below, and its view with DP routes;
 3. whole layers: each node holds whole layers, as many as fit with the others' KV
    (`pipeline.layer_capacity`); which ones is searched on hops and compute alone: circular blocks in
    every node order (up to PERMUTE_NODES nodes) and start layer, then single-layer moves while they
    help, every home's route by DP over (layer, node) with only whole layers allowed. Spare slots take
    each node's most used experts; the routes are then re-solved on the full model.
+A routed candidate's replicas are spread over each node's hosts layer by layer, by the work every home
+that executes there brings (`_hosts`), and every candidate is costed with its hosts (a layer waits for
+the slowest GPU of the node that runs it, `RouteModel.host_work`).
 The cheapest candidate, with the migration cost (migration_cost_s per replica `current` lacks), wins;
 it replaces `current` only if it saves `min_gain` of current's cost (hysteresis). Ties go to the
 earlier candidate, so where nothing beats stay-home the result is the `latency` placement as it is.
@@ -31,7 +35,7 @@ import numpy as np
 
 from services.placement.policies._common import assign_to_hosts, fill_spare
 from services.placement.policies.latency import latency
-from services.placement.policies.pipeline import layer_capacity, pipeline_split
+from services.placement.policies.pipeline import layer_capacity, pipeline
 from services.placement.route_model import RouteModel, shortest_routes
 from services.placement.routes import kv_slots
 from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
@@ -127,9 +131,10 @@ def _candidates(f: np.ndarray, cluster: Cluster, model: RouteModel, coact: CoAct
     home = latency(f, cluster, coact=coact, current=base, workload=wl)
     home_view = home.node_view(cluster)
     out: list[tuple[np.ndarray, np.ndarray | None, Placement | None]] = [(home_view, None, home)]
-    pipe_view, owner = pipeline_split(slots, n_layers, n_experts, wl.kv_slots_per_layer)
-    pipe_routes = np.repeat(owner[None], n_nodes, axis=0)
-    out.append((pipe_view, pipe_routes, None))
+    pipe = pipeline(f, cluster, workload=wl)  # exactly the baseline, hosts included: never worse than it
+    pipe_view, pipe_routes = pipe.node_view(cluster), pipe.route_table(n_nodes)
+    out.append((pipe_view, pipe_routes, pipe))
+    out.append((pipe_view, pipe_routes, None))  # the same split, hosts by the work routes bring them
     if dp:
         out.append((home_view, model.route_dp(home_view), None))
         out.append((pipe_view, model.route_dp(pipe_view, pipe_routes), None))
@@ -143,6 +148,51 @@ def _candidates(f: np.ndarray, cluster: Cluster, model: RouteModel, coact: CoAct
         out.append((view, coarse, None))
         if dp:
             out.append((view, model.route_dp(view, coarse), None))
+    return out
+
+
+def _hosts(view: np.ndarray, table: np.ndarray | None, model: RouteModel, f: np.ndarray,
+           prefer: np.ndarray | None) -> np.ndarray:
+    """[H, L, E] replicas of `view` spread over each node's hosts by the work they will serve. Along
+    routes a node computes the calls of every home that executes there, not only its own requests',
+    and a layer waits for the slowest of the node's GPUs: so each layer is balanced on its own
+    (heaviest expert first to the host with the least work in that layer over its speed; ties to the
+    least loaded host overall, then the lower index); a replica `prefer` already places stays."""
+    cluster = model.cluster
+    if table is None:
+        return assign_to_hosts(view, cluster, f, prefer=prefer)
+    load = model.served_load(model.serve(view), table)  # [N, L, E]
+    hosts = assign_to_hosts(view, cluster, load, prefer=prefer)
+    for n in range(cluster.num_nodes):
+        members = cluster.hosts_of(n)
+        if members.size > 1:
+            hosts[members] = _per_layer(view[n], load[n], cluster.host_slots[members], cluster.host_speed[members],
+                                        None if prefer is None else prefer[members])
+    return hosts
+
+
+def _per_layer(held: np.ndarray, load: np.ndarray, room: np.ndarray, speed: np.ndarray,
+               prefer: np.ndarray | None) -> np.ndarray:
+    """[h, L, E] one node's replicas held [L, E] over its h hosts, each layer balanced (see `_hosts`)."""
+    out = np.zeros((room.size, *held.shape), dtype=bool)
+    room = room.astype(np.int64).copy()
+    if prefer is not None:
+        stay = prefer & held[None] & (np.cumsum(prefer & held[None], axis=0) == 1)  # one host keeps each
+        for k in range(room.size):
+            keep = np.argwhere(stay[k])[: room[k]]
+            out[k, keep[:, 0], keep[:, 1]] = True
+            room[k] -= keep.shape[0]
+    total = np.zeros(room.size)
+    for lay in range(held.shape[0]):
+        acc = (out[:, lay] * load[lay]).sum(axis=1)
+        left = np.flatnonzero(held[lay] & ~out[:, lay].any(axis=0))
+        for e in left[np.lexsort((left, -load[lay, left]))]:
+            key = np.lexsort((np.arange(room.size), total / speed, (acc + load[lay, e]) / speed))
+            k = next((int(i) for i in key if room[i] > 0), int(np.argmax(room)))
+            out[k, lay, e] = True
+            acc[k] += load[lay, e]
+            total[k] += load[lay, e]
+            room[k] -= 1
     return out
 
 
@@ -162,19 +212,19 @@ def route(
     cur_ok = (current is not None and current.hosts.shape == (cluster.num_hosts, *f.shape[1:])
               and (current.routes is None or current.routes.shape[0] == cluster.num_nodes))
     cur_view = current.node_view(cluster) if current is not None and cur_ok else None
+    prefer = current.hosts if current is not None and cur_ok else None
     scored = []
     for view, table, made in _candidates(f, cluster, model, coact, current if cur_ok else None):
         if table is not None and not _fits(view, table, slots, wl.kv_slots_per_layer):
             continue  # (the stay-home candidate always fits: it is a valid `latency` placement)
-        cost = model.routed_cost(view, table)
+        placement = made if made is not None else Placement(_hosts(view, table, model, f, prefer),
+                                                             routes=table)
+        cost = model.cost(placement)
         if cur_view is not None:
             cost += wl.migration_cost_s * float((view & ~cur_view).sum())
-        scored.append((cost, view, table, made))
-    cost, view, table, made = min(scored, key=lambda c: c[0])  # min keeps the first of equal costs
+        scored.append((cost, placement))
+    cost, best = min(scored, key=lambda c: c[0])  # min keeps the first of equal costs
     if (current is not None and cur_view is not None
-            and not cost < model.routed_cost(cur_view, current.routes) * (1.0 - wl.min_gain)):
+            and not cost < model.cost(current) * (1.0 - wl.min_gain)):
         return current
-    if made is not None and table is None:
-        return made
-    prefer = current.hosts if current is not None and cur_ok else None
-    return Placement(assign_to_hosts(view, cluster, f, prefer=prefer), routes=table)
+    return best
