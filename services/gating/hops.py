@@ -6,7 +6,8 @@ Executing node: `SegmentService` runs its segment (services/gating/segments.py),
 the next node of the chain *with the home's reply subject*, so the hidden states hop one way from node
 to node and only the last hop goes home; an error anywhere is answered straight to the home. When a
 home finishes a request it publishes its id on `prism.v1.route.<node>.release` of each node on the
-route, which frees the request's KV there.
+route, which frees the request's KV there. A gating without a fixed route follows the plan's
+(`watch_plans`, `watch_plan_events` feed route_plan.RouteFollower).
 
 Failure: a chain that does not answer within the hop's deadline, or whose first node has no
 subscriber, fails the step's requests with `route_unavailable`; an expert that fails on an executing
@@ -15,17 +16,22 @@ node fails them with `expert_unavailable`, as at home.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from torch import Tensor
 
+from services.gating.route_plan import RouteFollower
 from services.gating.routes import Hop, Segment
 from services.gating.segments import SegmentRequest, SegmentRunner
 from shared import subjects
@@ -152,3 +158,47 @@ class SegmentService:
         except (ValueError, TypeError, KeyError) as exc:
             log.warning("release_refused", node=self.runner.node, error=str(exc))
 
+
+
+PLAN_RETRY_S = 2.0  # look for the plan bucket again after this long when it is not there
+
+
+async def watch_plan_events(nc: NatsClient, follower: RouteFollower) -> Subscription:
+    """`prism.v1.plan.applied` events to `follower` (a plan's route waits for its epoch's migration)."""
+
+    async def on_event(msg: Msg) -> None:
+        _feed(follower.on_applied, msg.data)
+
+    return await nc.subscribe(subjects.PLAN_EVENTS, cb=on_event)
+
+
+async def watch_plans(nc: NatsClient, bucket: str, follower: RouteFollower) -> None:
+    """Feed the plan KV to `follower` until cancelled: the value found first is in force, later ones
+    wait for their epoch's migration. Without the bucket (no control plane yet) look again every few s."""
+    while True:
+        try:
+            js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
+            watcher = await (await js.key_value(bucket)).watch("plan")
+            current = True
+            while True:
+                with contextlib.suppress(NatsTimeoutError):
+                    entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
+                    if entry is None:  # the end of what was there already
+                        current = False
+                    elif entry.value:
+                        _feed(functools.partial(follower.on_plan, current=current), entry.value)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # no JetStream or bucket yet, or the hub went away: try again
+            log.debug("plan_watch_retry", node=follower.node, error=str(exc))
+            await asyncio.sleep(PLAN_RETRY_S)
+
+
+def _feed(handler: Callable[[Any], None], data: bytes) -> None:
+    """JSON `data` to `handler`; what is not JSON is ignored (plans and events come from the control plane)."""
+    try:
+        value = json.loads(data)
+    except ValueError:
+        log.warning("plan_message_not_json", bytes=len(data))
+        return
+    handler(value)

@@ -25,19 +25,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import time
 import uuid
-from collections.abc import Callable
-from typing import Any
 
 import structlog
 import torch
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service, ServiceConfig
@@ -47,7 +42,7 @@ from services.expert_host.settings import ExpertHostSettings
 from services.gating.directory import HostDirectory
 from services.gating.dispatch import NodeExperts
 from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent, seq_id
-from services.gating.hops import RouteHops, SegmentService
+from services.gating.hops import RouteHops, SegmentService, watch_plan_events, watch_plans
 from services.gating.metrics import gating_registry, observe_finished
 from services.gating.route_plan import RouteFollower
 from services.gating.routes import Route, check_route, foreign_nodes
@@ -76,7 +71,6 @@ from shared.schemas import (
 log = structlog.get_logger()
 SERVICE_NAME = subjects.SERVICE_GATING
 REPLY_GRACE_S = 1.0  # for the error replies of requests still running when the drain ends
-PLAN_RETRY_S = 2.0  # look for the plan bucket again after this long when it is not there
 EMBEDDED_LINGER_S = 0.5  # a decoding node asks every few ms: this long without a message, nobody still needs us
 
 
@@ -152,12 +146,9 @@ class Gating:
         ]
         if not self.settings.route:  # no fixed route: follow the plan's
             follower = RouteFollower(self.settings.node, self.engine.model.config.num_layers, self._switch_route)
-
-            async def on_event(msg: Msg) -> None:
-                _feed(follower.on_applied, msg.data)
-
-            self._route_subs.append(await self.nc.subscribe(subjects.PLAN_EVENTS, cb=on_event))
-            self._background.append(asyncio.create_task(self._follow_plans(follower), name="route-plans"))
+            self._route_subs.append(await watch_plan_events(self.nc, follower))
+            watch = watch_plans(self.nc, self.settings.plans_bucket, follower)
+            self._background.append(asyncio.create_task(watch, name="route-plans"))
         await self.nc.flush()
         log.info("gating_started", node=self.settings.node)
 
@@ -309,27 +300,6 @@ class Gating:
             log.info("route_switched", node=self.settings.node, epoch=epoch, route=list(route or []))
         self.route = route
 
-    async def _follow_plans(self, follower: RouteFollower) -> None:
-        """Feed the plan KV to `follower`: the value found first is in force, later ones wait for their
-        epoch's migration. Without the bucket (no control plane yet) look again every few seconds."""
-        while True:
-            try:
-                js = self.nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
-                watcher = await (await js.key_value(self.settings.plans_bucket)).watch("plan")
-                current = True
-                while True:
-                    with contextlib.suppress(NatsTimeoutError):
-                        entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
-                        if entry is None:  # the end of what was there already
-                            current = False
-                        elif entry.value:
-                            _feed(functools.partial(follower.on_plan, current=current), entry.value)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # no JetStream or bucket yet, or the hub went away: try again
-                log.debug("plan_watch_retry", node=self.settings.node, error=str(exc))
-                await asyncio.sleep(PLAN_RETRY_S)
-
     # ---- activations -------------------------------------------------------------------------
 
     async def _report_activations(self) -> None:
@@ -422,16 +392,6 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     route = check_route(settings.route, config.num_layers) if settings.route else None
     return Gating(nc, settings, engine, tokenizer, counter, directory=directory, hosts=hosts,
                   hops=hops, segments=segments, route=route)
-
-
-def _feed(handler: Callable[[Any], None], data: bytes) -> None:
-    """JSON `data` to `handler`; what is not JSON is ignored (plans and events come from the control plane)."""
-    try:
-        value = json.loads(data)
-    except ValueError:
-        log.warning("plan_message_not_json", bytes=len(data))
-        return
-    handler(value)
 
 
 def embedded_host(nc: NatsClient, settings: GatingSettings, spec: EmbeddedHost) -> ExpertHost:
