@@ -256,8 +256,16 @@ class ExpertHost:
         self.counters.direct_s += time.perf_counter() - started
         return outs
 
+    async def compute_block(
+        self, layer: int, experts: list[int], rows: torch.Tensor, counts: list[int]
+    ) -> torch.Tensor:
+        """`compute_direct` on one expert-sorted block: rows [N, D] hold `counts[i]` rows of
+        `experts[i]` in turn; returns their outputs [N, D] in the same order."""
+        return torch.cat(await self.compute_direct(layer, experts, list(torch.split(rows, counts))))
+
     def _run_each(self, weights: list[ExpertWeights], parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [self._run_expert(w, x) for w, x in zip(weights, parts, strict=True)]
+        with torch.inference_mode():  # once per call: entering it costs about what a small expert does
+            return [expert_forward(w, x.to(w.gate.device)) for w, x in zip(weights, parts, strict=True)]
 
     def _run_experts(self, weights: list[ExpertWeights], parts: list[torch.Tensor]) -> torch.Tensor:
         outs = [self._run_expert(w, x) for w, x in zip(weights, parts, strict=True)]

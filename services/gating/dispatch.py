@@ -83,6 +83,10 @@ class NodeExperts:
         spans = routing.spans
         deadline = asyncio.get_running_loop().time() + self.timeout_s
         local, remote = self._split(call.layer, list(spans))
+        if not remote and len(local) == 1:  # one embedded host holds the whole call: compute only
+            done = await self._all_local(call, routing, rows, *next(iter(local.items())))
+            if done is not None:
+                return done
         in_flight = asyncio.ensure_future(self._answer(call.layer, rows, spans, remote, deadline)) if remote else None
         await _let_requests_leave(in_flight is not None)
         started = time.perf_counter()
@@ -92,6 +96,22 @@ class NodeExperts:
             answers += await in_flight
         remote_wait_s = time.perf_counter() - started - local_s
         return self._combine(call, routing, rows, answers, local_s, remote_wait_s)
+
+    async def _all_local(
+        self, call: MoECall, routing: Routing, rows: Tensor, index: int, experts: list[int]
+    ) -> ExpertsResult | None:
+        """A call whose every expert one embedded host holds (a node whose host holds the layer, a
+        route's executing node): one block in, one block out, as the model in one process computes it.
+        None when the host let an expert go since the split (the general path then asks the bus)."""
+        await _let_requests_leave(False)
+        started = time.perf_counter()
+        try:
+            outputs = await self.embedded[index].compute_block(call.layer, experts, rows, routing.counts)
+        except PrismError:
+            return None
+        self.local_calls += len(experts)
+        failed = torch.zeros(call.hidden.shape[0], dtype=torch.bool)
+        return ExpertsResult(combine(call, routing, outputs), failed, None, time.perf_counter() - started, 0.0)
 
     def _split(self, layer: int, experts: list[int]) -> tuple[dict[int, list[int]], list[int]]:
         """(embedded host index → experts it computes here, experts to ask over the bus)."""
