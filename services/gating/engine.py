@@ -239,16 +239,19 @@ class Engine:
         )
         inline = len(owner) <= self.inline_max_tokens
         spent = ExpertTime()
+        live = torch.ones(len(owner), dtype=torch.bool)  # [T] tokens of sequences still going; kept until one fails
         call, logits = await self._compute(inline, steps, None)
         while call is not None:
             if isinstance(call, Hop):
                 output = await self._hop(call, seqs, failed_seqs)
+                live = ~failed_seqs[owner]
             else:
                 started = time.perf_counter()
-                result = await self.experts(call, ~failed_seqs[owner])
+                result = await self.experts(call, live)
                 spent.add(time.perf_counter() - started, result)
                 if result.error is not None:
                     self._mark_failed(result, seqs, owner, failed_seqs)
+                    live = ~failed_seqs[owner]
                 output = result.output
             call, logits = await self._compute(inline, steps, output)
         assert logits is not None  # the generator returned
