@@ -11,9 +11,10 @@ after that, on the plan the service published:
   decode time / (tokens - 1) per request, mean over a node's requests, then over nodes;
 - Poisson: every node's prompts at once under a seeded Poisson arrival process (`--rate` per node);
   mean and p99 of the request latency the client measures;
-- bytes across nodes per generated token: what the link emulators carried from the leaves to the hub
-  (every byte that leaves a node crosses its link once), less the idle rate (heartbeats, reports)
-  measured just before; prefill traffic included;
+- bytes across nodes: what the link emulators carried from the leaves to the hub (every byte that
+  leaves a node crosses its own link once), less the idle rate (heartbeats, reports) measured just
+  before; at batch 1 from a request's first streamed token to its end, per decode step (no prefill),
+  under Poisson per generated token, prefill included;
 - the simulator (bench/e2e_sim.py) on the same cluster, routing and plan.
 
 Model: DeepSeek-V2-Lite's structure at tiny widths (27 layers, layer 0 dense, 26 MoE layers × 64 routed
@@ -166,26 +167,42 @@ def _request(prompt: str, args: argparse.Namespace) -> dict[str, Any]:
 async def batch1_round(
     client: Any, prompts: dict[str, list[str]], args: argparse.Namespace, links: LinkBytes
 ) -> tuple[float, float, list[str]]:
-    """(ms per generated token, bytes per generated token, errors) with one request at a time."""
+    """(ms per generated token, bytes across per decode step, errors) with one request at a time."""
     from cli.client import InferError
 
-    start, tokens, per_node, errors = links.now(), 0, [], []
+    moved, steps, per_node, errors = 0.0, 0, [], []
     for node, texts in prompts.items():
         mine = []
         for text in texts:
             try:
-                final = await client.infer(node, _request(text, args), timeout_s=300)
+                final, decode_bytes = await _streamed(client, node, text, args, links)
             except InferError as exc:
                 errors.append(f"{node}: {exc}")
                 continue
             n = len(final.token_ids)
-            tokens += n
             if n > 1:
                 mine.append(1000 * final.timings["decode_s"] / (n - 1))
+                moved, steps = moved + decode_bytes, steps + n - 1
         if mine:
             per_node.append(statistics.mean(mine))
     ms = statistics.mean(per_node) if per_node else float("nan")
-    return ms, links.since(start) / max(tokens, 1), errors
+    return ms, moved / max(steps, 1), errors
+
+
+async def _streamed(
+    client: Any, node: str, text: str, args: argparse.Namespace, links: LinkBytes
+) -> tuple[Any, float]:
+    """One streamed request: its Final and the bytes across from its first token to its end (the decode
+    steps, their streamed tokens and the final reply; not the prefill)."""
+    from cli.client import Final
+
+    first = None
+    async for part in client.stream(node, _request(text, args), idle_timeout_s=300):
+        if first is None:
+            first = links.now()
+        if isinstance(part, Final):
+            return part, links.since(first)
+    raise RuntimeError("the stream ended without a final reply")
 
 
 async def poisson_round(

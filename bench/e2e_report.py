@@ -39,7 +39,7 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
 
 
 def batch1_table(measured: list[Measured], predicted: list[Prediction]) -> str:
-    lines = ["| policy | ms/token | sim ms/token | real / sim | kB across per token | sim kB per token |",
+    lines = ["| policy | ms/token | sim ms/token | real / sim | kB across per decode step | sim kB per step |",
              "|---|---:|---:|---:|---:|---:|"]
     for m, p in zip(measured, predicted, strict=True):
         lines.append(f"| {m.policy} | {m.ms_per_token_b1:.1f} | {p.ms_per_token_b1:.1f} | "
