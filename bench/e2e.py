@@ -22,7 +22,8 @@ experts, top-6, 2 shared experts, MLA, hidden 64), random weights, fp32. Topolog
 and 2 hosts, each host with room for 30% of the experts, links of 2 ms one way at 500 Mbit/s (node to
 node through the hub: 4 ms one way).
 
-    .venv/bin/python bench/e2e.py [--policies eplb,latency,pipeline,route] [--prompts-per-node 4]
+    .venv/bin/python bench/e2e.py [--policies eplb,latency,prism,pipeline,route]
+                                  [--prompts-per-node 6]
                                   [--max-tokens 12] [--rate 0.5] [--seed 0]
 """
 
@@ -235,8 +236,8 @@ async def poisson_round(
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--policies", default="eplb,latency,pipeline,route", help="comma separated")
-    parser.add_argument("--prompts-per-node", type=int, default=4, help="prompts per node (its own domain)")
+    parser.add_argument("--policies", default="eplb,latency,prism,pipeline,route", help="comma separated")
+    parser.add_argument("--prompts-per-node", type=int, default=6, help="prompts per node (its own domain)")
     parser.add_argument("--max-tokens", type=int, default=12, help="tokens generated per prompt")
     parser.add_argument("--rate", type=float, default=0.5, help="Poisson arrivals per second per node")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
