@@ -234,6 +234,25 @@ async def poisson_round(
     return latencies, no_prefill, moved / max(tokens, 1), [r for r in results if isinstance(r, str)]
 
 
+def run_policy(
+    model: Path, topo: Topology, policy: str, *, prompts: dict[str, list[str]], arrivals: list[np.ndarray],
+    args: argparse.Namespace, work: Path,
+) -> Measured:
+    """measure_policy, once more when the stack lost a port it had picked to another process (the
+    machine is shared: its free port can be taken before a service binds it)."""
+    from cli.stack import StackError
+
+    for attempt in (1, 2):
+        try:
+            return asyncio.run(measure_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args,
+                                              run_dir=work / f"run-{policy}-{attempt}"))
+        except StackError as exc:
+            if attempt == 2 or "already in use" not in str(exc):
+                raise
+            print(f"# {policy}: the stack did not start ({exc}); starting it once more", file=sys.stderr)
+    raise RuntimeError("unreachable")
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--policies", default="eplb,latency,prism,pipeline,route", help="comma separated")
@@ -267,11 +286,13 @@ def main() -> None:
     measured, predicted = [], []
     for policy in args.policies.split(","):
         started = time.perf_counter()
-        m = asyncio.run(measure_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args,
-                                        run_dir=work / f"run-{policy}"))
+        m = run_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args, work=work)
+        p = predict(setup, m.plan, arrivals, MAX_BATCH)
         measured.append(m)
-        predicted.append(predict(setup, m.plan, arrivals, MAX_BATCH))
-        print(f"# {policy}: measured in {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}",
+        predicted.append(p)
+        print(f"# {policy}: {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}; batch 1 "
+              f"{m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}), Poisson mean "
+              f"{statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms (sim {p.poisson_mean_ms:.0f})",
               file=sys.stderr, flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32, Python {platform.python_version()}"
     print_report(machine, args, setup, measured, predicted)
