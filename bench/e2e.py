@@ -1,20 +1,30 @@
-"""End-to-end placement benchmark: the real stack on a DeepSeek-V2-Lite-shaped model, per policy.
+"""End-to-end benchmark: the real stack per placement policy on the published testbed's shape, against
+the simulator's prediction for the same plan.
 
-For each placement policy the whole stack runs (`cli.stack.LocalStack`: hub, one leaf per node behind
-the link emulator, gatings, expert hosts, placement service, migrator). Round 1 serves every node's
-prompts on the static round-robin placement; the placement service then re-plans from round 1's
-activation counts, the migrator moves experts (make-before-break), and round 2 serves the same
-prompts again. A warm-up round before round 1 keeps first-call costs out of the comparison.
-Printed per policy: mean request latency and the share of expert calls answered on the asking node,
-before and after, measured in the same run.
+For each policy the whole stack runs (`cli.stack.LocalStack`: hub, one leaf per node behind its link
+emulator, gatings with their embedded expert hosts, placement service, migrator). A warm-up round (every
+node's prompts at once) gives the placement service its statistics; it re-plans with the policy and the
+migrator applies the plan (for `pipeline` and `route` the gatings then switch to its routes). Measured
+after that, on the plan the service published:
 
-Model: DeepSeek-V2-Lite's structure at tiny widths (27 layers, layer 0 dense, 26 MoE layers × 64
-routed experts, top-6, 2 shared experts, MLA), random weights; a random router already routes by
-token identity, so nodes with different domains use different experts. Topology: the published
-testbed's shape, 3 nodes with 1, 1 and 2 hosts, each host with room for 30% of the experts, links of
-2 ms one way at 500 Mbit/s.
+- batch 1: each node's prompts one at a time, nodes in turn; ms per generated token = the gating's
+  decode time / (tokens - 1) per request, mean over a node's requests, then over nodes;
+- Poisson: every node's prompts at once under a seeded Poisson arrival process (`--rate` per node);
+  mean and p99 of the request latency the client measures;
+- bytes across nodes: what the link emulators carried from the leaves to the hub (every byte that
+  leaves a node crosses its own link once), less the idle rate (heartbeats, reports) measured just
+  before; at batch 1 from a request's first streamed token to its end, per decode step (no prefill),
+  under Poisson per generated token, prefill included;
+- the simulator (bench/e2e_sim.py) on the same cluster, routing and plan.
 
-    .venv/bin/python bench/e2e.py [--policies prism,latency] [--prompts-per-node 4] [--max-tokens 8]
+Model: DeepSeek-V2-Lite's structure at tiny widths (27 layers, layer 0 dense, 26 MoE layers × 64 routed
+experts, top-6, 2 shared experts, MLA, hidden 64), random weights, fp32. Topology: 3 nodes with 1, 1
+and 2 hosts, each host with room for 30% of the experts, links of 2 ms one way at 500 Mbit/s (node to
+node through the hub: 4 ms one way).
+
+    .venv/bin/python bench/e2e.py [--policies eplb,latency,prism,pipeline,route]
+                                  [--prompts-per-node 6]
+                                  [--max-tokens 12] [--rate 0.5] [--seed 0]
 """
 
 from __future__ import annotations
@@ -26,17 +36,23 @@ import platform
 import statistics
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from cli.demo import Round, _round, pick_prompts, replan_and_wait  # noqa: E402
-from cli.stack import LocalStack, StackOptions  # noqa: E402
-from shared.topology import parse_topology  # noqa: E402
+import numpy as np  # noqa: E402
 
-V2_LITE_TINY = {
+from bench.e2e_report import print_report  # noqa: E402
+from bench.e2e_sim import SimSetup, calibrate, decode_trace, predict, sim_view  # noqa: E402
+from cli.demo import pick_prompts, replan_and_wait  # noqa: E402
+from cli.stack import LocalStack, StackOptions  # noqa: E402
+from shared.topology import Topology, parse_topology  # noqa: E402
+
+V2_LITE_TINY: dict[str, Any] = {
     "num_hidden_layers": 27,
     "first_k_dense_replace": 1,
     "n_routed_experts": 64,
@@ -49,6 +65,23 @@ V2_LITE_TINY = {
     "moe_intermediate_size": 32,
 }
 EXPERT_SLOTS_SHARE = 0.30
+HOSTS_PER_NODE = {"n0": 1, "n1": 1, "n2": 2}
+MAX_BATCH = 32  # the gating's default MAX_BATCH, which the stack runs with
+IDLE_S = 2.0
+
+
+@dataclass
+class Measured:
+    """The real stack's numbers for one policy after re-placement."""
+
+    policy: str
+    plan: dict[str, Any]
+    ms_per_token_b1: float
+    bytes_per_token_b1: float
+    poisson_ms: list[float]  # client latency per request
+    poisson_no_prefill_ms: list[float]  # the gating's total - prefill per request
+    bytes_per_token_poisson: float
+    errors: list[str]
 
 
 def build_model(workdir: Path) -> Path:
@@ -57,88 +90,212 @@ def build_model(workdir: Path) -> Path:
     return make_tiny_checkpoint("deepseek_v2", workdir / "deepseek-v2-lite-tiny", seed=0, **V2_LITE_TINY)
 
 
-def topology(expert_bytes: int, num_experts: int) -> Any:
+def topology(expert_bytes: int, num_experts: int) -> Topology:
     memory_mb = EXPERT_SLOTS_SHARE * num_experts * expert_bytes / 2**20
     link = {"delay_ms": 2.0, "rate_mbit": 500}
-    hosts = {"n0": 1, "n1": 1, "n2": 2}
     nodes = [
         {"name": n, "link": link, "hosts": [{"name": f"{n}-gpu{i}", "memory_mb": memory_mb} for i in range(k)]}
-        for n, k in hosts.items()
+        for n, k in HOSTS_PER_NODE.items()
     ]
     return parse_topology({"dtype": "float32", "nodes": nodes}, "bench/e2e.py")
 
 
-async def one_policy(model: Path, policy: str, args: argparse.Namespace, run_dir: Path) -> tuple[Round, Round]:
-    from cli.client import PrismClient
-    from shared.model.checkpoint import load_config
-    from shared.model.config import list_moe_layers
-
-    config = load_config(model)
-    options = StackOptions(
-        topology=topology(config.expert_nbytes("float32"), len(list_moe_layers(config)) * config.num_experts),
-        model=model,
-        run_dir=run_dir,
-        port=0,
-        mqtt_port=0,
-        http_port=0,
-        api_port=0,
-        max_context=256,
-        expert_timeout_s=10.0,
-        activation_interval_s=0.5,
-        policy=policy,
-        plan_interval_s=3600.0,
-        migration_cost_calls=0.0,
-        min_window_tokens=0,
-        log_level="warning",
+def stack_options(topo: Topology, model: Path, policy: str, run_dir: Path) -> StackOptions:
+    """Re-plan only when asked (after the warm-up), from whatever the warm-up saw."""
+    return StackOptions(
+        topology=topo, model=model, run_dir=run_dir, port=0, mqtt_port=0, http_port=0, api_port=0,
+        max_context=256, expert_timeout_s=10.0, activation_interval_s=0.5, policy=policy,
+        plan_interval_s=3600.0, migration_cost_calls=0.0, min_window_tokens=0, log_level="warning",
     )
-    prompts = {
-        node: (domain, [t[:48] for t in texts])
-        for node, (domain, texts) in pick_prompts(["n0", "n1", "n2"], args.prompts_per_node).items()
-    }
-    stopped = asyncio.Event()
-    async with LocalStack(options) as stack, await PrismClient.connect(stack.hub_url) as client:
-        await _round(client, stack, prompts, args.max_tokens, stopped)  # warm-up, not measured
-        before = await _round(client, stack, prompts, args.max_tokens, stopped)
+
+
+def poisson_arrivals(per_node: int, nodes: int, rate: float, seed: int) -> list[np.ndarray]:
+    """Per node, `per_node` arrival times (s from the round's start) of a Poisson process at `rate`/s."""
+    rng = np.random.default_rng(seed)
+    return [np.cumsum(rng.exponential(1.0 / rate, size=per_node)) for _ in range(nodes)]
+
+
+class LinkBytes:
+    """Bytes the link emulators carried from the leaves to the hub, and the idle rate to subtract."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.stack = stack
+        self.idle_Bps = 0.0  # B = bytes
+
+    def now(self) -> tuple[int, float]:
+        return sum(link.stats.upstream_bytes for link in self.stack.links.values()), time.perf_counter()
+
+    async def measure_idle(self) -> None:
+        start = self.now()
+        await asyncio.sleep(IDLE_S)
+        self.idle_Bps = self.since(start, idle=False) / IDLE_S
+
+    def since(self, start: tuple[int, float], *, idle: bool = True) -> float:
+        """Bytes since `start`, less the idle rate over that time when `idle`."""
+        count, at = self.now()
+        return count - start[0] - (self.idle_Bps * (at - start[1]) if idle else 0.0)
+
+
+async def measure_policy(
+    model: Path, topo: Topology, policy: str, *, prompts: dict[str, list[str]], arrivals: list[np.ndarray],
+    args: argparse.Namespace, run_dir: Path,
+) -> Measured:
+    from cli.client import PrismClient
+    from cli.control_plane import read_plan
+
+    async with LocalStack(stack_options(topo, model, policy, run_dir)) as stack, \
+            await PrismClient.connect(stack.hub_url) as client:
+        await asyncio.gather(*(client.infer(node, _request(p, args), timeout_s=300)
+                               for node, texts in prompts.items() for p in texts))  # warm-up: statistics
         applied, line = await replan_and_wait(client, 120.0)
         if not applied:
             raise SystemExit(f"{policy}: no re-placement: {line}")
-        after = await _round(client, stack, prompts, args.max_tokens, stopped)
-    return before, after
+        await asyncio.sleep(1.0)  # the gatings take the applied plan's routes from the same event
+        plan = await read_plan(client.nc)
+        if plan is None:
+            raise SystemExit(f"{policy}: no plan in KV")
+        links = LinkBytes(stack)
+        await links.measure_idle()
+        b1_ms, b1_bytes, errors = await batch1_round(client, prompts, args, links)
+        lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
+    return Measured(policy, plan, b1_ms, b1_bytes, lat, no_prefill, load_bytes, errors + more)
 
 
-def mean_latency_ms(r: Round) -> float:
-    return 1000 * statistics.mean(lat for run in r.runs for lat in run.latencies_s)
+def _request(prompt: str, args: argparse.Namespace) -> dict[str, Any]:
+    return {"prompt": prompt, "max_tokens": args.max_tokens, "temperature": 0.0}
 
 
-def own_share(r: Round) -> float:
-    own = sum(run.own_calls for run in r.runs)
-    return own / max(sum(run.all_calls for run in r.runs), 1)
+async def batch1_round(
+    client: Any, prompts: dict[str, list[str]], args: argparse.Namespace, links: LinkBytes
+) -> tuple[float, float, list[str]]:
+    """(ms per generated token, bytes across per decode step, errors) with one request at a time."""
+    from cli.client import InferError
+
+    moved, steps, per_node, errors = 0.0, 0, [], []
+    for node, texts in prompts.items():
+        mine = []
+        for text in texts:
+            try:
+                final, decode_bytes = await _streamed(client, node, text, args, links)
+            except InferError as exc:
+                errors.append(f"{node}: {exc}")
+                continue
+            n = len(final.token_ids)
+            if n > 1:
+                mine.append(1000 * final.timings["decode_s"] / (n - 1))
+                moved, steps = moved + decode_bytes, steps + n - 1
+        if mine:
+            per_node.append(statistics.mean(mine))
+    ms = statistics.mean(per_node) if per_node else float("nan")
+    return ms, moved / max(steps, 1), errors
+
+
+async def _streamed(
+    client: Any, node: str, text: str, args: argparse.Namespace, links: LinkBytes
+) -> tuple[Any, float]:
+    """One streamed request: its Final and the bytes across from its first token to its end (the decode
+    steps, their streamed tokens and the final reply; not the prefill)."""
+    from cli.client import Final
+
+    first = None
+    async for part in client.stream(node, _request(text, args), idle_timeout_s=300):
+        if first is None:
+            first = links.now()
+        if isinstance(part, Final):
+            return part, links.since(first)
+    raise RuntimeError("the stream ended without a final reply")
+
+
+async def poisson_round(
+    client: Any, prompts: dict[str, list[str]], arrivals: list[np.ndarray], args: argparse.Namespace,
+    links: LinkBytes,
+) -> tuple[list[float], list[float], float, list[str]]:
+    """(client latencies ms, gating latencies without prefill ms, bytes per generated token, errors)."""
+    from cli.client import InferError
+
+    t0 = time.perf_counter()
+
+    async def one(node: str, text: str, at: float) -> Any:
+        await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+        try:
+            return await client.infer(node, _request(text, args), timeout_s=600)
+        except InferError as exc:
+            return f"{node}: {exc}"
+
+    start = links.now()
+    jobs = [one(node, text, float(at)) for (node, texts), times in zip(prompts.items(), arrivals, strict=True)
+            for text, at in zip(texts, times, strict=True)]
+    results = await asyncio.gather(*jobs)
+    moved = links.since(start)
+    finals = [r for r in results if not isinstance(r, str)]
+    latencies = [1000 * f.latency_s for f in finals]
+    no_prefill = [1000 * (f.timings["total_s"] - f.timings["prefill_s"]) for f in finals]
+    tokens = sum(len(f.token_ids) for f in finals)
+    return latencies, no_prefill, moved / max(tokens, 1), [r for r in results if isinstance(r, str)]
+
+
+def run_policy(
+    model: Path, topo: Topology, policy: str, *, prompts: dict[str, list[str]], arrivals: list[np.ndarray],
+    args: argparse.Namespace, work: Path,
+) -> Measured:
+    """measure_policy, once more when the stack lost a port it had picked to another process (the
+    machine is shared: its free port can be taken before a service binds it)."""
+    from cli.stack import StackError
+
+    for attempt in (1, 2):
+        try:
+            return asyncio.run(measure_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args,
+                                              run_dir=work / f"run-{policy}-{attempt}"))
+        except StackError as exc:
+            if attempt == 2 or "already in use" not in str(exc):
+                raise
+            print(f"# {policy}: the stack did not start ({exc}); starting it once more", file=sys.stderr)
+    raise RuntimeError("unreachable")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--policies", default="eplb,latency,prism,pipeline,route", help="comma separated")
+    parser.add_argument("--prompts-per-node", type=int, default=6, help="prompts per node (its own domain)")
+    parser.add_argument("--max-tokens", type=int, default=12, help="tokens generated per prompt")
+    parser.add_argument("--rate", type=float, default=0.5, help="Poisson arrivals per second per node")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
+    args = parser.parse_args()
+    if args.prompts_per_node < 1 or args.max_tokens < 2 or args.rate <= 0:
+        parser.error("need --prompts-per-node >= 1, --max-tokens >= 2 and --rate > 0")
+    return args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--policies", default="prism,latency,eplb")
-    parser.add_argument("--prompts-per-node", type=int, default=4)
-    parser.add_argument("--max-tokens", type=int, default=8)
-    args = parser.parse_args()
+    from shared.model.checkpoint import load_config
+    from shared.model.config import list_moe_layers
+
+    args = parse_args()
     work = Path(tempfile.mkdtemp(prefix="prism-e2e-"))
     model = build_model(work)
-    print(f"# Prism end-to-end placement — {platform.machine()}, {os.cpu_count()} cores, CPU, fp32")
-    print(
-        "DeepSeek-V2-Lite shape at tiny widths (26 MoE layers × 64 experts, top-6, 2 shared); 3 nodes with "
-        f"1/1/2 hosts at {EXPERT_SLOTS_SHARE:.0%} of the experts each; 2 ms one way, 500 Mbit/s; "
-        f"{args.prompts_per_node} prompts per node (its own domain), {args.max_tokens} tokens each\n"
-    )
-    print("| policy | static: mean ms | own-host | after re-placement: mean ms | own-host | latency ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
+    config = load_config(model)
+    moe_layers = list_moe_layers(config)
+    expert_bytes = config.expert_nbytes("float32")
+    topo = topology(expert_bytes, len(moe_layers) * config.num_experts)
+    picked = {node: (domain, [t[:48] for t in texts])
+              for node, (domain, texts) in pick_prompts(list(HOSTS_PER_NODE), args.prompts_per_node).items()}
+    prompts = {node: texts for node, (_, texts) in picked.items()}
+    arrivals = poisson_arrivals(args.prompts_per_node, len(prompts), args.rate, args.seed)
+    setup = SimSetup(sim_view(topo, expert_bytes), moe_layers, config.num_experts, calibrate(model),
+                     decode_trace(model, picked, args.max_tokens))
+    measured, predicted = [], []
     for policy in args.policies.split(","):
-        before, after = asyncio.run(one_policy(model, policy, args, work / f"run-{policy}"))
-        print(
-            f"| {policy} | {mean_latency_ms(before):.0f} | {own_share(before):.0%} | "
-            f"{mean_latency_ms(after):.0f} | {own_share(after):.0%} | "
-            f"{mean_latency_ms(after) / mean_latency_ms(before):.2f} |",
-            flush=True,
-        )
+        started = time.perf_counter()
+        m = run_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args, work=work)
+        p = predict(setup, m.plan, arrivals, MAX_BATCH)
+        measured.append(m)
+        predicted.append(p)
+        print(f"# {policy}: {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}; batch 1 "
+              f"{m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}), Poisson mean "
+              f"{statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms (sim {p.poisson_mean_ms:.0f})",
+              file=sys.stderr, flush=True)
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32, Python {platform.python_version()}"
+    print_report(machine, args, setup, measured, predicted)
 
 
 if __name__ == "__main__":

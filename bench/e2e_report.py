@@ -1,0 +1,119 @@
+"""Tables of bench/e2e.py: per policy (real and simulated), the ratios of issues 13 and 14, the routes."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.e2e import Measured
+    from bench.e2e_sim import Prediction, SimSetup
+
+ROUTED = ("pipeline", "route")
+
+
+def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measured: list[Measured],
+                 predicted: list[Prediction]) -> None:
+    t = setup.timing
+    print(f"# Prism end-to-end — {machine}")
+    print(
+        "DeepSeek-V2-Lite shape at tiny widths (26 MoE layers × 64 experts, top-6, 2 shared, hidden 64); 3 nodes "
+        "with 1/1/2 hosts at 30% of the experts each (embedded in the gatings); 2 ms one way, 500 Mbit/s per link "
+        f"(node to node 4 ms one way through the hub); {args.prompts_per_node} prompts per node (its own domain), "
+        f"{args.max_tokens} tokens each, greedy; Poisson {args.rate:g} requests/s per node (seed {args.seed})."
+    )
+    layers, k = len(setup.moe_layers), setup.trace.meta.top_k
+    step_ms = 1e3 * (t.dense_time_s * layers + t.expert_time_s * layers * k)
+    print(f"Simulator timing (the model in this process, batch 1, 1 torch thread): dense part "
+          f"{1e3 * t.dense_time_s:.3f} ms per MoE layer, {1e3 * t.expert_time_s:.3f} ms per expert call, "
+          f"{step_ms:.1f} ms per decode step with every expert local; {setup.trace.num_tokens} decode steps traced.\n")
+    print(batch1_table(measured, predicted))
+    print()
+    print(poisson_table(measured, predicted))
+    print()
+    print(ratio_table(measured, predicted))
+    print()
+    for m in measured:
+        print(f"{m.policy} (epoch {m.plan['epoch']}): {routes_line(m.plan)}")
+        for error in m.errors:
+            print(f"  error {error}")
+
+
+def batch1_table(measured: list[Measured], predicted: list[Prediction]) -> str:
+    lines = ["| policy | ms/token | sim ms/token | real / sim | kB across per decode step | sim kB per step |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m, p in zip(measured, predicted, strict=True):
+        lines.append(f"| {m.policy} | {m.ms_per_token_b1:.1f} | {p.ms_per_token_b1:.1f} | "
+                     f"{m.ms_per_token_b1 / p.ms_per_token_b1:.2f} | {m.bytes_per_token_b1 / 1e3:.1f} | "
+                     f"{p.bytes_per_token_b1 / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def poisson_table(measured: list[Measured], predicted: list[Prediction]) -> str:
+    lines = ["| policy | mean ms | p99 ms | mean without prefill ms | sim mean ms | real / sim | sim p99 ms "
+             "| kB across per token | sim kB per token |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, p in zip(measured, predicted, strict=True):
+        mean, no_prefill = _mean(m.poisson_ms), _mean(m.poisson_no_prefill_ms)
+        lines.append(f"| {m.policy} | {mean:.0f} | {_p99(m.poisson_ms):.0f} | {no_prefill:.0f} | "
+                     f"{p.poisson_mean_ms:.0f} | {no_prefill / p.poisson_mean_ms:.2f} | {p.poisson_p99_ms:.0f} | "
+                     f"{m.bytes_per_token_poisson / 1e3:.1f} | {p.bytes_per_token_poisson / 1e3:.1f} |")
+    return "\n".join(lines)
+
+
+def ratio_table(measured: list[Measured], predicted: list[Prediction]) -> str:
+    """The goals' ratios at batch 1 and under Poisson arrivals, real and simulated, each side from its
+    own numbers of this run (the best stay-home policy is picked on each side by ms/token)."""
+    real = {m.policy: m for m in measured}
+    sim = {m.policy: p for m, p in zip(measured, predicted, strict=True)}
+    home = [p for p in real if p not in ROUTED]
+    pairs = []
+    if "route" in real and home:
+        best_real = min(home, key=lambda p: real[p].ms_per_token_b1)
+        best_sim = min(home, key=lambda p: sim[p].ms_per_token_b1)
+        pairs.append((f"route / best stay-home (real: {best_real}, sim: {best_sim})", "route", best_real, best_sim,
+                      "≤ 0.35 at batch 1"))
+    if "route" in real and "pipeline" in real:
+        pairs.append(("route / pipeline", "route", "pipeline", "pipeline", "≤ 1.0 at batch 1"))
+    if "latency" in real and "eplb" in real:
+        pairs.append(("latency / eplb", "latency", "eplb", "eplb", "≤ 0.85 (mean latency)"))
+    lines = ["| ratio | ms/token, batch 1: real | simulated | mean latency, Poisson: real | simulated | goal |",
+             "|---|---:|---:|---:|---:|---|"]
+    for name, a, b_real, b_sim, goal in pairs:
+        lines.append(
+            f"| {name} | {real[a].ms_per_token_b1 / real[b_real].ms_per_token_b1:.2f} | "
+            f"{sim[a].ms_per_token_b1 / sim[b_sim].ms_per_token_b1:.2f} | "
+            f"{_mean(real[a].poisson_ms) / _mean(real[b_real].poisson_ms):.2f} | "
+            f"{sim[a].poisson_mean_ms / sim[b_sim].poisson_mean_ms:.2f} | {goal} |"
+        )
+    return "\n".join(lines)
+
+
+def routes_line(plan: dict[str, object]) -> str:
+    """Each home's route as runs of layers per executing node, or `stay-home`."""
+    routes = plan.get("routes")
+    if not isinstance(routes, dict) or not routes:
+        return "stay-home"
+    parts = []
+    for home, names in routes.items():
+        runs: list[str] = []
+        start = 0
+        for i in range(1, len(names) + 1):
+            if i == len(names) or names[i] != names[start]:
+                runs.append(f"{names[start]}[{start}-{i - 1}]")
+                start = i
+        parts.append(f"{home}: {' '.join(runs)}")
+    return "; ".join(parts)
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.mean(values) if values else math.nan
+
+
+def _p99(values: list[float]) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
