@@ -126,8 +126,8 @@ class InProcess:
         model = MoEModel.from_checkpoint(model_dir)
         self.experts = LocalExperts.from_checkpoint(model_dir)
         stop = frozenset(model.config.eos_token_ids)  # as the gating stops
-        self.engine = Engine(model, self._experts, max_slots=4, max_len=256, max_queue=4, inline_max_tokens=64,
-                             stop_ids=stop)
+        self.engine = Engine(model, self._experts, max_slots=max(LEVELS), max_len=256, max_queue=max(LEVELS),
+                             inline_max_tokens=64, stop_ids=stop)
 
     async def _experts(self, call, live):  # the engine's ExpertsFn
         from services.gating.engine import ExpertsResult
@@ -143,6 +143,38 @@ class InProcess:
         while not isinstance(await seq.events.get(), DoneEvent | ErrorEvent):
             pass
         return 1000 * (seq.finished - seq.first_token) / max(1, len(seq.generated) - 1)
+
+
+    async def total_s(self, prompt: list[int], max_tokens: int) -> tuple[float, int]:
+        """(seconds from submit to the last token, tokens generated) of one request."""
+        from services.gating.engine import DoneEvent, ErrorEvent, Sequence
+        from shared.model.sampling import SamplingParams
+
+        seq = Sequence(prompt, max_tokens, SamplingParams())
+        self.engine.submit(seq)
+        while not isinstance(await seq.events.get(), DoneEvent | ErrorEvent):
+            pass
+        return seq.finished - seq.arrived, len(seq.generated)
+
+
+async def inprocess_levels(baseline: InProcess, requests: int, max_tokens: int) -> dict[int, dict]:
+    """The in-process engine at the same levels and prompts as `load_levels` (continuous batching too)."""
+    runner = asyncio.create_task(baseline.engine.run())
+    raw = {c: {"latencies": [], "tokens": 0, "wall": 0.0} for c in LEVELS}
+    try:
+        for block in range(max(1, requests // 16)):
+            for c in LEVELS:
+                cell = raw[c]
+                started = time.perf_counter()
+                for r in range(16 // c):
+                    prompts = [[(7 * i + 3 * r + 5 * block + j) % 200 + 3 for j in range(16)] for i in range(c)]
+                    for total, tokens in await asyncio.gather(*(baseline.total_s(p, max_tokens) for p in prompts)):
+                        cell["latencies"].append(total)
+                        cell["tokens"] += tokens
+                cell["wall"] += time.perf_counter() - started
+    finally:
+        runner.cancel()
+    return {c: _level_stats(cell) for c, cell in raw.items()}
 
 
 async def prism_decode_ms(nc: nats.NATS, node: str, prompt: list[int], max_tokens: int, moe_layers: int):
@@ -322,7 +354,9 @@ async def run(args: argparse.Namespace) -> None:
             for node in ("n0", "n1", "n2", "n0-per-expert"):
                 await wait_until_serving(nc, node)
             await nc.request(ECHO_SUBJECT, b"ready?", timeout=10)
-            latency = await batch1_latency(nc, InProcess(model), args, config, moe_layers)
+            baseline = InProcess(model)
+            latency = await batch1_latency(nc, baseline, args, config, moe_layers)
+            inproc = await inprocess_levels(baseline, args.requests, args.max_tokens)
             both = await load_levels(nc, ["n0", "n0-per-expert", "n2"], args.requests, args.max_tokens)
             levels, per_expert, embedded = both["n0"], both["n0-per-expert"], both["n2"]
             await http_path(hub_nc, f"http://127.0.0.1:{api_port}", model, args)  # printed before the rest
@@ -339,12 +373,14 @@ async def run(args: argparse.Namespace) -> None:
     for c in levels:
         ratio = levels[c]["tok_s"] / per_expert[c]["tok_s"]
         print(f"| {c} | {per_expert[c]['tok_s']:.1f} | {levels[c]['tok_s']:.1f} | {ratio:.2f}× |")
-    print("\n| concurrent | host process: tok/s | embedded: tok/s | ratio | embedded p50 ms |")
-    print("|---:|---:|---:|---:|---:|")
+    print("\n| concurrent | in-process: tok/s | host process: tok/s | embedded: tok/s | embedded vs in-process "
+          "| embedded vs host process | embedded p50 ms |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for c in levels:
-        ratio = embedded[c]["tok_s"] / levels[c]["tok_s"]
         emb = embedded[c]
-        print(f"| {c} | {levels[c]['tok_s']:.1f} | {emb['tok_s']:.1f} | {ratio:.2f}× | {emb['p50_ms']:.0f} |")
+        print(f"| {c} | {inproc[c]['tok_s']:.1f} | {levels[c]['tok_s']:.1f} | {emb['tok_s']:.1f} | "
+              f"{emb['tok_s'] / inproc[c]['tok_s']:.2f}× | {emb['tok_s'] / levels[c]['tok_s']:.2f}× | "
+              f"{emb['p50_ms']:.0f} |")
 
 
 def report(model, config, moe_layers, args, latency, levels) -> None:  # noqa: PLR0917
