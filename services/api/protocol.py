@@ -27,8 +27,8 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "inval
 # The gating's error codes (shared/errors.py) → HTTP status. Overloaded is 429 here (retry later), as
 # OpenAI clients expect; the rest keep their meaning.
 _STATUS_OF_CODE = {"invalid_json": 400, "invalid_request": 400, "prompt_too_long": 400, "token_out_of_range": 400,
-                   "overloaded": 429, "expert_unavailable": 503, "shutting_down": 503, "no_responders": 503,
-                   "timeout": 504}
+                   "overloaded": 429, "expert_unavailable": 503, "route_unavailable": 503, "shutting_down": 503,
+                   "no_responders": 503, "timeout": 504}
 
 
 class ApiError(Exception):

@@ -95,9 +95,9 @@ def test_requests_accept_neutral_values_and_refuse_what_prism_cannot_honour() ->
 def test_gating_errors_map_to_openai_statuses() -> None:
     statuses = {code: ApiError.from_gating(code, "m", 2).status for code in (
         "invalid_request", "prompt_too_long", "token_out_of_range", "overloaded", "expert_unavailable",
-        "shutting_down", "internal")}
+        "route_unavailable", "shutting_down", "internal")}
     assert statuses == {"invalid_request": 400, "prompt_too_long": 400, "token_out_of_range": 400, "overloaded": 429,
-                        "expert_unavailable": 503, "shutting_down": 503, "internal": 500}
+                        "expert_unavailable": 503, "route_unavailable": 503, "shutting_down": 503, "internal": 500}
     assert ApiError.from_gating("overloaded", "m", 2).headers == {"Retry-After": "2"}
     assert ApiError.from_gating("expert_unavailable", "m", 2).body()["error"]["type"] == "server_error"
 
