@@ -4,9 +4,10 @@
 
 Every Prism service answers `$SRV.PING`; each expert host's `$SRV.STATS` reply carries its HostStatus
 (node, device, resident experts, memory, expert calls and messages answered, seconds spent answering them,
-errors). Prints one line per gating and host, grouped by node, then the control-plane services and,
-from the placement plan in KV `prism_placement`, the experts no live host holds (lost with a host,
-until the next plan moves them). --json prints {"services": [...], "hosts": [...], "plan": {...}}.
+errors), each gating's its GatingLoad (batch, queue, route, foreign KV). Prints one line per gating and host,
+grouped by node, then the control-plane services and, from the placement plan in KV `prism_placement`, the
+experts no live host holds (lost with a host, until the next plan moves them). --json prints
+{"services": [...], "hosts": [...], "gatings": {node: load}, "plan": {...}}.
 Exits 1 when nothing answers within --wait.
 """
 
@@ -45,6 +46,7 @@ async def status(args: argparse.Namespace) -> int:
         async with await PrismClient.connect(args.url, user=args.user, password=args.password) as client:
             services = await client.gather("$SRV.PING", args.wait)
             stats = await client.gather(f"$SRV.STATS.{HOST_SERVICE}", args.wait)
+            gating_stats = await client.gather(f"$SRV.STATS.{subjects.SERVICE_GATING}", args.wait)
             plan = await read_plan(client.nc)
     except InferError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
@@ -53,11 +55,12 @@ async def status(args: argparse.Namespace) -> int:
         print(f"error no_responders: no Prism service answered at {args.url}; is `prism up` running?", file=sys.stderr)
         return EXIT_ERROR
     hosts = sorted((s for s in map(host_status, stats) if s), key=lambda h: (h["node"], h["host"]))
+    gatings = {g["node"]: g for g in map(gating_load, gating_stats) if g}
     coverage = plan_coverage(plan, hosts)
     if args.json:
-        print(json.dumps({"services": services, "hosts": hosts, "plan": coverage}))
+        print(json.dumps({"services": services, "hosts": hosts, "gatings": gatings, "plan": coverage}))
     else:
-        print("\n".join(render(services, hosts)))
+        print("\n".join(render(services, hosts, gatings)))
         if coverage:
             print(render_coverage(coverage))
     return 0
@@ -91,13 +94,36 @@ def host_status(stats: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def render(services: list[dict[str, Any]], hosts: list[dict[str, Any]]) -> list[str]:
+def gating_load(stats: dict[str, Any]) -> dict[str, Any] | None:
+    """The GatingLoad inside one gating's `$SRV.STATS` reply (its endpoint's stats data)."""
+    for endpoint in stats.get("endpoints") or []:
+        data = endpoint.get("data") or {}
+        if isinstance(data.get("load"), dict):
+            return dict(data["load"])
+    return None
+
+
+def gating_line(node: str, load: dict[str, Any] | None) -> str:
+    """`node: gating up`, with its batch and, where it has one, its route and the foreign KV it keeps."""
+    if load is None:
+        return f"{node}: gating up"
+    line = f"{node}: gating up, {load['active']}/{load['max_batch']} running, {load['waiting']} waiting"
+    if load.get("route"):
+        line += f", route {' '.join(load['route'])}"
+    if load.get("segments_run") or load.get("foreign_kv"):
+        line += f", {load['segments_run']} segments run for other nodes, foreign KV {load['foreign_kv']}"
+    return line
+
+
+def render(
+    services: list[dict[str, Any]], hosts: list[dict[str, Any]], loads: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
     gatings = sorted(
         s.get("metadata", {}).get("node", "?") for s in services if s.get("name") == subjects.SERVICE_GATING
     )
     lines = []
     for node in sorted({*gatings, *(h["node"] for h in hosts)}):
-        lines.append(f"{node}: gating {'up' if node in gatings else 'NOT ANSWERING'}")
+        lines.append(gating_line(node, (loads or {}).get(node)) if node in gatings else f"{node}: gating NOT ANSWERING")
         lines.extend(f"  {host_line(h)}" for h in hosts if h["node"] == node)
     others: dict[str, int] = {}
     for s in services:

@@ -213,6 +213,7 @@ class Gating:
             foreign_kv=len(self.segments.runner.slots) if self.segments else 0,
             segments_run=self.segments.runner.segments_run if self.segments else 0,
             hops_sent=self.hops.sent if self.hops else 0,
+            route=list(self.route or []),
         )
 
     def _stats_data(self, endpoint: EndpointStats) -> dict[str, object]:

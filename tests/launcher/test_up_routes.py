@@ -56,7 +56,14 @@ def test_up_with_a_routed_policy_serves_through_the_pipeline_split(tmp_path: Pat
         manifest = json.loads((tmp_path / "run" / "stack.json").read_text())
         layers = {host: sorted({k[0] for k in keys}) for host, keys in manifest["placement"].items()}
         assert layers == {"node0-h0": [0, 1], "node1-h0": [2, 3], "node2-h0": [4, 5]}
-        hosts = json.loads(prism_status(url, "--json", check=True).stdout)["hosts"]
+        found = json.loads(prism_status(url, "--json", check=True).stdout)
+        assert {n: g["route"] for n, g in found["gatings"].items()} == {
+            f"node{i}": ["node0", "node0", "node1", "node1", "node2", "node2"] for i in range(3)
+        }
+        assert sum(g["segments_run"] for g in found["gatings"].values()) > 0
+        text = prism_status(url, check=True).stdout
+        assert "node1: gating up, 0/32 running, 0 waiting, route node0 node0 node1 node1 node2 node2" in text, text
+        hosts = found["hosts"]
         assert all(h["direct_calls"] > 0 for h in hosts), hosts
         crossed = sum(h["calls_served"] for h in hosts)
         assert crossed == 0, "an expert call crossed the bus: a layer ran away from its experts"
