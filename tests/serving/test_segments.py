@@ -1,0 +1,87 @@
+"""The executing node's side of routes without a bus: foreign KV admitted, checked, released, expired."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.gating.engine import ExpertsResult
+from services.gating.routes import Segment, chains, segments
+from services.gating.segments import SegmentRequest, SegmentRunner
+from shared.errors import BadSegment, Overloaded
+from shared.model.model import Batch, MoEModel
+from shared.model.moe import LocalExperts, MoECall
+from tests.checkpoints import make_tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("seg"), seed=2, num_hidden_layers=4)
+
+
+def runner(model_dir: Path, slots: int = 2, ttl_s: float = 60.0) -> SegmentRunner:
+    model = MoEModel.from_checkpoint(model_dir)
+    local = LocalExperts.from_checkpoint(model_dir)
+
+    async def experts(call: MoECall, live: torch.Tensor) -> ExpertsResult:
+        return ExpertsResult(local(call), torch.zeros(call.hidden.shape[0], dtype=torch.bool))
+
+    return SegmentRunner("b", model, experts, max_slots=slots, max_len=64, idle_ttl_s=ttl_s, inline_max_tokens=64)
+
+
+def request(seqs: list[str], counts: list[int], lens: list[int], start: int = 1, end: int = 3) -> SegmentRequest:
+    return SegmentRequest("a", seqs, counts, lens, [Segment(start, end, "b")])
+
+
+def test_routes_split_into_segments_and_chains() -> None:
+    route = ("a", "b", "b", "a", "c", "b")
+    assert segments(route) == [Segment(0, 1, "a"), Segment(1, 3, "b"), Segment(3, 4, "a"), Segment(4, 5, "c"),
+                               Segment(5, 6, "b")]
+    assert chains(route, "a") == [Segment(0, 1, "a"), (Segment(1, 3, "b"),), Segment(3, 4, "a"),
+                                  (Segment(4, 5, "c"), Segment(5, 6, "b"))]
+
+
+def layers(model: MoEModel, local: LocalExperts, tokens: list[int], end: int) -> torch.Tensor:
+    """x after layers 0 .. end - 1 of a first step of `tokens`, the model in one process."""
+    cache = model.new_cache(1, 64)
+    step = model.begin_step(Batch([cache.allocate()], [tokens]), cache)
+    gen = model.layer_steps(step, step.embed(model.embed), 0, end)
+    try:
+        call = next(gen)
+        while True:
+            call = gen.send(local(call))
+    except StopIteration as done:
+        x: torch.Tensor = done.value
+        return x
+
+
+async def test_a_segment_computes_what_the_model_computes_and_keeps_its_kv(model_dir: Path) -> None:
+    seg = runner(model_dir)
+    local = LocalExperts.from_checkpoint(model_dir)
+    x1, want = (layers(seg.model, local, [5, 6, 7], end) for end in (1, 3))
+    got, activations = await seg.run(x1, request(["a/1"], [3], [0]))  # layers 1-2 here
+    assert torch.equal(got, want)
+    assert [a[0] for a in activations] == [1, 2]  # the MoE layers it ran, for the home's counts
+    assert seg.cache.length(seg.slots[("a/1", 1)]) == 3
+    d = seg.model.config.hidden_size
+    with pytest.raises(BadSegment, match="3 tokens cached here, 2 at home"):
+        await seg.run(torch.zeros(1, d), request(["a/1"], [1], [2]))
+    with pytest.raises(BadSegment, match="holds no KV for request a/9"):
+        await seg.run(torch.zeros(1, d), request(["a/9"], [1], [4]))
+
+
+async def test_foreign_kv_is_released_expired_and_bounded(model_dir: Path) -> None:
+    seg = runner(model_dir, slots=2, ttl_s=5.0)
+    d = seg.model.config.hidden_size
+    await seg.run(torch.randn(2, d), request(["a/1", "a/2"], [1, 1], [0, 0]))
+    with pytest.raises(Overloaded):  # both slots hold a request's KV
+        await seg.run(torch.randn(1, d), request(["a/3"], [1], [0]))
+    assert seg.release(["a/1"]) == 1
+    await seg.run(torch.randn(1, d), request(["a/3"], [1], [0]))
+    # KV is held per (request, segment start): a route that visits a node twice has two there.
+    assert set(seg.slots) == {("a/2", 1), ("a/3", 1)}
+    seg.expire(max(seg.last_used.values()) + 6.0)  # the home stopped answering: gone after the TTL
+    assert seg.slots == {}
+    assert seg.cache.num_free() == 2
