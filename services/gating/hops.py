@@ -37,7 +37,7 @@ from services.gating.segments import SegmentRequest, SegmentRunner
 from shared import subjects
 from shared.activations import ActivationCounter
 from shared.codec import check_size, decode_tensor, encode_tensor
-from shared.errors import PrismError, RouteUnavailable, error_from_headers
+from shared.errors import BadSegment, PrismError, RouteUnavailable, error_from_headers
 
 log = structlog.get_logger()
 
@@ -75,6 +75,8 @@ class RouteHops:
             nodes = ", ".join(seg.node for seg in hop.chain)
             raise RouteUnavailable(f"the route through {nodes} did not answer within {timeout_s:g} s") from None
         error = error_from_headers(msg.headers)
+        if isinstance(error, BadSegment):  # e.g. a node restarted and lost this request's KV: its route is gone
+            raise RouteUnavailable(f"the route through {first} cannot go on: {error.message}")
         if error is not None:
             raise error
         try:

@@ -97,6 +97,8 @@ class SegmentRunner:
         self.inline_max_tokens = inline_max_tokens
         self.slots: dict[tuple[str, int], int] = {}  # (foreign sequence id, segment start) -> its KV slot here
         self.last_used: dict[tuple[str, int], float] = {}
+        self._running: set[tuple[str, int]] = set()  # in a segment now: freed when it ends, if released meanwhile
+        self._doomed: set[tuple[str, int]] = set()
         self.segments_run = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segments")
 
@@ -112,9 +114,15 @@ class SegmentRunner:
             step = self.model.segment_step(slots, req.counts, self.cache)
         except InputError as exc:
             raise BadSegment(str(exc)) from None
-        layers = self.model.layer_steps(step, hidden.to(self.model.dtype), seg.start, seg.end)
-        x, activations = await self._drive(layers, inline=hidden.shape[0] <= self.inline_max_tokens)
-        step.advance()
+        keys = [(sid, seg.start) for sid in req.seqs]
+        self._running.update(keys)
+        try:
+            layers = self.model.layer_steps(step, hidden.to(self.model.dtype), seg.start, seg.end)
+            x, activations = await self._drive(layers, inline=hidden.shape[0] <= self.inline_max_tokens)
+            step.advance()
+        finally:
+            self._running.difference_update(keys)
+            self._free([key for key in keys if key in self._doomed])
         self.segments_run += 1
         return x, activations
 
@@ -173,6 +181,10 @@ class SegmentRunner:
 
     def _free(self, keys: list[tuple[str, int]]) -> int:
         for key in keys:
+            if key in self._running:  # its segment still computes with the slot: free it after
+                self._doomed.add(key)
+                continue
+            self._doomed.discard(key)
             self.cache.free(self.slots.pop(key))
             self.last_used.pop(key, None)
         return len(keys)

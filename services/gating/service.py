@@ -50,7 +50,15 @@ from services.gating.segments import SegmentRunner
 from services.gating.settings import EmbeddedHost, GatingSettings
 from shared import subjects
 from shared.activations import ActivationCounter
-from shared.errors import BadRequest, Cancelled, PrismError, PromptTooLong, ShuttingDown, TokenOutOfRange
+from shared.errors import (
+    BadRequest,
+    Cancelled,
+    PrismError,
+    PromptTooLong,
+    RouteUnavailable,
+    ShuttingDown,
+    TokenOutOfRange,
+)
 from shared.model.model import MoEModel
 from shared.model.sampling import SamplingParams
 from shared.model.tokenizer import Tokenizer
@@ -93,6 +101,7 @@ class Gating:
         self.hops = hops
         self.segments = segments
         self.route = route  # new requests take it; a running one keeps the route it started with
+        self.planned_route = route  # the settings' or the plan's; `route` leaves it for a while when it breaks
         if hops is not None:
             engine.on_finish = self._release_route
         self.hosts = hosts or []  # embedded expert hosts: started before intake, stopped after the engine
@@ -289,17 +298,29 @@ class Gating:
         await self.nc.publish(reply_to, body.model_dump_json().encode(), headers=err.headers())
 
     def _release_route(self, seq: Sequence) -> None:
-        """A finished request's KV on the other nodes of its route is freed (they also expire it)."""
+        """A finished request's KV on the other nodes of its route is freed (they also expire it). A route
+        that broke under it is left for `route_retry_s`: new requests stay home meanwhile (slower, but
+        every expert is still reachable from home), until the plan gives a new route or the time is up."""
         nodes = foreign_nodes(seq.route, self.settings.node)
         if nodes and self.hops is not None:
             task = asyncio.create_task(self.hops.release(seq_id(self.settings.node, seq), nodes))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        if isinstance(seq.error, RouteUnavailable) and seq.route == self.route:
+            log.warning("route_left", node=self.settings.node, error=seq.error.message,
+                        retry_s=self.settings.route_retry_s)
+            self.route = None
+            broken = seq.route
+            asyncio.get_running_loop().call_later(self.settings.route_retry_s, self._retry_route, broken)
+
+    def _retry_route(self, broken: Route | None) -> None:
+        if self.route is None and self.planned_route == broken:  # nothing newer came meanwhile
+            self.route = broken
 
     def _switch_route(self, route: Route | None, epoch: int) -> None:
-        if route != self.route:
+        if route != self.planned_route:
             log.info("route_switched", node=self.settings.node, epoch=epoch, route=list(route or []))
-        self.route = route
+        self.route = self.planned_route = route
 
     # ---- activations -------------------------------------------------------------------------
 

@@ -57,3 +57,6 @@ class GatingSettings(WatchesHosts):
     foreign_ttl_s: float = Field(
         60.0, ge=1, le=3600, description="free a foreign request's KV after this long without a segment, seconds"
     )
+    route_retry_s: float = Field(
+        10.0, gt=0, le=3600, description="after a route breaks, new requests stay home this long, seconds"
+    )

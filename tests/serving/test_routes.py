@@ -143,7 +143,7 @@ async def test_a_node_on_the_route_that_stops_fails_only_the_requests_through_it
         await cluster.add_node(node)
     routes = {"a": "abcca", "b": "bbbbb"}  # a's chain goes b -> c: b's forward to c is lost, a times out
     for node in "ab":
-        await cluster.add_gating(node, model, embedded={f"{node}e": "*:*"},
+        await cluster.add_gating(node, model, embedded={f"{node}e": "*:*"}, route_retry_s=1.0,
                                  route=[cluster.node(n) for n in routes[node]], expert_timeout_s=1.0)
     c = await cluster.add_gating("c", model, embedded={"ce": "*:*"})
     await cluster.settle()
@@ -155,6 +155,34 @@ async def test_a_node_on_the_route_that_stops_fails_only_the_requests_through_it
     assert replies[0]["error"]["code"] == "route_unavailable", replies[0]
     assert "token_ids" in replies[1], replies[1]
     assert loop.time() - started < 3 * 1.0 + 5, "the failure came within the hop's timeout (3 x 1 s)"
+    # New requests of node a stay home for route_retry_s (its experts are all there), then try the route again.
+    a = cluster.gatings["a"]
+    assert a.route is None
+    again = await ask_all(cluster, ["a"], prompts(1, seed=42), 6)
+    assert again[0]["token_ids"] == reference(model, prompts(1, seed=42), max_tokens=6)[0]
+    async with asyncio.timeout(5):
+        while a.route is None:  # noqa: ASYNC110 - the retry timer
+            await asyncio.sleep(0.05)
+    assert a.route == a.planned_route
+
+
+async def test_a_node_that_lost_a_requests_kv_fails_it_with_route_unavailable(
+    cluster: LocalCluster, route_dirs: dict[str, Path]
+) -> None:
+    """As after a restart of the executing node's gating: the home's next step finds no KV there."""
+    model = route_dirs["mixtral"]
+    await three_nodes(cluster, model, routes={"a": "abbba", "b": "bbbbb", "c": "ccccc"})
+    b = cluster.gatings["b"]
+    assert b.segments is not None
+    nc = await cluster.connect("a")
+    running = asyncio.create_task(ask(nc, cluster.node("a"), {"input_ids": [5, 6, 7], "max_tokens": 200}))
+    async with asyncio.timeout(30):
+        while not b.segments.runner.slots:  # noqa: ASYNC110 - the request's first step reached node b
+            await asyncio.sleep(0.005)
+    b.segments.runner.release([sid for sid, _ in list(b.segments.runner.slots)])
+    reply, _ = await asyncio.wait_for(running, 30)
+    assert reply["error"]["code"] == "route_unavailable", reply
+    assert "lost" in reply["error"]["message"] or "no KV" in reply["error"]["message"], reply
 
 
 async def test_bad_segments_get_coded_errors_and_the_node_keeps_serving(
