@@ -63,6 +63,7 @@ class GatingLoad(Message):
     cancelled: int = Field(description="running or queued requests stopped by a cancel, since start")
     foreign_kv: int = Field(0, description="KV slots held for other nodes' requests whose route runs layers here")
     segments_run: int = Field(0, description="route segments run for other nodes, since start")
+    segment_batches: int = Field(0, description="forward passes they took (segments of one range batch together)")
     hops_sent: int = Field(0, description="chains of this node's requests' layers sent to other nodes, since start")
     route: list[str] = Field(default_factory=list, description="executing node per layer for new requests; [] = home")
 

@@ -20,7 +20,9 @@ import asyncio
 import contextlib
 import functools
 import json
+from collections import deque
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -107,6 +109,16 @@ class RouteHops:
             await self.nc.publish(subjects.route_release(node), body)
 
 
+@dataclass(frozen=True)
+class _Pending:
+    """A checked segment waiting for the node's segment loop."""
+
+    reply: str
+    hidden: Tensor
+    req: SegmentRequest
+    meta: dict[str, Any]
+
+
 class SegmentService:
     """The executing node's side: answers segments and releases for `runner`."""
 
@@ -116,24 +128,56 @@ class SegmentService:
         self.hidden_size = hidden_size
         self.max_payload = max_payload
         self.errors = 0
+        self._queue: deque[_Pending] = deque()
+        self._wake = asyncio.Event()
 
     async def on_segment(self, msg: Msg) -> None:
+        """Check a segment and queue it; `serve` runs it with whatever else of its layer range waits."""
         if not msg.reply:  # nobody waits for the result: running it would only hold KV
             log.warning("segment_without_reply", node=self.runner.node)
             return
         try:
             hidden, meta = decode_tensor(msg.data)
             req = SegmentRequest.parse(meta, hidden, self.runner.node, self.hidden_size)
-            x, activations = await self.runner.run(hidden, req)
-            chain_activations = meta.get("activations", [])
-            meta = {**meta, "activations": [*(chain_activations if isinstance(chain_activations, list) else []),
-                                            *activations]}
-            await self._forward(x, req, meta, msg.reply)
         except PrismError as err:
             await self._refuse(msg.reply, err)
-        except Exception:  # a bug costs this segment, answered, not the node
+            return
+        self._queue.append(_Pending(msg.reply, hidden, req, meta))
+        self._wake.set()
+
+    async def serve(self) -> None:
+        """Run queued segments until cancelled: those of one layer range that wait together (from any
+        homes) go through the layers as one batch."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                await self._run_batch(self._take_batch())
+
+    def _take_batch(self) -> list[_Pending]:
+        first = self._queue.popleft()
+        same = [p for p in self._queue if p.req.chain[0].start == first.req.chain[0].start
+                and p.req.chain[0].end == first.req.chain[0].end]
+        for p in same:
+            self._queue.remove(p)
+        return [first, *same]
+
+    async def _run_batch(self, batch: list[_Pending]) -> None:
+        try:
+            results = await self.runner.run_many([(p.hidden, p.req) for p in batch])
+        except Exception:  # a bug costs these segments, answered, not the node
             log.exception("segment_failed", node=self.runner.node)
-            await self._refuse(msg.reply, PrismError(f"node {self.runner.node} failed on this segment"))
+            results = [PrismError(f"node {self.runner.node} failed on this segment")] * len(batch)
+        for p, result in zip(batch, results, strict=True):
+            try:
+                if isinstance(result, PrismError):
+                    raise result
+                x, activations = result
+                chain = p.meta.get("activations", [])
+                meta = {**p.meta, "activations": [*(chain if isinstance(chain, list) else []), *activations]}
+                await self._forward(x, p.req, meta, p.reply)
+            except PrismError as err:
+                await self._refuse(p.reply, err)
 
     async def _forward(self, x: Tensor, req: SegmentRequest, meta: dict[str, Any], reply: str) -> None:
         """x on to the chain's next node with the home's reply subject, or home if this was the last."""

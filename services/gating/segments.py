@@ -5,13 +5,14 @@ x [T, D] with meta `home`, `seqs` (ids, one per sequence of the step), `counts` 
 sequence, summing to T), `lens` (tokens each had cached before the step) and `chain` (the segments
 still to run, `[[start, end, node], ...]`, this node's first). The runner keeps a KV slot per foreign
 sequence and segment (a route may visit a node twice) in a cache of its own (`max_slots` of them): a
-sequence's segment is admitted when its first step
-arrives (`lens` 0) and freed when its home releases it (`prism.v1.route.<node>.release`) or after
-`idle_ttl_s` without a step (its home stopped answering). A message that does not fit (shapes, an
-unknown sequence, a KV length that disagrees with `lens`, a segment for another node) is refused with
-`bad_segment`; no cache length moves unless the whole segment ran. The experts a segment's tokens chose
-travel on with the hidden states (meta `activations`) so that the home counts them, as if it had run
-the layers itself (placement's statistics are per home node).
+sequence's segment is admitted when its first step arrives (`lens` 0) and freed when its home releases
+it (`prism.v1.route.<node>.release`) or after `idle_ttl_s` without a step (its home stopped answering).
+A message that does not fit (shapes, an unknown sequence, a KV length that disagrees with `lens`, a
+segment for another node) is refused with `bad_segment`; no cache length moves unless the whole segment
+ran. Segments of one layer range that wait together (from any homes) run as one batch (`run_many`),
+each failing alone where it can. The experts a segment's tokens chose travel on with the hidden states
+(meta `activations`) so that the home counts them, as if it had run the layers itself (placement's
+statistics are per home node).
 
 Shape legend: T tokens, D hidden size, B sequences.
 """
@@ -31,13 +32,15 @@ from torch import Tensor
 from services.gating.engine import ExpertsFn, resume
 from services.gating.routes import Segment
 from shared import subjects
-from shared.errors import BadSegment, Overloaded
+from shared.errors import BadSegment, Overloaded, PrismError
 from shared.model.errors import InputError
 from shared.model.model import MoEModel
 from shared.model.moe import MoECall, Routing
 
 Activation = list[Any]
 """[layer, experts, counts, tokens] of one MoE layer a segment ran: what `ActivationCounter.add` takes."""
+SegmentResult = tuple[Tensor, list[Activation]]
+"""x [T, D] after a segment, and the experts its tokens chose in each MoE layer."""
 
 
 @dataclass(frozen=True)
@@ -100,31 +103,63 @@ class SegmentRunner:
         self._running: set[tuple[str, int]] = set()  # in a segment now: freed when it ends, if released meanwhile
         self._doomed: set[tuple[str, int]] = set()
         self.segments_run = 0
+        self.forwards = 0  # forward passes: fewer than segments_run when several ran together
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segments")
 
     async def run(self, hidden: Tensor, req: SegmentRequest) -> tuple[Tensor, list[Activation]]:
         """x [T, D] after this node's first segment of `req.chain`, and the experts its tokens chose in
         each MoE layer (for the home's activation counts); its KV lengths advance only when every layer
         ran. Raises BadSegment, Overloaded, or the experts' error (ExpertUnavailable)."""
-        seg = req.chain[0]
+        (result,) = await self.run_many([(hidden, req)])
+        if isinstance(result, PrismError):
+            raise result
+        return result
+
+    async def run_many(self, items: list[tuple[Tensor, SegmentRequest]]) -> list[SegmentResult | PrismError]:
+        """Segments of one layer range, from any homes, in one forward pass (continuous batching of the
+        node's foreign work): each item's result, or the error that fails it alone (its KV does not
+        fit, its lengths disagree) or all of them (an expert that did not answer)."""
+        seg = items[0][1].chain[0]
         if not 0 <= seg.start < seg.end <= self.model.config.num_layers:
-            raise BadSegment(f"layers {seg.start}..{seg.end} are not layers of this model")
-        slots = self._slots(req, seg.start)
+            return [BadSegment(f"layers {seg.start}..{seg.end} are not layers of this model")] * len(items)
+        results: list[SegmentResult | PrismError | None] = [None] * len(items)
+        admitted: list[tuple[int, list[int]]] = []
+        for i, (_, req) in enumerate(items):
+            try:
+                admitted.append((i, self._slots(req, seg.start)))
+            except PrismError as err:
+                results[i] = err
+        if admitted:
+            for i, out in zip([i for i, _ in admitted], await self._forward(items, admitted, seg), strict=True):
+                results[i] = out
+        return [r if r is not None else PrismError("segment not run") for r in results]
+
+    async def _forward(
+        self, items: list[tuple[Tensor, SegmentRequest]], admitted: list[tuple[int, list[int]]], seg: Segment
+    ) -> list[SegmentResult | PrismError]:
+        """The admitted items' layers as one step; rows are the items' in turn."""
+        slots = [slot for _, item_slots in admitted for slot in item_slots]
+        counts = [n for i, _ in admitted for n in items[i][1].counts]
+        rows = [items[i][0].shape[0] for i, _ in admitted]
         try:
-            step = self.model.segment_step(slots, req.counts, self.cache)
+            step = self.model.segment_step(slots, counts, self.cache)
         except InputError as exc:
-            raise BadSegment(str(exc)) from None
-        keys = [(sid, seg.start) for sid in req.seqs]
+            return [BadSegment(str(exc))] * len(admitted)
+        keys = [(sid, seg.start) for i, _ in admitted for sid in items[i][1].seqs]
+        hidden = torch.cat([items[i][0] for i, _ in admitted]).to(self.model.dtype)
         self._running.update(keys)
         try:
-            layers = self.model.layer_steps(step, hidden.to(self.model.dtype), seg.start, seg.end)
-            x, activations = await self._drive(layers, inline=hidden.shape[0] <= self.inline_max_tokens)
+            layers = self.model.layer_steps(step, hidden, seg.start, seg.end)
+            x, activations = await self._drive(layers, rows, inline=hidden.shape[0] <= self.inline_max_tokens)
             step.advance()
+        except PrismError as err:
+            return [err] * len(admitted)
         finally:
             self._running.difference_update(keys)
             self._free([key for key in keys if key in self._doomed])
-        self.segments_run += 1
-        return x, activations
+        self.segments_run += len(admitted)
+        self.forwards += 1
+        return list(zip(torch.split(x, rows), activations, strict=True))
 
     def _slots(self, req: SegmentRequest, start: int) -> list[int]:
         """The KV slot of each sequence for the segment at `start`: a first step (lens 0) takes a free one."""
@@ -146,18 +181,22 @@ class SegmentRunner:
         return [self.slots[key] for key in keys]
 
     async def _drive(
-        self, layers: Generator[MoECall, Tensor, Tensor], inline: bool
-    ) -> tuple[Tensor, list[Activation]]:
-        """Run the layers, answering each MoE call with this node's experts; raise the first failure."""
+        self, layers: Generator[MoECall, Tensor, Tensor], rows: list[int], inline: bool
+    ) -> tuple[Tensor, list[list[Activation]]]:
+        """Run the layers, answering each MoE call with this node's experts; raise the first failure.
+        Also the experts each item's rows (`rows` per item, in turn) chose in each MoE layer."""
         value: Tensor | None = None
-        activations: list[Activation] = []
+        activations: list[list[Activation]] = [[] for _ in rows]
         while True:
             call, x = await self._resume(layers, value, inline)
             if call is None:
                 assert x is not None
                 return x, activations
-            routing = Routing.of(call.expert_ids)
-            activations.append([call.layer, routing.experts, routing.counts, call.hidden.shape[0]])
+            start = 0
+            for item, n in enumerate(rows):
+                routing = Routing.of(call.expert_ids[start : start + n])
+                activations[item].append([call.layer, routing.experts, routing.counts, n])
+                start += n
             result = await self.experts(call, torch.ones(call.hidden.shape[0], dtype=torch.bool))
             if result.error is not None:
                 raise result.error

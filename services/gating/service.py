@@ -153,6 +153,8 @@ class Gating:
             asyncio.create_task(self.engine.run(), name="engine"),
             asyncio.create_task(self._report_activations(), name="activations"),
         ]
+        if self.segments is not None:
+            self._background.append(asyncio.create_task(self.segments.serve(), name="segments"))
         if not self.settings.route:  # no fixed route: follow the plan's
             follower = RouteFollower(self.settings.node, self.engine.model.config.num_layers, self._switch_route)
             self._route_subs.append(await watch_plan_events(self.nc, follower))
@@ -221,6 +223,7 @@ class Gating:
             cancelled=self.cancelled,
             foreign_kv=len(self.segments.runner.slots) if self.segments else 0,
             segments_run=self.segments.runner.segments_run if self.segments else 0,
+            segment_batches=self.segments.runner.forwards if self.segments else 0,
             hops_sent=self.hops.sent if self.hops else 0,
             route=list(self.route or []),
         )

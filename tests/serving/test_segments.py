@@ -85,3 +85,23 @@ async def test_foreign_kv_is_released_expired_and_bounded(model_dir: Path) -> No
     seg.expire(max(seg.last_used.values()) + 6.0)  # the home stopped answering: gone after the TTL
     assert seg.slots == {}
     assert seg.cache.num_free() == 2
+
+
+async def test_segments_of_one_layer_range_from_two_homes_run_as_one_batch(model_dir: Path) -> None:
+    seg = runner(model_dir, slots=4)
+    local = LocalExperts.from_checkpoint(model_dir)
+    x_a, want_a = (layers(seg.model, local, [5, 6, 7], end) for end in (1, 3))
+    x_c, want_c = (layers(seg.model, local, [9, 10], end) for end in (1, 3))
+    bad = SegmentRequest("c", ["c/9"], [1], [4], [Segment(1, 3, "b")])  # no KV here: fails alone
+    results = await seg.run_many([
+        (x_a, request(["a/1"], [3], [0])),
+        (torch.zeros(1, seg.model.config.hidden_size), bad),
+        (x_c, SegmentRequest("c", ["c/1"], [2], [0], [Segment(1, 3, "b")])),
+    ])
+    assert isinstance(results[1], BadSegment)
+    (got_a, acts_a), (got_c, acts_c) = results[0], results[2]  # type: ignore[misc]
+    assert torch.allclose(got_a, want_a, atol=1e-5)  # batched with another sequence: same math, other blocking
+    assert torch.allclose(got_c, want_c, atol=1e-5)
+    assert (seg.forwards, seg.segments_run) == (1, 2)
+    assert [a[3] for a in acts_a] == [3, 3]  # each home's own tokens, per MoE layer
+    assert [a[3] for a in acts_c] == [2, 2]
