@@ -39,7 +39,7 @@ from services.gating.segments import SegmentRequest, SegmentRunner
 from shared import subjects
 from shared.activations import ActivationCounter
 from shared.codec import check_size, decode_tensor, encode_tensor
-from shared.errors import BadSegment, PrismError, RouteUnavailable, error_from_headers
+from shared.errors import BadSegment, PrismError, RouteUnavailable, ShuttingDown, error_from_headers
 
 log = structlog.get_logger()
 
@@ -147,12 +147,19 @@ class SegmentService:
 
     async def serve(self) -> None:
         """Run queued segments until cancelled: those of one layer range that wait together (from any
-        homes) go through the layers as one batch."""
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
+        homes) go through the layers as one batch. Cancelled (the gating stops), the segments still
+        queued are answered `shutting_down` at once, so their homes need not wait for a timeout."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._queue:
+                    await self._run_batch(self._take_batch())
+        except asyncio.CancelledError:
+            node = self.runner.node
             while self._queue:
-                await self._run_batch(self._take_batch())
+                await self._refuse(self._queue.popleft().reply, ShuttingDown(f"node {node} is shutting down"))
+            raise
 
     def _take_batch(self) -> list[_Pending]:
         first = self._queue.popleft()

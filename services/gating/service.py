@@ -348,15 +348,15 @@ class Gating:
         if micro:
             await micro.stop()
         await self._wait_for_replies(self.settings.drain_timeout_s)
+        for sub in self._route_subs:  # other nodes' segments stop here too; those queued get shutting_down
+            await sub.unsubscribe()
+        self._route_subs = []
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
         status, self._status = self._status, None  # kept until the engine stops: draining requests route by it
         if status:
             await status.unsubscribe()
-        for sub in self._route_subs:  # other nodes' segments stop here too: their requests fail over
-            await sub.unsubscribe()
-        self._route_subs = []
         self.engine.abort(ShuttingDown(f"node {self.settings.node} is shutting down; retry on another node"))
         await self._wait_for_replies(REPLY_GRACE_S)  # the error replies go out
         self.engine.close()

@@ -215,3 +215,27 @@ async def test_bad_segments_get_coded_errors_and_the_node_keeps_serving(
     assert msg.headers is None or "Nats-Service-Error" not in msg.headers
     replies = await ask_all(cluster, ["b"], prompts(1, seed=51), 4)
     assert replies[0]["token_ids"] == reference(model, prompts(1, seed=51), max_tokens=4)[0]
+
+
+async def test_segments_queued_at_a_stopping_node_are_answered_shutting_down(
+    cluster: LocalCluster, route_dirs: dict[str, Path]
+) -> None:
+    """Not left to their homes' timeouts: a stopping gating answers what it will not run."""
+    from services.gating.hops import _Pending
+    from services.gating.routes import Segment
+    from services.gating.segments import SegmentRequest
+
+    model = route_dirs["mixtral"]
+    await three_nodes(cluster, model, routes={"a": "aaaaa", "b": "bbbbb", "c": "ccccc"})
+    b = cluster.gatings["b"]
+    assert b.segments is not None
+    nc = await cluster.connect("a")
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    hidden = torch.zeros(1, b.engine.model.config.hidden_size)
+    req = SegmentRequest(cluster.node("a"), ["a/1"], [1], [0], [Segment(0, 2, cluster.node("b"))])
+    b.segments._queue.append(_Pending(inbox, hidden, req, {}))  # waiting, as behind a long batch
+    await b.stop()
+    del cluster.gatings["b"]
+    reply = await sub.next_msg(timeout=5)
+    assert json.loads(reply.data)["error"]["code"] == "shutting_down"
