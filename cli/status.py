@@ -54,8 +54,8 @@ async def status(args: argparse.Namespace) -> int:
     if not services:
         print(f"error no_responders: no Prism service answered at {args.url}; is `prism up` running?", file=sys.stderr)
         return EXIT_ERROR
-    hosts = sorted((s for s in map(host_status, stats) if s), key=lambda h: (h["node"], h["host"]))
-    gatings = {g["node"]: g for g in map(gating_load, gating_stats) if g}
+    hosts = sorted((h for st in stats if (h := endpoint_data(st, "status"))), key=lambda h: (h["node"], h["host"]))
+    gatings = {g["node"]: g for st in gating_stats if (g := endpoint_data(st, "load"))}
     coverage = plan_coverage(plan, hosts)
     if args.json:
         print(json.dumps({"services": services, "hosts": hosts, "gatings": gatings, "plan": coverage}))
@@ -85,21 +85,13 @@ def render_coverage(coverage: dict[str, Any]) -> str:
     return line + f"{len(missing)} held by no live host ({shown}{', …' if len(missing) > 8 else ''})"
 
 
-def host_status(stats: dict[str, Any]) -> dict[str, Any] | None:
-    """The HostStatus inside one host's `$SRV.STATS` reply (its endpoint's stats data)."""
+def endpoint_data(stats: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """`key` of one service's `$SRV.STATS` reply, from its endpoint's stats data: a host's "status"
+    (HostStatus), a gating's "load" (GatingLoad)."""
     for endpoint in stats.get("endpoints") or []:
         data = endpoint.get("data") or {}
-        if isinstance(data.get("status"), dict):
-            return dict(data["status"])
-    return None
-
-
-def gating_load(stats: dict[str, Any]) -> dict[str, Any] | None:
-    """The GatingLoad inside one gating's `$SRV.STATS` reply (its endpoint's stats data)."""
-    for endpoint in stats.get("endpoints") or []:
-        data = endpoint.get("data") or {}
-        if isinstance(data.get("load"), dict):
-            return dict(data["load"])
+        if isinstance(data.get(key), dict):
+            return dict(data[key])
     return None
 
 

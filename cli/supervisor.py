@@ -14,6 +14,7 @@ import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from cli.control_plane import read_plan
 from cli.stack_plan import format_experts
@@ -77,18 +78,20 @@ class Supervisor:
     async def _embedded_last_held(self, env: dict[str, str]) -> str:
         """A gating's PRISM_GATING_EMBEDDED_HOSTS with each host's experts as it last reported them."""
         hosts = json.loads(env["PRISM_GATING_EMBEDDED_HOSTS"])
+        held = await self.last_held_all([host["host"] for host in hosts])
         for host in hosts:
-            keys = await self.last_held(host["host"])
-            if keys is not None:
+            if (keys := held[host["host"]]) is not None:
                 host["experts"] = format_experts(keys)
         return json.dumps(hosts, separators=(",", ":"))
 
     async def last_held(self, host: str) -> list[tuple[int, int]] | None:
         """The experts of the host's last heartbeat (KV prism_hosts, kept host_ttl_s), else of the
         current plan; None when the hub cannot tell (the host restarts as it first started)."""
-        import nats
+        return (await self.last_held_all([host]))[host]
 
-        from shared.schemas import HostStatus
+    async def last_held_all(self, hosts: list[str]) -> dict[str, list[tuple[int, int]] | None]:
+        """`last_held` of several hosts, over one connection to the hub."""
+        import nats
 
         async def quiet(_: Exception) -> None:  # the hub may be restarting too: no traceback on stderr
             pass
@@ -96,16 +99,11 @@ class Supervisor:
         try:
             nc = await nats.connect(self.hub_url, max_reconnect_attempts=0, connect_timeout=2, error_cb=quiet)
         except Exception:  # the hub itself is down
-            return None
+            return dict.fromkeys(hosts)
         try:
-            with contextlib.suppress(Exception):  # no bucket, no key (expired), or a malformed status
-                kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_HOSTS)
-                entry = await kv.get(host)
-                return [(int(k[0]), int(k[1])) for k in HostStatus.model_validate_json(entry.value or b"").experts]
             plan = await read_plan(nc)
-            if plan is not None and host in plan["hosts"]:
-                return [(int(k[0]), int(k[1])) for k in plan["hosts"][host]]
-            return None
+            held = {host: await _reported(nc, host) for host in hosts}
+            return {host: _planned(plan, host) if keys is None else keys for host, keys in held.items()}
         finally:
             await nc.close()
 
@@ -123,3 +121,21 @@ class Supervisor:
         if before_hub is not None:
             await before_hub()
         await asyncio.gather(*(server.stop(bound) for server in self.servers[:1]))
+
+
+async def _reported(nc: Any, host: str) -> list[tuple[int, int]] | None:
+    """The experts of the host's last heartbeat in KV prism_hosts; None when there is none."""
+    from shared.schemas import HostStatus
+
+    with contextlib.suppress(Exception):  # no bucket, no key (expired), or a malformed status
+        kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_HOSTS)
+        entry = await kv.get(host)
+        return [(int(k[0]), int(k[1])) for k in HostStatus.model_validate_json(entry.value or b"").experts]
+    return None
+
+
+def _planned(plan: dict[str, Any] | None, host: str) -> list[tuple[int, int]] | None:
+    """The host's experts in the current plan; None without a plan or an entry."""
+    if plan is None or host not in plan["hosts"]:
+        return None
+    return [(int(k[0]), int(k[1])) for k in plan["hosts"][host]]

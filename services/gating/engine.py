@@ -111,7 +111,6 @@ class Sequence:
     remote_wait_s: float = 0.0
     error: PrismError | None = None
     route: Route | None = None  # executing node per layer, fixed for the sequence's life; None: all at home
-    hops: int = 0  # chains its steps sent to other nodes
 
     def next_tokens(self) -> list[int]:
         return self.prompt if not self.generated else self.generated[-1:]
@@ -260,8 +259,6 @@ class Engine:
     async def _hop(self, hop: Hop, seqs: list[Sequence], failed_seqs: Tensor) -> Tensor:
         """x after the hop's chain; when it fails, every sequence of the step fails with its error (the
         chain ran them all) and the step goes on with x unchanged, to be discarded."""
-        for seq in seqs:
-            seq.hops += 1
         try:
             if self.hops is None:
                 raise PrismError("this engine has no way to reach other nodes on a route")

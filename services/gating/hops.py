@@ -57,7 +57,6 @@ class RouteHops:
         self.layer_timeout_s = layer_timeout_s
         self.max_payload = max_payload
         self.sent = 0
-        self.bytes_out = 0
 
     async def __call__(self, hop: Hop, seq_ids: list[str]) -> Tensor:
         meta = {"home": self.home, "seqs": seq_ids, "counts": hop.counts, "lens": hop.lens,
@@ -68,7 +67,6 @@ class RouteHops:
         # each layer of the chain may wait up to the expert timeout, and the hops cost little besides
         timeout_s = self.layer_timeout_s * (len(hop.chain) + 1)
         self.sent += 1
-        self.bytes_out += len(payload)
         try:
             msg = await self.nc.request(subjects.route_segment(first), payload, timeout=timeout_s)
         except NoRespondersError:

@@ -134,6 +134,17 @@ async def ask(nc: NatsClient, node: str, body: dict[str, Any] | bytes) -> tuple[
     return json.loads(msg.data), dict(msg.headers or {})
 
 
+async def ask_all(cluster: LocalCluster, nodes: list[str], batch: list[list[int]], max_tokens: int) -> list[dict]:
+    """Greedy requests, prompt i to node `nodes[i]`, all at once; the JSON replies in order."""
+    clients = {n: await cluster.connect(n) for n in set(nodes)}
+    async with asyncio.timeout(90):
+        replies = await asyncio.gather(*(
+            ask(clients[n], cluster.node(n), {"input_ids": p, "max_tokens": max_tokens})
+            for n, p in zip(nodes, batch, strict=True)
+        ))
+    return [r for r, _ in replies]
+
+
 def reference(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     """Greedy generation in one process: the oracle a distributed run must match."""
     from shared.model.generate import generate

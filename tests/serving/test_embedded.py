@@ -22,7 +22,7 @@ from shared import subjects
 from shared.errors import ExpertUnavailable
 from shared.schemas import HostStatus
 from tests.checkpoints import make_tiny_checkpoint
-from tests.serving.conftest import LocalCluster, ask, reference
+from tests.serving.conftest import LocalCluster, ask, ask_all, reference
 from tests.serving.test_serving import prompts
 
 pytestmark = pytest.mark.slow
@@ -50,18 +50,6 @@ async def mixed(cluster: LocalCluster, model: Path) -> None:
     await cluster.add_gating("a", model, embedded={"ae": "*:0-2"})
     await cluster.add_gating("b", model, embedded={"be": "*:6-7"})
     await cluster.settle()
-
-
-async def ask_all(cluster: LocalCluster, nodes: list[str], batch: list[list[int]], max_tokens: int) -> list[dict]:
-    clients = {n: await cluster.connect(n) for n in set(nodes)}
-    async with asyncio.timeout(90):
-        replies = await asyncio.gather(
-            *(
-                ask(clients[n], cluster.node(n), {"input_ids": p, "max_tokens": max_tokens})
-                for n, p in zip(nodes, batch, strict=True)
-            )
-        )
-    return [r for r, _ in replies]
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -11,8 +11,7 @@ import nats
 from services.gating.route_plan import RouteFollower
 from services.gating.routes import Route
 from shared import subjects
-from tests.serving.conftest import LocalCluster, reference
-from tests.serving.test_routes import ask_all
+from tests.serving.conftest import LocalCluster, ask_all, reference
 from tests.serving.test_serving import prompts
 
 

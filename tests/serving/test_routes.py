@@ -21,7 +21,7 @@ from shared import subjects
 from shared.codec import encode_tensor
 from shared.schemas import GatingLoad
 from tests.checkpoints import make_tiny_checkpoint
-from tests.serving.conftest import LocalCluster, ask, reference
+from tests.serving.conftest import LocalCluster, ask, ask_all, reference
 from tests.serving.test_serving import prompts
 
 pytestmark = pytest.mark.slow
@@ -51,16 +51,6 @@ async def three_nodes(cluster: LocalCluster, model: Path, routes: dict[str, str]
         await cluster.add_gating(node, model, embedded={f"{node}e": spec}, route=route, expert_timeout_s=2.0,
                                  activation_interval_s=3600)  # the counts stay in the counter for the test
     await cluster.settle()
-
-
-async def ask_all(cluster: LocalCluster, nodes: list[str], batch: list[list[int]], max_tokens: int) -> list[dict]:
-    clients = {n: await cluster.connect(n) for n in set(nodes)}
-    async with asyncio.timeout(90):
-        replies = await asyncio.gather(*(
-            ask(clients[n], cluster.node(n), {"input_ids": p, "max_tokens": max_tokens})
-            for n, p in zip(nodes, batch, strict=True)
-        ))
-    return [r for r, _ in replies]
 
 
 async def node_stats(cluster: LocalCluster) -> dict[str, GatingLoad]:
