@@ -138,7 +138,7 @@ class InProcess:
         from services.gating.engine import DoneEvent, ErrorEvent, Sequence
         from shared.model.sampling import SamplingParams
 
-        seq = Sequence(prompt, max_tokens, SamplingParams())
+        seq = Sequence(prompt, max_tokens, SamplingParams(), stream=False)
         self.engine.submit(seq)
         while not isinstance(await seq.events.get(), DoneEvent | ErrorEvent):
             pass
@@ -150,7 +150,7 @@ class InProcess:
         from services.gating.engine import DoneEvent, ErrorEvent, Sequence
         from shared.model.sampling import SamplingParams
 
-        seq = Sequence(prompt, max_tokens, SamplingParams())
+        seq = Sequence(prompt, max_tokens, SamplingParams(), stream=False)
         self.engine.submit(seq)
         while not isinstance(await seq.events.get(), DoneEvent | ErrorEvent):
             pass

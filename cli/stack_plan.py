@@ -90,7 +90,8 @@ def max_payload_for(hidden_size: int, max_context: int) -> int:
 
 def plan_stack(opts: StackOptions, environ: Mapping[str, str], cores: int) -> StackPlan:
     """The services to start for `opts`; StackError when the model or the topology does not do.
-    `environ` and `cores` decide what is not the launcher's to set (busy polling, log level)."""
+    `environ` and `cores` decide what is not the launcher's to set (busy polling, compute threads, log
+    level)."""
     from shared.model.checkpoint import load_config
     from shared.model.config import list_moe_layers
     from shared.model.errors import ModelError
@@ -112,7 +113,7 @@ def plan_stack(opts: StackOptions, environ: Mapping[str, str], cores: int) -> St
     wiring = {"MODEL": str(opts.model.resolve()), "MAX_PAYLOAD_BYTES": str(max_payload), "LOG_FORMAT": "json"}
     services = [
         *_hosts(opts, placement, expert_bytes, environ, cores),
-        *_gatings(opts, placement, expert_bytes),
+        *_gatings(opts, placement, expert_bytes, environ, cores),
         *_control_plane(opts),
         *_api(opts),
     ]
@@ -190,7 +191,13 @@ def _hosts(
     ]
 
 
-def _gatings(opts: StackOptions, placement: dict[str, list[tuple[int, int]]], expert_bytes: int) -> list[_Service]:
+def _gatings(
+    opts: StackOptions, placement: dict[str, list[tuple[int, int]]], expert_bytes: int, environ: Mapping[str, str],
+    cores: int,
+) -> list[_Service]:
+    # Each node's dense part (and embedded experts) gets its share of this machine's cores as torch
+    # threads: one node alone uses them all, a testbed of several shares them.
+    threads = environ.get("PRISM_GATING_COMPUTE_THREADS", str(max(1, cores // len(opts.topology.nodes))))
     return [
         (f"gating-{node.name}", "services.gating", "PRISM_GATING_", node.name, {
             "PRISM_GATING_NODE": node.name,
@@ -200,6 +207,7 @@ def _gatings(opts: StackOptions, placement: dict[str, list[tuple[int, int]]], ex
             "PRISM_GATING_ACTIVATION_INTERVAL_S": str(opts.activation_interval_s),
             "PRISM_GATING_HOST_TTL_S": str(opts.host_ttl_s),
             "PRISM_GATING_EMBEDDED_HOSTS": embedded_hosts_json(node, placement, expert_bytes),
+            "PRISM_GATING_COMPUTE_THREADS": threads,
         })
         for node in opts.topology.nodes
     ]

@@ -55,20 +55,25 @@ class ActivationCounter:
     def __init__(self, node: str, layers: list[int], num_experts: int) -> None:
         self.node = node
         self.layers = layers
+        self.num_experts = num_experts
         self.row = {layer: i for i, layer in enumerate(layers)}
-        self.counts = np.zeros((len(layers), num_experts), dtype=np.int64)
-        self.tokens = np.zeros(len(layers), dtype=np.int64)
+        # Python ints, not numpy: `add` runs on every MoE layer of every step, and a numpy scalar
+        # update costs about ten times a list's.
+        self.counts = [[0] * num_experts for _ in layers]
+        self.tokens = [0] * len(layers)
 
     def add(self, layer: int, experts: list[int], counts: list[int], *, tokens: int) -> None:
         """`counts[i]` tokens of one MoE call chose `experts[i]` (distinct); `tokens` went through the router."""
         i = self.row[layer]
-        for expert, count in zip(experts, counts, strict=True):  # a few items: cheaper than fancy indexing
-            self.counts[i, expert] += count
+        row = self.counts[i]
+        for expert, count in zip(experts, counts, strict=True):
+            row[expert] += count
         self.tokens[i] += tokens
 
     def take(self, window_s: float) -> ActivationReport:
         """The report of the window so far; starts a new window."""
-        report = ActivationReport(self.node, window_s, self.layers, self.counts.copy(), self.tokens.copy())
-        self.counts[:] = 0
-        self.tokens[:] = 0
+        counts = np.array(self.counts, dtype=np.int64).reshape(len(self.layers), self.num_experts)
+        report = ActivationReport(self.node, window_s, self.layers, counts, np.array(self.tokens, dtype=np.int64))
+        self.counts = [[0] * self.num_experts for _ in self.layers]
+        self.tokens = [0] * len(self.layers)
         return report

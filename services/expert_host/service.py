@@ -241,10 +241,11 @@ class ExpertHost:
         """The embedded path: each expert's output for its rows (`parts`, in the order of `experts`), for
         the gating of this process. Inline for small calls, on the host's worker thread for big ones
         (as for a batch from the bus). Raises UnknownExpert for an expert no longer resident."""
-        missing = [e for e in experts if (layer, e) not in self.weights]
-        if missing:
-            raise UnknownExpert(f"host {self.settings.host} does not hold expert {layer}.{missing[0]}")
-        weights = [self.weights[(layer, e)] for e in experts]
+        try:
+            weights = [self.weights[(layer, e)] for e in experts]
+        except KeyError as missing:
+            _, expert = missing.args[0]
+            raise UnknownExpert(f"host {self.settings.host} does not hold expert {layer}.{expert}") from None
         started = time.perf_counter()
         rows = sum(p.shape[0] for p in parts)
         if rows <= self.settings.inline_max_tokens:

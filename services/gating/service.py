@@ -177,8 +177,8 @@ class Gating:
             log.warning("request_without_reply_subject", node=self.settings.node)
             return
         try:
-            seq = Sequence(self._prompt_ids(req), req.max_tokens, SamplingParams(req.temperature, req.top_p, req.seed))
-            seq.route = self.route
+            params = SamplingParams(req.temperature, req.top_p, req.seed)
+            seq = Sequence(self._prompt_ids(req), req.max_tokens, params, route=self.route, stream=req.stream)
             self.engine.submit(seq)
         except PrismError as err:
             await self._send_error(reply_to, req.id, err)
