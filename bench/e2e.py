@@ -37,7 +37,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,8 @@ EXPERT_SLOTS_SHARE = 0.30
 HOSTS_PER_NODE = {"n0": 1, "n1": 1, "n2": 2}
 MAX_BATCH = 32  # the gating's default MAX_BATCH, which the stack runs with
 IDLE_S = 2.0
+PROBES = 20
+"""Empty requests per ordered pair of nodes when measuring a message's software time."""
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Measured:
     poisson_no_prefill_ms: list[float]  # the gating's total - prefill per request
     bytes_per_token_poisson: float
     errors: list[str]
+    message_s: float  # one message's software time one way, measured on this stack (the simulator's input)
 
 
 def build_model(workdir: Path) -> Path:
@@ -158,7 +161,38 @@ async def measure_policy(
         await links.measure_idle()
         b1_ms, b1_bytes, errors = await batch1_round(client, prompts, args, links)
         lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
-    return Measured(policy, plan, b1_ms, b1_bytes, lat, no_prefill, load_bytes, errors + more)
+        message_s = await message_time_s(stack, topo)
+    return Measured(policy, plan, b1_ms, b1_bytes, lat, no_prefill, load_bytes, errors + more, message_s)
+
+
+async def message_time_s(stack: LocalStack, topo: Topology) -> float:
+    """A message's software time one way, beyond its link's configured delay: from each node's leaf, empty
+    requests to a host of each other node, which its host answers at once (no compute, a few bytes);
+    median over node pairs of (round trip - configured round trip) / 2. What it holds: the link
+    emulators' relaying, the brokers on the way and the event loops at both ends."""
+    import nats
+
+    from shared import subjects
+
+    first_host = {node.name: node.hosts[0].name for node in topo.nodes}
+    delay_s = {node.name: node.link.delay_ms / 1000 for node in topo.nodes}
+    extra = []
+    for a, url in stack.leaf_urls.items():
+        nc = await nats.connect(url)
+        try:
+            for b, host in first_host.items():
+                if b == a:
+                    continue
+                times = []
+                for _ in range(PROBES):
+                    started = time.perf_counter()
+                    await nc.request(subjects.host_calls(host), b"", timeout=5)
+                    times.append(time.perf_counter() - started)
+                    await asyncio.sleep(0.01)
+                extra.append(statistics.median(times) - 2 * (delay_s[a] + delay_s[b]))
+        finally:
+            await nc.close()
+    return max(0.0, statistics.median(extra) / 2)
 
 
 def _request(prompt: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -241,11 +275,15 @@ def run_policy(
     """measure_policy, once more when the stack lost a port it had picked to another process (the
     machine is shared: its free port can be taken before a service binds it)."""
     from cli.stack import StackError
+    from shared.runtime import run
 
     for attempt in (1, 2):
         try:
-            return asyncio.run(measure_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args,
-                                              run_dir=work / f"run-{policy}-{attempt}"))
+            # On uvloop, as `prism up` runs them: on asyncio's own loop each emulated link delivers
+            # about 0.9 ms late (an 8 ms round trip across the hub took 13.1 ms, on uvloop 9.4 ms).
+            run_dir = work / f"run-{policy}-{attempt}"
+            return run(lambda: measure_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args,
+                                              run_dir=run_dir))  # noqa: B023 - called at once, in this iteration
         except StackError as exc:
             if attempt == 2 or "already in use" not in str(exc):
                 raise
@@ -283,19 +321,23 @@ def main() -> None:
     arrivals = poisson_arrivals(args.prompts_per_node, len(prompts), args.rate, args.seed)
     setup = SimSetup(sim_view(topo, expert_bytes), moe_layers, config.num_experts, calibrate(model),
                      decode_trace(model, picked, args.max_tokens))
-    measured, predicted = [], []
+    measured, predicted, calibrated = [], [], []
     for policy in args.policies.split(","):
         started = time.perf_counter()
         m = run_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args, work=work)
         p = predict(setup, m.plan, arrivals, MAX_BATCH)
+        c = predict(replace(setup, timing=replace(setup.timing, message_time_s=m.message_s)), m.plan, arrivals,
+                    MAX_BATCH)
         measured.append(m)
         predicted.append(p)
+        calibrated.append(c)
         print(f"# {policy}: {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}; batch 1 "
-              f"{m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}), Poisson mean "
-              f"{statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms (sim {p.poisson_mean_ms:.0f})",
+              f"{m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}, + msg {c.ms_per_token_b1:.1f}), "
+              f"Poisson mean {statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms (sim {p.poisson_mean_ms:.0f}, "
+              f"+ msg {c.poisson_mean_ms:.0f}); message {1e3 * m.message_s:.2f} ms",
               file=sys.stderr, flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32, Python {platform.python_version()}"
-    print_report(machine, args, setup, measured, predicted)
+    print_report(machine, args, setup, measured, predicted, calibrated=calibrated)
 
 
 if __name__ == "__main__":

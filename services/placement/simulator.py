@@ -9,7 +9,7 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
   node's first host; then the step's tokens are grouped by chosen expert. A group whose expert has a
   replica on n is computed by that local host; otherwise it goes to the nearest node holding a
   replica (lowest round trip, then highest bandwidth, then the next index after n cyclically) as one
-  message: link delay rtt/2 + bytes / bandwidth there, host compute, the same back. Bytes per message
+  message: link delay rtt/2 + bytes / bandwidth (+ message_time_s) there, host compute, the same back. Bytes per message
   = tokens × hidden × dtype bytes + envelope. The groups for one host leave back to back and are
   booked as one block, which is what the gating's one message per host and layer carries (a row per
   (token, expert)); only the envelopes are counted per group.
@@ -59,6 +59,8 @@ class SimConfig:
     expert_time_per_token_s: float = 0.5e-6
     shared_experts: int = 0               # computed locally inside the dense part
     envelope_bytes: int = 128             # per message, besides the hidden states
+    message_time_s: float = 0.0           # software time of a message one way, beyond link delay and bytes
+                                          # (brokers, event loops at both ends); measured per deployment
     migration_share: float = 0.5          # share of a link a migration may take
     expert_bytes: int = 17_300_000        # weights moved per replica a migration loads
     local_load_bytes_per_s: float = 0.0           # > 0: nodes load new replicas from local storage at this rate
@@ -71,7 +73,7 @@ class SimConfig:
             raise InvalidInputError("need max_batch >= 1, arrival_rate > 0 and 0 < migration_share < 1")
         if min(self.dense_time_s, self.dense_time_per_token_s, self.expert_time_s,
                self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts, self.local_load_bytes_per_s,
-               self.kv_bytes_per_token_layer) < 0:
+               self.kv_bytes_per_token_layer, self.message_time_s) < 0:
             raise InvalidInputError("SimConfig times and sizes must be >= 0")
 
 
@@ -161,7 +163,7 @@ class Simulator:
         self.first_host = [int(cluster.hosts_of(n)[0]) for n in range(N)]
         self.speed = cluster.host_speed.tolist()
         self.host_node = cluster.host_node.tolist()
-        self.half_rtt = (cluster.rtt_s / 2).tolist()
+        self.half_rtt = (cluster.rtt_s / 2 + config.message_time_s).tolist()  # one way, software included
         self.bw = cluster.bandwidth_Bps.tolist()
         self.migrating = False
         self.nodes = self._nodes(np.random.default_rng(config.seed), arrivals)

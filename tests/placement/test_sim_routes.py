@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,12 @@ def test_a_routed_step_by_hand() -> None:
     assert home.latencies_s[0] == pytest.approx(0.15 * MS + 2.55 * MS)
     assert (home.hops, home.messages) == (0, 1)
     assert home.foreign_kv_peak_bytes.tolist() == [0.0, 0.0]
+    # a message's software time: once per hop (two here), twice per round trip (one here)
+    slow = replace(CFG, message_time_s=0.3 * MS)
+    assert simulate(_one_token([[0], [0]]), cluster, routed, slow, arrivals=[np.array([0.0]), np.zeros(0)]
+                    ).latencies_s[0] == pytest.approx((2.7 + 2 * 0.3) * MS)
+    assert simulate(_one_token([[0], [0]]), cluster, Placement(hosts), slow, arrivals=[np.array([0.0]), np.zeros(0)]
+                    ).latencies_s[0] == pytest.approx((2.7 + 2 * 0.3) * MS)
 
 
 def test_a_remote_layer_calls_from_where_it_runs() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -43,6 +45,15 @@ def test_one_remote_token_by_hand() -> None:
     assert r.latencies_s[0] == pytest.approx(2.55 * MS)
     assert (r.remote_calls, r.local_calls, r.messages) == (1, 0, 1)
     assert r.bytes_across == 400
+
+
+def test_a_messages_software_time_is_paid_each_way_and_not_by_local_calls() -> None:
+    cluster, placement = _two_nodes()
+    cfg = replace(CFG, message_time_s=0.3 * MS)
+    remote = simulate(_trace([[[1]]], [0], [0]), cluster, placement, cfg, arrivals=[np.array([0.5]), np.zeros(0)])
+    assert remote.latencies_s[0] == pytest.approx((2.55 + 2 * 0.3) * MS)  # by hand above, plus 0.3 there and back
+    local = simulate(_trace([[[0]]], [0], [0]), cluster, placement, cfg, arrivals=[np.array([0.0]), np.zeros(0)])
+    assert local.latencies_s[0] == pytest.approx(0.15 * MS)
 
 
 def test_one_local_token_by_hand() -> None:
