@@ -50,6 +50,7 @@ from bench.e2e_report import print_report  # noqa: E402
 from bench.e2e_sim import SimSetup, calibrate, decode_trace, predict, sim_view  # noqa: E402
 from cli.demo import pick_prompts, replan_and_wait  # noqa: E402
 from cli.stack import LocalStack, StackOptions  # noqa: E402
+from services.placement.simulator import SimConfig  # noqa: E402
 from shared.topology import Topology, parse_topology  # noqa: E402
 
 V2_LITE_TINY: dict[str, Any] = {
@@ -69,7 +70,9 @@ HOSTS_PER_NODE = {"n0": 1, "n1": 1, "n2": 2}
 MAX_BATCH = 32  # the gating's default MAX_BATCH, which the stack runs with
 IDLE_S = 2.0
 PROBES = 20
-"""Empty requests per ordered pair of nodes when measuring a message's software time."""
+"""Expert calls per ordered pair of nodes when measuring a message's software time."""
+PROBE_EXPERTS = 2
+"""Experts per probe: a batch-1 top-6 call over three nodes sends about two to each."""
 
 
 @dataclass
@@ -84,7 +87,8 @@ class Measured:
     poisson_no_prefill_ms: list[float]  # the gating's total - prefill per request
     bytes_per_token_poisson: float
     errors: list[str]
-    message_s: float  # one message's software time one way, measured on this stack (the simulator's input)
+    probe_extra_s: float  # a remote expert call's time beyond the configured round trip (probe_extra_s)
+    message_s: float = 0.0  # the simulator's message_time_s from it (message_time_s)
 
 
 def build_model(workdir: Path) -> Path:
@@ -161,18 +165,33 @@ async def measure_policy(
         await links.measure_idle()
         b1_ms, b1_bytes, errors = await batch1_round(client, prompts, args, links)
         lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
-        message_s = await message_time_s(stack, topo)
-    return Measured(policy, plan, b1_ms, b1_bytes, lat, no_prefill, load_bytes, errors + more, message_s)
+        extra_s = await probe_extra_s(stack, topo, plan, hidden_size(model))
+    return Measured(policy, plan, b1_ms, b1_bytes, lat, no_prefill, load_bytes, errors + more, extra_s)
 
 
-async def message_time_s(stack: LocalStack, topo: Topology) -> float:
-    """A message's software time one way, beyond its link's configured delay: from each node's leaf, empty
-    requests to a host of each other node, which its host answers at once (no compute, a few bytes);
-    median over node pairs of (round trip - configured round trip) / 2. What it holds: the link
-    emulators' relaying, the brokers on the way and the event loops at both ends."""
+def hidden_size(model: Path) -> int:
+    from shared.model.checkpoint import load_config
+
+    return load_config(model).hidden_size
+
+
+def message_time_s(measured: Measured, timing: SimConfig) -> float:
+    """A message's software time one way, for the simulator: the probe's extra time less the compute
+    the simulator books on the host (its experts), halved (one message each way)."""
+    return max(0.0, (measured.probe_extra_s - PROBE_EXPERTS * timing.expert_time_s) / 2)
+
+
+async def probe_extra_s(stack: LocalStack, topo: Topology, plan: dict[str, Any], hidden_size: int) -> float:
+    """What a remote expert call takes beyond its link's configured round trip: from each node's leaf,
+    requests to the first host of each other node for one row each of `PROBE_EXPERTS` experts it holds
+    in the plan (a batch-1 call's message: the host decodes, computes, encodes and answers as for a
+    gating); median over node pairs of (round trip - configured round trip). It holds the experts'
+    compute, the link emulators' relaying, the brokers on the way and the event loops at both ends."""
     import nats
+    import torch
 
     from shared import subjects
+    from shared.codec import encode_tensor
 
     first_host = {node.name: node.hosts[0].name for node in topo.nodes}
     delay_s = {node.name: node.link.delay_ms / 1000 for node in topo.nodes}
@@ -183,16 +202,20 @@ async def message_time_s(stack: LocalStack, topo: Topology) -> float:
             for b, host in first_host.items():
                 if b == a:
                     continue
+                (layer, _), *_ = held = [tuple(key) for key in plan["hosts"][host]]
+                experts = [e for held_layer, e in held if held_layer == layer][:PROBE_EXPERTS]
+                meta = {"layer": layer, "experts": experts, "counts": [1] * len(experts)}
+                payload = encode_tensor(torch.zeros(len(experts), hidden_size), meta)
                 times = []
                 for _ in range(PROBES):
                     started = time.perf_counter()
-                    await nc.request(subjects.host_calls(host), b"", timeout=5)
+                    await nc.request(subjects.host_calls(host), payload, timeout=5)
                     times.append(time.perf_counter() - started)
                     await asyncio.sleep(0.01)
                 extra.append(statistics.median(times) - 2 * (delay_s[a] + delay_s[b]))
         finally:
             await nc.close()
-    return max(0.0, statistics.median(extra) / 2)
+    return statistics.median(extra)
 
 
 def _request(prompt: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -326,6 +349,7 @@ def main() -> None:
         started = time.perf_counter()
         m = run_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args, work=work)
         p = predict(setup, m.plan, arrivals, MAX_BATCH)
+        m.message_s = message_time_s(m, setup.timing)
         c = predict(replace(setup, timing=replace(setup.timing, message_time_s=m.message_s)), m.plan, arrivals,
                     MAX_BATCH)
         measured.append(m)

@@ -32,7 +32,9 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
           f"{1e3 * t.dense_time_s:.3f} ms per MoE layer, {1e3 * t.expert_time_s:.3f} ms per expert call, "
           f"{step_ms:.1f} ms per decode step with every expert local; {setup.trace.num_tokens} decode steps traced.")
     times = ", ".join(f"{m.policy} {1e3 * m.message_s:.2f}" for m in measured)
-    print(f"Software time of a message one way, measured on each stack (\"+ msg\" columns), ms: {times}.\n")
+    print("Software time of a message one way, measured on each stack (\"+ msg\" columns: a 2-expert call to a "
+          "host of another node, beyond the configured round trip and the simulator's compute of the 2 experts, "
+          f"halved), ms: {times}.\n")
     print(batch1_table(measured, predicted, calibrated))
     print()
     print(poisson_table(measured, predicted, calibrated))

@@ -15,8 +15,9 @@ Times come from `time.monotonic()`, not the loop clock:
 uvloop's clock has 1 ms steps and its timers may fire up to 1 ms early, and a delay must never be
 shorter than configured. Run it on uvloop (`prism up` does): on asyncio's own loop a timer fires
 late, and each traversal took about 0.9 ms more than on uvloop (an 8 ms round trip across the hub,
-four traversals: 13.1 ms against 9.4 ms, loopback, 2 cores). The queue per direction is bounded (backpressure to the sender, as a real TCP
-window would), and closing either side closes the relay of that connection.
+four traversals: 13.1 ms against 9.4 ms, loopback, 2 cores). The queue per direction is bounded
+(backpressure to the sender, as a real TCP window would), and closing either side closes the relay of
+that connection.
 """
 
 from __future__ import annotations
