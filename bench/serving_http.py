@@ -4,7 +4,11 @@
 
 Per path: time to first token (request sent → first token's text at the client; p50 and p99 over every
 stream) and decode throughput (generated tokens of a block / the block's wall time; median over blocks).
-Both clients run in the benchmark's process: httpx parses SSE, nats-py decodes JSON chunks.
+The clients run in the benchmark's process: nats-py decodes JSON chunks; for HTTP, httpx parses SSE, and
+a raw client (`RawSse`: HTTP/1.1 over asyncio streams, one kept-alive connection per concurrent stream)
+does the same with a few lines of code, so that the client library's own cost (httpx spends about a
+millisecond of CPU per request; 16 requests at once spread their start by tens of ms) shows apart from
+the API's.
 """
 
 from __future__ import annotations
@@ -60,24 +64,75 @@ async def http_stream(http: httpx.AsyncClient, node: str, prompt: list[int], max
     return first, tokens
 
 
+class RawSse:
+    """One kept-alive HTTP/1.1 connection to the API: POST a streaming completion, read its SSE events
+    (chunked transfer encoding, as uvicorn sends a streaming response)."""
+
+    def __init__(self, host: str, port: int, model: str) -> None:
+        self.host, self.port, self.model = host, port, model
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def stream(self, node: str, prompt: list[int], max_tokens: int) -> tuple[float, int]:
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port)
+        reader, writer = self.streams
+        body = json.dumps({"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                           "stream": True, "stream_options": {"include_usage": True}}).encode()
+        head = (f"POST /v1/completions HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+                f"X-Prism-Node: {node}\r\nContent-Length: {len(body)}\r\n\r\n")
+        started = time.perf_counter()
+        writer.write(head.encode() + body)
+        status = await reader.readline()
+        if b" 200 " not in status:
+            raise RuntimeError(f"API answered {status!r}")
+        while await reader.readline() not in (b"\r\n", b""):  # headers
+            pass
+        first, tokens, pending = 0.0, 0, b""
+        while size := int((await reader.readline()).strip(), 16):  # chunks until the last, empty one
+            pending += (await reader.readexactly(size + 2))[:-2]
+            *events, pending = pending.split(b"\n\n")
+            for event in events:
+                data = event.removeprefix(b"data: ")
+                if data == b"[DONE]":
+                    continue
+                parsed = json.loads(data)
+                if parsed.get("usage"):
+                    tokens = int(parsed["usage"]["completion_tokens"])
+                elif parsed["choices"] and parsed["choices"][0]["text"]:
+                    first = first or time.perf_counter() - started
+        await reader.readline()  # the empty chunk's CRLF
+        return first, tokens
+
+    async def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+
+
 async def http_vs_nats(nc: nats.NATS, api_url: str, model: str, node: str, *, blocks: int, concurrent: int,
                        max_tokens: int) -> dict[str, dict[str, float]]:
-    """Per path ("nats", "http"): ttft_p50_ms, ttft_p99_ms, tok_s (median over its blocks)."""
-    raw: dict[str, dict[str, list[float]]] = {p: {"ttft": [], "tok_s": []} for p in ("nats", "http")}
+    """Per path ("nats", "http", "raw"): ttft_p50_ms, ttft_p99_ms, tok_s (median over its blocks)."""
+    paths = ("nats", "http", "raw")
+    raw: dict[str, dict[str, list[float]]] = {p: {"ttft": [], "tok_s": []} for p in paths}
     limits = httpx.Limits(max_connections=concurrent, max_keepalive_connections=concurrent)
+    address = httpx.URL(api_url)
+    lanes = [RawSse(address.host, address.port or 80, model) for _ in range(concurrent)]
     async with httpx.AsyncClient(base_url=api_url, timeout=120, limits=limits, headers={"x-model": model}) as http:
         for block in range(blocks):
             prompts = [[(7 * i + 5 * block + j) % 200 + 3 for j in range(16)] for i in range(concurrent)]
-            for path in ("nats", "http") if block % 2 == 0 else ("http", "nats"):
+            for path in paths[block % 3:] + paths[: block % 3]:  # each path first in turn
                 started = time.perf_counter()
                 if path == "nats":
                     runs = [nats_stream(nc, node, p, max_tokens) for p in prompts]
-                else:
+                elif path == "http":
                     runs = [http_stream(http, node, p, max_tokens) for p in prompts]
+                else:
+                    runs = [lane.stream(node, p, max_tokens) for lane, p in zip(lanes, prompts, strict=True)]
                 results = await asyncio.gather(*runs)
                 wall = time.perf_counter() - started
                 raw[path]["ttft"] += [ttft for ttft, _ in results]
                 raw[path]["tok_s"].append(sum(tokens for _, tokens in results) / wall)
+    for lane in lanes:
+        await lane.close()
     out = {}
     for path, cell in raw.items():
         ttft = sorted(cell["ttft"])
@@ -99,12 +154,14 @@ async def wait_for_api(api_url: str, timeout_s: float = 60) -> None:
 
 
 def print_table(results: dict[str, dict[str, float]], *, blocks: int, concurrent: int, max_tokens: int) -> None:
-    nats_r, http_r = results["nats"], results["http"]
+    nats_r = results["nats"]
     print(f"\nHTTP API vs NATS, same gating (every expert embedded), {concurrent} concurrent streams, prompt 16 "
           f"tokens, {max_tokens} generated, greedy; {blocks} blocks per path, taking turns")
     print("| path | TTFT p50 ms | TTFT p99 ms | decode tok/s | time vs NATS |")
     print("|---|---:|---:|---:|---:|")
-    print(f"| NATS (`prism.v1.infer`, streaming) | {nats_r['ttft_p50_ms']:.0f} | {nats_r['ttft_p99_ms']:.0f} | "
-          f"{nats_r['tok_s']:.1f} | 1.00× |")
-    print(f"| HTTP (`/v1/completions`, SSE) | {http_r['ttft_p50_ms']:.0f} | {http_r['ttft_p99_ms']:.0f} | "
-          f"{http_r['tok_s']:.1f} | {nats_r['tok_s'] / http_r['tok_s']:.2f}× |")
+    names = {"nats": "NATS (`prism.v1.infer`, streaming)", "http": "HTTP (`/v1/completions`, SSE), httpx client",
+             "raw": "HTTP (`/v1/completions`, SSE), raw client"}
+    for path, name in names.items():
+        r = results[path]
+        print(f"| {name} | {r['ttft_p50_ms']:.0f} | {r['ttft_p99_ms']:.0f} | {r['tok_s']:.1f} | "
+              f"{nats_r['tok_s'] / r['tok_s']:.2f}× |")
