@@ -93,6 +93,10 @@ class NodeExperts:
                 return done
         spans = routing.spans
         deadline = asyncio.get_running_loop().time() + self.timeout_s
+        if not local:  # nothing to compute meanwhile: wait for the bus itself (no task, no extra loop turns)
+            started = time.perf_counter()
+            answers = await self._answer(call.layer, rows, spans, remote, deadline)
+            return self._combine(call, routing, rows, answers, 0.0, time.perf_counter() - started)
         in_flight = asyncio.ensure_future(self._answer(call.layer, rows, spans, remote, deadline)) if remote else None
         await self._let_others_run(in_flight is not None)
         started = time.perf_counter()

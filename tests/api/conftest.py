@@ -13,10 +13,12 @@ from typing import Any
 import nats
 import pytest
 from nats.aio.client import Client as NatsClient
+from nats.errors import NoRespondersError
 
 from services.api.server import HttpServer
 from services.api.service import build
 from services.api.settings import ApiSettings
+from services.gating.service import Gating
 from shared import subjects
 from shared.nats_server import NatsServer, free_port
 from shared.schemas import GatingLoad
@@ -47,6 +49,24 @@ class ApiStack:
     @staticmethod
     def url(server: HttpServer, host: str = "127.0.0.1") -> str:
         return f"http://{host}:{server.port}/v1"
+
+    async def add_gating_node(self, name: str, model: Path, **settings: Any) -> Gating:
+        """Node `name` with a gating, once the hub (where the API publishes) reaches its intake: a new
+        leaf's subscriptions reach the hub a moment after the gating starts, and a request sent before
+        would be answered "no responders"."""
+        await self.cluster.add_node(name)
+        gating = await self.cluster.add_gating(name, model, **settings)
+        nc = await nats.connect(self.hub.cfg.client_url())
+        try:
+            async with asyncio.timeout(10):
+                while True:
+                    try:  # an empty object is a bad request: any answer proves the way there
+                        await nc.request(subjects.infer(self.cluster.node(name)), b"{}", timeout=1)
+                        return gating
+                    except NoRespondersError:
+                        await asyncio.sleep(0.02)
+        finally:
+            await nc.close()
 
     async def load(self, node: str) -> GatingLoad:
         """The node's gating load as its `$SRV.STATS` reply tells it (what the API reads)."""

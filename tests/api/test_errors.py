@@ -110,8 +110,7 @@ async def test_bodies_over_the_limit_are_413_announced_or_chunked(
 
 
 async def test_experts_that_do_not_answer_are_503(stack: ApiStack, client: AsyncOpenAI, far_model: Path) -> None:
-    await stack.cluster.add_node("dead")
-    await stack.cluster.add_gating("dead", far_model, expert_timeout_s=0.3)
+    await stack.add_gating_node("dead", far_model, expert_timeout_s=0.3)
     node = stack.cluster.node("dead")
     with pytest.raises(openai.InternalServerError) as caught:
         await client.completions.create(model="demo", prompt="x", max_tokens=2, extra_headers={"X-Prism-Node": node})
@@ -127,8 +126,8 @@ async def test_experts_that_do_not_answer_are_503(stack: ApiStack, client: Async
 async def test_a_full_node_is_429_with_retry_after_and_clients_that_leave_free_their_places(
     stack: ApiStack, api: HttpServer, client: AsyncOpenAI, far_model: Path
 ) -> None:
-    await stack.cluster.add_node("slow")  # one slot, one queue place, experts that never answer
-    await stack.cluster.add_gating("slow", far_model, expert_timeout_s=5, max_batch=1, max_queue=1)
+    # one slot, one queue place, experts that never answer
+    await stack.add_gating_node("slow", far_model, expert_timeout_s=5, max_batch=1, max_queue=1)
     node = stack.cluster.node("slow")
     body = {"model": "demo", "prompt": "x", "max_tokens": 4}
     async with httpx.AsyncClient(base_url=stack.url(api), headers={"X-Prism-Node": node}) as http:
@@ -160,8 +159,7 @@ async def test_a_gating_silent_past_the_timeout_is_504_and_the_request_is_cancel
 
 
 async def test_a_stopping_gating_is_503_shutting_down(stack: ApiStack, client: AsyncOpenAI, far_model: Path) -> None:
-    await stack.cluster.add_node("stopping")
-    gating = await stack.cluster.add_gating("stopping", far_model, expert_timeout_s=30, drain_timeout_s=0.2)
+    gating = await stack.add_gating_node("stopping", far_model, expert_timeout_s=30, drain_timeout_s=0.2)
     node = stack.cluster.node("stopping")
     request = asyncio.create_task(client.completions.create(
         model="demo", prompt="x", max_tokens=2, extra_headers={"X-Prism-Node": node}))
