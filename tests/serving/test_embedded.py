@@ -16,6 +16,7 @@ import nats
 import pytest
 import torch
 
+from services.gating.metrics import sample
 from services.migrator.service import Migrator, build
 from services.migrator.settings import MigratorSettings
 from shared import subjects
@@ -41,6 +42,14 @@ async def all_embedded(cluster: LocalCluster, model: Path) -> None:
     await cluster.settle()
 
 
+async def two_embedded(cluster: LocalCluster, model: Path) -> None:
+    """Node a's two devices (`prism up`'s default of two hosts per node): each embeds half of every
+    layer's experts, so most calls need both."""
+    await cluster.add_node("a")
+    await cluster.add_gating("a", model, embedded={"ae": "*:0-3", "af": "*:4-7"})
+    await cluster.settle()
+
+
 async def mixed(cluster: LocalCluster, model: Path) -> None:
     """Node a: embedded ae (experts 0-2), process host a1 (3-5); node b: embedded be (6-7). Each node
     needs the other's experts: b reaches a's embedded host and a's process host over the bus."""
@@ -53,20 +62,27 @@ async def mixed(cluster: LocalCluster, model: Path) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("layout", ["all-embedded", "mixed"])
+@pytest.mark.parametrize("layout", ["all-embedded", "two-embedded", "mixed"])
 async def test_sixteen_concurrent_greedy_equal_in_process(
     cluster: LocalCluster, family: str, layout: str, family_dirs: dict[str, Path]
 ) -> None:
     model = family_dirs[family]
-    await (all_embedded if layout == "all-embedded" else mixed)(cluster, model)
+    await {"all-embedded": all_embedded, "two-embedded": two_embedded, "mixed": mixed}[layout](cluster, model)
     batch = prompts(16, seed=5)
     expected = reference(model, batch, max_tokens=10)
-    nodes = ["a"] * 16 if layout == "all-embedded" else ["a", "b"] * 8
+    nodes = ["a", "b"] * 8 if layout == "mixed" else ["a"] * 16
     replies = await ask_all(cluster, nodes, batch, 10)
     assert [r.get("token_ids") for r in replies] == expected
     ae = cluster.embedded("a", "ae")
     assert ae.counters.direct_calls > 0, "node a's own tokens reach its embedded experts by a direct call"
-    if layout == "all-embedded":
+    if layout == "two-embedded":
+        af = cluster.embedded("a", "af")
+        assert af.counters.direct_calls > 0
+        assert ae.counters.messages == af.counters.messages == 0, "nothing crossed the bus"
+        counts = sample(cluster.gatings["a"])
+        assert (counts.remote_calls, counts.messages) == (0, 0)
+        assert counts.local_calls > 0
+    elif layout == "all-embedded":
         assert ae.counters.messages == 0, "nothing crossed the bus"
         timings = replies[0]["timings"]
         assert timings["local_experts_s"] > 0
