@@ -131,7 +131,8 @@ class NodeExperts:
             return None
         self.local_calls += len(routing.experts)
         failed = torch.zeros(call.hidden.shape[0], dtype=torch.bool)
-        return ExpertsResult(combine(call, routing, outputs), failed, None, time.perf_counter() - started, 0.0)
+        took = time.perf_counter() - started
+        return ExpertsResult(combine(call, routing, outputs), failed, None, took, 0.0, routing)
 
     async def _let_others_run(self, remote: bool) -> None:
         """Yield to the event loop before local compute. With requests in flight, two turns (the first
@@ -193,7 +194,7 @@ class NodeExperts:
                 error = error or answer
             else:
                 _place(outputs, answer.to(rows.dtype), experts, spans)
-        return ExpertsResult(combine(call, routing, outputs), failed, error, local_s, remote_wait_s)
+        return ExpertsResult(combine(call, routing, outputs), failed, error, local_s, remote_wait_s, routing)
 
     async def _answer(
         self, layer: int, rows: Tensor, spans: Spans, experts: list[int], deadline: float

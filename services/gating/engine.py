@@ -34,7 +34,7 @@ from torch import Tensor
 from services.gating.routes import Hop, Route, route_steps
 from shared.errors import Overloaded, PrismError
 from shared.model.model import Batch, MoEModel
-from shared.model.moe import MoECall
+from shared.model.moe import MoECall, Routing
 from shared.model.sampling import Sampler, SamplingParams
 
 log = structlog.get_logger()
@@ -55,6 +55,7 @@ class ExpertsResult:
     error: PrismError | None = None  # why, when any token failed
     local_s: float = 0.0  # computing experts embedded in this process
     remote_wait_s: float = 0.0  # waiting on remote experts once the local ones were done
+    routing: Routing | None = None  # the call's choices as the experts function sorted them, if it did
 
 
 @dataclass

@@ -192,15 +192,18 @@ class SegmentRunner:
             if call is None:
                 assert x is not None
                 return x, activations
+            result = await self.experts(call, torch.ones(call.hidden.shape[0], dtype=torch.bool))
+            if result.error is not None:
+                raise result.error
+            value = result.output
+            if len(rows) == 1 and result.routing is not None:  # one item: its choices are the call's
+                activations[0].append([call.layer, result.routing.experts, result.routing.counts, rows[0]])
+                continue
             start = 0
             for item, n in enumerate(rows):
                 routing = Routing.of(call.expert_ids[start : start + n])
                 activations[item].append([call.layer, routing.experts, routing.counts, n])
                 start += n
-            result = await self.experts(call, torch.ones(call.hidden.shape[0], dtype=torch.bool))
-            if result.error is not None:
-                raise result.error
-            value = result.output
 
     async def _resume(
         self, layers: Generator[MoECall, Tensor, Tensor], value: Tensor | None, inline: bool
