@@ -82,6 +82,7 @@ class Measured:
     policy: str
     plan: dict[str, Any]
     ms_per_token_b1: float
+    hop_ms_per_step_b1: float  # of a step, the time its home waited for other nodes' layers (routes only)
     bytes_per_token_b1: float
     poisson_ms: list[float]  # client latency per request
     poisson_no_prefill_ms: list[float]  # the gating's total - prefill per request
@@ -163,10 +164,10 @@ async def measure_policy(
             raise SystemExit(f"{policy}: no plan in KV")
         links = LinkBytes(stack)
         await links.measure_idle()
-        b1_ms, b1_bytes, errors = await batch1_round(client, prompts, args, links)
+        b1_ms, b1_hop_ms, b1_bytes, errors = await batch1_round(client, prompts, args, links)
         lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
         extra_s = await probe_extra_s(stack, topo, plan, hidden_size(model))
-    return Measured(policy, plan, b1_ms, b1_bytes, lat, no_prefill, load_bytes, errors + more, extra_s)
+    return Measured(policy, plan, b1_ms, b1_hop_ms, b1_bytes, lat, no_prefill, load_bytes, errors + more, extra_s)
 
 
 def hidden_size(model: Path) -> int:
@@ -224,13 +225,14 @@ def _request(prompt: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def batch1_round(
     client: Any, prompts: dict[str, list[str]], args: argparse.Namespace, links: LinkBytes
-) -> tuple[float, float, list[str]]:
-    """(ms per generated token, bytes across per decode step, errors) with one request at a time."""
+) -> tuple[float, float, float, list[str]]:
+    """(ms per generated token, of each step the ms its home waited on hops, bytes across per decode step,
+    errors) with one request at a time."""
     from cli.client import InferError
 
-    moved, steps, per_node, errors = 0.0, 0, [], []
+    moved, steps, per_node, hops_per_node, errors = 0.0, 0, [], [], []
     for node, texts in prompts.items():
-        mine = []
+        mine, hops = [], []
         for text in texts:
             try:
                 final, decode_bytes = await _streamed(client, node, text, args, links)
@@ -240,11 +242,14 @@ async def batch1_round(
             n = len(final.token_ids)
             if n > 1:
                 mine.append(1000 * final.timings["decode_s"] / (n - 1))
+                hops.append(1000 * final.timings.get("hop_wait_s", 0.0) / n)  # every step, prefill too
                 moved, steps = moved + decode_bytes, steps + n - 1
         if mine:
             per_node.append(statistics.mean(mine))
+            hops_per_node.append(statistics.mean(hops))
     ms = statistics.mean(per_node) if per_node else float("nan")
-    return ms, moved / max(steps, 1), errors
+    hop_ms = statistics.mean(hops_per_node) if hops_per_node else float("nan")
+    return ms, hop_ms, moved / max(steps, 1), errors
 
 
 async def _streamed(

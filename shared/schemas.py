@@ -89,6 +89,7 @@ class Timings(Message):
     expert_wait_s: float = Field(description="in routed-expert calls: local compute plus what remote ones added")
     local_experts_s: float = Field(0.0, description="computing experts held in the gating's own process")
     remote_wait_s: float = Field(0.0, description="waiting on remote experts after the local ones were done")
+    hop_wait_s: float = Field(0.0, description="on a route: waiting for other nodes' layers (hops and their segments)")
     total_s: float
 
 

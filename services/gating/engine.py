@@ -59,12 +59,13 @@ class ExpertsResult:
 
 
 @dataclass
-class ExpertTime:
-    """Seconds one step spent in routed-expert calls, and how they split."""
+class StepTime:
+    """Seconds one step spent in routed-expert calls (and how they split), and waiting on hops."""
 
-    wait_s: float = 0.0  # the whole calls
+    wait_s: float = 0.0  # the whole expert calls
     local_s: float = 0.0  # computing embedded experts
     remote_wait_s: float = 0.0  # waiting on remote ones after that
+    hop_wait_s: float = 0.0  # on a route: from sending a hop to its chain's answer
 
     def add(self, wait_s: float, result: ExpertsResult) -> None:
         self.wait_s += wait_s
@@ -112,6 +113,7 @@ class Sequence:
     expert_wait_s: float = 0.0
     local_experts_s: float = 0.0
     remote_wait_s: float = 0.0
+    hop_wait_s: float = 0.0
     error: PrismError | None = None
     route: Route | None = None  # executing node per layer, fixed for the sequence's life; None: all at home
     stream: bool = True
@@ -223,6 +225,7 @@ class Engine:
             seq.expert_wait_s += spent.wait_s
             seq.local_experts_s += spent.local_s
             seq.remote_wait_s += spent.remote_wait_s
+            seq.hop_wait_s += spent.hop_wait_s
             if seq.error is not None:
                 self._finish(seq, ErrorEvent(seq.error))
                 continue
@@ -234,19 +237,21 @@ class Engine:
 
     async def _forward(
         self, batch: Batch, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor
-    ) -> tuple[Tensor, ExpertTime]:
+    ) -> tuple[Tensor, StepTime]:
         route = seqs[0].route
         steps: Generator[MoECall | Hop, Tensor, Tensor] = (
             route_steps(self.model, batch, self.cache, route, self.home) if route else
             self.model.forward_steps(batch, self.cache)
         )
         inline = len(owner) <= self.inline_max_tokens
-        spent = ExpertTime()
+        spent = StepTime()
         live = torch.ones(len(owner), dtype=torch.bool)  # [T] tokens of sequences still going; kept until one fails
         call, logits = await self._compute(inline, steps, None)
         while call is not None:
             if isinstance(call, Hop):
+                started = time.perf_counter()
                 output = await self._hop(call, seqs, failed_seqs)
+                spent.hop_wait_s += time.perf_counter() - started
                 live = ~failed_seqs[owner]
             else:
                 started = time.perf_counter()

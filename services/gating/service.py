@@ -280,6 +280,7 @@ class Gating:
             expert_wait_s=seq.expert_wait_s,
             local_experts_s=seq.local_experts_s,
             remote_wait_s=seq.remote_wait_s,
+            hop_wait_s=seq.hop_wait_s,
             total_s=seq.finished - seq.arrived,
         )
         usage = Usage(prompt_tokens=len(seq.prompt), completion_tokens=len(seq.generated))

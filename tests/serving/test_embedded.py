@@ -86,6 +86,7 @@ async def test_sixteen_concurrent_greedy_equal_in_process(
         assert ae.counters.messages == 0, "nothing crossed the bus"
         timings = replies[0]["timings"]
         assert timings["local_experts_s"] > 0
+        assert timings["hop_wait_s"] == 0  # no route: every layer at home
         assert timings["remote_wait_s"] < timings["expert_wait_s"]
     else:
         assert ae.counters.messages > 0, "node b's batches for experts 0-2 were answered by a's embedded host"

@@ -86,6 +86,8 @@ async def test_sixteen_concurrent_greedy_through_routes_equal_in_process(
     nodes = ["a", "b", "c", "a"] * 4
     replies = await ask_all(cluster, nodes, batch, 8)
     assert [r.get("token_ids") for r in replies] == expected
+    for reply in replies:  # every route leaves home: part of each request's time is its hops'
+        assert 0 < reply["timings"]["hop_wait_s"] < reply["timings"]["total_s"]
     loads = await node_stats(cluster)
     for node, gating in cluster.gatings.items():
         load = loads[cluster.node(node)]
