@@ -83,6 +83,7 @@ class Measured:
     plan: dict[str, Any]
     ms_per_token_b1: float
     hop_ms_per_step_b1: float  # of a step, the time its home waited for other nodes' layers (routes only)
+    segment_ms_per_step_b1: float  # of a step, the time other nodes spent running its segments
     bytes_per_token_b1: float
     poisson_ms: list[float]  # client latency per request
     poisson_no_prefill_ms: list[float]  # the gating's total - prefill per request
@@ -164,10 +165,21 @@ async def measure_policy(
             raise SystemExit(f"{policy}: no plan in KV")
         links = LinkBytes(stack)
         await links.measure_idle()
-        b1_ms, b1_hop_ms, b1_bytes, errors = await batch1_round(client, prompts, args, links)
+        busy_before = await segment_seconds(client)
+        b1_ms, b1_hop_ms, b1_bytes, errors, b1_steps = await batch1_round(client, prompts, args, links)
+        b1_segment_ms = 1000 * (await segment_seconds(client) - busy_before) / max(b1_steps, 1)
         lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
         extra_s = await probe_extra_s(stack, topo, plan, hidden_size(model))
-    return Measured(policy, plan, b1_ms, b1_hop_ms, b1_bytes, lat, no_prefill, load_bytes, errors + more, extra_s)
+    return Measured(policy, plan, b1_ms, b1_hop_ms, b1_segment_ms, b1_bytes, lat, no_prefill, load_bytes,
+                    errors + more, extra_s)
+
+
+async def segment_seconds(client: Any) -> float:
+    """Seconds every gating has spent running other nodes' segments, from their `$SRV.STATS`."""
+    from cli.status import endpoint_data
+
+    loads = [endpoint_data(stats, "load") for stats in await client.gather("$SRV.STATS.prism-gating")]
+    return sum(float(load.get("segment_s", 0.0)) for load in loads if load)
 
 
 def hidden_size(model: Path) -> int:
@@ -225,12 +237,12 @@ def _request(prompt: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def batch1_round(
     client: Any, prompts: dict[str, list[str]], args: argparse.Namespace, links: LinkBytes
-) -> tuple[float, float, float, list[str]]:
+) -> tuple[float, float, float, list[str], int]:
     """(ms per generated token, of each step the ms its home waited on hops, bytes across per decode step,
-    errors) with one request at a time."""
+    errors, steps run: prefills and decodes) with one request at a time."""
     from cli.client import InferError
 
-    moved, steps, per_node, hops_per_node, errors = 0.0, 0, [], [], []
+    moved, steps, all_steps, per_node, hops_per_node, errors = 0.0, 0, 0, [], [], []
     for node, texts in prompts.items():
         mine, hops = [], []
         for text in texts:
@@ -240,6 +252,7 @@ async def batch1_round(
                 errors.append(f"{node}: {exc}")
                 continue
             n = len(final.token_ids)
+            all_steps += n
             if n > 1:
                 mine.append(1000 * final.timings["decode_s"] / (n - 1))
                 hops.append(1000 * final.timings.get("hop_wait_s", 0.0) / n)  # every step, prefill too
@@ -249,7 +262,7 @@ async def batch1_round(
             hops_per_node.append(statistics.mean(hops))
     ms = statistics.mean(per_node) if per_node else float("nan")
     hop_ms = statistics.mean(hops_per_node) if hops_per_node else float("nan")
-    return ms, hop_ms, moved / max(steps, 1), errors
+    return ms, hop_ms, moved / max(steps, 1), errors, all_steps
 
 
 async def _streamed(

@@ -38,9 +38,10 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
     print(batch1_table(measured, predicted, calibrated))
     routed = [m for m in measured if m.policy in ROUTED]
     if routed:
-        waits = ", ".join(f"{m.policy} {m.hop_ms_per_step_b1:.1f}" for m in routed)
-        print(f"\nOf a routed step at batch 1, the home's wait for other nodes' layers (`hop_wait_s` per step), ms: "
-              f"{waits}.")
+        waits = ", ".join(f"{m.policy} {m.hop_ms_per_step_b1:.1f} (segments running {m.segment_ms_per_step_b1:.1f})"
+                          for m in routed)
+        print(f"\nOf a routed step at batch 1, the home's wait for other nodes' layers (`hop_wait_s` per step) and, "
+              f"of that, the other gatings' time running its segments (`segment_s`), ms: {waits}.")
     print()
     print(poisson_table(measured, predicted, calibrated))
     print()

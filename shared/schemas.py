@@ -64,6 +64,7 @@ class GatingLoad(Message):
     foreign_kv: int = Field(0, description="KV slots held for other nodes' requests whose route runs layers here")
     segments_run: int = Field(0, description="route segments run for other nodes, since start")
     segment_batches: int = Field(0, description="forward passes they took (segments of one range batch together)")
+    segment_s: float = Field(0.0, description="seconds those forward passes took (layers, experts, KV), since start")
     hops_sent: int = Field(0, description="chains of this node's requests' layers sent to other nodes, since start")
     route: list[str] = Field(default_factory=list, description="executing node per layer for new requests; [] = home")
 

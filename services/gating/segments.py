@@ -104,6 +104,7 @@ class SegmentRunner:
         self._doomed: set[tuple[str, int]] = set()
         self.segments_run = 0
         self.forwards = 0  # forward passes: fewer than segments_run when several ran together
+        self.busy_s = 0.0  # seconds in those forward passes
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segments")
 
     async def run(self, hidden: Tensor, req: SegmentRequest) -> tuple[Tensor, list[Activation]]:
@@ -148,6 +149,7 @@ class SegmentRunner:
         keys = [(sid, seg.start) for i, _ in admitted for sid in items[i][1].seqs]
         hidden = torch.cat([items[i][0] for i, _ in admitted]).to(self.model.dtype)
         self._running.update(keys)
+        started = time.perf_counter()
         try:
             layers = self.model.layer_steps(step, hidden, seg.start, seg.end)
             x, activations = await self._drive(layers, rows, inline=hidden.shape[0] <= self.inline_max_tokens)
@@ -155,6 +157,7 @@ class SegmentRunner:
         except PrismError as err:
             return [err] * len(admitted)
         finally:
+            self.busy_s += time.perf_counter() - started
             self._running.difference_update(keys)
             self._free([key for key in keys if key in self._doomed])
         self.segments_run += len(admitted)

@@ -224,6 +224,7 @@ class Gating:
             foreign_kv=len(self.segments.runner.slots) if self.segments else 0,
             segments_run=self.segments.runner.segments_run if self.segments else 0,
             segment_batches=self.segments.runner.forwards if self.segments else 0,
+            segment_s=self.segments.runner.busy_s if self.segments else 0.0,
             hops_sent=self.hops.sent if self.hops else 0,
             route=list(self.route or []),
         )

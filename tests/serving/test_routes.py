@@ -92,6 +92,7 @@ async def test_sixteen_concurrent_greedy_through_routes_equal_in_process(
     for node, gating in cluster.gatings.items():
         load = loads[cluster.node(node)]
         assert load.segments_run > 0, f"{node} ran no segment"
+        assert load.segment_s > 0
         assert load.hops_sent > 0, f"{node} sent no hop"
         # Every layer's routing is counted by the home, wherever the layer ran: the same tokens each layer.
         tokens = list(gating.counter.tokens)
