@@ -47,10 +47,17 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from bench.e2e_report import print_report  # noqa: E402
-from bench.e2e_sim import SimSetup, calibrate, decode_trace, predict, sim_view  # noqa: E402
+from bench.e2e_sim import (  # noqa: E402
+    PROBE_EXPERTS,
+    SimSetup,
+    calibrate,
+    decode_trace,
+    message_time_s,
+    predict,
+    sim_view,
+)
 from cli.demo import pick_prompts, replan_and_wait  # noqa: E402
 from cli.stack import LocalStack, StackOptions  # noqa: E402
-from services.placement.simulator import SimConfig  # noqa: E402
 from shared.topology import Topology, parse_topology  # noqa: E402
 
 V2_LITE_TINY: dict[str, Any] = {
@@ -71,8 +78,6 @@ MAX_BATCH = 32  # the gating's default MAX_BATCH, which the stack runs with
 IDLE_S = 2.0
 PROBES = 20
 """Expert calls per ordered pair of nodes when measuring a message's software time."""
-PROBE_EXPERTS = 2
-"""Experts per probe: a batch-1 top-6 call over three nodes sends about two to each."""
 
 
 @dataclass
@@ -90,7 +95,6 @@ class Measured:
     bytes_per_token_poisson: float
     errors: list[str]
     probe_extra_s: float  # a remote expert call's time beyond the configured round trip (probe_extra_s)
-    message_s: float = 0.0  # the simulator's message_time_s from it (message_time_s)
 
 
 def build_model(workdir: Path) -> Path:
@@ -177,8 +181,10 @@ async def measure_policy(
 async def segment_seconds(client: Any) -> float:
     """Seconds every gating has spent running other nodes' segments, from their `$SRV.STATS`."""
     from cli.status import endpoint_data
+    from shared import subjects
 
-    loads = [endpoint_data(stats, "load") for stats in await client.gather("$SRV.STATS.prism-gating")]
+    replies = await client.gather(f"$SRV.STATS.{subjects.SERVICE_GATING}")
+    loads = [endpoint_data(stats, "load") for stats in replies]
     return sum(float(load.get("segment_s", 0.0)) for load in loads if load)
 
 
@@ -186,12 +192,6 @@ def hidden_size(model: Path) -> int:
     from shared.model.checkpoint import load_config
 
     return load_config(model).hidden_size
-
-
-def message_time_s(measured: Measured, timing: SimConfig) -> float:
-    """A message's software time one way, for the simulator: the probe's extra time less the compute
-    the simulator books on the host (its experts), halved (one message each way)."""
-    return max(0.0, (measured.probe_extra_s - PROBE_EXPERTS * timing.expert_time_s) / 2)
 
 
 async def probe_extra_s(stack: LocalStack, topo: Topology, plan: dict[str, Any], hidden_size: int) -> float:
@@ -367,8 +367,8 @@ def main() -> None:
         started = time.perf_counter()
         m = run_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args, work=work)
         p = predict(setup, m.plan, arrivals, MAX_BATCH)
-        m.message_s = message_time_s(m, setup.timing)
-        c = predict(replace(setup, timing=replace(setup.timing, message_time_s=m.message_s)), m.plan, arrivals,
+        message_s = message_time_s(m.probe_extra_s, setup.timing)
+        c = predict(replace(setup, timing=replace(setup.timing, message_time_s=message_s)), m.plan, arrivals,
                     MAX_BATCH)
         measured.append(m)
         predicted.append(p)
@@ -376,7 +376,7 @@ def main() -> None:
         print(f"# {policy}: {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}; batch 1 "
               f"{m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}, + msg {c.ms_per_token_b1:.1f}), "
               f"Poisson mean {statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms (sim {p.poisson_mean_ms:.0f}, "
-              f"+ msg {c.poisson_mean_ms:.0f}); message {1e3 * m.message_s:.2f} ms",
+              f"+ msg {c.poisson_mean_ms:.0f}); message {1e3 * message_s:.2f} ms",
               file=sys.stderr, flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32, Python {platform.python_version()}"
     print_report(machine, args, setup, measured, predicted, calibrated=calibrated)

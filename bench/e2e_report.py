@@ -7,6 +7,8 @@ import math
 import statistics
 from typing import TYPE_CHECKING
 
+from bench.e2e_sim import message_time_s
+
 if TYPE_CHECKING:
     from bench.e2e import Measured
     from bench.e2e_sim import Prediction, SimSetup
@@ -17,7 +19,7 @@ ROUTED = ("pipeline", "route")
 def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measured: list[Measured],
                  predicted: list[Prediction], *, calibrated: list[Prediction]) -> None:
     """`predicted`: the simulator with the links as configured; `calibrated`: the same plus each
-    stack's measured software time per message (`Measured.message_s`)."""
+    stack's measured software time per message (`message_time_s` of its probe)."""
     t = setup.timing
     print(f"# Prism end-to-end — {machine}")
     print(
@@ -31,7 +33,7 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
     print(f"Simulator timing (the model in this process, batch 1, 1 torch thread): dense part "
           f"{1e3 * t.dense_time_s:.3f} ms per MoE layer, {1e3 * t.expert_time_s:.3f} ms per expert call, "
           f"{step_ms:.1f} ms per decode step with every expert local; {setup.trace.num_tokens} decode steps traced.")
-    times = ", ".join(f"{m.policy} {1e3 * m.message_s:.2f}" for m in measured)
+    times = ", ".join(f"{m.policy} {1e3 * message_time_s(m.probe_extra_s, t):.2f}" for m in measured)
     print("Software time of a message one way, measured on each stack (\"+ msg\" columns: a 2-expert call to a "
           "host of another node, beyond the configured round trip and the simulator's compute of the 2 experts, "
           f"halved), ms: {times}.\n")

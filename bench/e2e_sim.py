@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from services.placement.types import Placement
     from shared.topology import Topology
 
+PROBE_EXPERTS = 2
+"""Experts per message-time probe (bench/e2e.py): a batch-1 top-6 call over three nodes sends about two to each."""
 FAR_APART_S = 1000.0
 """Spacing of batch-1 arrivals in the simulation: no two requests overlap, as in the real round."""
 
@@ -55,6 +57,12 @@ class Prediction:
     poisson_mean_ms: float
     poisson_p99_ms: float
     bytes_per_token_poisson: float
+
+
+def message_time_s(probe_extra_s: float, timing: SimConfig) -> float:
+    """A message's software time one way, for the simulator: what a probe call took beyond its configured
+    round trip, less the compute the simulator books on the host (its experts), halved."""
+    return max(0.0, (probe_extra_s - PROBE_EXPERTS * timing.expert_time_s) / 2)
 
 
 def sim_view(topology: Topology, expert_bytes: int) -> ClusterView:

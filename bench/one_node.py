@@ -22,7 +22,6 @@ import os
 import platform
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -34,32 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.hops import prism_up  # noqa: E402
 from shared import subjects  # noqa: E402
 from shared.nats_server import free_port  # noqa: E402
 
 NODE = "node0"
-
-
-async def _quiet(_: Exception) -> None:
-    """Connection errors while the stack starts are expected: the loop retries."""
-
-
-async def until_serving(url: str, timeout_s: float = 180) -> nats.NATS:
-    """A connection to the stack once node0 answers a one-token request."""
-    probe = json.dumps({"input_ids": [1], "max_tokens": 1}).encode()
-    async with asyncio.timeout(timeout_s):
-        while True:
-            try:
-                nc = await nats.connect(url, allow_reconnect=False, error_cb=_quiet)
-            except OSError:
-                await asyncio.sleep(0.5)
-                continue
-            try:
-                await nc.request(subjects.infer(NODE), probe, timeout=5)
-                return nc
-            except nats.errors.Error:
-                await nc.close()
-                await asyncio.sleep(0.5)
 
 
 Times = tuple[list[float], list[float], list[dict]]  # in one process (s), through Prism (s), the gating's timings
@@ -91,7 +69,7 @@ async def rounds(nc: nats.NATS, model_dir: Path, args: argparse.Namespace) -> Ti
 
 
 async def measure(port: int, args: argparse.Namespace) -> Times:
-    nc = await until_serving(f"nats://127.0.0.1:{port}")
+    nc = await nats.connect(f"nats://127.0.0.1:{port}")
     try:
         return await rounds(nc, Path(args.model), args)
     finally:
@@ -126,9 +104,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     port = free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="prism-one-node-"))
-    argv = [str(ROOT / "prism"), "up", "--nodes", "1", "--model", args.model, "--port", str(port),
-            "--mqtt-port", "0", "--monitor-port", "0", "--api-port", "0", "--run-dir", str(run_dir)]
-    stack = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stack = prism_up(Path(args.model), port, run_dir, "--nodes", "1")  # returns once every node serves
     try:
         times = asyncio.run(measure(port, args))
     finally:

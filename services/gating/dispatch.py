@@ -101,7 +101,7 @@ class NodeExperts:
         await self._let_others_run(in_flight is not None)
         started = time.perf_counter()
         answers = await self._compute_local(call.layer, local, rows, spans, deadline)
-        local_s = time.perf_counter() - started if local else 0.0
+        local_s = time.perf_counter() - started
         if in_flight is not None:
             answers += await in_flight
         remote_wait_s = time.perf_counter() - started - local_s

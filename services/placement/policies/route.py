@@ -209,12 +209,13 @@ def route(
     model = RouteModel(cluster, f, coact, workload)
     wl = model.workload
     slots = cluster.node_slots()
-    cur_ok = (current is not None and current.hosts.shape == (cluster.num_hosts, *f.shape[1:])
-              and (current.routes is None or current.routes.shape[0] == cluster.num_nodes))
-    cur_view = current.node_view(cluster) if current is not None and cur_ok else None
-    prefer = current.hosts if current is not None and cur_ok else None
+    if current is not None and not (current.hosts.shape == (cluster.num_hosts, *f.shape[1:])
+                                    and (current.routes is None or current.routes.shape[0] == cluster.num_nodes)):
+        current = None  # of another cluster or model shape: ignored
+    cur_view = current.node_view(cluster) if current is not None else None
+    prefer = current.hosts if current is not None else None
     scored = []
-    for view, table, made in _candidates(f, cluster, model, coact, current if cur_ok else None):
+    for view, table, made in _candidates(f, cluster, model, coact, current):
         if table is not None and not _fits(view, table, slots, wl.kv_slots_per_layer):
             continue  # (the stay-home candidate always fits: it is a valid `latency` placement)
         placement = made if made is not None else Placement(_hosts(view, table, model, f, prefer),
@@ -224,7 +225,6 @@ def route(
             cost += wl.migration_cost_s * float((view & ~cur_view).sum())
         scored.append((cost, placement))
     cost, best = min(scored, key=lambda c: c[0])  # min keeps the first of equal costs
-    if (current is not None and cur_view is not None
-            and not cost < model.cost(current) * (1.0 - wl.min_gain)):
+    if current is not None and not cost < model.cost(current) * (1.0 - wl.min_gain):
         return current
     return best
