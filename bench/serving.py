@@ -132,7 +132,7 @@ class InProcess:
     async def _experts(self, call, live):  # the engine's ExpertsFn
         from services.gating.engine import ExpertsResult
 
-        return ExpertsResult(self.experts(call), torch.zeros(call.hidden.shape[0], dtype=torch.bool))
+        return ExpertsResult(self.experts(call), None)
 
     async def decode_ms(self, prompt: list[int], max_tokens: int) -> float:
         from services.gating.engine import DoneEvent, ErrorEvent, Sequence
@@ -313,7 +313,10 @@ async def run_http_only(args: argparse.Namespace) -> None:
 
 
 async def run(args: argparse.Namespace) -> None:
+    from shared.model.inference import inference_only
+
     torch.set_num_threads(1)
+    inference_only()  # the in-process baseline computes as a gating does
     work = Path(tempfile.mkdtemp(prefix="prism-bench-"))
     model = Path(args.model) if args.model else default_model(work)
     config = load_config(model)

@@ -15,7 +15,7 @@ Subjects:
 
 Embedded: the same component runs inside a gating's process for the experts of the node's own
 devices (`services/gating/service.py` builds it on the gating's connection). There the gating calls
-`compute_direct` on its hidden states (no envelope, no broker); everything else (subscriptions for
+`compute_block` on its hidden states (no envelope, no broker); everything else (subscriptions for
 other nodes, commands, heartbeats, the budget, migration) is what a separate host process does.
 
 Failure behaviour: a bad envelope, wrong hidden size or dtype, or an expert this host does not hold is
@@ -33,7 +33,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +50,7 @@ from services.expert_host.settings import ExpertHostSettings
 from shared import subjects
 from shared.codec import decode_tensor, encode_tensor
 from shared.errors import BadRequest, BadTensor, OverBudget, Overloaded, PrismError, ShuttingDown, UnknownExpert
+from shared.model.inference import executor, inference, inference_only
 from shared.model.moe import ExpertWeights, expert_forward
 from shared.schemas import HostStatus, LoadCommand, StatusCommand, UnloadCommand, parse_host_command
 from shared.weights import fetch_expert
@@ -92,12 +92,14 @@ class ExpertHost:
         self.model_id = settings.model_id or settings.model.name
         self.settings = settings
         self.weights = weights
+        self.changes = 0  # bumped whenever `weights` gains or loses an expert (the gating caches who holds what)
         self.hidden_size = hidden_size
         self.dtype = getattr(torch, settings.dtype)
+        self.device = torch.device(settings.device)  # where its experts compute
         self.counters = Counters()
         self._subscriptions: dict[tuple[int, int], Subscription] = {}
         self._host_calls: Subscription | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"experts-{settings.host}")
+        self._executor = executor(f"experts-{settings.host}")
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -223,54 +225,46 @@ class ExpertHost:
         return layer, experts, counts
 
     async def _compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
-        missing = [e for e in experts if (layer, e) not in self.weights]
-        if missing:
-            names = ", ".join(f"{layer}.{e}" for e in missing)
-            raise UnknownExpert(f"host {self.settings.host} does not hold expert {names}")
-        weights = [self.weights[(layer, e)] for e in experts]
-        parts = list(torch.split(hidden, counts))
-        if hidden.shape[0] <= self.settings.inline_max_tokens:  # a thread hop costs more than the math
-            return self._run_experts(weights, parts)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_experts, weights, parts)
+        return await self._run(self._weights(layer, experts), hidden, counts)
 
     def holds(self, layer: int, expert: int) -> bool:
         """Whether the weights of (layer, expert) are resident here (loaded, not yet freed)."""
         return (layer, expert) in self.weights
 
-    async def compute_direct(self, layer: int, experts: list[int], parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The embedded path: each expert's output for its rows (`parts`, in the order of `experts`), for
-        the gating of this process. Inline for small calls, on the host's worker thread for big ones
-        (as for a batch from the bus). Raises UnknownExpert for an expert no longer resident."""
-        try:
-            weights = [self.weights[(layer, e)] for e in experts]
-        except KeyError as missing:
-            _, expert = missing.args[0]
-            raise UnknownExpert(f"host {self.settings.host} does not hold expert {layer}.{expert}") from None
-        started = time.perf_counter()
-        rows = sum(p.shape[0] for p in parts)
-        if rows <= self.settings.inline_max_tokens:
-            outs = self._run_each(weights, parts)
-        else:
-            outs = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_each, weights, parts)
-        self.counters.direct_calls += len(experts)
-        self.counters.direct_tokens += rows
-        self.counters.direct_s += time.perf_counter() - started
-        return outs
-
     async def compute_block(
         self, layer: int, experts: list[int], rows: torch.Tensor, counts: list[int]
     ) -> torch.Tensor:
-        """`compute_direct` on one expert-sorted block: rows [N, D] hold `counts[i]` rows of
-        `experts[i]` in turn; returns their outputs [N, D] in the same order."""
-        return torch.cat(await self.compute_direct(layer, experts, list(torch.split(rows, counts))))
+        """The embedded path, for the gating of this process: rows [N, D] hold `counts[i]` rows of
+        `experts[i]` in turn (no envelope, no broker); returns their outputs [N, D] in the same order.
+        Inline for small calls, on the host's worker thread for big ones (as for a batch from the
+        bus). Raises UnknownExpert for an expert no longer resident."""
+        weights = self._weights(layer, experts)
+        started = time.perf_counter()
+        out = await self._run(weights, rows, counts)
+        self.counters.direct_calls += len(experts)
+        self.counters.direct_tokens += rows.shape[0]
+        self.counters.direct_s += time.perf_counter() - started
+        return out
 
-    def _run_each(self, weights: list[ExpertWeights], parts: list[torch.Tensor]) -> list[torch.Tensor]:
-        with torch.inference_mode():  # once per call: entering it costs about what a small expert does
-            return [expert_forward(w, x.to(w.gate.device)) for w, x in zip(weights, parts, strict=True)]
+    def _weights(self, layer: int, experts: list[int]) -> list[ExpertWeights]:
+        try:
+            return [self.weights[(layer, e)] for e in experts]
+        except KeyError:
+            names = ", ".join(f"{layer}.{e}" for e in experts if (layer, e) not in self.weights)
+            raise UnknownExpert(f"host {self.settings.host} does not hold expert {names}") from None
 
-    def _run_experts(self, weights: list[ExpertWeights], parts: list[torch.Tensor]) -> torch.Tensor:
-        outs = [self._run_expert(w, x) for w, x in zip(weights, parts, strict=True)]
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+    async def _run(self, weights: list[ExpertWeights], rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if rows.shape[0] <= self.settings.inline_max_tokens:  # a thread hop costs more than the math
+            return self._run_block(weights, rows, counts)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_block, weights, rows, counts)
+
+    def _run_block(self, weights: list[ExpertWeights], rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Each expert on its rows of the expert-sorted block, outputs in the same order."""
+        with inference():  # once per block, and only where the thread is not in it: it costs about a small expert
+            x = rows.to(self.device)
+            if len(weights) == 1:
+                return expert_forward(weights[0], x)
+            return torch.cat([expert_forward(w, part) for w, part in zip(weights, torch.split(x, counts), strict=True)])
 
     def _count(self, layer: int, experts: list[int], tokens: int) -> None:
         self.counters.calls += len(experts)  # one per expert, whichever subject carried it
@@ -278,10 +272,6 @@ class ExpertHost:
         for expert in experts:
             name = f"{layer}.{expert}"
             self.counters.per_expert[name] = self.counters.per_expert.get(name, 0) + 1
-
-    def _run_expert(self, weights: ExpertWeights, hidden: torch.Tensor) -> torch.Tensor:
-        with torch.inference_mode():
-            return expert_forward(weights, hidden.to(weights.gate.device))
 
     async def _respond_error(self, msg: Msg, err: PrismError) -> None:
         if msg.reply:
@@ -326,6 +316,7 @@ class ExpertHost:
             if used + weights.nbytes() > limit:
                 raise OverBudget(f"expert {key[0]}.{key[1]} does not fit: {used + weights.nbytes()} > {limit} bytes")
             self.weights[key] = weights
+            self.changes += 1
             await self.subscribe(key)
             log.info("expert_loaded", host=self.settings.host, layer=key[0], expert=key[1])
         await self.nc.flush()
@@ -337,6 +328,7 @@ class ExpertHost:
             if sub is not None:
                 await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
             if self.weights.pop(key, None) is not None:
+                self.changes += 1
                 log.info("expert_unloaded", host=self.settings.host, layer=key[0], expert=key[1])
 
     def status(self) -> HostStatus:
@@ -435,6 +427,7 @@ async def main(settings: ExpertHostSettings) -> None:
 
     configure_logging(settings.log_level, settings.log_format, service="expert_host", host=settings.host)
     torch.set_num_threads(settings.compute_threads)
+    inference_only()
     weights, hidden_size = load_weights(settings)
     nc = await connect(settings, f"expert-host-{settings.host}")
     store = await open_store(nc, settings.weights_bucket)

@@ -71,16 +71,18 @@ class NodeExperts:
         self.remote_calls = 0  # expert calls sent over the bus (a fallback counts again)
         self.node_calls = 0  # of those, to a host on this node by its heartbeats (metrics: local)
         self._turned = 0.0  # perf_counter of this dispatcher's last yield to the event loop
+        self._holder: dict[tuple[int, int], int] = {}  # (layer, expert) -> the embedded host computing it
+        self._holder_changes = -1  # the hosts' total `changes` when `_holder` was built
 
-    async def __call__(self, call: MoECall, live: Tensor) -> ExpertsResult:
+    async def __call__(self, call: MoECall, live: Tensor | None) -> ExpertsResult:
         return await self._call(call, live, self.counter)
 
-    async def uncounted(self, call: MoECall, live: Tensor) -> ExpertsResult:
+    async def uncounted(self, call: MoECall, live: Tensor | None) -> ExpertsResult:
         """The same, left out of this node's activation counts: a route segment run for another node,
         whose home counts it (the segment's reply carries the counts)."""
         return await self._call(call, live, None)
 
-    async def _call(self, call: MoECall, live: Tensor, counter: ActivationCounter | None) -> ExpertsResult:
+    async def _call(self, call: MoECall, live: Tensor | None, counter: ActivationCounter | None) -> ExpertsResult:
         routing = Routing.of(call.expert_ids, live)
         if counter is not None:
             tokens = sum(routing.counts) // call.expert_ids.shape[1]  # live ones: each chose K experts
@@ -120,19 +122,18 @@ class NodeExperts:
             if len(local) == 1:  # one block in, one block out
                 index, experts = next(iter(local.items()))
                 outputs = await self.embedded[index].compute_block(call.layer, experts, rows, routing.counts)
-            else:
-                parts = dict(zip(routing.experts, torch.split(rows, routing.counts), strict=True))
-                outs: dict[int, Tensor] = {}
-                for index, experts in local.items():
-                    done = await self.embedded[index].compute_direct(call.layer, experts, [parts[e] for e in experts])
-                    outs.update(zip(experts, done, strict=True))
-                outputs = torch.cat([outs[e] for e in routing.experts])
+            else:  # a contiguous run of the block per host in turn (hosts usually hold ranges of experts)
+                parts, start = [], 0
+                for index, experts, counts in _runs(routing, call.layer, self._holders()):
+                    end = start + sum(counts)
+                    parts.append(await self.embedded[index].compute_block(call.layer, experts, rows[start:end], counts))
+                    start = end
+                outputs = torch.cat(parts)
         except PrismError:
             return None
         self.local_calls += len(routing.experts)
-        failed = torch.zeros(call.hidden.shape[0], dtype=torch.bool)
         took = time.perf_counter() - started
-        return ExpertsResult(combine(call, routing, outputs), failed, None, took, 0.0, routing)
+        return ExpertsResult(combine(call, routing, outputs), None, None, took, 0.0, routing)
 
     async def _let_others_run(self, remote: bool) -> None:
         """Yield to the event loop before local compute. With requests in flight, two turns (the first
@@ -148,30 +149,41 @@ class NodeExperts:
 
     def _split(self, layer: int, experts: list[int]) -> tuple[dict[int, list[int]], list[int]]:
         """(embedded host index → experts it computes here, experts to ask over the bus)."""
+        holder = self._holders()
         local: dict[int, list[int]] = {}
         remote = []
         for expert in experts:  # plain loops: this runs on every MoE layer of every step
-            for index, host in enumerate(self.embedded):
-                if host.holds(layer, expert):
-                    local.setdefault(index, []).append(expert)
-                    break
-            else:
+            index = holder.get((layer, expert))
+            if index is None:
                 remote.append(expert)
+            else:
+                local.setdefault(index, []).append(expert)
         return local, remote
+
+    def _holders(self) -> dict[tuple[int, int], int]:
+        """(layer, expert) → index of the first embedded host holding it; rebuilt only after a host
+        loaded or freed an expert."""
+        changes = sum(host.changes for host in self.embedded)
+        if changes != self._holder_changes:
+            self._holder = {}
+            for index in reversed(range(len(self.embedded))):  # the first holder wins
+                self._holder.update(dict.fromkeys(self.embedded[index].weights, index))
+            self._holder_changes = changes
+        return self._holder
 
     async def _compute_local(
         self, layer: int, local: dict[int, list[int]], rows: Tensor, spans: Spans, deadline: float
     ) -> list[tuple[list[int], Answer]]:
         answers: list[tuple[list[int], Answer]] = []
         for index, experts in local.items():
-            parts = [rows[slice(*spans[e])] for e in experts]
+            counts = [spans[e][1] - spans[e][0] for e in experts]
             try:
-                outs = await self.embedded[index].compute_direct(layer, experts, parts)
+                out = await self.embedded[index].compute_block(layer, experts, _take(rows, experts, spans), counts)
             except PrismError:  # freed by a migration since the split: its new holder is on the bus
                 answers += await self._answer(layer, rows, spans, experts, deadline)
                 continue
             self.local_calls += len(experts)
-            answers += [([e], out) for e, out in zip(experts, outs, strict=True)]
+            answers.append((experts, out))
         return answers
 
     @staticmethod
@@ -269,6 +281,19 @@ class NodeExperts:
         except PrismError as err:
             return ExpertUnavailable(f"{name}: {err.message}")
         return _parse_reply(msg.headers, msg.data, hidden, name)
+
+
+def _runs(routing: Routing, layer: int, holder: dict[tuple[int, int], int]) -> list[tuple[int, list[int], list[int]]]:
+    """The block as runs of consecutive experts that one embedded host holds, in block order:
+    (host index, experts, their row counts)."""
+    runs: list[tuple[int, list[int], list[int]]] = []
+    for expert, n in zip(routing.experts, routing.counts, strict=True):
+        index = holder[(layer, expert)]
+        if not runs or runs[-1][0] != index:
+            runs.append((index, [], []))
+        runs[-1][1].append(expert)
+        runs[-1][2].append(n)
+    return runs
 
 
 def _left(deadline: float) -> float:

@@ -23,7 +23,6 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
@@ -33,14 +32,15 @@ from torch import Tensor
 
 from services.gating.routes import Hop, Route, route_steps
 from shared.errors import Overloaded, PrismError
+from shared.model.inference import executor, inference
 from shared.model.model import Batch, MoEModel
 from shared.model.moe import MoECall, Routing
 from shared.model.sampling import Sampler, SamplingParams
 
 log = structlog.get_logger()
 
-ExpertsFn = Callable[[MoECall, Tensor], Awaitable["ExpertsResult"]]
-"""(call, live [T] bool) -> combined output of the live tokens and which tokens failed."""
+ExpertsFn = Callable[[MoECall, Tensor | None], Awaitable["ExpertsResult"]]
+"""(call, live [T] bool or None for all) -> combined output of the live tokens and which tokens failed."""
 
 Y = TypeVar("Y")  # what a forward generator yields
 
@@ -51,7 +51,7 @@ HopsFn = Callable[[Hop, list[str]], Awaitable[Tensor]]
 @dataclass(frozen=True)
 class ExpertsResult:
     output: Tensor  # [T, D] combined routed output (rows of failed or dead tokens are garbage)
-    failed: Tensor  # [T] bool, tokens whose expert did not answer
+    failed: Tensor | None  # [T] bool, tokens whose expert did not answer; None: every one answered
     error: PrismError | None = None  # why, when any token failed
     local_s: float = 0.0  # computing experts embedded in this process
     remote_wait_s: float = 0.0  # waiting on remote experts once the local ones were done
@@ -151,7 +151,7 @@ class Engine:
         self.active: list[Sequence] = []
         self.waiting: deque[Sequence] = deque()
         self._wake = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dense")
+        self._executor = executor("dense")
         self.steps = 0
 
     def submit(self, seq: Sequence) -> None:
@@ -245,7 +245,7 @@ class Engine:
         )
         inline = len(owner) <= self.inline_max_tokens
         spent = StepTime()
-        live = torch.ones(len(owner), dtype=torch.bool)  # [T] tokens of sequences still going; kept until one fails
+        live: Tensor | None = None  # [T] tokens of sequences still going, once one has failed; None: all
         call, logits = await self._compute(inline, steps, None)
         while call is not None:
             if isinstance(call, Hop):
@@ -289,6 +289,7 @@ class Engine:
 
     @staticmethod
     def _mark_failed(result: ExpertsResult, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor) -> None:
+        assert result.failed is not None  # with an error
         for i in torch.unique(owner[result.failed]).tolist():
             failed_seqs[i] = True
             if seqs[i].error is None:
@@ -340,7 +341,7 @@ def resume(steps: Generator[Y, Tensor, Tensor], value: Tensor | None) -> tuple[Y
     StopIteration cannot cross a Future, so the generator's return value is unpacked here.
     """
     try:
-        with torch.inference_mode():  # no autograd bookkeeping per op: ~3% of a small decode step
+        with inference():  # no autograd bookkeeping per op: ~3% of a small decode step
             return steps.send(value), None  # type: ignore[arg-type]  # the first send must be None
     except StopIteration as done:
         return None, done.value

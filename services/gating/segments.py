@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Generator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +33,7 @@ from services.gating.routes import Segment
 from shared import subjects
 from shared.errors import BadSegment, Overloaded, PrismError
 from shared.model.errors import InputError
+from shared.model.inference import executor
 from shared.model.model import MoEModel
 from shared.model.moe import MoECall, Routing
 
@@ -105,7 +105,7 @@ class SegmentRunner:
         self.segments_run = 0
         self.forwards = 0  # forward passes: fewer than segments_run when several ran together
         self.busy_s = 0.0  # seconds in those forward passes
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segments")
+        self._executor = executor("segments")
 
     async def run(self, hidden: Tensor, req: SegmentRequest) -> tuple[Tensor, list[Activation]]:
         """x [T, D] after this node's first segment of `req.chain`, and the experts its tokens chose in
@@ -195,7 +195,7 @@ class SegmentRunner:
             if call is None:
                 assert x is not None
                 return x, activations
-            result = await self.experts(call, torch.ones(call.hidden.shape[0], dtype=torch.bool))
+            result = await self.experts(call, None)
             if result.error is not None:
                 raise result.error
             value = result.output

@@ -59,6 +59,7 @@ from shared.errors import (
     ShuttingDown,
     TokenOutOfRange,
 )
+from shared.model.inference import inference_only
 from shared.model.model import MoEModel
 from shared.model.sampling import SamplingParams
 from shared.model.tokenizer import Tokenizer
@@ -449,6 +450,7 @@ async def main(settings: GatingSettings) -> None:
 
     configure_logging(settings.log_level, settings.log_format, service="gating", node=settings.node)
     torch.set_num_threads(settings.compute_threads)
+    inference_only()
     nc = await connect(settings, f"gating-{settings.node}")
     gating = build(nc, settings)
     async with serve_metrics(gating.registry, settings.metrics_bind, settings.metrics_port, "gating"):

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from torch import Tensor
 
 from shared.model.errors import InputError
+from shared.model.inference import inference
 from shared.model.model import Batch, MoEModel
 from shared.model.moe import MoECall
 from shared.model.sampling import Sampler, SamplingParams
@@ -37,26 +38,27 @@ def generate(  # noqa: PLR0917 - the seam others call positionally
     stop = _stop_ids(eos_token_id, model.config.eos_token_ids)
     if not prompts:
         return []
-    cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_tokens)
-    slots = [cache.allocate() for _ in prompts]
-    sampler = Sampler()
-    outputs: list[list[int]] = [[] for _ in prompts]
-    active = list(range(len(prompts)))
-    logits = model.forward(Batch(slots, [list(p) for p in prompts]), cache, experts)  # [B, V]
-    while active:
-        still = []
-        for row, i in enumerate(active):
-            token = sampler.sample(logits[row], per_prompt[i], key=i)
-            outputs[i].append(token)
-            if on_token is not None:
-                on_token(i, token)
-            if token not in stop and len(outputs[i]) < max_tokens:
-                still.append(i)
-        active = still
-        if active:
-            batch = Batch([slots[i] for i in active], [[outputs[i][-1]] for i in active])
-            logits = model.forward(batch, cache, experts)
-    return outputs
+    with inference():  # no autograd bookkeeping: this only infers
+        cache = model.new_cache(len(prompts), max(len(p) for p in prompts) + max_tokens)
+        slots = [cache.allocate() for _ in prompts]
+        sampler = Sampler()
+        outputs: list[list[int]] = [[] for _ in prompts]
+        active = list(range(len(prompts)))
+        logits = model.forward(Batch(slots, [list(p) for p in prompts]), cache, experts)  # [B, V]
+        while active:
+            still = []
+            for row, i in enumerate(active):
+                token = sampler.sample(logits[row], per_prompt[i], key=i)
+                outputs[i].append(token)
+                if on_token is not None:
+                    on_token(i, token)
+                if token not in stop and len(outputs[i]) < max_tokens:
+                    still.append(i)
+            active = still
+            if active:
+                batch = Batch([slots[i] for i in active], [[outputs[i][-1]] for i in active])
+                logits = model.forward(batch, cache, experts)
+        return outputs
 
 
 def _per_prompt_params(params: list[SamplingParams] | SamplingParams, n: int) -> list[SamplingParams]:

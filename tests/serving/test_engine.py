@@ -24,11 +24,13 @@ class AsyncLocal:
         self.fail_expert = fail_expert
         self.calls: list[int] = []
 
-    async def __call__(self, call: MoECall, live: torch.Tensor) -> ExpertsResult:
+    async def __call__(self, call: MoECall, live: torch.Tensor | None) -> ExpertsResult:
         self.calls.append(call.hidden.shape[0])
         failed = torch.zeros(call.hidden.shape[0], dtype=torch.bool)
         if self.fail_expert and call.layer == self.fail_expert[0]:
-            failed = (call.expert_ids == self.fail_expert[1]).any(dim=1) & live
+            failed = (call.expert_ids == self.fail_expert[1]).any(dim=1)
+            if live is not None:
+                failed &= live
         error = ExpertUnavailable("expert gone") if failed.any() else None
         return ExpertsResult(self.experts(call), failed, error)
 

@@ -150,7 +150,7 @@ async def test_a_bug_in_one_batch_is_answered_and_the_host_goes_on(
     await cluster.add_node("a")
     host = await cluster.add_host("a", "h", mixtral_dir, "0:0")
     nc = await cluster.connect("a")
-    real = host._run_experts
+    real = host._run_block
     calls = 0
 
     def fails_once(*args: object) -> torch.Tensor:  # injected fault: the first batch hits a bug
@@ -160,7 +160,7 @@ async def test_a_bug_in_one_batch_is_answered_and_the_host_goes_on(
             raise RuntimeError("a bug")
         return real(*args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(host, "_run_experts", fails_once)
+    monkeypatch.setattr(host, "_run_block", fails_once)
     x = torch.randn(2, host.hidden_size)
     reply = await nc.request(subjects.expert(0, 0), encode_tensor(x), timeout=5)
     assert reply.headers is not None

@@ -26,7 +26,7 @@ def runner(model_dir: Path, slots: int = 2, ttl_s: float = 60.0) -> SegmentRunne
     local = LocalExperts.from_checkpoint(model_dir)
 
     async def experts(call: MoECall, live: torch.Tensor) -> ExpertsResult:
-        return ExpertsResult(local(call), torch.zeros(call.hidden.shape[0], dtype=torch.bool))
+        return ExpertsResult(local(call), None)
 
     return SegmentRunner("b", model, experts, max_slots=slots, max_len=64, idle_ttl_s=ttl_s, inline_max_tokens=64)
 
