@@ -19,17 +19,36 @@ Per home h and layer l, the executing node x = route[h, l] runs the layer for h'
   home for the head), the step pays one way: rtt[a, b] / 2 + B_h · bytes_per_token / bandwidth[a, b].
 With stay-home routes this is exactly `LatencyModel` (same samples, same serving, same work).
 
+What the cost above leaves out, and `load_step_times` adds (the `route` policy's check of a routed
+candidate against the pipeline split, `policies/route.py`): the cost assumes every home steps at once
+("all nodes step together"), so a node that executes a layer for three homes computes the three homes'
+calls together in it. That is duty cycle 1: it over-rates a multi-GPU node, whose GPUs split that sum,
+and it has no dense part (which runs on the executing node's first GPU, before the calls leave) and
+no queueing. The load view of a routed layout, per home h:
+- alone: h's step time with only h's work on the hosts (`alone_step_times`, duty cycle 0), plus the
+  dense part of each layer on the first host of the node that runs it (`Workload.dense_time_s`);
+- queueing: host k is busy occ[h, k] seconds per step of h (dense part and h's calls it serves,
+  `occupancy`) and h runs `Workload.step_rate[h]` steps per second, so the other homes keep k busy
+  ρ_k,-h = Σ_{h' ≠ h} rate[h'] · occ[h', k] of the time; with processor sharing (M/G/1-PS) h's work
+  on k is stretched by 1 / (1 - ρ_k,-h): a delay of occ[h, k] · ρ / (1 - ρ), summed over the hosts
+  (`queueing_delay`; ρ capped at RHO_CAP, an overloaded host). h's own steps never overlap each other,
+  so its own load is left out. Without step rates the delay is 0.
+
 `route_dp` finds, for a node view and the work the current routes put on every node, each home's
 cheapest route by dynamic programming over (layer, executing node). Pure numpy; no nats.
 """
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from services.placement.latency_model import LatencyModel, _run_lengths
 from services.placement.routes import stay_home
 from services.placement.types import Placement
+
+RHO_CAP = 0.95  # utilisation a host's queueing is evaluated at, at most (an overloaded host: × 19)
 
 
 class RouteModel(LatencyModel):
@@ -150,6 +169,67 @@ class RouteModel(LatencyModel):
     def cost(self, placement: Placement) -> float:
         view = placement.node_view(self.cluster)
         return self.routed_cost(view, placement.routes, placement.hosts)
+
+    def occupancy(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
+        """[N_home, H] seconds host k computes per decode step of home h along `table` [N, L]: the dense
+        part of each layer h runs on k's node, when k is that node's first host, and h's expert calls k
+        serves (an expert held by several hosts of the node: shared evenly; without `hosts` [H, L, E]
+        a node's hosts share its calls in proportion to their speed)."""
+        cl = self.cluster
+        n_nodes, n_layers, n_experts = view.shape
+        lay = np.arange(n_layers)
+        srv = self.serve(view)[table, lay[None, :], :]  # [N_home, L, E] node serving h's calls
+        occ = np.zeros((n_nodes, cl.num_hosts))
+        node_speed = np.bincount(cl.host_node, weights=cl.host_speed, minlength=n_nodes)
+        if hosts is not None:
+            held = np.asarray(hosts, dtype=bool)
+            count = np.zeros(view.shape)
+            np.add.at(count, cl.host_node, held)
+        for k in range(cl.num_hosts):
+            node = int(cl.host_node[k])
+            if hosts is None:
+                share = np.full((n_layers, n_experts), cl.host_speed[k] / node_speed[node])
+            else:
+                share = np.divide(held[k], count[node], out=np.zeros(count.shape[1:]), where=count[node] > 0)
+            occ[:, k] = (self.unit_work * (srv == node) * share[None]).sum(axis=(1, 2)) / cl.host_speed[k]
+        first = np.array([cl.hosts_of(n)[0] for n in range(n_nodes)])
+        dense = self.workload.dense_time_s / cl.host_speed[first]  # [N] per layer on each node's first host
+        for h in range(n_nodes):
+            np.add.at(occ[h], first[table[h]], dense[table[h]])
+        return occ
+
+    def queueing_delay(self, occ: np.ndarray) -> np.ndarray:
+        """[N_home] seconds per step each home waits for the other homes' work on the hosts it uses, from
+        occ [N_home, H] (`occupancy`) and `Workload.step_rate` (module docstring); 0 without rates."""
+        rate = self.workload.step_rate
+        if rate is None:
+            return np.zeros(occ.shape[0])
+        busy = rate[:, None] * occ  # [N_home, H] share of time h keeps k busy
+        others = np.minimum(busy.sum(axis=0)[None, :] - busy, RHO_CAP)
+        return np.asarray((occ * others / (1.0 - others)).sum(axis=1))
+
+    def alone_step_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None
+                         ) -> np.ndarray:
+        """[N_home] `step_times` of each home with only its own work on the hosts (no other home's
+        calls in the layer: duty cycle 0), dense part excluded."""
+        n = table.shape[0]
+        alone = copy.copy(self)
+        out = np.empty(n)
+        for h in range(n):
+            alone.unit_work = np.where(np.arange(n)[:, None, None] == h, self.unit_work, 0.0)
+            out[h] = alone.step_times(view, table, hosts)[h]
+        return out
+
+    def load_step_times(self, view: np.ndarray, table: np.ndarray | None, hosts: np.ndarray | None = None
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """([N_home] step time alone with the dense part, [N_home] queueing delay) along `table`
+        (stay-home when None); see the module docstring."""
+        if table is None:
+            table = stay_home(*view.shape[:2])
+        occ = self.occupancy(view, table, hosts)
+        first = np.array([self.cluster.hosts_of(n)[0] for n in range(table.shape[0])])
+        dense = (self.workload.dense_time_s / self.cluster.host_speed[first])[table].sum(axis=1)
+        return self.alone_step_times(view, table, hosts) + dense, self.queueing_delay(occ)
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
         """T [N_home, N_x, L]: home h's mean time in layer l if x ran it, the others keeping `table`."""

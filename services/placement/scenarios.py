@@ -144,7 +144,10 @@ def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, c
     """What the policies are told about the traffic: the mean batch per node measured by simulating the
     profile trace with the `eplb` placement (a running system knows its batch sizes), and the compute
     of one (token, expert) call with the per-group weight read shared by the tokens of a group, and the
-    KV a home's batch keeps per layer a node runs for it (KV_CONTEXT_TOKENS per request), in slots."""
+    KV a home's batch keeps per layer a node runs for it (KV_CONTEXT_TOKENS per request), in slots;
+    the dense part of a layer at that batch (shared experts included), and each home's decode steps per
+    second: its arrival rate × the profile's mean tokens per request over its batch (the token rate a
+    stable system serves whatever the placement; the queueing term of `route` reads it)."""
     from services.placement.policies import get_policy
     from services.placement.simulator import simulate
 
@@ -157,8 +160,12 @@ def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, c
     distinct = E * (1.0 - (1.0 - K / E) ** B)                     # experts a step's tokens choose per layer
     per_call = config.expert_time_per_token_s + config.expert_time_s * distinct / (B * K)
     kv = float(batch.max()) * KV_CONTEXT_TOKENS * shape.kv_bytes_per_token_layer / shape.expert_bytes
+    dense = (config.dense_time_s + B * config.dense_time_per_token_s
+             + config.shared_experts * (config.expert_time_s + B * config.expert_time_per_token_s))
+    requests = max(len(np.unique(profile.request)), 1)
+    step_rate = config.arrival_rate * (profile.num_tokens / requests) / batch.astype(np.float64)
     return Workload(batch=batch, bytes_per_token=shape.bytes_per_token, expert_time_s=per_call, top_k=K,
-                    kv_slots_per_layer=kv)
+                    kv_slots_per_layer=kv, dense_time_s=dense, step_rate=step_rate)
 
 
 def published_testbed(model: str, regime: str = "rtt-b8", *, requests_per_node: int = 60, seed: int = 0,

@@ -323,6 +323,14 @@ class Workload:
     migration_cost_s float  objective seconds charged per replica that `current` lacks (loading it)
     min_gain         float  relative gain a new plan must bring over `current` to be chosen (hysteresis)
     top_k            int    experts per token; used only when no CoActivation is given
+    dense_time_s     float  the dense part of one layer of one step at the node's batch on a speed-1.0
+                            host (attention, router, shared experts): it runs on the first host of the
+                            node that executes the layer, before the layer's expert calls leave (the
+                            simulator's and the gating's order). 0 (default): not charged
+    step_rate        [N] float or None  decode steps per second each home runs on average (its tokens/s
+                            over its batch): with `dense_time_s`, the load every home brings to the
+                            hosts along its route, from which the `route` policy estimates queueing
+                            (`RouteModel.load_step_times`). None (default): unknown, no queueing term
     """
 
     batch: np.ndarray
@@ -334,19 +342,27 @@ class Workload:
     migration_cost_s: float = 0.0
     min_gain: float = 0.0
     top_k: int = 2
+    dense_time_s: float = 0.0
+    step_rate: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         batch = np.asarray(self.batch)
         if batch.ndim != 1 or np.any(batch < 1) or np.any(batch != np.round(batch)):
             raise InvalidInputError(f"Workload.batch must be [N] integers >= 1, got {batch.tolist()}")
         for name in ("bytes_per_token", "expert_time_s", "expert_time_per_token_s", "kv_slots_per_layer",
-                     "migration_cost_s", "min_gain"):
+                     "migration_cost_s", "min_gain", "dense_time_s"):
             v = float(getattr(self, name))
             if not np.isfinite(v) or v < 0:
                 raise InvalidInputError(f"Workload.{name} must be finite and >= 0, got {v}")
         if self.top_k < 1:
             raise InvalidInputError(f"Workload.top_k must be >= 1, got {self.top_k}")
         object.__setattr__(self, "batch", _frozen(batch.astype(np.int64)))
+        if self.step_rate is not None:
+            rate = np.asarray(self.step_rate, dtype=np.float64)
+            if rate.shape != batch.shape or not np.all(np.isfinite(rate)) or np.any(rate < 0):
+                raise InvalidInputError(f"Workload.step_rate must be [N] finite values >= 0 like batch, "
+                                        f"got {np.asarray(self.step_rate).tolist()}")
+            object.__setattr__(self, "step_rate", _frozen(rate))
 
     @classmethod
     def uniform(cls, num_nodes: int, batch: int = 1, **kw: Any) -> Workload:

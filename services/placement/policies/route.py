@@ -21,7 +21,21 @@ A routed candidate's replicas are spread over each node's hosts layer by layer, 
 that executes there brings (`_hosts`), and every candidate is costed with its hosts (a layer waits for
 the slowest GPU of the node that runs it, `RouteModel.host_work`).
 The cheapest candidate, with the migration cost (migration_cost_s per replica `current` lacks), wins;
-it replaces `current` only if it saves `min_gain` of current's cost (hysteresis). Ties go to the
+it replaces `current` only if it saves `min_gain` of current's cost (hysteresis).
+
+The pipeline check: the route model's cost assumes every home steps at once, which over-rates a
+multi-GPU node that runs layers for several homes, and it has neither the dense part nor queueing
+(`route_model` docstring). So a routed candidate other than the exact pipeline split is taken only if
+it also beats the pipeline on the load view: its step alone plus its queueing, with the queueing it
+adds over the pipeline's counted twice, must be below the pipeline's step alone plus queueing
+(`_beats_pipeline`). The two views are the duty-cycle extremes (every home at once, each home alone,
+here with the queueing the homes' step rates imply), and the doubled extra queueing is a margin for
+the processor-sharing estimate: a host that serves layers first come first served, gated by the dense
+part on a node's first GPU, can wait longer than that estimate. Where the model cannot tell a
+candidate from the pipeline within that margin, it takes the pipeline: a candidate that fails the
+check keeps its place in the ranking, with the pipeline's placement in it, so whether a routed layout
+or staying home wins is still the route model's decision, and only which routed layout is the load
+view's. Stay-home candidates are not checked (they run no layer for another home). Ties go to the
 earlier candidate, so where nothing beats stay-home the result is the `latency` placement as it is.
 Above DP_MAX_NODES nodes the full-model DP (N executing nodes × samples per layer) is skipped: the
 whole-layer routes stand as they are. Deterministic.
@@ -196,6 +210,38 @@ def _per_layer(held: np.ndarray, load: np.ndarray, room: np.ndarray, speed: np.n
     return out
 
 
+def _load(model: RouteModel, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+    """([N_home] step alone with the dense part, [N_home] queueing) of a placement (`RouteModel`)."""
+    return model.load_step_times(placement.node_view(model.cluster), placement.routes, placement.hosts)
+
+
+def _beats_pipeline(model: RouteModel, placement: Placement, pipe_load: tuple[np.ndarray, np.ndarray]) -> bool:
+    """True if `placement` beats the pipeline's (alone, queueing) on the load view, its queueing beyond
+    the pipeline's counted twice (module docstring)."""
+    alone, queue = _load(model, placement)
+    extra = np.maximum(queue - pipe_load[1], 0.0)
+    ours = float(model.weight @ (alone + queue + extra))
+    return ours < float(model.weight @ (pipe_load[0] + pipe_load[1]))
+
+
+def _pipeline_check(scored: list[tuple[float, Placement]], pipe: Placement | None, model: RouteModel
+                    ) -> list[tuple[float, float, Placement]]:
+    """(rank, cost, placement) per candidate of `scored` (cost, placement): the pipeline split's placement
+    and cost in place of each routed candidate that is cheaper than it on the route model but does not
+    beat it on the load view, at that candidate's rank (module docstring). Only the candidates the
+    pipeline would otherwise lose to are looked at; stay-home candidates stay."""
+    pipe_cost = next((c for c, p in scored if p is pipe), None)
+    if pipe is None or pipe_cost is None or model.cluster.num_nodes > DP_MAX_NODES:
+        return [(c, c, p) for c, p in scored]
+    pipe_load = _load(model, pipe)
+    out = []
+    for cost, placement in scored:
+        keep = (placement is pipe or placement.routes is None or cost >= pipe_cost
+                or _beats_pipeline(model, placement, pipe_load))
+        out.append((cost, cost, placement) if keep else (cost, pipe_cost, pipe))
+    return out
+
+
 def route(
     freq: np.ndarray,
     cluster: Cluster,
@@ -215,7 +261,9 @@ def route(
     cur_view = current.node_view(cluster) if current is not None else None
     prefer = current.hosts if current is not None else None
     scored = []
-    for view, table, made in _candidates(f, cluster, model, coact, current):
+    cands = _candidates(f, cluster, model, coact, current)
+    pipe = cands[1][2]  # the exact pipeline split (see _candidates)
+    for view, table, made in cands:
         if table is not None and not _fits(view, table, slots, wl.kv_slots_per_layer):
             continue  # (the stay-home candidate always fits: it is a valid `latency` placement)
         placement = made if made is not None else Placement(_hosts(view, table, model, f, prefer),
@@ -224,7 +272,7 @@ def route(
         if cur_view is not None:
             cost += wl.migration_cost_s * float((view & ~cur_view).sum())
         scored.append((cost, placement))
-    cost, best = min(scored, key=lambda c: c[0])  # min keeps the first of equal costs
+    _, cost, best = min(_pipeline_check(scored, pipe, model), key=lambda c: c[0])  # the first of equal ranks
     if current is not None and not cost < model.cost(current) * (1.0 - wl.min_gain):
         return current
     return best
