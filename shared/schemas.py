@@ -66,6 +66,10 @@ class GatingLoad(Message):
     segment_batches: int = Field(0, description="forward passes they took (segments of one range batch together)")
     segment_s: float = Field(0.0, description="seconds those forward passes took (layers, experts, KV), since start")
     hops_sent: int = Field(0, description="chains of this node's requests' layers sent to other nodes, since start")
+    shared_dispatches: int = Field(
+        0, description="MoE-layer dispatches that carried the expert calls of several streams (own step, segments)"
+    )
+    shared_calls: int = Field(0, description="the streams' calls those dispatches carried, since start")
     route: list[str] = Field(default_factory=list, description="executing node per layer for new requests; [] = home")
 
 

@@ -82,11 +82,16 @@ class NodeExperts:
         whose home counts it (the segment's reply carries the counts)."""
         return await self._call(call, live, None)
 
+    def count(self, call: MoECall, live: Tensor | None) -> None:
+        """Count a call's choices in this node's statistics without dispatching it (for a call that
+        leaves with other streams' rows, `uncounted`)."""
+        if self.counter is not None:
+            _count(self.counter, call, Routing.of(call.expert_ids, live))
+
     async def _call(self, call: MoECall, live: Tensor | None, counter: ActivationCounter | None) -> ExpertsResult:
         routing = Routing.of(call.expert_ids, live)
         if counter is not None:
-            tokens = sum(routing.counts) // call.expert_ids.shape[1]  # live ones: each chose K experts
-            counter.add(call.layer, routing.experts, routing.counts, tokens=tokens)
+            _count(counter, call, routing)
         rows = routing.rows(call.hidden)
         local, remote = self._split(call.layer, routing.experts)
         if not remote and local:  # embedded hosts hold the whole call: compute only
@@ -281,6 +286,11 @@ class NodeExperts:
         except PrismError as err:
             return ExpertUnavailable(f"{name}: {err.message}")
         return _parse_reply(msg.headers, msg.data, hidden, name)
+
+
+def _count(counter: ActivationCounter, call: MoECall, routing: Routing) -> None:
+    tokens = sum(routing.counts) // call.expert_ids.shape[1]  # live ones: each chose K experts
+    counter.add(call.layer, routing.experts, routing.counts, tokens=tokens)
 
 
 def _runs(routing: Routing, layer: int, holder: dict[tuple[int, int], int]) -> list[tuple[int, list[int], list[int]]]:

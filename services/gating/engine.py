@@ -19,12 +19,14 @@ later layers' expert calls so a dead expert costs one timeout per step, not one 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Generator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import structlog
 import torch
@@ -43,6 +45,15 @@ ExpertsFn = Callable[[MoECall, Tensor | None], Awaitable["ExpertsResult"]]
 """(call, live [T] bool or None for all) -> combined output of the live tokens and which tokens failed."""
 
 Y = TypeVar("Y")  # what a forward generator yields
+
+class Streams(Protocol):
+    """Who shares the node's expert dispatch (services/gating/lockstep.py): a step computes inside
+    `stream()`, and is `paused()` while it waits for a hop."""
+
+    def stream(self) -> AbstractContextManager[None]: ...
+
+    def paused(self) -> AbstractContextManager[None]: ...
+
 
 HopsFn = Callable[[Hop, list[str]], Awaitable[Tensor]]
 """(hop, ids of the step's sequences) -> x [T, D] after the hop's chain; raises PrismError when it failed."""
@@ -136,9 +147,11 @@ class Engine:
         home: str = "",
         hops: HopsFn | None = None,
         on_finish: Callable[[Sequence], None] | None = None,
+        streams: Streams | None = None,
     ) -> None:
         self.model = model
         self.experts = experts
+        self.streams = streams
         self.home = home
         self.hops = hops
         self.on_finish = on_finish  # e.g. tell the nodes on its route to free its KV
@@ -243,18 +256,27 @@ class Engine:
             route_steps(self.model, batch, self.cache, route, self.home) if route else
             self.model.forward_steps(batch, self.cache)
         )
-        inline = len(owner) <= self.inline_max_tokens
         spent = StepTime()
+        with self.streams.stream() if self.streams else contextlib.nullcontext():
+            logits = await self._drive(steps, seqs, owner, failed_seqs, spent)
+        return logits, spent
+
+    async def _drive(
+        self, steps: Generator[MoECall | Hop, Tensor, Tensor], seqs: list[Sequence], owner: Tensor,
+        failed_seqs: Tensor, spent: StepTime,
+    ) -> Tensor:
+        """Run the step's generator to its logits, answering its expert calls and hops."""
+        inline = len(owner) <= self.inline_max_tokens
         live: Tensor | None = None  # [T] tokens of sequences still going, once one has failed; None: all
         call, logits = await self._compute(inline, steps, None)
         while call is not None:
+            started = time.perf_counter()
             if isinstance(call, Hop):
-                started = time.perf_counter()
-                output = await self._hop(call, seqs, failed_seqs)
+                with self.streams.paused() if self.streams else contextlib.nullcontext():
+                    output = await self._hop(call, seqs, failed_seqs)
                 spent.hop_wait_s += time.perf_counter() - started
                 live = ~failed_seqs[owner]
             else:
-                started = time.perf_counter()
                 result = await self.experts(call, live)
                 spent.add(time.perf_counter() - started, result)
                 if result.error is not None:
@@ -263,7 +285,7 @@ class Engine:
                 output = result.output
             call, logits = await self._compute(inline, steps, output)
         assert logits is not None  # the generator returned
-        return logits, spent
+        return logits
 
     async def _hop(self, hop: Hop, seqs: list[Sequence], failed_seqs: Tensor) -> Tensor:
         """x after the hop's chain; when it fails, every sequence of the step fails with its error (the

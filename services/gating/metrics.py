@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry
 
-from services.gating.dispatch import NodeExperts
 from services.gating.engine import Sequence
 from shared.metrics import (
     ConnectionCollector,
@@ -34,9 +33,10 @@ def gating_registry(gating: Gating) -> tuple[CollectorRegistry, RequestMetrics]:
 
 def sample(gating: Gating) -> GatingSample:
     """The gating's counters now. Expert calls sent over the bus to a host of this node count as local."""
-    engine, experts = gating.engine, gating.engine.experts
+    engine = gating.engine
     local = remote = messages = 0
-    if isinstance(experts, NodeExperts):  # tests may run the engine on in-process experts
+    if gating.lockstep is not None:
+        experts = gating.lockstep.experts
         local = experts.local_calls + experts.node_calls
         remote = experts.remote_calls - experts.node_calls
         messages = experts.messages

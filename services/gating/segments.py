@@ -20,6 +20,7 @@ Shape legend: T tokens, D hidden size, B sequences.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from services.gating.engine import ExpertsFn, resume
+from services.gating.engine import ExpertsFn, Streams, resume
 from services.gating.routes import Segment
 from shared import subjects
 from shared.errors import BadSegment, Overloaded, PrismError
@@ -91,8 +92,10 @@ class SegmentRunner:
         max_len: int,
         idle_ttl_s: float,
         inline_max_tokens: int,
+        streams: Streams | None = None,
     ) -> None:
         self.node = node
+        self.streams = streams  # shares each layer's expert dispatch with the node's own step
         self.model = model
         self.experts = experts
         self.cache = model.new_cache(max_slots, max_len)
@@ -152,7 +155,8 @@ class SegmentRunner:
         started = time.perf_counter()
         try:
             layers = self.model.layer_steps(step, hidden, seg.start, seg.end)
-            x, activations = await self._drive(layers, rows, inline=hidden.shape[0] <= self.inline_max_tokens)
+            with self.streams.stream() if self.streams else contextlib.nullcontext():
+                x, activations = await self._drive(layers, rows, inline=hidden.shape[0] <= self.inline_max_tokens)
             step.advance()
         except PrismError as err:
             return [err] * len(admitted)

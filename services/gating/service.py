@@ -43,6 +43,7 @@ from services.gating.directory import HostDirectory
 from services.gating.dispatch import NodeExperts
 from services.gating.engine import DoneEvent, Engine, ErrorEvent, Sequence, TokenEvent, seq_id
 from services.gating.hops import RouteHops, SegmentService, watch_plan_events, watch_plans
+from services.gating.lockstep import Lockstep
 from services.gating.metrics import gating_registry, observe_finished
 from services.gating.route_plan import RouteFollower
 from services.gating.routes import Route, check_route, foreign_nodes
@@ -97,8 +98,10 @@ class Gating:
         hops: RouteHops | None = None,
         segments: SegmentService | None = None,
         route: Route | None = None,
+        lockstep: Lockstep | None = None,
     ) -> None:
         self.nc = nc
+        self.lockstep = lockstep
         self.hops = hops
         self.segments = segments
         self.route = route  # new requests take it; a running one keeps the route it started with
@@ -227,6 +230,8 @@ class Gating:
             segment_batches=self.segments.runner.forwards if self.segments else 0,
             segment_s=self.segments.runner.busy_s if self.segments else 0.0,
             hops_sent=self.hops.sent if self.hops else 0,
+            shared_dispatches=self.lockstep.shared_dispatches if self.lockstep else 0,
+            shared_calls=self.lockstep.shared_parts if self.lockstep else 0,
             route=list(self.route or []),
         )
 
@@ -401,9 +406,10 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     payload = settings.max_payload_bytes
     hops = RouteHops(nc, settings.node, layer_timeout_s=settings.expert_timeout_s, max_payload=payload,
                      counter=counter)
+    lockstep = Lockstep(experts)  # the own step and other nodes' segments share each layer's dispatch
     engine = Engine(
         model,
-        experts,
+        lockstep.counted,
         max_slots=settings.max_batch,
         max_len=max_len,
         max_queue=settings.max_queue,
@@ -411,15 +417,16 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
         stop_ids=stop_ids,
         home=settings.node,
         hops=hops,
+        streams=lockstep,
     )
     runner = SegmentRunner(
-        settings.node, model, experts.uncounted, max_slots=settings.max_foreign, max_len=max_len,
-        idle_ttl_s=settings.foreign_ttl_s, inline_max_tokens=settings.inline_max_tokens,
+        settings.node, model, lockstep.uncounted, max_slots=settings.max_foreign, max_len=max_len,
+        idle_ttl_s=settings.foreign_ttl_s, inline_max_tokens=settings.inline_max_tokens, streams=lockstep,
     )
     segments = SegmentService(nc, runner, hidden_size=config.hidden_size, max_payload=settings.max_payload_bytes)
     route = check_route(settings.route, config.num_layers) if settings.route else None
     return Gating(nc, settings, engine, tokenizer, counter, directory=directory, hosts=hosts,
-                  hops=hops, segments=segments, route=route)
+                  hops=hops, segments=segments, route=route, lockstep=lockstep)
 
 
 def embedded_host(nc: NatsClient, settings: GatingSettings, spec: EmbeddedHost) -> ExpertHost:

@@ -121,7 +121,7 @@ async def test_hostile_traffic_leaves_serving_alone(cluster: LocalCluster, mixtr
     assert reply["error"]["code"] == "invalid_json"
     gating = cluster.gatings["a"]
     assert not gating.engine.active, "the request without a reply subject was not decoded"
-    assert "a.b" not in str(gating.engine.experts.directory.route(0, list(range(8))))
+    assert "a.b" not in str(gating.lockstep.experts.directory.route(0, list(range(8))))
     good = prompts(3, 5)
     replies = await asyncio.gather(*(ask(nc, node, {"input_ids": p, "max_tokens": 5}) for p in good))
     assert [r["token_ids"] for r, _ in replies] == reference(mixtral_dir, good, 5)
@@ -185,7 +185,7 @@ async def test_a_hung_host_fails_its_requests_within_one_timeout(cluster: LocalC
     status = HostStatus(host=name, node=cluster.node("a"), device="cpu", memory_used_bytes=0, memory_limit_bytes=1,
                         experts=[(layer, e) for layer in (0, 1) for e in range(8)], queue_depth=0, calls_served=0,
                         tokens_served=0, errors=0)
-    directory = cluster.gatings["a"].engine.experts.directory
+    directory = cluster.gatings["a"].lockstep.experts.directory
     async with asyncio.timeout(5):
         while directory.route(0, [0])[1]:  # until the gating routes to the hung host
             await hung.publish(subjects.host_status(name), status.model_dump_json().encode())
@@ -225,7 +225,7 @@ async def test_one_message_per_host_and_layer(cluster: LocalCluster, mixtral_dir
     """With host heartbeats known, a layer's groups travel in one message per holding host."""
     await spread(cluster, mixtral_dir)
     gating = cluster.gatings["a"]
-    experts = gating.engine.experts
+    experts = gating.lockstep.experts
     async with asyncio.timeout(10):  # the directory learns both of a's hosts from their heartbeats
         while experts.directory.route(0, list(range(8)))[1]:  # noqa: ASYNC110 - fed by real heartbeats
             await asyncio.sleep(0.05)
