@@ -12,8 +12,10 @@ floor(memory_mb / one expert) slots, the expert being one of `--model` (default:
 the file's dtype; only that size is taken from the model, so FILE.npy's layers and experts may differ.
 `--batch`, `--top-k`, `--bytes-per-token`, `--expert-time-us` describe the workload for the `latency`
 and `route` policies (co-activation sets are drawn ∝ f, independently, with `--top-k` experts per
-token); `--kv-slots-per-layer` charges a node that runs a layer for another home that many expert
-slots for that home's KV (`pipeline`, `route`; default 0).
+token); `--dense-time-us` and `--step-rate` (steps per second per home) let `route` count the dense part
+a node runs for other homes and the queueing the load of every home adds on a host (off by default);
+`--kv-slots-per-layer` charges a node that runs a layer for another home that many expert slots for that
+home's KV (`pipeline`, `route`; default 0).
 
 Output: a table of calls, remote calls and slot use per node, and the proxy objective Σ f·remote;
 with `--json`, one JSON object: `policy`, `objective` (the proxy), `remote_share`, `nodes` (per node:
@@ -65,6 +67,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--top-k", type=int, default=2, help="experts per token (latency policy)")
     p.add_argument("--bytes-per-token", type=float, default=4096.0, help="hidden × dtype bytes (latency)")
     p.add_argument("--expert-time-us", type=float, default=40.0, help="one active expert per step (latency)")
+    p.add_argument("--dense-time-us", type=float, default=0.0,
+                   help="the dense part of one layer of a step (route: the executing node computes it)")
+    p.add_argument("--step-rate", type=float, default=0.0,
+                   help="decode steps per second each home runs on average (route: with --dense-time-us, the "
+                   "queueing a layout's busiest hosts add; 0: not counted)")
     p.add_argument("--kv-slots-per-layer", type=float, default=0.0,
                    help="expert slots a home's KV takes per layer another node runs for it (pipeline, route)")
     p.set_defaults(func=handler)
@@ -162,7 +169,9 @@ def handler(args: argparse.Namespace) -> int:
         workload = Workload.uniform(cluster.num_nodes, args.batch, top_k=args.top_k,
                                     bytes_per_token=args.bytes_per_token,
                                     expert_time_s=args.expert_time_us * 1e-6,
-                                    kv_slots_per_layer=args.kv_slots_per_layer)
+                                    kv_slots_per_layer=args.kv_slots_per_layer,
+                                    dense_time_s=args.dense_time_us * 1e-6,
+                                    step_rate=np.full(cluster.num_nodes, args.step_rate) if args.step_rate else None)
         start = time.perf_counter()
         placement = policy(freq, cluster, workload=workload)
         solve_s = time.perf_counter() - start

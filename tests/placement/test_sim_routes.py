@@ -99,3 +99,17 @@ def test_sim_has_pipeline_and_route_rows(capsys: pytest.CaptureFixture[str]) -> 
     assert set(runs) == {"latency", "pipeline", "route"}
     assert runs["latency"]["hops"] == 0 < runs["pipeline"]["hops"]
     assert runs["route"]["mean_latency_s"] <= min(runs["latency"]["mean_latency_s"], runs["pipeline"]["mean_latency_s"])
+
+
+def test_place_route_takes_the_load_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--dense-time-us` and `--step-rate` reach the route policy's load view; a negative rate is refused."""
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "f.npy", rng.gamma(1.0, size=(3, 6, 8)) * 100)
+    base = ("place", "--counts", str(tmp_path / "f.npy"), "--slots", "20,20,40", "--policy", "route", "--json",
+            "--top-k", "2")
+    code, out = _run(capsys, *base, "--dense-time-us", "200", "--step-rate", "50")
+    assert code == 0
+    assert sorted(json.loads(out)["routes"]) == ["0", "1", "2"]
+    args = build_parser().parse_args([*base, "--step-rate", "-1"])
+    assert args.func(args) == 2
+    assert "step_rate" in capsys.readouterr().err
