@@ -30,9 +30,10 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
     )
     layers, k = len(setup.moe_layers), setup.trace.meta.top_k
     step_ms = 1e3 * (t.dense_time_s * layers + t.expert_time_s * layers * k)
-    print(f"Simulator timing (the model in this process, batch 1, 1 torch thread): dense part "
-          f"{1e3 * t.dense_time_s:.3f} ms per MoE layer, {1e3 * t.expert_time_s:.3f} ms per expert call, "
-          f"{step_ms:.1f} ms per decode step with every expert local; {setup.trace.num_tokens} decode steps traced.")
+    print(f"Simulator timing (the gating's engine on the model in this process, batch 1, 1 torch thread): dense "
+          f"part {1e3 * t.dense_time_s:.3f} ms per MoE layer, {1e3 * t.expert_time_s:.3f} ms per expert call, "
+          f"{step_ms:.1f} ms per decode step with every expert local; a route segment's fixed work "
+          f"{1e3 * t.segment_time_s:.3f} ms; {setup.trace.num_tokens} decode steps traced.")
     times = ", ".join(f"{m.policy} {1e3 * message_time_s(m.probe_extra_s, t):.2f}" for m in measured)
     print("Software time of a message one way, measured on each stack (\"+ msg\" columns: a 2-expert call to a "
           "host of another node, beyond the configured round trip and the simulator's compute of the 2 experts, "

@@ -15,6 +15,7 @@ Shape legend: L MoE layers, K top-k, E experts, N nodes, H hosts.
 
 from __future__ import annotations
 
+import asyncio
 import statistics
 import time
 from collections.abc import Callable
@@ -86,7 +87,10 @@ def placement_of(plan: dict[str, Any], setup: SimSetup) -> Placement:
 
 
 def calibrate(model_dir: Path, steps: int = 32) -> SimConfig:
-    """SimConfig timing (s) from batch-1 decode steps of the model in this process."""
+    """SimConfig timing (s) from batch-1 decode steps of the model in this process: the bare forward with
+    every expert local and with none, scaled by what the gating's engine adds per step on top of the bare
+    forward (its async expert calls, batching and sampling, spread over the layers); and the fixed work
+    of a node per route segment it runs."""
     import torch
 
     from services.placement.simulator import SimConfig
@@ -99,15 +103,71 @@ def calibrate(model_dir: Path, steps: int = 32) -> SimConfig:
     torch.set_num_threads(1)
     model = MoEModel.from_checkpoint(model_dir)
     experts = LocalExperts.from_checkpoint(model_dir)
-    full, dense = [], []
-    for _ in range(3):  # interleaved, so both see the same machine
+    full, dense, engine = [], [], []
+    for _ in range(3):  # interleaved, so all see the same machine
         full.append(_step_s(model, experts, steps))
         dense.append(_step_s(model, no_experts, steps))
+        engine.append(asyncio.run(_engine_step_s(model, experts, steps)))
     cfg = model.config
     layers, k = len(cfg.moe_layers), cfg.top_k
     full_s, dense_s = statistics.median(full), statistics.median(dense)
-    return SimConfig(dense_time_s=dense_s / layers, dense_time_per_token_s=0.0,
-                     expert_time_s=max(full_s - dense_s, 0.0) / (layers * k), expert_time_per_token_s=0.0)
+    serving = max(1.0, statistics.median(engine) / full_s)
+    layer_s = serving * full_s / layers
+    return SimConfig(dense_time_s=serving * dense_s / layers, dense_time_per_token_s=0.0,
+                     expert_time_s=serving * max(full_s - dense_s, 0.0) / (layers * k), expert_time_per_token_s=0.0,
+                     segment_time_s=max(0.0, asyncio.run(_segment_s(model, experts, steps)) - layer_s))
+
+
+async def _engine_step_s(model: Any, experts: Callable[[Any], Any], steps: int) -> float:
+    """Mean seconds of a batch-1 decode step through the gating's engine (its experts in this process)."""
+    from services.gating.engine import DoneEvent, Engine, ExpertsResult, Sequence
+    from shared.model.sampling import SamplingParams
+
+    async def answer(call: Any, live: Any) -> ExpertsResult:
+        return ExpertsResult(experts(call), None)
+
+    engine = Engine(model, answer, max_slots=1, max_len=steps + 16, max_queue=1, inline_max_tokens=64)
+    runner = asyncio.create_task(engine.run())
+    try:
+        times = []
+        for _ in range(3):
+            seq = Sequence([1, 2, 3, 4], steps + 1, SamplingParams(), stream=False)
+            engine.submit(seq)
+            while not isinstance(await seq.events.get(), DoneEvent):
+                pass
+            times.append((seq.finished - seq.first_token) / steps)
+        return statistics.median(times)
+    finally:
+        runner.cancel()
+
+
+async def _segment_s(model: Any, experts: Callable[[Any], Any], steps: int) -> float:
+    """Median seconds a node takes for a one-layer route segment of one sequence: the segment message's
+    decode and encode, its KV slot, step context and the layer (bench/e2e.py's stacks run a segment per
+    hop into a node that is not the home)."""
+    import torch
+
+    from services.gating.engine import ExpertsResult
+    from services.gating.routes import Segment
+    from services.gating.segments import SegmentRequest, SegmentRunner
+    from shared.codec import decode_tensor, encode_tensor
+
+    async def answer(call: Any, live: Any) -> ExpertsResult:
+        return ExpertsResult(experts(call), None)
+
+    layer = model.config.moe_layers[0]
+    runner = SegmentRunner("x", model, answer, max_slots=1, max_len=steps + 1, idle_ttl_s=3600.0, inline_max_tokens=64)
+    x = torch.randn(1, model.config.hidden_size)
+    times = []
+    for i in range(steps):
+        req = SegmentRequest("home", ["home/1"], [1], [i], [Segment(layer, layer + 1, "x")])
+        started = time.perf_counter()
+        hidden, meta = decode_tensor(encode_tensor(x, {"seqs": req.seqs}))
+        out, _ = await runner.run(hidden, req)
+        decode_tensor(encode_tensor(out, meta))
+        times.append(time.perf_counter() - started)
+    runner.close()
+    return statistics.median(times[1:])  # the first admits the sequence
 
 
 def _step_s(model: Any, experts: Callable[[Any], Any], steps: int) -> float:

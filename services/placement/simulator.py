@@ -24,7 +24,8 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
 - Routes (`Placement.routes`): layer l of a step of home n runs on node x = routes[n, l] as above,
   from x (dense part on x's first host, x's own experts as compute only, the rest from the holder
   nearest to x). When the executing node changes, the step's hidden states hop one way (rtt/2 +
-  batch × hidden bytes + envelope over the link), and after the last layer they hop back home. A
+  batch × hidden bytes + envelope over the link), and after the last layer they hop back home; a node
+  that takes a segment in (not the home) first does `segment_time_s` of work on its first host. A
   step keeps the routes it started with. Foreign KV: a node running layers for another home holds
   that home's active requests' KV for them (positions so far × layers × kv_bytes_per_token_layer);
   its peak per node is reported.
@@ -61,6 +62,8 @@ class SimConfig:
     envelope_bytes: int = 128             # per message, besides the hidden states
     message_time_s: float = 0.0           # software time of a message one way, beyond link delay and bytes
                                           # (brokers, event loops at both ends); measured per deployment
+    segment_time_s: float = 0.0           # an executing node's fixed work per route segment it runs (the
+                                          # segment's decode and encode, KV slot, step context), per hop into it
     migration_share: float = 0.5          # share of a link a migration may take
     expert_bytes: int = 17_300_000        # weights moved per replica a migration loads
     local_load_bytes_per_s: float = 0.0           # > 0: nodes load new replicas from local storage at this rate
@@ -73,7 +76,7 @@ class SimConfig:
             raise InvalidInputError("need max_batch >= 1, arrival_rate > 0 and 0 < migration_share < 1")
         if min(self.dense_time_s, self.dense_time_per_token_s, self.expert_time_s,
                self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts, self.local_load_bytes_per_s,
-               self.kv_bytes_per_token_layer, self.message_time_s) < 0:
+               self.kv_bytes_per_token_layer, self.message_time_s, self.segment_time_s) < 0:
             raise InvalidInputError("SimConfig times and sizes must be >= 0")
 
 
@@ -227,7 +230,9 @@ class Simulator:
         x = nd.execs[nd.layer]
         prev = nd.execs[nd.layer - 1] if nd.layer else n
         ready = self._hop(prev, x, nd.step.size, now) if x != prev else now
-        end = self._layer(x, nd.plan[nd.layer], nd.step.size, ready, now)
+        starts_segment = x not in (prev, n)  # the executing node takes the segment in first
+        end = self._layer(x, nd.plan[nd.layer], nd.step.size, ready, now,
+                          self.cfg.segment_time_s if starts_segment else 0.0)
         nd.layer += 1
         if nd.layer == self.L:
             nd.layer = 0
@@ -290,15 +295,17 @@ class Simulator:
             plan[layer].append((h, m, g))
         return plan
 
-    def _layer(self, n: int, plan: list[tuple[int, int, int]], batch: int, ready: float, now: float) -> float:
+    def _layer(  # noqa: PLR0917 - one layer's booking
+        self, n: int, plan: list[tuple[int, int, int]], batch: int, ready: float, now: float, extra_s: float = 0.0
+    ) -> float:
         """Book one layer of a step on its executing node n from `ready`; return when its slowest group
-        is back.
+        is back. `extra_s`: work on n's first host before the dense part (a segment's fixed work).
 
         Groups going to one host are booked together: their link transfer as one block (the
         messages leave back to back) and their compute as one block (the host runs them in a row)."""
         cfg = self.cfg
         dense = cfg.dense_time_s + batch * cfg.dense_time_per_token_s
-        dense += cfg.shared_experts * (cfg.expert_time_s + batch * cfg.expert_time_per_token_s)
+        dense += cfg.shared_experts * (cfg.expert_time_s + batch * cfg.expert_time_per_token_s) + extra_s
         h0 = self.first_host[n]
         t0 = self.hosts[h0].book(ready, dense / self.speed[h0], now)
         end, res = t0, self.result

@@ -53,6 +53,12 @@ def test_a_routed_step_by_hand() -> None:
                     ).latencies_s[0] == pytest.approx((2.7 + 2 * 0.3) * MS)
     assert simulate(_one_token([[0], [0]]), cluster, Placement(hosts), slow, arrivals=[np.array([0.0]), np.zeros(0)]
                     ).latencies_s[0] == pytest.approx((2.7 + 2 * 0.3) * MS)
+    # a segment's fixed work: once, on node 1 as it takes the segment in (not on the way home, not staying home)
+    seg = replace(CFG, segment_time_s=0.4 * MS)
+    assert simulate(_one_token([[0], [0]]), cluster, routed, seg, arrivals=[np.array([0.0]), np.zeros(0)]
+                    ).latencies_s[0] == pytest.approx((2.7 + 0.4) * MS)
+    assert simulate(_one_token([[0], [0]]), cluster, Placement(hosts), seg, arrivals=[np.array([0.0]), np.zeros(0)]
+                    ).latencies_s[0] == pytest.approx(2.7 * MS)
 
 
 def test_a_remote_layer_calls_from_where_it_runs() -> None:
