@@ -10,10 +10,12 @@ function is wrapped here:
   nothing);
 - otherwise it is held to the end of the current event-loop turn: every stream that is ready in that
   turn computes its dense part up to its next MoE call, and the calls for one layer leave as one
-  (rows concatenated, results split back). Streams in lockstep (the own step and a segment over the
-  same layers, which the pipeline's ranges are once a dense first layer is left out) then stay merged
-  layer after layer. No stream waits for another's dense compute or network: a stream that reaches a
-  layer in a later turn goes alone.
+  (rows concatenated, results split back);
+- a call that another computing stream is one MoE layer short of (that stream's last call was the
+  layer before) waits for it, at most `CATCH_UP_S`: the two meet there and, in lockstep from then on
+  (the own step and a segment over the same layers, which the pipeline's ranges are once a dense first
+  layer is left out), share every layer after. A stream that leaves its range, waits for a hop or does
+  not come in time keeps nobody waiting; a stream further behind is not waited for.
 
 A stream is computing from `stream()`'s entry to its exit, except while `paused()` (the own step
 waiting for a hop's chain). Activation counts stay per part (a segment's tokens count at its home).
@@ -33,6 +35,10 @@ from services.gating.dispatch import NodeExperts
 from services.gating.engine import ExpertsResult
 from shared.model.moe import MoECall
 
+CATCH_UP_S = 0.002
+"""Longest a held call waits for a stream one MoE layer behind it: once they meet they share every layer
+after, and a stream computes a layer in well under this on the machines measured."""
+
 
 @dataclass
 class _Part:
@@ -40,36 +46,49 @@ class _Part:
     live: Tensor | None
     counted: bool
     answer: asyncio.Future[ExpertsResult]
+    stream: asyncio.Task[object] | None
+    since: float
 
 
 class Lockstep:
     """The node's experts function for all its streams; see the module docstring."""
 
-    def __init__(self, experts: NodeExperts) -> None:
+    def __init__(self, experts: NodeExperts, moe_layers: list[int]) -> None:
         self.experts = experts
-        self.computing = 0  # streams between `stream()` entry and exit, not paused
+        self.before = dict(zip(moe_layers[1:], moe_layers, strict=False))  # MoE layer -> the MoE layer before it
         self.shared_dispatches = 0  # dispatches that carried the calls of more than one stream
         self.shared_parts = 0  # the calls they carried
+        self._at: dict[asyncio.Task[object] | None, int] = {}  # computing streams -> the layer of their last call
         self._held: dict[int, list[_Part]] = {}  # layer -> calls waiting for the end of this loop turn
+        self._release_due = False
         self._dispatches: set[asyncio.Task[None]] = set()
+
+    @property
+    def computing(self) -> int:
+        """Streams between `stream()` entry and exit, not paused."""
+        return len(self._at)
 
     @contextlib.contextmanager
     def stream(self) -> Iterator[None]:
-        """A stream of forward work computes inside this block."""
-        self.computing += 1
+        """A stream of forward work (one task) computes inside this block."""
+        me = asyncio.current_task()
+        self._at[me] = -1
         try:
             yield
         finally:
-            self.computing -= 1
+            del self._at[me]
+            self._nudge()
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         """Inside `stream()`: this stream waits for something other than its experts (a hop)."""
-        self.computing -= 1
+        me = asyncio.current_task()
+        layer = self._at.pop(me)
+        self._nudge()  # a call held for this stream need not wait for it
         try:
             yield
         finally:
-            self.computing += 1
+            self._at[me] = layer
 
     async def counted(self, call: MoECall, live: Tensor | None) -> ExpertsResult:
         """For the node's own step: its tokens count in this node's activation statistics."""
@@ -80,21 +99,43 @@ class Lockstep:
         return await self._call(call, live, counted=False)
 
     async def _call(self, call: MoECall, live: Tensor | None, *, counted: bool) -> ExpertsResult:
-        if self.computing <= 1 and not self._held:  # nobody to share with
+        me = asyncio.current_task()
+        if me in self._at:
+            self._at[me] = call.layer
+        if len(self._at) <= 1 and not self._held:  # nobody to share with
             return await (self.experts(call, live) if counted else self.experts.uncounted(call, live))
         loop = asyncio.get_running_loop()
-        if not self._held:
-            loop.call_soon(self._release)  # after the callbacks ready now: the other streams of this turn
-        part = _Part(call, live, counted, loop.create_future())
+        part = _Part(call, live, counted, loop.create_future(), me, loop.time())
         self._held.setdefault(call.layer, []).append(part)
+        self._nudge()  # after the callbacks ready now: the other streams of this turn
         return await part.answer
 
+    def _nudge(self) -> None:
+        if self._held and not self._release_due:
+            self._release_due = True
+            asyncio.get_running_loop().call_soon(self._release)
+
     def _release(self) -> None:
+        """Dispatch the held calls, one dispatch per layer, except a layer some stream is one MoE layer
+        short of (for at most CATCH_UP_S): its calls wait for that stream to join them."""
+        self._release_due = False
+        loop = asyncio.get_running_loop()
         held, self._held = self._held, {}
-        for parts in held.values():
+        for layer, parts in held.items():
+            if loop.time() - parts[0].since < CATCH_UP_S and self._behind(layer, parts):
+                self._held[layer] = parts
+                continue
             task = asyncio.ensure_future(self._dispatch(parts))
             self._dispatches.add(task)
             task.add_done_callback(self._dispatches.discard)
+        if self._held:  # the stream behind may never come (its range ends): look again when the wait is up
+            loop.call_later(CATCH_UP_S, self._nudge)
+
+    def _behind(self, layer: int, parts: list[_Part]) -> bool:
+        """Whether a computing stream other than these calls' last called the MoE layer before `layer`."""
+        before = self.before.get(layer)
+        mine = {part.stream for part in parts}
+        return before is not None and any(at == before and s not in mine for s, at in self._at.items())
 
     async def _dispatch(self, parts: list[_Part]) -> None:
         try:

@@ -406,7 +406,7 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     payload = settings.max_payload_bytes
     hops = RouteHops(nc, settings.node, layer_timeout_s=settings.expert_timeout_s, max_payload=payload,
                      counter=counter)
-    lockstep = Lockstep(experts)  # the own step and other nodes' segments share each layer's dispatch
+    lockstep = Lockstep(experts, list_moe_layers(config))  # own step and segments share each layer's dispatch
     engine = Engine(
         model,
         lockstep.counted,

@@ -3,7 +3,7 @@
 A real gating (embedded host holding every expert, over NATS) and its `Lockstep`: calls of one layer
 made by two computing streams in one event-loop turn leave as one dispatch, each stream gets its own
 rows, equal to the experts in one process, and only the own step's tokens count at this node; a lone
-stream, or streams at different layers, dispatch alone.
+stream, or streams at different layers, dispatch alone; a call waits for a stream one layer behind it.
 """
 
 from __future__ import annotations
@@ -69,3 +69,34 @@ async def test_a_lone_stream_and_streams_at_other_layers_dispatch_alone(
     torch.testing.assert_close(alone.output, local(moe_call(LAYER, 2, 3, hidden, 8)), rtol=1e-5, atol=1e-6)
     for result, call in zip(results, apart, strict=True):
         torch.testing.assert_close(result.output, local(call), rtol=1e-5, atol=1e-6)
+
+
+async def test_a_stream_one_layer_behind_is_waited_for_then_they_share(
+    cluster: LocalCluster, mixtral_dir: Path
+) -> None:
+    """A call at layer 1 waits for a stream whose last call was layer 0; they share layer 1's dispatch. A
+    stream that leaves instead does not keep it waiting."""
+    lockstep, local, _, hidden = await node(cluster, mixtral_dir)
+    calls = {name: moe_call(layer, 2, seed, hidden, 8) for name, layer, seed in
+             (("b0", 0, 6), ("b1", 1, 7), ("a1", 1, 8))}
+
+    async def behind(then: bool) -> list[ExpertsResult]:
+        with lockstep.stream():
+            done = [await lockstep.uncounted(calls["b0"], None)]
+            if then:
+                done.append(await lockstep.uncounted(calls["b1"], None))
+            return done
+
+    async def ahead() -> ExpertsResult:
+        with lockstep.stream():
+            await asyncio.sleep(0)  # the other stream has called layer 0 by now
+            return await lockstep.uncounted(calls["a1"], None)
+
+    (b0, b1), a1 = await asyncio.gather(behind(then=True), ahead())
+    assert (lockstep.shared_dispatches, lockstep.shared_parts) == (1, 2)
+    for result, name in ((b0, "b0"), (b1, "b1"), (a1, "a1")):
+        torch.testing.assert_close(result.output, local(calls[name]), rtol=1e-5, atol=1e-6)
+    async with asyncio.timeout(5):
+        (b0,), a1 = await asyncio.gather(behind(then=False), ahead())
+    assert lockstep.shared_dispatches == 1
+    torch.testing.assert_close(a1.output, local(calls["a1"]), rtol=1e-5, atol=1e-6)
