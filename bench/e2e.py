@@ -368,8 +368,8 @@ def main() -> None:
         m = run_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args, work=work)
         p = predict(setup, m.plan, arrivals, MAX_BATCH)
         message_s = message_time_s(m.probe_extra_s, setup.timing)
-        c = predict(replace(setup, timing=replace(setup.timing, message_time_s=message_s)), m.plan, arrivals,
-                    MAX_BATCH)
+        on_this_machine = replace(setup.timing, message_time_s=message_s, machine_cores=os.cpu_count() or 1)
+        c = predict(replace(setup, timing=on_this_machine), m.plan, arrivals, MAX_BATCH)
         measured.append(m)
         predicted.append(p)
         calibrated.append(c)

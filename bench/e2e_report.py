@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 from typing import TYPE_CHECKING
 
@@ -37,7 +38,8 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
     times = ", ".join(f"{m.policy} {1e3 * message_time_s(m.probe_extra_s, t):.2f}" for m in measured)
     print("Software time of a message one way, measured on each stack (\"+ msg\" columns: a 2-expert call to a "
           "host of another node, beyond the configured round trip and the simulator's compute of the 2 experts, "
-          f"halved), ms: {times}.\n")
+          f"halved; and every host's compute on one of this machine's {os.cpu_count()} cores, which the stacks' "
+          f"nodes share), ms: {times}.\n")
     print(batch1_table(measured, predicted, calibrated))
     routed = [m for m in measured if m.policy in ROUTED]
     if routed:

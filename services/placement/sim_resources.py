@@ -18,12 +18,26 @@ class Timeline:
     def __init__(self) -> None:
         self.busy: list[tuple[float, float]] = []
 
-    def book(self, ready: float, duration: float, now: float) -> float:
-        """Book `duration` seconds at the earliest gap starting at or after `ready`; return the end.
-        Intervals that ended before `now` are dropped: no later booking can start before `now`."""
+    def earliest(self, ready: float, duration: float, now: float) -> float:
+        """Where `book` would start `duration` seconds asked for at `ready` (nothing is booked)."""
+        self._forget(now)
+        start = ready
+        for s, e in self.busy:
+            if start + duration <= s:
+                break
+            start = max(start, e)
+        return start
+
+    def _forget(self, now: float) -> None:
         b = self.busy
         while b and b[0][1] <= now:
             del b[0]
+
+    def book(self, ready: float, duration: float, now: float) -> float:
+        """Book `duration` seconds at the earliest gap starting at or after `ready`; return the end.
+        Intervals that ended before `now` are dropped: no later booking can start before `now`."""
+        self._forget(now)
+        b = self.busy
         if not b or ready >= b[-1][1]:                       # the common case: after everything booked
             end = ready + duration
             if b and b[-1][1] == ready:
@@ -48,6 +62,21 @@ class Timeline:
         else:
             b.insert(pos, (start, end_merged))
         return end
+
+
+def book_on_a_core(line: Timeline, cores: list[Timeline], ready: float, duration: float, now: float) -> float:
+    """Book `duration` on `line` (a host) and, at the same time, on one of `cores` (the machine the hosts
+    share); return the end. Without cores, `line` alone."""
+    if not cores:
+        return line.book(ready, duration, now)
+    start = ready
+    while True:  # the start only moves later, and every timeline is free after its last interval
+        start = line.earliest(start, duration, now)
+        first, core = min((c.earliest(start, duration, now), i) for i, c in enumerate(cores))
+        if first == start:
+            cores[core].book(start, duration, now)
+            return line.book(start, duration, now)
+        start = first
 
 
 def serving_nodes(view: np.ndarray, cluster: Cluster) -> np.ndarray:

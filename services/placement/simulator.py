@@ -18,7 +18,9 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
   or a GPU stream does with jobs that become ready at different times). Jobs are booked per layer in
   the order the layers start, so contention between nodes is modelled.
 - A layer ends when its slowest group has returned; the next layer starts then.
-- Host compute of a group of m tokens: (expert_time_s + m · expert_time_per_token_s) / host speed.
+- Host compute of a group of m tokens: (expert_time_s + m · expert_time_per_token_s) / host speed. With
+  `machine_cores` > 0 every booking of a host's compute also takes one of that many cores for its
+  duration (a testbed whose nodes share one machine, as bench/e2e.py's stacks do).
 - A placement change (migration) takes a share of the bandwidth of every link into a node that
   loads experts, for as long as the weights take at that share; the new placement serves from then.
 - Routes (`Placement.routes`): layer l of a step of home n runs on node x = routes[n, l] as above,
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from services.placement.errors import InvalidInputError
-from services.placement.sim_resources import Timeline, serving_hosts, serving_nodes
+from services.placement.sim_resources import Timeline, book_on_a_core, serving_hosts, serving_nodes
 from services.placement.traces import RoutingTrace
 from services.placement.types import Cluster, Placement, validate
 
@@ -64,6 +66,8 @@ class SimConfig:
                                           # (brokers, event loops at both ends); measured per deployment
     segment_time_s: float = 0.0           # an executing node's fixed work per route segment it runs (the
                                           # segment's decode and encode, KV slot, step context), per hop into it
+    machine_cores: int = 0                # > 0: every host's compute also takes one of this many cores (a
+                                          # testbed whose nodes share one machine); 0: each host its own
     migration_share: float = 0.5          # share of a link a migration may take
     expert_bytes: int = 17_300_000        # weights moved per replica a migration loads
     local_load_bytes_per_s: float = 0.0           # > 0: nodes load new replicas from local storage at this rate
@@ -76,7 +80,7 @@ class SimConfig:
             raise InvalidInputError("need max_batch >= 1, arrival_rate > 0 and 0 < migration_share < 1")
         if min(self.dense_time_s, self.dense_time_per_token_s, self.expert_time_s,
                self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts, self.local_load_bytes_per_s,
-               self.kv_bytes_per_token_layer, self.message_time_s, self.segment_time_s) < 0:
+               self.kv_bytes_per_token_layer, self.message_time_s, self.segment_time_s, self.machine_cores) < 0:
             raise InvalidInputError("SimConfig times and sizes must be >= 0")
 
 
@@ -160,6 +164,7 @@ class Simulator:
         N, H = cluster.num_nodes, cluster.num_hosts
         self.E, self.H, self.L = trace.num_experts, H, trace.num_layers
         self.hosts = [Timeline() for _ in range(H)]
+        self.cores = [Timeline() for _ in range(config.machine_cores)]
         self.links = [[Timeline() for _ in range(N)] for _ in range(N)]
         self.slow_until = np.zeros((N, N))
         # plain Python lists: the per-layer loop reads them far faster than numpy scalars
@@ -307,14 +312,14 @@ class Simulator:
         dense = cfg.dense_time_s + batch * cfg.dense_time_per_token_s
         dense += cfg.shared_experts * (cfg.expert_time_s + batch * cfg.expert_time_per_token_s) + extra_s
         h0 = self.first_host[n]
-        t0 = self.hosts[h0].book(ready, dense / self.speed[h0], now)
+        t0 = self._compute(h0, ready, dense / self.speed[h0], now)
         end, res = t0, self.result
         for h, m, g in plan:
             work = (g * cfg.expert_time_s + m * cfg.expert_time_per_token_s) / self.speed[h]
             node = self.host_node[h]
             if node == n:
                 res.local_calls += m
-                end = max(end, self.hosts[h].book(t0, work, now))
+                end = max(end, self._compute(h, t0, work, now))
                 continue
             res.remote_calls += m
             res.messages += g
@@ -322,9 +327,12 @@ class Simulator:
             res.bytes_across += 2 * size
             half = self.half_rtt[n][node]
             there = self._send(n, node, t0, size, now) + half
-            done = self.hosts[h].book(there, work, now)
+            done = self._compute(h, there, work, now)
             end = max(end, self._send(node, n, done, size, now) + half)
         return end
+
+    def _compute(self, h: int, ready: float, work: float, now: float) -> float:
+        return book_on_a_core(self.hosts[h], self.cores, ready, work, now)
 
     def _send(self, a: int, b: int, ready: float, size: float, now: float) -> float:
         bw = self.bw[a][b]

@@ -119,3 +119,23 @@ def test_place_route_takes_the_load_flags(capsys: pytest.CaptureFixture[str], tm
     args = build_parser().parse_args([*base, "--step-rate", "-1"])
     assert args.func(args) == 2
     assert "step_rate" in capsys.readouterr().err
+
+
+def test_hosts_on_one_machine_take_turns_on_its_cores() -> None:
+    """Two homes, each a token whose one layer's expert its own host holds, arriving together: 0.15 ms
+    each (dense 0.1 + expert 0.05). On two cores (or each host its own) both end at 0.15; on one core the
+    simulator books node 0's layer first (dense, then expert: 0.15) and node 1's after it on that core:
+    it ends at 0.3 ms."""
+    x = np.array([[[0]], [[0]]])
+    meta = TraceMeta(model="hand", moe_layers=(0,), num_experts=1, top_k=1, hidden_size=100, domains=("d",),
+                     nodes=("n0", "n1"))
+    trace = RoutingTrace(experts=x, weights=np.ones(x.shape), node=np.array([0, 1]), domain=np.zeros(2, dtype=int),
+                         request=np.array([0, 1]), position=np.zeros(2, dtype=int), meta=meta)
+    cluster = Cluster.from_slots([1, 1], rtt_s=2 * MS, bandwidth_Bps=1e6)
+    both = Placement(np.ones((2, 1, 1), dtype=bool))
+    arrivals = [np.array([0.0]), np.array([0.0])]
+    for cores in (0, 2):
+        r = simulate(trace, cluster, both, replace(CFG, machine_cores=cores), arrivals=arrivals)
+        assert sorted(r.latencies_s) == pytest.approx([0.15 * MS, 0.15 * MS])
+    one = simulate(trace, cluster, both, replace(CFG, machine_cores=1), arrivals=arrivals)
+    assert sorted(one.latencies_s) == pytest.approx([0.15 * MS, 0.3 * MS])
