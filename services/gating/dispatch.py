@@ -129,7 +129,10 @@ class NodeExperts:
                 outputs = await self.embedded[index].compute_block(call.layer, experts, rows, routing.counts)
             else:  # a contiguous run of the block per host in turn (hosts usually hold ranges of experts)
                 parts, start = [], 0
-                for index, experts, counts in _runs(routing, call.layer, self._holders()):
+                runs = _runs(routing, call.layer, self._holders())
+                if runs is None:  # an expert left every embedded host while this call let others run
+                    return None
+                for index, experts, counts in runs:
                     end = start + sum(counts)
                     parts.append(await self.embedded[index].compute_block(call.layer, experts, rows[start:end], counts))
                     start = end
@@ -293,12 +296,16 @@ def _count(counter: ActivationCounter, call: MoECall, routing: Routing) -> None:
     counter.add(call.layer, routing.experts, routing.counts, tokens=tokens)
 
 
-def _runs(routing: Routing, layer: int, holder: dict[tuple[int, int], int]) -> list[tuple[int, list[int], list[int]]]:
+def _runs(
+    routing: Routing, layer: int, holder: dict[tuple[int, int], int]
+) -> list[tuple[int, list[int], list[int]]] | None:
     """The block as runs of consecutive experts that one embedded host holds, in block order:
-    (host index, experts, their row counts)."""
+    (host index, experts, their row counts); None when an expert has no embedded holder."""
     runs: list[tuple[int, list[int], list[int]]] = []
     for expert, n in zip(routing.experts, routing.counts, strict=True):
-        index = holder[(layer, expert)]
+        index = holder.get((layer, expert))
+        if index is None:
+            return None
         if not runs or runs[-1][0] != index:
             runs.append((index, [], []))
         runs[-1][1].append(expert)
