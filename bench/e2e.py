@@ -94,7 +94,8 @@ class Measured:
     poisson_no_prefill_ms: list[float]  # the gating's total - prefill per request
     bytes_per_token_poisson: float
     errors: list[str]
-    probe_extra_s: float  # a remote expert call's time beyond the configured round trip (probe_extra_s)
+    probe_extra_s: float  # a remote expert call's time beyond the configured round trip (probe_extra_s), idle
+    loaded_extra_s: float  # the same, probed while the Poisson round ran
 
 
 def build_model(workdir: Path) -> Path:
@@ -172,10 +173,12 @@ async def measure_policy(
         busy_before = await segment_seconds(client)
         b1_ms, b1_hop_ms, b1_bytes, errors, b1_steps = await batch1_round(client, prompts, args, links)
         b1_segment_ms = 1000 * (await segment_seconds(client) - busy_before) / max(b1_steps, 1)
-        lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
+        poisson = asyncio.ensure_future(poisson_round(client, prompts, arrivals, args, links))
+        loaded_s = await probe_extra_s(stack, topo, plan, hidden_size(model), until=poisson)
+        lat, no_prefill, load_bytes, more = await poisson
         extra_s = await probe_extra_s(stack, topo, plan, hidden_size(model))
     return Measured(policy, plan, b1_ms, b1_hop_ms, b1_segment_ms, b1_bytes, lat, no_prefill, load_bytes,
-                    errors + more, extra_s)
+                    errors + more, extra_s, loaded_s)
 
 
 async def segment_seconds(client: Any) -> float:
@@ -194,12 +197,16 @@ def hidden_size(model: Path) -> int:
     return load_config(model).hidden_size
 
 
-async def probe_extra_s(stack: LocalStack, topo: Topology, plan: dict[str, Any], hidden_size: int) -> float:
+async def probe_extra_s(
+    stack: LocalStack, topo: Topology, plan: dict[str, Any], hidden_size: int, until: asyncio.Future[Any] | None = None
+) -> float:
     """What a remote expert call takes beyond its link's configured round trip: from each node's leaf,
     requests to the first host of each other node for one row each of `PROBE_EXPERTS` experts it holds
     in the plan (a batch-1 call's message: the host decodes, computes, encodes and answers as for a
     gating); median over node pairs of (round trip - configured round trip). It holds the experts'
-    compute, the link emulators' relaying, the brokers on the way and the event loops at both ends."""
+    compute, the link emulators' relaying, the brokers on the way and the event loops at both ends.
+    With `until`, passes over the pairs repeat until it is done (the probe runs under that load) and
+    the median is over every sample."""
     import nats
     import torch
 
@@ -208,25 +215,25 @@ async def probe_extra_s(stack: LocalStack, topo: Topology, plan: dict[str, Any],
 
     first_host = {node.name: node.hosts[0].name for node in topo.nodes}
     delay_s = {node.name: node.link.delay_ms / 1000 for node in topo.nodes}
-    extra = []
-    for a, url in stack.leaf_urls.items():
-        nc = await nats.connect(url)
-        try:
-            for b, host in first_host.items():
-                if b == a:
-                    continue
-                (layer, _), *_ = held = [tuple(key) for key in plan["hosts"][host]]
-                experts = [e for held_layer, e in held if held_layer == layer][:PROBE_EXPERTS]
-                meta = {"layer": layer, "experts": experts, "counts": [1] * len(experts)}
-                payload = encode_tensor(torch.zeros(len(experts), hidden_size), meta)
-                times = []
-                for _ in range(PROBES):
-                    started = time.perf_counter()
-                    await nc.request(subjects.host_calls(host), payload, timeout=5)
-                    times.append(time.perf_counter() - started)
-                    await asyncio.sleep(0.01)
-                extra.append(statistics.median(times) - 2 * (delay_s[a] + delay_s[b]))
-        finally:
+    clients = {a: await nats.connect(url) for a, url in stack.leaf_urls.items()}
+    extra: list[float] = []
+    try:
+        while not extra or (until is not None and not until.done()):
+            for a, nc in clients.items():
+                for b, host in first_host.items():
+                    if b == a:
+                        continue
+                    (layer, _), *_ = held = [tuple(key) for key in plan["hosts"][host]]
+                    experts = [e for held_layer, e in held if held_layer == layer][:PROBE_EXPERTS]
+                    meta = {"layer": layer, "experts": experts, "counts": [1] * len(experts)}
+                    payload = encode_tensor(torch.zeros(len(experts), hidden_size), meta)
+                    for _ in range(PROBES):
+                        started = time.perf_counter()
+                        await nc.request(subjects.host_calls(host), payload, timeout=5)
+                        extra.append(time.perf_counter() - started - 2 * (delay_s[a] + delay_s[b]))
+                        await asyncio.sleep(0.01)
+    finally:
+        for nc in clients.values():
             await nc.close()
     return statistics.median(extra)
 
@@ -368,15 +375,17 @@ def main() -> None:
         m = run_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args, work=work)
         p = predict(setup, m.plan, arrivals, MAX_BATCH)
         message_s = message_time_s(m.probe_extra_s, setup.timing)
+        loaded_s = message_time_s(m.loaded_extra_s, setup.timing)
         on_this_machine = replace(setup.timing, message_time_s=message_s, machine_cores=os.cpu_count() or 1)
-        c = predict(replace(setup, timing=on_this_machine), m.plan, arrivals, MAX_BATCH)
+        c = predict(replace(setup, timing=on_this_machine), m.plan, arrivals, MAX_BATCH,
+                    loaded=replace(on_this_machine, message_time_s=loaded_s))
         measured.append(m)
         predicted.append(p)
         calibrated.append(c)
         print(f"# {policy}: {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}; batch 1 "
               f"{m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}, + msg {c.ms_per_token_b1:.1f}), "
               f"Poisson mean {statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms (sim {p.poisson_mean_ms:.0f}, "
-              f"+ msg {c.poisson_mean_ms:.0f}); message {1e3 * message_s:.2f} ms",
+              f"+ msg {c.poisson_mean_ms:.0f}); message {1e3 * message_s:.2f} ms, under load {1e3 * loaded_s:.2f} ms",
               file=sys.stderr, flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32, Python {platform.python_version()}"
     print_report(machine, args, setup, measured, predicted, calibrated=calibrated)

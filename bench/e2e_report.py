@@ -35,11 +35,12 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
           f"part {1e3 * t.dense_time_s:.3f} ms per MoE layer, {1e3 * t.expert_time_s:.3f} ms per expert call, "
           f"{step_ms:.1f} ms per decode step with every expert local; a route segment's fixed work "
           f"{1e3 * t.segment_time_s:.3f} ms; {setup.trace.num_tokens} decode steps traced.")
-    times = ", ".join(f"{m.policy} {1e3 * message_time_s(m.probe_extra_s, t):.2f}" for m in measured)
+    times = ", ".join(f"{m.policy} {1e3 * message_time_s(m.probe_extra_s, t):.2f} "
+                      f"({1e3 * message_time_s(m.loaded_extra_s, t):.2f} under load)" for m in measured)
     print("Software time of a message one way, measured on each stack (\"+ msg\" columns: a 2-expert call to a "
           "host of another node, beyond the configured round trip and the simulator's compute of the 2 experts, "
-          f"halved; and every host's compute on one of this machine's {os.cpu_count()} cores, which the stacks' "
-          f"nodes share), ms: {times}.\n")
+          "halved; probed after the rounds for batch 1 and during the Poisson round for it; and every host's "
+          f"compute on one of this machine's {os.cpu_count()} cores, which the stacks' nodes share), ms: {times}.\n")
     print(batch1_table(measured, predicted, calibrated))
     routed = [m for m in measured if m.policy in ROUTED]
     if routed:

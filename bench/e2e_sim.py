@@ -210,9 +210,13 @@ def decode_trace(model_dir: Path, prompts: dict[str, tuple[str, list[str]]], max
     return replace(decode, meta=replace(decode.meta, bytes_per_element=4))  # the stack runs fp32
 
 
-def predict(setup: SimSetup, plan: dict[str, Any], arrivals: list[np.ndarray], max_batch: int) -> Prediction:
+def predict(
+    setup: SimSetup, plan: dict[str, Any], arrivals: list[np.ndarray], max_batch: int,
+    loaded: SimConfig | None = None,
+) -> Prediction:
     """Simulate the plan at batch 1 (requests far apart) and under `arrivals` (s from the start, one per
-    prompt of each node; a prompt whose answer had no decode step is left out, as in the trace)."""
+    prompt of each node; a prompt whose answer had no decode step is left out, as in the trace); the
+    latter with `loaded`'s timing when given (a message time measured under that load)."""
     from services.placement.simulator import simulate
 
     placement = placement_of(plan, setup)
@@ -222,7 +226,7 @@ def predict(setup: SimSetup, plan: dict[str, Any], arrivals: list[np.ndarray], m
     timed = [arrivals[n][np.asarray(mine, dtype=np.int64) - offsets[n]] for n, mine in enumerate(ids)]
     apart = [(offsets[n] + np.arange(len(mine))) * FAR_APART_S for n, mine in enumerate(ids)]
     b1 = simulate(trace, cluster, placement, replace(setup.timing, max_batch=1), arrivals=apart)
-    load = simulate(trace, cluster, placement, replace(setup.timing, max_batch=max_batch), arrivals=timed)
+    load = simulate(trace, cluster, placement, replace(loaded or setup.timing, max_batch=max_batch), arrivals=timed)
     return Prediction(
         ms_per_token_b1=1000 * _mean_over_nodes(b1, trace, ids),
         bytes_per_token_b1=b1.bytes_across / max(b1.tokens, 1),
