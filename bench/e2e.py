@@ -15,7 +15,9 @@ after that, on the plan the service published:
   leaves a node crosses its own link once), less the idle rate (heartbeats, reports) measured just
   before; at batch 1 from a request's first streamed token to its end, per decode step (no prefill),
   under Poisson per generated token, prefill included;
-- the simulator (bench/e2e_sim.py) on the same cluster, routing and plan.
+- the simulator (bench/e2e_sim.py) on the same cluster, routing and plan, and ("+ msg") with a message's
+  software time probed on the stack: idle after the rounds for batch 1, during a replay of the Poisson
+  round (its own numbers unused) for Poisson, and the nodes sharing this machine's cores.
 
 Model: DeepSeek-V2-Lite's structure at tiny widths (27 layers, layer 0 dense, 26 MoE layers × 64 routed
 experts, top-6, 2 shared experts, MLA, hidden 64), random weights, fp32. Topology: 3 nodes with 1, 1
@@ -95,7 +97,7 @@ class Measured:
     bytes_per_token_poisson: float
     errors: list[str]
     probe_extra_s: float  # a remote expert call's time beyond the configured round trip (probe_extra_s), idle
-    loaded_extra_s: float  # the same, probed while the Poisson round ran
+    loaded_extra_s: float  # the same, probed while the Poisson round ran again
 
 
 def build_model(workdir: Path) -> Path:
@@ -173,10 +175,13 @@ async def measure_policy(
         busy_before = await segment_seconds(client)
         b1_ms, b1_hop_ms, b1_bytes, errors, b1_steps = await batch1_round(client, prompts, args, links)
         b1_segment_ms = 1000 * (await segment_seconds(client) - busy_before) / max(b1_steps, 1)
-        poisson = asyncio.ensure_future(poisson_round(client, prompts, arrivals, args, links))
-        loaded_s = await probe_extra_s(stack, topo, plan, hidden_size(model), until=poisson)
-        lat, no_prefill, load_bytes, more = await poisson
+        lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
         extra_s = await probe_extra_s(stack, topo, plan, hidden_size(model))
+        # the same Poisson round once more, its numbers unused: the probe runs under that load without
+        # adding its messages to the measured round's latency and bytes
+        replay = asyncio.ensure_future(poisson_round(client, prompts, arrivals, args, links))
+        loaded_s = await probe_extra_s(stack, topo, plan, hidden_size(model), until=replay)
+        await replay
     return Measured(policy, plan, b1_ms, b1_hop_ms, b1_segment_ms, b1_bytes, lat, no_prefill, load_bytes,
                     errors + more, extra_s, loaded_s)
 
