@@ -238,13 +238,31 @@ class ExpertHost:
         `experts[i]` in turn (no envelope, no broker); returns their outputs [N, D] in the same order.
         Inline for small calls, on the host's worker thread for big ones (as for a batch from the
         bus). Raises UnknownExpert for an expert no longer resident."""
+        if self.computes_inline(rows.shape[0]):
+            return self.compute_now(layer, experts, rows, counts)
         weights = self._weights(layer, experts)
         started = time.perf_counter()
-        out = await self._run(weights, rows, counts)
-        self.counters.direct_calls += len(experts)
-        self.counters.direct_tokens += rows.shape[0]
-        self.counters.direct_s += time.perf_counter() - started
+        out = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_block, weights, rows, counts)
+        self._count_direct(len(experts), rows.shape[0], time.perf_counter() - started)
         return out
+
+    def computes_inline(self, rows: int) -> bool:
+        """Whether a block of `rows` rows computes on the calling thread (`compute_now`): a thread hop
+        costs more than the math of a small one."""
+        return rows <= self.settings.inline_max_tokens
+
+    def compute_now(self, layer: int, experts: list[int], rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """`compute_block` on the calling thread, without an await (a decode step's layer)."""
+        weights = self._weights(layer, experts)
+        started = time.perf_counter()
+        out = self._run_block(weights, rows, counts)
+        self._count_direct(len(experts), rows.shape[0], time.perf_counter() - started)
+        return out
+
+    def _count_direct(self, experts: int, rows: int, seconds: float) -> None:
+        self.counters.direct_calls += experts
+        self.counters.direct_tokens += rows
+        self.counters.direct_s += seconds
 
     def _weights(self, layer: int, experts: list[int]) -> list[ExpertWeights]:
         try:
@@ -254,7 +272,7 @@ class ExpertHost:
             raise UnknownExpert(f"host {self.settings.host} does not hold expert {names}") from None
 
     async def _run(self, weights: list[ExpertWeights], rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        if rows.shape[0] <= self.settings.inline_max_tokens:  # a thread hop costs more than the math
+        if self.computes_inline(rows.shape[0]):
             return self._run_block(weights, rows, counts)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_block, weights, rows, counts)
 

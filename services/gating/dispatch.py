@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
 import torch
 from nats.aio.client import Client as NatsClient
@@ -74,13 +74,14 @@ class NodeExperts:
         self._holder: dict[tuple[int, int], int] = {}  # (layer, expert) -> the embedded host computing it
         self._holder_changes = -1  # the hosts' total `changes` when `_holder` was built
 
-    async def __call__(self, call: MoECall, live: Tensor | None) -> ExpertsResult:
-        return await self._call(call, live, self.counter)
+    def __call__(self, call: MoECall, live: Tensor | None) -> Awaitable[ExpertsResult]:
+        # plain functions returning the coroutine: one coroutine fewer per MoE layer
+        return self._call(call, live, self.counter)
 
-    async def uncounted(self, call: MoECall, live: Tensor | None) -> ExpertsResult:
+    def uncounted(self, call: MoECall, live: Tensor | None) -> Awaitable[ExpertsResult]:
         """The same, left out of this node's activation counts: a route segment run for another node,
         whose home counts it (the segment's reply carries the counts)."""
-        return await self._call(call, live, None)
+        return self._call(call, live, None)
 
     def count(self, call: MoECall, live: Tensor | None) -> None:
         """Count a call's choices in this node's statistics without dispatching it (for a call that
@@ -95,7 +96,7 @@ class NodeExperts:
         rows = routing.rows(call.hidden)
         local, remote = self._split(call.layer, routing.experts)
         if not remote and local:  # embedded hosts hold the whole call: compute only
-            done = await self._all_local(call, routing, rows, local)
+            done = await self._all_local(call, routing, rows)
             if done is not None:
                 return done
         spans = routing.spans
@@ -114,31 +115,27 @@ class NodeExperts:
         remote_wait_s = time.perf_counter() - started - local_s
         return self._combine(call, routing, rows, answers, local_s, remote_wait_s)
 
-    async def _all_local(
-        self, call: MoECall, routing: Routing, rows: Tensor, local: dict[int, list[int]]
-    ) -> ExpertsResult | None:
+    async def _all_local(self, call: MoECall, routing: Routing, rows: Tensor) -> ExpertsResult | None:
         """A call whose every expert an embedded host holds (a node whose hosts hold the layer, a
         route's executing node): compute only, the block's outputs in its own order, as the model in
         one process computes it. None when a host let an expert go since the split (the general path
         then asks the bus)."""
-        await self._let_others_run(False)
+        if time.perf_counter() - self._turned >= TURN_EVERY_S:
+            await self._let_others_run(False)
+        runs = _runs(routing, call.layer, self._holders())
+        if runs is None:  # an expert left every embedded host while this call let others run
+            return None
         started = time.perf_counter()
+        hosts, layer = self.embedded, call.layer
         try:
-            if len(local) == 1:  # one block in, one block out
-                index, experts = next(iter(local.items()))
-                outputs = await self.embedded[index].compute_block(call.layer, experts, rows, routing.counts)
-            else:  # a contiguous run of the block per host in turn (hosts usually hold ranges of experts)
-                parts, start = [], 0
-                runs = _runs(routing, call.layer, self._holders())
-                if runs is None:  # an expert left every embedded host while this call let others run
-                    return None
-                for index, experts, counts in runs:
-                    end = start + sum(counts)
-                    parts.append(await self.embedded[index].compute_block(call.layer, experts, rows[start:end], counts))
-                    start = end
-                outputs = torch.cat(parts)
+            if hosts[0].computes_inline(rows.shape[0]):  # a decode step's layer: no await at all
+                parts = [hosts[i].compute_now(layer, experts, rows[a:b], counts) for i, experts, counts, a, b in runs]
+            else:
+                parts = [await hosts[i].compute_block(layer, experts, rows[a:b], counts)
+                         for i, experts, counts, a, b in runs]
         except PrismError:
             return None
+        outputs = parts[0] if len(parts) == 1 else torch.cat(parts)
         self.local_calls += len(routing.experts)
         took = time.perf_counter() - started
         return ExpertsResult(combine(call, routing, outputs), None, None, took, 0.0, routing)
@@ -298,18 +295,21 @@ def _count(counter: ActivationCounter, call: MoECall, routing: Routing) -> None:
 
 def _runs(
     routing: Routing, layer: int, holder: dict[tuple[int, int], int]
-) -> list[tuple[int, list[int], list[int]]] | None:
-    """The block as runs of consecutive experts that one embedded host holds, in block order:
-    (host index, experts, their row counts); None when an expert has no embedded holder."""
-    runs: list[tuple[int, list[int], list[int]]] = []
+) -> list[tuple[int, list[int], list[int], int, int]] | None:
+    """The block as runs of consecutive experts that one embedded host holds, in block order: (host
+    index, experts, their row counts, first row, end row); None when an expert has no embedded holder."""
+    runs: list[tuple[int, list[int], list[int], int, int]] = []
+    start = 0
     for expert, n in zip(routing.experts, routing.counts, strict=True):
         index = holder.get((layer, expert))
         if index is None:
             return None
-        if not runs or runs[-1][0] != index:
-            runs.append((index, [], []))
-        runs[-1][1].append(expert)
-        runs[-1][2].append(n)
+        if runs and runs[-1][0] == index:
+            index, experts, counts, first, _ = runs[-1]
+            runs[-1] = (index, [*experts, expert], [*counts, n], first, start + n)
+        else:
+            runs.append((index, [expert], [n], start, start + n))
+        start += n
     return runs
 
 

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,24 @@ class _Part:
     since: float
 
 
+class _Stream:
+    """`Lockstep.stream()`: a class, not a generator, since every forward step enters one."""
+
+    __slots__ = ("lockstep", "task")
+
+    def __init__(self, lockstep: Lockstep) -> None:
+        self.lockstep = lockstep
+        self.task: asyncio.Task[object] | None = None
+
+    def __enter__(self) -> None:
+        self.task = asyncio.current_task()
+        self.lockstep._at[self.task] = -1
+
+    def __exit__(self, *exc: object) -> None:
+        del self.lockstep._at[self.task]
+        self.lockstep._nudge()
+
+
 class Lockstep:
     """The node's experts function for all its streams; see the module docstring."""
 
@@ -68,16 +87,9 @@ class Lockstep:
         """Streams between `stream()` entry and exit, not paused."""
         return len(self._at)
 
-    @contextlib.contextmanager
-    def stream(self) -> Iterator[None]:
+    def stream(self) -> AbstractContextManager[None]:
         """A stream of forward work (one task) computes inside this block."""
-        me = asyncio.current_task()
-        self._at[me] = -1
-        try:
-            yield
-        finally:
-            del self._at[me]
-            self._nudge()
+        return _Stream(self)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
@@ -90,20 +102,22 @@ class Lockstep:
         finally:
             self._at[me] = layer
 
-    async def counted(self, call: MoECall, live: Tensor | None) -> ExpertsResult:
+    def counted(self, call: MoECall, live: Tensor | None) -> Awaitable[ExpertsResult]:
         """For the node's own step: its tokens count in this node's activation statistics."""
-        return await self._call(call, live, counted=True)
+        if len(self._at) <= 1 and not self._held:  # nobody to share with: the dispatcher's own coroutine
+            return self.experts(call, live)
+        return self._held_call(call, live, counted=True)
 
-    async def uncounted(self, call: MoECall, live: Tensor | None) -> ExpertsResult:
+    def uncounted(self, call: MoECall, live: Tensor | None) -> Awaitable[ExpertsResult]:
         """For other nodes' segments: their homes count them."""
-        return await self._call(call, live, counted=False)
+        if len(self._at) <= 1 and not self._held:
+            return self.experts.uncounted(call, live)
+        return self._held_call(call, live, counted=False)
 
-    async def _call(self, call: MoECall, live: Tensor | None, *, counted: bool) -> ExpertsResult:
+    async def _held_call(self, call: MoECall, live: Tensor | None, *, counted: bool) -> ExpertsResult:
         me = asyncio.current_task()
         if me in self._at:
             self._at[me] = call.layer
-        if len(self._at) <= 1 and not self._held:  # nobody to share with
-            return await (self.experts(call, live) if counted else self.experts.uncounted(call, live))
         loop = asyncio.get_running_loop()
         part = _Part(call, live, counted, loop.create_future(), me, loop.time())
         self._held.setdefault(call.layer, []).append(part)
