@@ -62,7 +62,10 @@ class _Stream:
 
     def __enter__(self) -> None:
         self.task = asyncio.current_task()
-        self.lockstep._at[self.task] = -1
+        at = self.lockstep._at
+        for other in at:  # a lone stream's calls are not tracked: where it stands is unknown until its next
+            at[other] = -1
+        at[self.task] = -1
 
     def __exit__(self, *exc: object) -> None:
         del self.lockstep._at[self.task]

@@ -82,6 +82,7 @@ async def test_a_stream_one_layer_behind_is_waited_for_then_they_share(
 
     async def behind(then: bool) -> list[ExpertsResult]:
         with lockstep.stream():
+            await asyncio.sleep(0)  # both streams compute before either calls
             done = [await lockstep.uncounted(calls["b0"], None)]
             if then:
                 done.append(await lockstep.uncounted(calls["b1"], None))
@@ -89,7 +90,7 @@ async def test_a_stream_one_layer_behind_is_waited_for_then_they_share(
 
     async def ahead() -> ExpertsResult:
         with lockstep.stream():
-            await asyncio.sleep(0)  # the other stream has called layer 0 by now
+            await asyncio.sleep(0)  # the other stream has called layer 0 by now (held: two streams compute)
             return await lockstep.uncounted(calls["a1"], None)
 
     (b0, b1), a1 = await asyncio.gather(behind(then=True), ahead())
