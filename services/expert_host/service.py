@@ -227,10 +227,6 @@ class ExpertHost:
     async def _compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
         return await self._run(self._weights(layer, experts), hidden, counts)
 
-    def holds(self, layer: int, expert: int) -> bool:
-        """Whether the weights of (layer, expert) are resident here (loaded, not yet freed)."""
-        return (layer, expert) in self.weights
-
     async def compute_block(
         self, layer: int, experts: list[int], rows: torch.Tensor, counts: list[int]
     ) -> torch.Tensor:
@@ -242,7 +238,7 @@ class ExpertHost:
             return self.compute_now(layer, experts, rows, counts)
         weights = self._weights(layer, experts)
         started = time.perf_counter()
-        out = await asyncio.get_running_loop().run_in_executor(self._executor, self._run_block, weights, rows, counts)
+        out = await self._run(weights, rows, counts)
         self._count_direct(len(experts), rows.shape[0], time.perf_counter() - started)
         return out
 
