@@ -53,9 +53,9 @@ from bench.e2e_sim import (  # noqa: E402
     PROBE_EXPERTS,
     SimSetup,
     calibrate,
-    decode_trace,
     message_time_s,
     predict,
+    routing_traces,
     sim_view,
 )
 from cli.demo import pick_prompts, replan_and_wait  # noqa: E402
@@ -373,7 +373,7 @@ def main() -> None:
     prompts = {node: texts for node, (_, texts) in picked.items()}
     arrivals = poisson_arrivals(args.prompts_per_node, len(prompts), args.rate, args.seed)
     setup = SimSetup(sim_view(topo, expert_bytes), moe_layers, config.num_experts, calibrate(model),
-                     decode_trace(model, picked, args.max_tokens))
+                     *routing_traces(model, picked, args.max_tokens))
     measured, predicted, calibrated = [], [], []
     for policy in args.policies.split(","):
         started = time.perf_counter()

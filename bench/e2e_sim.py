@@ -4,7 +4,8 @@
   launcher sizes the hosts; node to node through the hub, so a round trip is 2 × (2 + 2) ms);
 - routing: the benchmark's prompts run greedily through the model in this process
   (`cli.trace.record_trace`, batch 1); greedy answers through Prism equal these token for token, so
-  this is the routing the real stack saw. Only decode steps are kept (the simulator has no prefill);
+  this is the routing the real stack saw. Batch 1 (decode time per token) simulates the decode steps
+  only; Poisson (whole requests) also each request's prompt, as one prefill step;
 - timing: a batch-1 decode step of the same model in this process (1 torch thread, as the services
   run), measured with every expert local and with the routed experts replaced by zeros: the latter
   per MoE layer is the dense part, the difference per (layer, expert) call one expert call;
@@ -47,6 +48,8 @@ class SimSetup:
     num_experts: int
     timing: SimConfig  # the calibrated times; max_batch and arrivals are set per simulation
     trace: RoutingTrace  # decode steps only, requests numbered node by node in prompt order
+    with_prompts: RoutingTrace  # the same requests with their prompts' tokens first
+    prompt_len: np.ndarray  # [R] tokens of each request's prompt (its prefill step)
 
 
 @dataclass(frozen=True)
@@ -188,9 +191,12 @@ def _step_s(model: Any, experts: Callable[[Any], Any], steps: int) -> float:
     return statistics.median(times)
 
 
-def decode_trace(model_dir: Path, prompts: dict[str, tuple[str, list[str]]], max_tokens: int) -> RoutingTrace:
-    """The routing of every decode step of the benchmark's prompts, greedy, one request at a time;
-    prefill tokens are left out. Requests are numbered node by node, in prompt order."""
+def routing_traces(
+    model_dir: Path, prompts: dict[str, tuple[str, list[str]]], max_tokens: int
+) -> tuple[RoutingTrace, RoutingTrace, np.ndarray]:
+    """The routing of the benchmark's prompts, greedy, one request at a time: (decode steps only, every
+    token with the prompts', each request's prompt length). Requests are numbered node by node, in
+    prompt order."""
     from cli.trace import TraceSettings, record_trace
     from shared.model.tokenizer import Tokenizer
     from shared.workloads import Prompt, Request
@@ -206,27 +212,31 @@ def decode_trace(model_dir: Path, prompts: dict[str, tuple[str, list[str]]], max
     trace = record_trace(model_dir, requests, domains, nodes, settings=settings)
     tokenizer = Tokenizer.from_dir(model_dir)
     prompt_len = np.array([len(tokenizer.encode(r.prompt.text)) for r in requests])
-    decode = trace.select(trace.position >= prompt_len[trace.request])
-    return replace(decode, meta=replace(decode.meta, bytes_per_element=4))  # the stack runs fp32
+    trace = replace(trace, meta=replace(trace.meta, bytes_per_element=4))  # the stack runs fp32
+    return trace.select(trace.position >= prompt_len[trace.request]), trace, prompt_len
 
 
 def predict(
     setup: SimSetup, plan: dict[str, Any], arrivals: list[np.ndarray], max_batch: int,
     loaded: SimConfig | None = None,
 ) -> Prediction:
-    """Simulate the plan at batch 1 (requests far apart) and under `arrivals` (s from the start, one per
-    prompt of each node; a prompt whose answer had no decode step is left out, as in the trace); the
-    latter with `loaded`'s timing when given (a message time measured under that load)."""
+    """Simulate the plan at batch 1 (requests far apart, decode steps only: the real number is decode
+    time per token) and under `arrivals` (s from the start, one per prompt of each node; each request's
+    prompt first, as one prefill step: the real number is the whole request), the latter with `loaded`'s
+    timing when given (a message time measured under that load)."""
     from services.placement.simulator import simulate
 
     placement = placement_of(plan, setup)
     cluster, trace = setup.view.cluster, setup.trace
-    ids = _ids_by_node(trace, [len(a) for a in arrivals])
-    offsets = np.cumsum([0] + [len(a) for a in arrivals])
-    timed = [arrivals[n][np.asarray(mine, dtype=np.int64) - offsets[n]] for n, mine in enumerate(ids)]
+    per_node = [len(a) for a in arrivals]
+    offsets = np.cumsum([0, *per_node])
+    ids = _ids_by_node(trace, per_node)  # a prompt whose answer had no decode step is not in `trace`
     apart = [(offsets[n] + np.arange(len(mine))) * FAR_APART_S for n, mine in enumerate(ids)]
     b1 = simulate(trace, cluster, placement, replace(setup.timing, max_batch=1), arrivals=apart)
-    load = simulate(trace, cluster, placement, replace(loaded or setup.timing, max_batch=max_batch), arrivals=timed)
+    everyone = _ids_by_node(setup.with_prompts, per_node)
+    timed = [arrivals[n][np.asarray(mine, dtype=np.int64) - offsets[n]] for n, mine in enumerate(everyone)]
+    load = simulate(setup.with_prompts, cluster, placement, replace(loaded or setup.timing, max_batch=max_batch),
+                    arrivals=timed, prefill=setup.prompt_len)
     return Prediction(
         ms_per_token_b1=1000 * _mean_over_nodes(b1, trace, ids),
         bytes_per_token_b1=b1.bytes_across / max(b1.tokens, 1),

@@ -2,9 +2,10 @@
 
 Model (ARCHITECTURE.md, "Data flow of one decode step"):
 - Requests of the trace arrive at their node as a Poisson process (seeded); each trace token of a
-  request is one decode step of it (prefill is not simulated).
-- Continuous batching: a node runs decode steps back to back; a step takes every active request
-  (up to `max_batch`, admitted at step boundaries in arrival order) one token further.
+  request is one decode step of it, except that with `prefill` a request's first step runs its
+  first `prefill[request]` tokens together (the prompt, in one forward pass).
+- Continuous batching: a node runs steps back to back; a step takes every active request (up to
+  `max_batch`, admitted at step boundaries in arrival order) one token further (a new one, its prompt).
 - Per MoE layer of a step at node n: the dense part (attention, router, shared experts) runs on the
   node's first host; then the step's tokens are grouped by chosen expert. A group whose expert has a
   replica on n is computed by that local host; otherwise it goes to the nearest node holding a
@@ -139,6 +140,7 @@ class _Node:
 
     tokens: list[np.ndarray]              # per request (arrival order): trace token indices by position
     arrival: np.ndarray                   # [R] arrival times
+    first: list[int] = field(default_factory=list)  # per request: tokens its first step runs together
     next_req: int = 0                     # first request not yet admitted
     active: list[list[int]] = field(default_factory=list)   # [request, next position]
     layer: int = 0
@@ -151,8 +153,11 @@ class Simulator:
     """One simulation of `trace` on `cluster` starting from `placement`; see the module docstring."""
 
     def __init__(self, trace: RoutingTrace, cluster: Cluster, placement: Placement, config: SimConfig, *,
-                 controller: Controller | None = None, arrivals: list[np.ndarray] | None = None) -> None:
-        """`arrivals` (per node, ascending, one per request of that node) replaces the Poisson draw."""
+                 controller: Controller | None = None, arrivals: list[np.ndarray] | None = None,
+                 prefill: np.ndarray | None = None) -> None:
+        """`arrivals` (per node, ascending, one per request of that node) replaces the Poisson draw.
+        `prefill` (by request id): how many of a request's first tokens its first step runs together
+        (its prompt, in one forward pass); None: one token per step from the first."""
         validate(placement, cluster, trace.num_layers, trace.num_experts)
         if trace.num_nodes > cluster.num_nodes:
             raise InvalidInputError(f"trace has {trace.num_nodes} nodes, the cluster {cluster.num_nodes}")
@@ -174,12 +179,15 @@ class Simulator:
         self.half_rtt = (cluster.rtt_s / 2 + config.message_time_s).tolist()  # one way, software included
         self.bw = cluster.bandwidth_Bps.tolist()
         self.migrating = False
-        self.nodes = self._nodes(np.random.default_rng(config.seed), arrivals)
+        self.prompts = prefill is not None  # a request's first step may run several tokens
+        self.nodes = self._nodes(np.random.default_rng(config.seed), arrivals, prefill)
         self.result = SimResult(foreign_kv_peak_bytes=np.zeros(N))
         self.kv_now = np.zeros((N, N))                          # [home, node] foreign KV bytes held now
         self._done: list[tuple[int, float, float, int]] = []   # (node, arrival, completion, index)
 
-    def _nodes(self, rng: np.random.Generator, arrivals: list[np.ndarray] | None) -> list[_Node]:
+    def _nodes(
+        self, rng: np.random.Generator, arrivals: list[np.ndarray] | None, prefill: np.ndarray | None
+    ) -> list[_Node]:
         t = self.trace
         order = np.lexsort((t.position, t.request))
         req_sorted = t.request[order]
@@ -193,7 +201,8 @@ class Simulator:
             at = np.cumsum(gaps) if arrivals is None else np.asarray(arrivals[n], dtype=np.float64)
             if at.shape != (len(mine),) or np.any(np.diff(at) < 0):
                 raise InvalidInputError(f"node {n} has {len(mine)} requests: give as many ascending arrivals")
-            nodes.append(_Node(tokens=mine, arrival=at))
+            first = [1 if prefill is None else max(1, int(prefill[t.request[g[0]]])) for g in mine]
+            nodes.append(_Node(tokens=mine, arrival=at, first=first))
         return nodes
 
     def run(self) -> SimResult:
@@ -228,7 +237,10 @@ class Simulator:
             if not nd.active:
                 self.kv_now[n] = 0.0                            # finished requests free their KV
                 return float(nd.arrival[nd.next_req]) if nd.next_req < len(nd.tokens) else None
-            nd.step = np.array([nd.tokens[r][p] for r, p in nd.active], dtype=np.int64)
+            if self.prompts:
+                nd.step = np.concatenate([nd.tokens[r][p:p + (nd.first[r] if p == 0 else 1)] for r, p in nd.active])
+            else:  # one token each: the common case, kept fast
+                nd.step = np.array([nd.tokens[r][p] for r, p in nd.active], dtype=np.int64)
             nd.execs = self.routes[n].tolist()
             nd.plan = self._group(n, nd.step, self.routes[n])
             self._foreign_kv(n, nd)
@@ -269,8 +281,9 @@ class Simulator:
         self.result.tokens += len(nd.active)
         still = []
         for r, p in nd.active:
-            if p + 1 < len(nd.tokens[r]):
-                still.append([r, p + 1])
+            q = p + (nd.first[r] if p == 0 else 1)
+            if q < len(nd.tokens[r]):
+                still.append([r, q])
             else:
                 self._done.append((n, float(nd.arrival[r]), end, r))
         nd.active = still
@@ -368,9 +381,11 @@ class Simulator:
 
 
 def simulate(trace: RoutingTrace, cluster: Cluster, placement: Placement, config: SimConfig, *,
-             controller: Controller | None = None, arrivals: list[np.ndarray] | None = None) -> SimResult:
+             controller: Controller | None = None, arrivals: list[np.ndarray] | None = None,
+             prefill: np.ndarray | None = None) -> SimResult:
     """Run one simulation; see `Simulator`."""
-    return Simulator(trace, cluster, placement, config, controller=controller, arrivals=arrivals).run()
+    return Simulator(trace, cluster, placement, config, controller=controller, arrivals=arrivals,
+                     prefill=prefill).run()
 
 
 __all__ = ["Controller", "SimConfig", "SimResult", "Simulator", "Timeline", "serving_hosts", "serving_nodes",

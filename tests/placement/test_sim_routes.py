@@ -139,3 +139,24 @@ def test_hosts_on_one_machine_take_turns_on_its_cores() -> None:
         assert sorted(r.latencies_s) == pytest.approx([0.15 * MS, 0.15 * MS])
     one = simulate(trace, cluster, both, replace(CFG, machine_cores=1), arrivals=arrivals)
     assert sorted(one.latencies_s) == pytest.approx([0.15 * MS, 0.3 * MS])
+
+
+def test_a_prompt_runs_as_one_step() -> None:
+    """A request of 3 tokens whose first 2 are its prompt: 2 steps, not 3. Stay-home, every expert at
+    home: the prefill step books one dense part and one call per expert of its 2 tokens (0.1 + 2 × 0.05,
+    the two tokens choosing different experts), then one decode step (0.15): 0.35 ms in all; it counts
+    2 generated tokens. Without `prefill` it is 3 steps of 0.15 ms."""
+    x = np.array([[[0]], [[1]], [[0]]])
+    meta = TraceMeta(model="hand", moe_layers=(0,), num_experts=2, top_k=1, hidden_size=100, domains=("d",),
+                     nodes=("n0",))
+    trace = RoutingTrace(experts=x, weights=np.ones(x.shape), node=np.zeros(3, dtype=int),
+                         domain=np.zeros(3, dtype=int), request=np.zeros(3, dtype=int), position=np.arange(3),
+                         meta=meta)
+    cluster = Cluster.from_slots([2], rtt_s=2 * MS, bandwidth_Bps=1e6)
+    home = Placement(np.ones((1, 1, 2), dtype=bool))
+    r = simulate(trace, cluster, home, CFG, arrivals=[np.array([0.0])], prefill=np.array([2]))
+    assert r.latencies_s[0] == pytest.approx(0.35 * MS)
+    assert (r.steps, r.tokens) == (2, 2)
+    plain = simulate(trace, cluster, home, CFG, arrivals=[np.array([0.0])])
+    assert plain.latencies_s[0] == pytest.approx(0.45 * MS)
+    assert (plain.steps, plain.tokens) == (3, 3)
