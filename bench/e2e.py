@@ -176,11 +176,12 @@ async def measure_policy(
         b1_ms, b1_hop_ms, b1_bytes, errors, b1_steps = await batch1_round(client, prompts, args, links)
         b1_segment_ms = 1000 * (await segment_seconds(client) - busy_before) / max(b1_steps, 1)
         lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
-        extra_s = await probe_extra_s(stack, topo, plan, hidden_size(model))
+        probes = probe_payloads(topo, plan, hidden_size(model))
+        extra_s = await probe_extra_s(stack, topo, probes)
         # the same Poisson round once more, its numbers unused: the probe runs under that load without
         # adding its messages to the measured round's latency and bytes
         replay = asyncio.ensure_future(poisson_round(client, prompts, arrivals, args, links))
-        loaded_s = await probe_extra_s(stack, topo, plan, hidden_size(model), until=replay)
+        loaded_s = await probe_extra_s(stack, topo, probes, until=replay)
         await replay
     return Measured(policy, plan, b1_ms, b1_hop_ms, b1_segment_ms, b1_bytes, lat, no_prefill, load_bytes,
                     errors + more, extra_s, loaded_s)
@@ -202,36 +203,45 @@ def hidden_size(model: Path) -> int:
     return load_config(model).hidden_size
 
 
-async def probe_extra_s(
-    stack: LocalStack, topo: Topology, plan: dict[str, Any], hidden_size: int, until: asyncio.Future[Any] | None = None
-) -> float:
-    """What a remote expert call takes beyond its link's configured round trip: from each node's leaf,
-    requests to the first host of each other node for one row each of `PROBE_EXPERTS` experts it holds
-    in the plan (a batch-1 call's message: the host decodes, computes, encodes and answers as for a
-    gating); median over node pairs of (round trip - configured round trip). It holds the experts'
-    compute, the link emulators' relaying, the brokers on the way and the event loops at both ends.
-    With `until`, passes over the pairs repeat until it is done (the probe runs under that load) and
-    the median is over every sample."""
-    import nats
+def probe_payloads(topo: Topology, plan: dict[str, Any], hidden_size: int) -> dict[str, tuple[str, bytes]]:
+    """Per node, its first host and a batch-1 call's message for it: one row each of `PROBE_EXPERTS`
+    experts of one layer that host holds in the plan."""
     import torch
 
-    from shared import subjects
     from shared.codec import encode_tensor
 
-    first_host = {node.name: node.hosts[0].name for node in topo.nodes}
+    probes = {}
+    for node in topo.nodes:
+        host = node.hosts[0].name
+        (layer, _), *_ = held = [tuple(key) for key in plan["hosts"][host]]
+        experts = [e for held_layer, e in held if held_layer == layer][:PROBE_EXPERTS]
+        meta = {"layer": layer, "experts": experts, "counts": [1] * len(experts)}
+        probes[node.name] = host, encode_tensor(torch.zeros(len(experts), hidden_size), meta)
+    return probes
+
+
+async def probe_extra_s(
+    stack: LocalStack, topo: Topology, probes: dict[str, tuple[str, bytes]], until: asyncio.Future[Any] | None = None
+) -> float:
+    """What a remote expert call takes beyond its link's configured round trip: from each node's leaf,
+    `PROBES` requests to each other node's first host (`probe_payloads`: the host decodes, computes,
+    encodes and answers as for a gating); the median of (round trip - configured round trip). It holds
+    the experts' compute, the link emulators' relaying, the brokers on the way and the event loops at
+    both ends. With `until`, passes over the pairs repeat until it is done (the probe runs under that
+    load)."""
+    import nats
+
+    from shared import subjects
+
     delay_s = {node.name: node.link.delay_ms / 1000 for node in topo.nodes}
     clients = {a: await nats.connect(url) for a, url in stack.leaf_urls.items()}
     extra: list[float] = []
     try:
         while not extra or (until is not None and not until.done()):
             for a, nc in clients.items():
-                for b, host in first_host.items():
+                for b, (host, payload) in probes.items():
                     if b == a:
                         continue
-                    (layer, _), *_ = held = [tuple(key) for key in plan["hosts"][host]]
-                    experts = [e for held_layer, e in held if held_layer == layer][:PROBE_EXPERTS]
-                    meta = {"layer": layer, "experts": experts, "counts": [1] * len(experts)}
-                    payload = encode_tensor(torch.zeros(len(experts), hidden_size), meta)
                     for _ in range(PROBES):
                         started = time.perf_counter()
                         await nc.request(subjects.host_calls(host), payload, timeout=5)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
+    from services.gating.engine import ExpertsFn
     from services.placement.planner import ClusterView
     from services.placement.simulator import SimConfig, SimResult
     from services.placement.traces import RoutingTrace
@@ -96,6 +97,7 @@ def calibrate(model_dir: Path, steps: int = 32) -> SimConfig:
     of a node per route segment it runs."""
     import torch
 
+    from services.gating.engine import ExpertsResult
     from services.placement.simulator import SimConfig
     from shared.model.model import MoEModel
     from shared.model.moe import LocalExperts, MoECall
@@ -106,11 +108,15 @@ def calibrate(model_dir: Path, steps: int = 32) -> SimConfig:
     torch.set_num_threads(1)
     model = MoEModel.from_checkpoint(model_dir)
     experts = LocalExperts.from_checkpoint(model_dir)
+
+    async def answer(call: MoECall, live: torch.Tensor | None) -> ExpertsResult:  # as the gating's ExpertsFn
+        return ExpertsResult(experts(call), None)
+
     full, dense, engine = [], [], []
     for _ in range(3):  # interleaved, so all see the same machine
         full.append(_step_s(model, experts, steps))
         dense.append(_step_s(model, no_experts, steps))
-        engine.append(asyncio.run(_engine_step_s(model, experts, steps)))
+        engine.append(asyncio.run(_engine_step_s(model, answer, steps)))
     cfg = model.config
     layers, k = len(cfg.moe_layers), cfg.top_k
     full_s, dense_s = statistics.median(full), statistics.median(dense)
@@ -118,18 +124,15 @@ def calibrate(model_dir: Path, steps: int = 32) -> SimConfig:
     layer_s = serving * full_s / layers
     return SimConfig(dense_time_s=serving * dense_s / layers, dense_time_per_token_s=0.0,
                      expert_time_s=serving * max(full_s - dense_s, 0.0) / (layers * k), expert_time_per_token_s=0.0,
-                     segment_time_s=max(0.0, asyncio.run(_segment_s(model, experts, steps)) - layer_s))
+                     segment_time_s=max(0.0, asyncio.run(_segment_s(model, answer, steps)) - layer_s))
 
 
-async def _engine_step_s(model: Any, experts: Callable[[Any], Any], steps: int) -> float:
+async def _engine_step_s(model: Any, experts: ExpertsFn, steps: int) -> float:
     """Mean seconds of a batch-1 decode step through the gating's engine (its experts in this process)."""
-    from services.gating.engine import DoneEvent, Engine, ExpertsResult, Sequence
+    from services.gating.engine import DoneEvent, Engine, Sequence
     from shared.model.sampling import SamplingParams
 
-    async def answer(call: Any, live: Any) -> ExpertsResult:
-        return ExpertsResult(experts(call), None)
-
-    engine = Engine(model, answer, max_slots=1, max_len=steps + 16, max_queue=1, inline_max_tokens=64)
+    engine = Engine(model, experts, max_slots=1, max_len=steps + 16, max_queue=1, inline_max_tokens=64)
     runner = asyncio.create_task(engine.run())
     try:
         times = []
@@ -144,22 +147,18 @@ async def _engine_step_s(model: Any, experts: Callable[[Any], Any], steps: int) 
         runner.cancel()
 
 
-async def _segment_s(model: Any, experts: Callable[[Any], Any], steps: int) -> float:
+async def _segment_s(model: Any, experts: ExpertsFn, steps: int) -> float:
     """Median seconds a node takes for a one-layer route segment of one sequence: the segment message's
     decode and encode, its KV slot, step context and the layer (bench/e2e.py's stacks run a segment per
     hop into a node that is not the home)."""
     import torch
 
-    from services.gating.engine import ExpertsResult
     from services.gating.routes import Segment
     from services.gating.segments import SegmentRequest, SegmentRunner
     from shared.codec import decode_tensor, encode_tensor
 
-    async def answer(call: Any, live: Any) -> ExpertsResult:
-        return ExpertsResult(experts(call), None)
-
     layer = model.config.moe_layers[0]
-    runner = SegmentRunner("x", model, answer, max_slots=1, max_len=steps + 1, idle_ttl_s=3600.0, inline_max_tokens=64)
+    runner = SegmentRunner("x", model, experts, max_slots=1, max_len=steps + 1, idle_ttl_s=3600.0, inline_max_tokens=64)
     x = torch.randn(1, model.config.hidden_size)
     times = []
     for i in range(steps):

@@ -55,6 +55,16 @@ class Streams(Protocol):
     def paused(self) -> AbstractContextManager[None]: ...
 
 
+class Alone:
+    """`Streams` of a step that shares its dispatch with nobody (an engine or runner on its own)."""
+
+    def stream(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def paused(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+
 HopsFn = Callable[[Hop, list[str]], Awaitable[Tensor]]
 """(hop, ids of the step's sequences) -> x [T, D] after the hop's chain; raises PrismError when it failed."""
 
@@ -151,7 +161,7 @@ class Engine:
     ) -> None:
         self.model = model
         self.experts = experts
-        self.streams = streams
+        self.streams = streams or Alone()
         self.home = home
         self.hops = hops
         self.on_finish = on_finish  # e.g. tell the nodes on its route to free its KV
@@ -257,7 +267,7 @@ class Engine:
             self.model.forward_steps(batch, self.cache)
         )
         spent = StepTime()
-        with self.streams.stream() if self.streams else contextlib.nullcontext():
+        with self.streams.stream():
             logits = await self._drive(steps, seqs, owner, failed_seqs, spent)
         return logits, spent
 
@@ -272,7 +282,7 @@ class Engine:
         while call is not None:
             started = time.perf_counter()
             if isinstance(call, Hop):
-                with self.streams.paused() if self.streams else contextlib.nullcontext():
+                with self.streams.paused():
                     output = await self._hop(call, seqs, failed_seqs)
                 spent.hop_wait_s += time.perf_counter() - started
                 live = ~failed_seqs[owner]

@@ -85,11 +85,6 @@ class Lockstep:
         self._release_due = False
         self._dispatches: set[asyncio.Task[None]] = set()
 
-    @property
-    def computing(self) -> int:
-        """Streams between `stream()` entry and exit, not paused."""
-        return len(self._at)
-
     def stream(self) -> AbstractContextManager[None]:
         """A stream of forward work (one task) computes inside this block."""
         return _Stream(self)

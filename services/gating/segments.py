@@ -20,7 +20,6 @@ Shape legend: T tokens, D hidden size, B sequences.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from services.gating.engine import ExpertsFn, Streams, resume
+from services.gating.engine import Alone, ExpertsFn, Streams, resume
 from services.gating.routes import Segment
 from shared import subjects
 from shared.errors import BadSegment, Overloaded, PrismError
@@ -95,7 +94,7 @@ class SegmentRunner:
         streams: Streams | None = None,
     ) -> None:
         self.node = node
-        self.streams = streams  # shares each layer's expert dispatch with the node's own step
+        self.streams = streams or Alone()  # shares each layer's expert dispatch with the node's own step
         self.model = model
         self.experts = experts
         self.cache = model.new_cache(max_slots, max_len)
@@ -155,7 +154,7 @@ class SegmentRunner:
         started = time.perf_counter()
         try:
             layers = self.model.layer_steps(step, hidden, seg.start, seg.end)
-            with self.streams.stream() if self.streams else contextlib.nullcontext():
+            with self.streams.stream():
                 x, activations = await self._drive(layers, rows, inline=hidden.shape[0] <= self.inline_max_tokens)
             step.advance()
         except PrismError as err:

@@ -9,7 +9,7 @@ Subjects:
   gating of the node sees it): `{"reply_to"}` stops the requests replying there (error reply `cancelled`),
   and frees their batch slots at the next step; answers `{"cancelled": n}` when asked. The service's
   `$SRV.STATS` endpoint data is a GatingLoad (active, waiting, max_batch, cancelled, foreign KV, route and
-  shared-dispatch counts)..
+  shared-dispatch counts).
 - `prism.v1.host.<host>.calls` / `prism.v1.expert.<layer>.<expert>`: expert calls out (see dispatch.py);
   `prism.v1.host.*.status` in: who holds which expert (directory.py).
 - `prism.v1.activations.<node>`: activation report every `activation_interval_s`.

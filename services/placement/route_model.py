@@ -192,11 +192,16 @@ class RouteModel(LatencyModel):
             else:
                 share = np.divide(held[k], count[node], out=np.zeros(count.shape[1:]), where=count[node] > 0)
             occ[:, k] = (self.unit_work * (srv == node) * share[None]).sum(axis=(1, 2)) / cl.host_speed[k]
-        first = np.array([cl.hosts_of(n)[0] for n in range(n_nodes)])
-        dense = self.workload.dense_time_s / cl.host_speed[first]  # [N] per layer on each node's first host
+        first, dense = self._dense_on_first_hosts()
         for h in range(n_nodes):
             np.add.at(occ[h], first[table[h]], dense[table[h]])
         return occ
+
+    def _dense_on_first_hosts(self) -> tuple[np.ndarray, np.ndarray]:
+        """([N] each node's first host, [N] seconds of one layer's dense part there)."""
+        cl = self.cluster
+        first = np.array([cl.hosts_of(n)[0] for n in range(cl.num_nodes)])
+        return first, self.workload.dense_time_s / cl.host_speed[first]
 
     def queueing_delay(self, occ: np.ndarray) -> np.ndarray:
         """[N_home] seconds per step each home waits for the other homes' work on the hosts it uses, from
@@ -227,8 +232,7 @@ class RouteModel(LatencyModel):
         if table is None:
             table = stay_home(*view.shape[:2])
         occ = self.occupancy(view, table, hosts)
-        first = np.array([self.cluster.hosts_of(n)[0] for n in range(table.shape[0])])
-        dense = (self.workload.dense_time_s / self.cluster.host_speed[first])[table].sum(axis=1)
+        dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
         return self.alone_step_times(view, table, hosts) + dense, self.queueing_delay(occ)
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:

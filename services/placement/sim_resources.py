@@ -21,17 +21,21 @@ class Timeline:
     def earliest(self, ready: float, duration: float, now: float) -> float:
         """Where `book` would start `duration` seconds asked for at `ready` (nothing is booked)."""
         self._forget(now)
-        start = ready
-        for s, e in self.busy:
-            if start + duration <= s:
-                break
-            start = max(start, e)
-        return start
+        return self._gap(ready, duration)[0]
 
     def _forget(self, now: float) -> None:
         b = self.busy
         while b and b[0][1] <= now:
             del b[0]
+
+    def _gap(self, ready: float, duration: float) -> tuple[float, int]:
+        """(start, index of the interval it goes before) of the earliest gap of `duration` at or after `ready`."""
+        start = ready
+        for k, (s, e) in enumerate(self.busy):
+            if start + duration <= s:
+                return start, k
+            start = max(start, e)
+        return start, len(self.busy)
 
     def book(self, ready: float, duration: float, now: float) -> float:
         """Book `duration` seconds at the earliest gap starting at or after `ready`; return the end.
@@ -45,12 +49,7 @@ class Timeline:
             else:
                 b.append((ready, end))
             return end
-        start, pos = ready, len(b)
-        for k, (s, e) in enumerate(b):
-            if start + duration <= s:
-                pos = k
-                break
-            start = max(start, e)
+        start, pos = self._gap(ready, duration)
         end = start + duration
         # merge with touching neighbours, so a saturated resource stays one interval, not thousands
         end_merged = end
