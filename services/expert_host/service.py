@@ -51,7 +51,7 @@ from shared import subjects
 from shared.codec import decode_tensor, encode_tensor
 from shared.errors import BadRequest, BadTensor, OverBudget, Overloaded, PrismError, ShuttingDown, UnknownExpert
 from shared.model.inference import executor, inference, inference_only
-from shared.model.moe import ExpertWeights, expert_forward
+from shared.model.moe import ExpertWeights, run_experts
 from shared.schemas import HostStatus, LoadCommand, StatusCommand, UnloadCommand, parse_host_command
 from shared.weights import fetch_expert
 
@@ -234,12 +234,10 @@ class ExpertHost:
         `experts[i]` in turn (no envelope, no broker); returns their outputs [N, D] in the same order.
         Inline for small calls, on the host's worker thread for big ones (as for a batch from the
         bus). Raises UnknownExpert for an expert no longer resident."""
-        if self.computes_inline(rows.shape[0]):
-            return self.compute_now(layer, experts, rows, counts)
         weights = self._weights(layer, experts)
         started = time.perf_counter()
         out = await self._run(weights, rows, counts)
-        self._count_direct(len(experts), rows.shape[0], time.perf_counter() - started)
+        self.count_direct(len(experts), rows.shape[0], time.perf_counter() - started)
         return out
 
     def computes_inline(self, rows: int) -> bool:
@@ -247,15 +245,7 @@ class ExpertHost:
         costs more than the math of a small one."""
         return rows <= self.settings.inline_max_tokens
 
-    def compute_now(self, layer: int, experts: list[int], rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """`compute_block` on the calling thread, without an await (a decode step's layer)."""
-        weights = self._weights(layer, experts)
-        started = time.perf_counter()
-        out = self._run_block(weights, rows, counts)
-        self._count_direct(len(experts), rows.shape[0], time.perf_counter() - started)
-        return out
-
-    def _count_direct(self, experts: int, rows: int, seconds: float) -> None:
+    def count_direct(self, experts: int, rows: int, seconds: float) -> None:
         self.counters.direct_calls += experts
         self.counters.direct_tokens += rows
         self.counters.direct_s += seconds
@@ -275,10 +265,7 @@ class ExpertHost:
     def _run_block(self, weights: list[ExpertWeights], rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Each expert on its rows of the expert-sorted block, outputs in the same order."""
         with inference():  # once per block, and only where the thread is not in it: it costs about a small expert
-            x = rows.to(self.device)
-            if len(weights) == 1:
-                return expert_forward(weights[0], x)
-            return torch.cat([expert_forward(w, part) for w, part in zip(weights, torch.split(x, counts), strict=True)])
+            return run_experts(weights, rows.to(self.device), counts)
 
     def _count(self, layer: int, experts: list[int], tokens: int) -> None:
         self.counters.calls += len(experts)  # one per expert, whichever subject carried it

@@ -35,7 +35,7 @@ from shared import subjects
 from shared.activations import ActivationCounter
 from shared.codec import check_size, decode_tensor, encode_tensor, max_rows_per_message
 from shared.errors import ExpertUnavailable, PrismError, error_from_headers
-from shared.model.moe import MoECall, Routing, combine
+from shared.model.moe import ExpertWeights, MoECall, Routing, combine, run_experts
 
 NO_RESPONDERS_RETRY_S = 0.02
 TURN_EVERY_S = 0.001
@@ -72,7 +72,10 @@ class NodeExperts:
         self.node_calls = 0  # of those, to a host on this node by its heartbeats (metrics: local)
         self._turned = 0.0  # perf_counter of this dispatcher's last yield to the event loop
         self._holder: dict[tuple[int, int], int] = {}  # (layer, expert) -> the embedded host computing it
+        self._weights: dict[tuple[int, int], ExpertWeights] = {}  # (layer, expert) -> that host's weights
         self._holder_changes = -1  # the hosts' total `changes` when `_holder` was built
+        devices = {host.device for host in self.embedded}
+        self._device = devices.pop() if len(devices) == 1 else None  # where every embedded host computes
 
     def __call__(self, call: MoECall, live: Tensor | None) -> Awaitable[ExpertsResult]:
         # plain functions returning the coroutine: one coroutine fewer per MoE layer
@@ -94,6 +97,9 @@ class NodeExperts:
         if counter is not None:
             _count(counter, call, routing)
         rows = routing.rows(call.hidden)
+        done = self._now(call, routing, rows) if self.embedded else None
+        if done is not None:  # a decode step's layer that the embedded hosts hold: computed, no await
+            return done
         local, remote = self._split(call.layer, routing.experts)
         if not remote and local:  # embedded hosts hold the whole call: compute only
             done = await self._all_local(call, routing, rows)
@@ -115,6 +121,13 @@ class NodeExperts:
         remote_wait_s = time.perf_counter() - started - local_s
         return self._combine(call, routing, rows, answers, local_s, remote_wait_s)
 
+    def _now(self, call: MoECall, routing: Routing, rows: Tensor) -> ExpertsResult | None:
+        """The whole call on this thread at once, if embedded hosts hold all of it, it is small and the
+        event loop had a turn lately; else None."""
+        if not self._inline(rows) or time.perf_counter() - self._turned >= TURN_EVERY_S:
+            return None
+        return self._compute_inline(call, routing, rows)
+
     async def _all_local(self, call: MoECall, routing: Routing, rows: Tensor) -> ExpertsResult | None:
         """A call whose every expert an embedded host holds (a node whose hosts hold the layer, a
         route's executing node): compute only, the block's outputs in its own order, as the model in
@@ -122,23 +135,49 @@ class NodeExperts:
         then asks the bus)."""
         if time.perf_counter() - self._turned >= TURN_EVERY_S:
             await self._let_others_run(False)
-        runs = _runs(routing, call.layer, self._holders())
-        if runs is None:  # an expert left every embedded host while this call let others run
-            return None
+        if self._inline(rows):
+            return self._compute_inline(call, routing, rows)
         started = time.perf_counter()
-        hosts, layer = self.embedded, call.layer
+        outputs = await self._compute_runs(call.layer, routing, rows)
+        if outputs is None:
+            return None
+        self.local_calls += len(routing.experts)
+        return ExpertsResult(combine(call, routing, outputs), None, None, time.perf_counter() - started, 0.0, routing)
+
+    def _inline(self, rows: Tensor) -> bool:
+        """Whether a block computes on this thread in one loop: small, and where every embedded host computes."""
+        return rows.device == self._device and self.embedded[0].computes_inline(rows.shape[0])
+
+    def _compute_inline(self, call: MoECall, routing: Routing, rows: Tensor) -> ExpertsResult | None:
+        """The whole block in one loop with the holders' weights, no await; each host counts its
+        experts' part. None when an expert has no embedded holder."""
+        holder, layer = self._holders(), call.layer
+        started = time.perf_counter()
         try:
-            if hosts[0].computes_inline(rows.shape[0]):  # a decode step's layer: no await at all
-                parts = [hosts[i].compute_now(layer, experts, rows[a:b], counts) for i, experts, counts, a, b in runs]
-            else:
-                parts = [await hosts[i].compute_block(layer, experts, rows[a:b], counts)
-                         for i, experts, counts, a, b in runs]
+            weights = [self._weights[(layer, e)] for e in routing.experts]
+        except KeyError:
+            return None
+        outputs = run_experts(weights, rows, routing.counts)
+        took = time.perf_counter() - started
+        if len(self.embedded) == 1:
+            self.embedded[0].count_direct(len(weights), rows.shape[0], took)
+        else:
+            for expert, n in zip(routing.experts, routing.counts, strict=True):
+                self.embedded[holder[(layer, expert)]].count_direct(1, n, took * n / rows.shape[0])
+        self.local_calls += len(weights)
+        return ExpertsResult(combine(call, routing, outputs), None, None, took, 0.0, routing)
+
+    async def _compute_runs(self, layer: int, routing: Routing, rows: Tensor) -> Tensor | None:
+        """The block as each holder's runs, each on its host's device (a big block on its worker thread)."""
+        runs = _runs(routing, layer, self._holders())
+        if runs is None:
+            return None
+        hosts = self.embedded
+        try:
+            parts = [await hosts[i].compute_block(layer, experts, rows[a:b], n) for i, experts, n, a, b in runs]
         except PrismError:
             return None
-        outputs = parts[0] if len(parts) == 1 else torch.cat(parts)
-        self.local_calls += len(routing.experts)
-        took = time.perf_counter() - started
-        return ExpertsResult(combine(call, routing, outputs), None, None, took, 0.0, routing)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     async def _let_others_run(self, remote: bool) -> None:
         """Yield to the event loop before local compute. With requests in flight, two turns (the first
@@ -170,9 +209,10 @@ class NodeExperts:
         loaded or freed an expert."""
         changes = sum(host.changes for host in self.embedded)
         if changes != self._holder_changes:
-            self._holder = {}
+            self._holder, self._weights = {}, {}
             for index in reversed(range(len(self.embedded))):  # the first holder wins
                 self._holder.update(dict.fromkeys(self.embedded[index].weights, index))
+                self._weights.update(self.embedded[index].weights)
             self._holder_changes = changes
         return self._holder
 

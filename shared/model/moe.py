@@ -105,6 +105,14 @@ def expert_forward(w: ExpertWeights, x: Tensor) -> Tensor:
     return F.linear(F.silu(gate) * up, w.down)
 
 
+def run_experts(weights: list[ExpertWeights], rows: Tensor, counts: list[int]) -> Tensor:
+    """Each expert on its rows of an expert-sorted block (`counts[i]` rows of `weights[i]` in turn): the
+    outputs [N, D] in the same order."""
+    if len(weights) == 1:
+        return expert_forward(weights[0], rows)
+    return torch.cat([expert_forward(w, part) for w, part in zip(weights, torch.split(rows, counts), strict=True)])
+
+
 @dataclass(frozen=True)
 class MoECall:
     """What one MoE layer asks of its routed experts for one forward step."""
@@ -208,10 +216,8 @@ class LocalExperts:
         """Run every chosen expert on its tokens and combine: [T, D]."""
         routing = Routing.of(call.expert_ids)
         rows = routing.rows(call.hidden)
-        outputs = []
-        for expert, (start, end) in routing.spans.items():
-            w = self.weights.get((call.layer, expert))
-            if w is None:
-                raise InputError(f"expert ({call.layer}, {expert}) is not held by this LocalExperts")
-            outputs.append(expert_forward(w, rows[start:end]))
-        return combine(call, routing, torch.cat(outputs) if outputs else torch.zeros_like(rows))
+        missing = [e for e in routing.experts if (call.layer, e) not in self.weights]
+        if missing:
+            raise InputError(f"expert ({call.layer}, {missing[0]}) is not held by this LocalExperts")
+        weights = [self.weights[(call.layer, e)] for e in routing.experts]
+        return combine(call, routing, run_experts(weights, rows, routing.counts) if weights else torch.zeros_like(rows))

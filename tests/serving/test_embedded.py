@@ -240,3 +240,24 @@ async def test_a_lost_process_host_fails_only_the_requests_that_need_it(
         assert reply["error"]["code"] == ExpertUnavailable.code, reply
         assert headers.get("Nats-Service-Error-Code")
     assert [r["token_ids"] for r, _ in kept] == reference(model, only_local, 2)
+
+
+async def test_each_embedded_host_counts_the_rows_it_computed(
+    cluster: LocalCluster, family_dirs: dict[str, Path]
+) -> None:
+    """Two embedded hosts share every call of a decode step, computed in one loop: each host's counters
+    hold exactly its own experts' rows (what the node's activation counts say went to them)."""
+    model = family_dirs["mixtral"]
+    await cluster.add_node("a")
+    # no activation report while it runs: the test reads the counter's window itself
+    await cluster.add_gating("a", model, embedded={"ae": "*:0-3", "af": "*:4-7"}, activation_interval_s=3600)
+    await cluster.settle()
+    gating = cluster.gatings["a"]
+    ae, af = cluster.embedded("a", "ae"), cluster.embedded("a", "af")
+    gating.counter.take(1.0)  # a new window
+    rows_before = ae.counters.direct_tokens, af.counters.direct_tokens
+    replies = await ask_all(cluster, ["a"] * 4, prompts(4, seed=12), 12)
+    assert all("token_ids" in r for r in replies), replies
+    counts = gating.counter.take(1.0).counts.sum(axis=0)  # per expert, summed over layers
+    assert ae.counters.direct_tokens - rows_before[0] == counts[:4].sum() > 0
+    assert af.counters.direct_tokens - rows_before[1] == counts[4:].sum() > 0
