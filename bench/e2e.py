@@ -391,7 +391,8 @@ def main() -> None:
         p = predict(setup, m.plan, arrivals, MAX_BATCH)
         message_s = message_time_s(m.probe_extra_s, setup.timing)
         loaded_s = message_time_s(m.loaded_extra_s, setup.timing)
-        on_this_machine = replace(setup.timing, message_time_s=message_s, machine_cores=os.cpu_count() or 1)
+        on_this_machine = replace(setup.timing, message_time_s=message_s, machine_cores=os.cpu_count() or 1,
+                                  one_thread_per_node=True)  # CPU gatings compute their embedded hosts inline
         c = predict(replace(setup, timing=on_this_machine), m.plan, arrivals, MAX_BATCH,
                     loaded=replace(on_this_machine, message_time_s=loaded_s))
         measured.append(m)

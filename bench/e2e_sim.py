@@ -17,6 +17,7 @@ Shape legend: L MoE layers, K top-k, E experts, N nodes, H hosts.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -90,20 +91,36 @@ def placement_of(plan: dict[str, Any], setup: SimSetup) -> Placement:
     return Placement(placed.hosts, routes=from_plan_routes(plan.get("routes"), setup.view, setup.moe_layers))
 
 
-def calibrate(model_dir: Path, steps: int = 32) -> SimConfig:
-    """SimConfig timing (s) from batch-1 decode steps of the model in this process: the bare forward with
-    every expert local and with none, scaled by what the gating's engine adds per step on top of the bare
-    forward (its async expert calls, batching and sampling, spread over the layers); and the fixed work
-    of a node per route segment it runs."""
+BATCHES = (1, 4, 8)
+"""Decode batches the compute is calibrated at (with one prompt of `PREFILL_TOKENS`): Poisson rounds batch
+several requests and start each with its prompt, where time grows with tokens and experts called."""
+PREFILL_TOKENS = 24
+
+
+@dataclass
+class _Steps:
+    """What the forward passes of one calibration shape did: seconds per step with every expert local and
+    with none, and per step the tokens, the expert calls (experts chosen per layer, summed) and rows."""
+
+    full_s: float
+    dense_s: float
+    tokens: int
+    calls: float
+    rows: float
+
+
+def calibrate(model_dir: Path, steps: int = 24) -> SimConfig:
+    """SimConfig timing (s) from forward steps of the model in this process (1 torch thread, as the services
+    run): decode steps at `BATCHES` and a prefill, with every expert local and with none. Least squares on
+    those shapes gives the dense part per layer (fixed + per token) and the experts (per expert call + per
+    row); all scaled by what the gating's engine adds per step on top of the bare forward (its async expert
+    calls, batching and sampling), measured at batch 1. Also the fixed work of a node per route segment."""
     import torch
 
     from services.gating.engine import ExpertsResult
     from services.placement.simulator import SimConfig
     from shared.model.model import MoEModel
     from shared.model.moe import LocalExperts, MoECall
-
-    def no_experts(call: MoECall) -> torch.Tensor:
-        return torch.zeros_like(call.hidden)
 
     torch.set_num_threads(1)
     model = MoEModel.from_checkpoint(model_dir)
@@ -112,19 +129,37 @@ def calibrate(model_dir: Path, steps: int = 32) -> SimConfig:
     async def answer(call: MoECall, live: torch.Tensor | None) -> ExpertsResult:  # as the gating's ExpertsFn
         return ExpertsResult(experts(call), None)
 
-    full, dense, engine = [], [], []
-    for _ in range(3):  # interleaved, so all see the same machine
-        full.append(_step_s(model, experts, steps))
-        dense.append(_step_s(model, no_experts, steps))
-        engine.append(asyncio.run(_engine_step_s(model, answer, steps)))
-    cfg = model.config
-    layers, k = len(cfg.moe_layers), cfg.top_k
-    full_s, dense_s = statistics.median(full), statistics.median(dense)
-    serving = max(1.0, statistics.median(engine) / full_s)
-    layer_s = serving * full_s / layers
-    return SimConfig(dense_time_s=serving * dense_s / layers, dense_time_per_token_s=0.0,
-                     expert_time_s=serving * max(full_s - dense_s, 0.0) / (layers * k), expert_time_per_token_s=0.0,
-                     segment_time_s=max(0.0, asyncio.run(_segment_s(model, answer, steps)) - layer_s))
+    shapes = [[1] * b for b in BATCHES] + [[PREFILL_TOKENS]]  # tokens per sequence of a step
+    measured = [_shape_steps(model, experts, shape, steps) for shape in shapes]
+    engine = statistics.median(asyncio.run(_engine_step_s(model, answer, steps)) for _ in range(3))
+    layers = len(model.config.moe_layers)
+    serving = max(1.0, engine / measured[0].full_s)
+    dense_fixed, dense_per_token = _fit([(1.0, m.tokens) for m in measured], [m.dense_s / layers for m in measured])
+    # what the routed experts add: per layer (sorting the block, combining), per expert call and per row
+    per_layer, per_call, per_row = _fit([(1.0, m.calls / layers, m.rows / layers) for m in measured],
+                                        [(m.full_s - m.dense_s) / layers for m in measured])
+    return SimConfig(
+        dense_time_s=serving * (dense_fixed + per_layer), dense_time_per_token_s=serving * dense_per_token,
+        expert_time_s=serving * per_call, expert_time_per_token_s=serving * per_row,
+        segment_time_s=max(0.0, asyncio.run(_segment_s(model, answer, steps)) - engine / layers),
+    )
+
+
+def _fit(x: list[tuple[float, ...]], y: list[float]) -> tuple[float, ...]:
+    """Non-negative least squares y ≈ Σ c_i·x_i: the best fit over every subset of the coefficients whose
+    unconstrained solution is non-negative, the others 0 (a handful of coefficients: all subsets is exact)."""
+    X, Y = np.array(x, dtype=np.float64), np.array(y, dtype=np.float64)
+    best, best_err = np.zeros(X.shape[1]), float(Y @ Y)
+    for used in itertools.product((False, True), repeat=X.shape[1]):
+        cols = np.flatnonzero(used)
+        if not cols.size:
+            continue
+        c, *_ = np.linalg.lstsq(X[:, cols], Y, rcond=None)
+        err = float(np.sum((Y - X[:, cols] @ c) ** 2))
+        if np.all(c >= 0) and err < best_err:
+            best, best_err = np.zeros(X.shape[1]), err
+            best[cols] = c
+    return tuple(float(v) for v in best)
 
 
 async def _engine_step_s(model: Any, experts: ExpertsFn, steps: int) -> float:
@@ -172,20 +207,56 @@ async def _segment_s(model: Any, experts: ExpertsFn, steps: int) -> float:
     return statistics.median(times[1:])  # the first admits the sequence
 
 
-def _step_s(model: Any, experts: Callable[[Any], Any], steps: int) -> float:
-    """Median seconds of a batch-1 decode step after a short prompt."""
+def _shape_steps(model: Any, experts: Callable[[Any], Any], lengths: list[int], steps: int) -> _Steps:
+    """Median step times of one shape, full and dense-only interleaved (so both see the same machine):
+    sequences of `lengths` tokens each (a decode batch of ones, or one prompt), after a short prompt; and
+    the expert calls and rows of its steps."""
+    import torch
+
+    calls, rows = [], []
+
+    def counting(call: Any) -> torch.Tensor:
+        chosen = call.expert_ids.reshape(-1)
+        calls.append(int(torch.unique(chosen).numel()))
+        rows.append(int(chosen.numel()))
+        return experts(call)
+
+    def zeros(call: Any) -> torch.Tensor:
+        return torch.zeros_like(call.hidden)
+
+    full, dense = [], []
+    for _ in range(3):
+        full.append(_step_s(model, experts, lengths, steps))
+        dense.append(_step_s(model, zeros, lengths, steps))
+    _step_s(model, experts, lengths, steps, counted=counting)
+    moe_calls = len(calls) / len(model.config.moe_layers)  # the steps counted
+    return _Steps(statistics.median(full), statistics.median(dense), sum(lengths),
+                  sum(calls) / moe_calls, sum(rows) / moe_calls)
+
+
+def _step_s(
+    model: Any, experts: Callable[[Any], Any], lengths: list[int], steps: int,
+    counted: Callable[[Any], Any] | None = None,
+) -> float:
+    """Median seconds of a forward step over sequences of `lengths` tokens each, after a short prompt:
+    decode steps one after the other in one cache; a prompt's step each in a fresh one. `counted`, when
+    given, answers the timed steps' expert calls (the prompts' go to `experts`)."""
     import torch
 
     from shared.model.model import Batch
 
-    cache = model.new_cache(1, steps + 8)
-    slot = cache.allocate()
+    prefill = max(lengths) > 1
+    cache, slots = None, []
     times = []
     with torch.inference_mode():
-        model.forward(Batch([slot], [[1, 2, 3, 4]]), cache, experts)
         for i in range(steps):
+            if cache is None or prefill:
+                cache = model.new_cache(len(lengths), steps + max(lengths) + 8)
+                slots = [cache.allocate() for _ in lengths]
+                model.forward(Batch(slots, [[1, 2, 3, 4]] * len(lengths)), cache, experts)
+            tokens = [[5 + (i + j + k) % 50 for k in range(n)] for j, n in enumerate(lengths)]
             t0 = time.perf_counter()
-            model.forward(Batch([slot], [[5 + i]]), cache, experts)
+            model.forward(Batch(slots, tokens), cache, counted or experts)
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 

@@ -21,7 +21,9 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
 - A layer ends when its slowest group has returned; the next layer starts then.
 - Host compute of a group of m tokens: (expert_time_s + m · expert_time_per_token_s) / host speed. With
   `machine_cores` > 0 every booking of a host's compute also takes one of that many cores for its
-  duration (a testbed whose nodes share one machine, as bench/e2e.py's stacks do).
+  duration (a testbed whose nodes share one machine, as bench/e2e.py's stacks do); with
+  `one_thread_per_node` a node's hosts share one timeline (a CPU gating computes its embedded hosts'
+  small blocks on its own thread).
 - A placement change (migration) takes a share of the bandwidth of every link into a node that
   loads experts, for as long as the weights take at that share; the new placement serves from then.
 - Routes (`Placement.routes`): layer l of a step of home n runs on node x = routes[n, l] as above,
@@ -69,6 +71,8 @@ class SimConfig:
                                           # segment's decode and encode, KV slot, step context), per hop into it
     machine_cores: int = 0                # > 0: every host's compute also takes one of this many cores (a
                                           # testbed whose nodes share one machine); 0: each host its own
+    one_thread_per_node: bool = False     # a node's hosts compute one at a time (CPU gatings, whose embedded
+                                          # hosts compute small blocks on the gating's thread)
     migration_share: float = 0.5          # share of a link a migration may take
     expert_bytes: int = 17_300_000        # weights moved per replica a migration loads
     local_load_bytes_per_s: float = 0.0           # > 0: nodes load new replicas from local storage at this rate
@@ -168,7 +172,9 @@ class Simulator:
         self.experts = trace.experts.astype(np.int64)
         N, H = cluster.num_nodes, cluster.num_hosts
         self.E, self.H, self.L = trace.num_experts, H, trace.num_layers
-        self.hosts = [Timeline() for _ in range(H)]
+        threads = [Timeline() for _ in range(N)]
+        self.hosts = ([threads[n] for n in cluster.host_node.tolist()] if config.one_thread_per_node
+                      else [Timeline() for _ in range(H)])
         self.cores = [Timeline() for _ in range(config.machine_cores)]
         self.links = [[Timeline() for _ in range(N)] for _ in range(N)]
         self.slow_until = np.zeros((N, N))

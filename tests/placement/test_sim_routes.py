@@ -141,6 +141,27 @@ def test_hosts_on_one_machine_take_turns_on_its_cores() -> None:
     assert sorted(one.latencies_s) == pytest.approx([0.15 * MS, 0.3 * MS])
 
 
+def test_a_nodes_hosts_on_one_thread_take_turns() -> None:
+    """One node, two hosts each holding one of the two experts a token chooses: the dense part on the first
+    host (0.1 ms), then each host its expert (0.05). Each host on its own: both experts at once, 0.15 ms;
+    on the node's one thread (a CPU gating's embedded hosts) one after the other, 0.2 ms."""
+    x = np.array([[[0, 1]]])
+    meta = TraceMeta(model="hand", moe_layers=(0,), num_experts=2, top_k=2, hidden_size=100, domains=("d",),
+                     nodes=("n0",))
+    trace = RoutingTrace(experts=x, weights=np.ones(x.shape), node=np.zeros(1, dtype=int),
+                         domain=np.zeros(1, dtype=int), request=np.zeros(1, dtype=int),
+                         position=np.zeros(1, dtype=int), meta=meta)
+    cluster = Cluster(host_node=np.array([0, 0]), host_slots=np.array([1, 1]), host_speed=np.ones(2),
+                      rtt_s=np.zeros((1, 1)), bandwidth_Bps=np.full((1, 1), np.inf))
+    split = Placement(np.array([[[True, False]], [[False, True]]]))
+    arrivals = [np.array([0.0])]
+    apart = simulate(trace, cluster, split, CFG, arrivals=arrivals)
+    assert apart.latencies_s[0] == pytest.approx(0.15 * MS)
+    together = simulate(trace, cluster, split, replace(CFG, one_thread_per_node=True), arrivals=arrivals)
+    assert together.latencies_s[0] == pytest.approx(0.2 * MS)
+    assert together.local_calls == apart.local_calls == 2
+
+
 def test_a_prompt_runs_as_one_step() -> None:
     """A request of 3 tokens whose first 2 are its prompt: 2 steps, not 3. Stay-home, every expert at
     home: the prefill step books one dense part and one call per expert of its 2 tokens (0.1 + 2 × 0.05,
