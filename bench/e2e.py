@@ -98,6 +98,7 @@ class Measured:
     errors: list[str]
     probe_extra_s: float  # a remote expert call's time beyond the configured round trip (probe_extra_s), idle
     loaded_extra_s: float  # the same, probed while the Poisson round ran again
+    compute_share: float  # of the machine's cores during the Poisson round, what the other processes left the gatings
 
 
 def build_model(workdir: Path) -> Path:
@@ -152,6 +153,33 @@ class LinkBytes:
         return count - start[0] - (self.idle_Bps * (at - start[1]) if idle else 0.0)
 
 
+class CpuTime:
+    """CPU seconds the machine and the gatings' processes spent (Linux /proc), to tell how much of the
+    machine the other processes (brokers, link emulators, this client, placement, migrator) took."""
+
+    def __init__(self, stack: LocalStack) -> None:
+        self.pids = [c.pid for c in stack.supervisor.services if "gating" in c.name and c.pid]
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def now(self) -> tuple[float, float, float]:
+        """(machine busy s, gatings' s, wall s)."""
+        with open("/proc/stat") as f:
+            user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in f.readline().split()[1:8])
+        gatings = 0
+        for pid in self.pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            gatings += int(fields[11]) + int(fields[12])  # utime, stime (all threads)
+        return (user + nice + system + irq + softirq) / self.tick, gatings / self.tick, time.perf_counter()
+
+    def compute_share(self, start: tuple[float, float, float]) -> float:
+        """Of this machine's cores since `start`, the share the other processes left the gatings."""
+        busy, gatings, at = self.now()
+        cores = os.cpu_count() or 1
+        others = (busy - start[0] - (gatings - start[1])) / max(at - start[2], 1e-9)
+        return min(1.0, max(0.1, (cores - others) / cores))
+
+
 async def measure_policy(
     model: Path, topo: Topology, policy: str, *, prompts: dict[str, list[str]], arrivals: list[np.ndarray],
     args: argparse.Namespace, run_dir: Path,
@@ -175,7 +203,10 @@ async def measure_policy(
         busy_before = await segment_seconds(client)
         b1_ms, b1_hop_ms, b1_bytes, errors, b1_steps = await batch1_round(client, prompts, args, links)
         b1_segment_ms = 1000 * (await segment_seconds(client) - busy_before) / max(b1_steps, 1)
+        cpu = CpuTime(stack)
+        cpu_start = cpu.now()
         lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
+        share = cpu.compute_share(cpu_start)
         probes = probe_payloads(topo, plan, hidden_size(model))
         extra_s = await probe_extra_s(stack, topo, probes)
         # the same Poisson round once more, its numbers unused: the probe runs under that load without
@@ -184,7 +215,7 @@ async def measure_policy(
         loaded_s = await probe_extra_s(stack, topo, probes, until=replay)
         await replay
     return Measured(policy, plan, b1_ms, b1_hop_ms, b1_segment_ms, b1_bytes, lat, no_prefill, load_bytes,
-                    errors + more, extra_s, loaded_s)
+                    errors + more, extra_s, loaded_s, share)
 
 
 async def segment_seconds(client: Any) -> float:
@@ -394,14 +425,15 @@ def main() -> None:
         on_this_machine = replace(setup.timing, message_time_s=message_s, machine_cores=os.cpu_count() or 1,
                                   one_thread_per_node=True)  # CPU gatings compute their embedded hosts inline
         c = predict(replace(setup, timing=on_this_machine), m.plan, arrivals, MAX_BATCH,
-                    loaded=replace(on_this_machine, message_time_s=loaded_s))
+                    loaded=replace(on_this_machine, message_time_s=loaded_s), loaded_speed=m.compute_share)
         measured.append(m)
         predicted.append(p)
         calibrated.append(c)
         print(f"# {policy}: {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}; batch 1 "
               f"{m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}, + msg {c.ms_per_token_b1:.1f}), "
               f"Poisson mean {statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms (sim {p.poisson_mean_ms:.0f}, "
-              f"+ msg {c.poisson_mean_ms:.0f}); message {1e3 * message_s:.2f} ms, under load {1e3 * loaded_s:.2f} ms",
+              f"+ msg {c.poisson_mean_ms:.0f}); message {1e3 * message_s:.2f} ms, under load {1e3 * loaded_s:.2f} ms; "
+              f"compute share under load {m.compute_share:.2f}",
               file=sys.stderr, flush=True)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32, Python {platform.python_version()}"
     print_report(machine, args, setup, measured, predicted, calibrated=calibrated)

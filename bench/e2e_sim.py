@@ -288,12 +288,13 @@ def routing_traces(
 
 def predict(
     setup: SimSetup, plan: dict[str, Any], arrivals: list[np.ndarray], max_batch: int,
-    loaded: SimConfig | None = None,
+    *, loaded: SimConfig | None = None, loaded_speed: float = 1.0,
 ) -> Prediction:
     """Simulate the plan at batch 1 (requests far apart, decode steps only: the real number is decode
     time per token) and under `arrivals` (s from the start, one per prompt of each node; each request's
     prompt first, as one prefill step: the real number is the whole request), the latter with `loaded`'s
-    timing when given (a message time measured under that load)."""
+    timing when given (a message time measured under that load) and every host at `loaded_speed` (the
+    share of the machine's cores the other processes left the gatings under that load)."""
     from services.placement.simulator import simulate
 
     placement = placement_of(plan, setup)
@@ -305,7 +306,8 @@ def predict(
     b1 = simulate(trace, cluster, placement, replace(setup.timing, max_batch=1), arrivals=apart)
     everyone = _ids_by_node(setup.with_prompts, per_node)
     timed = [arrivals[n][np.asarray(mine, dtype=np.int64) - offsets[n]] for n, mine in enumerate(everyone)]
-    load = simulate(setup.with_prompts, cluster, placement, replace(loaded or setup.timing, max_batch=max_batch),
+    under_load = replace(cluster, host_speed=cluster.host_speed * loaded_speed)
+    load = simulate(setup.with_prompts, under_load, placement, replace(loaded or setup.timing, max_batch=max_batch),
                     arrivals=timed, prefill=setup.prompt_len)
     return Prediction(
         ms_per_token_b1=1000 * _mean_over_nodes(b1, trace, ids),

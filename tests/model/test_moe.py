@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from shared.model.errors import InputError
@@ -19,6 +19,7 @@ from shared.model.model import Batch, MoEModel
 from shared.model.moe import (
     ExpertWeights,
     LocalExperts,
+    SMALL_CALL,
     MoECall,
     Routing,
     combine,
@@ -53,6 +54,19 @@ def test_routing_sorts_choices_by_expert(expert_ids: torch.Tensor, data: st.Data
         assert (expert_ids.reshape(-1)[routing.order[start:end]] == expert).all()
     hidden = torch.randn(T, 3)
     assert torch.equal(routing.rows(hidden), hidden[routing.token_idx])
+
+
+@settings(max_examples=60, deadline=None)
+@given(routings())
+def test_a_few_choices_sort_in_python_as_the_tensor_path_does(expert_ids: torch.Tensor) -> None:
+    """Up to SMALL_CALL choices `Routing.of` sorts in plain Python; the block is the tensor path's, field
+    for field (an all-live mask takes the tensor path)."""
+    assume(expert_ids.numel() <= SMALL_CALL)
+    few = Routing.of(expert_ids)
+    tensors = Routing.of(expert_ids, torch.ones(expert_ids.shape[0], dtype=torch.bool))
+    assert (few.experts, few.counts) == (tensors.experts, tensors.counts)
+    assert torch.equal(few.order, tensors.order) and torch.equal(few.token_idx, tensors.token_idx)
+    assert few.order.dtype == few.token_idx.dtype == torch.int64
 
 
 def _random_experts(E: int, D: int, inner: int, seed: int = 0) -> dict[int, ExpertWeights]:
