@@ -30,17 +30,22 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
         f"{args.max_tokens} tokens each, greedy; Poisson {args.rate:g} requests/s per node (seed {args.seed})."
     )
     layers, k = len(setup.moe_layers), setup.trace.meta.top_k
-    step_ms = 1e3 * (t.dense_time_s * layers + t.expert_time_s * layers * k)
-    print(f"Simulator timing (the gating's engine on the model in this process, batch 1, 1 torch thread): dense "
-          f"part {1e3 * t.dense_time_s:.3f} ms per MoE layer, {1e3 * t.expert_time_s:.3f} ms per expert call, "
-          f"{step_ms:.1f} ms per decode step with every expert local; a route segment's fixed work "
-          f"{1e3 * t.segment_time_s:.3f} ms; {setup.trace.num_tokens} decode steps traced.")
+    per_layer = t.dense_time_s + t.dense_time_per_token_s + k * (t.expert_time_s + t.expert_time_per_token_s)
+    print(f"Simulator timing (the model in this process, 1 torch thread, decode batches 1/4/8 and a prompt, "
+          f"least squares; × the gating's engine at batch 1): per MoE layer {1e3 * t.dense_time_s:.3f} ms + "
+          f"{1e3 * t.dense_time_per_token_s:.4f} ms per token, per expert call {1e3 * t.expert_time_s:.4f} ms + "
+          f"{1e3 * t.expert_time_per_token_s:.4f} ms per row; {1e3 * per_layer * layers:.1f} ms per batch-1 decode "
+          f"step with every expert local; a route segment's fixed work {1e3 * t.segment_time_s:.3f} ms; "
+          f"{setup.trace.num_tokens} decode steps traced.")
     times = ", ".join(f"{m.policy} {1e3 * message_time_s(m.probe_extra_s, t):.2f} "
                       f"({1e3 * message_time_s(m.loaded_extra_s, t):.2f} under load)" for m in measured)
+    shares = ", ".join(f"{m.policy} {m.compute_share:.2f}" for m in measured)
     print("Software time of a message one way, measured on each stack (\"+ msg\" columns: a 2-expert call to a "
           "host of another node, beyond the configured round trip and the simulator's compute of the 2 experts, "
           "halved; probed after the rounds for batch 1 and during the Poisson round for it; and every host's "
-          f"compute on one of this machine's {os.cpu_count()} cores, which the stacks' nodes share), ms: {times}.\n")
+          f"compute on one of this machine's {os.cpu_count()} cores, which the stacks' nodes share, a node's hosts "
+          f"one at a time on its gating's thread), ms: {times}. Under Poisson the hosts compute at the share of "
+          f"the cores the other processes (brokers, link emulators, this client) left the gatings: {shares}.\n")
     print(batch1_table(measured, predicted, calibrated))
     routed = [m for m in measured if m.policy in ROUTED]
     if routed:

@@ -241,16 +241,23 @@ class NodeExperts:
         remote_wait_s: float,
     ) -> ExpertsResult:
         spans = routing.spans
-        outputs = torch.zeros_like(rows)
-        failed = torch.zeros(call.hidden.shape[0], dtype=torch.bool)
+        first = answers[0] if len(answers) == 1 else None
+        if first is not None and isinstance(first[1], Tensor) and len(first[0]) == len(spans):
+            outputs = first[1].to(rows.dtype)  # one answer for the whole block (a host's), in block order
+        else:
+            outputs = torch.zeros_like(rows)
+            for experts, answer in answers:
+                if isinstance(answer, Tensor):
+                    _place(outputs, answer.to(rows.dtype), experts, spans)
+        failed: Tensor | None = None
         error: PrismError | None = None
         for experts, answer in answers:
             if isinstance(answer, PrismError):
+                if failed is None:
+                    failed = torch.zeros(call.hidden.shape[0], dtype=torch.bool)
                 for expert in experts:
                     failed[routing.token_idx[slice(*spans[expert])]] = True
                 error = error or answer
-            else:
-                _place(outputs, answer.to(rows.dtype), experts, spans)
         return ExpertsResult(combine(call, routing, outputs), failed, error, local_s, remote_wait_s, routing)
 
     async def _answer(

@@ -159,7 +159,7 @@ class Routing:
         return cls(experts.tolist(), counts.tolist(), order, torch.div(order, K, rounding_mode="floor"))
 
     @classmethod
-    def _of_few(cls, choices: list[int], K: int, device: torch.device) -> Routing:
+    def _of_few(cls, choices: list[int], k: int, device: torch.device) -> Routing:
         """`of` for a decode step's few choices, in plain Python: the same block, from two tensor ops
         instead of eight (each costs microseconds, more than sorting a dozen ints)."""
         order = sorted(range(len(choices)), key=choices.__getitem__)  # stable, like the tensor path
@@ -171,7 +171,7 @@ class Routing:
             else:
                 experts.append(choices[i])
                 counts.append(1)
-        token_idx = [i // K for i in order]
+        token_idx = [i // k for i in order]
         long = torch.long
         return cls(experts, counts, torch.tensor(order, dtype=long, device=device),
                    torch.tensor(token_idx, dtype=long, device=device))

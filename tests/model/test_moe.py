@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from shared.model.errors import InputError
 from shared.model.model import Batch, MoEModel
 from shared.model.moe import (
+    SMALL_CALL,
     ExpertWeights,
     LocalExperts,
-    SMALL_CALL,
     MoECall,
     Routing,
     combine,
@@ -65,7 +65,8 @@ def test_a_few_choices_sort_in_python_as_the_tensor_path_does(expert_ids: torch.
     few = Routing.of(expert_ids)
     tensors = Routing.of(expert_ids, torch.ones(expert_ids.shape[0], dtype=torch.bool))
     assert (few.experts, few.counts) == (tensors.experts, tensors.counts)
-    assert torch.equal(few.order, tensors.order) and torch.equal(few.token_idx, tensors.token_idx)
+    assert torch.equal(few.order, tensors.order)
+    assert torch.equal(few.token_idx, tensors.token_idx)
     assert few.order.dtype == few.token_idx.dtype == torch.int64
 
 
