@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,7 +93,8 @@ class ExpertHost:
         self.model_id = settings.model_id or settings.model.name
         self.settings = settings
         self.weights = weights
-        self.changes = 0  # bumped whenever `weights` gains or loses an expert (the gating caches who holds what)
+        self.on_change: list[Callable[[], None]] = []  # called whenever `weights` gains or loses an expert (the
+        # gating of this process caches who holds what)
         self.hidden_size = hidden_size
         self.dtype = getattr(torch, settings.dtype)
         self.device = torch.device(settings.device)  # where its experts compute
@@ -317,7 +319,7 @@ class ExpertHost:
             if used + weights.nbytes() > limit:
                 raise OverBudget(f"expert {key[0]}.{key[1]} does not fit: {used + weights.nbytes()} > {limit} bytes")
             self.weights[key] = weights
-            self.changes += 1
+            self._changed()
             await self.subscribe(key)
             log.info("expert_loaded", host=self.settings.host, layer=key[0], expert=key[1])
         await self.nc.flush()
@@ -329,8 +331,12 @@ class ExpertHost:
             if sub is not None:
                 await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
             if self.weights.pop(key, None) is not None:
-                self.changes += 1
+                self._changed()
                 log.info("expert_unloaded", host=self.settings.host, layer=key[0], expert=key[1])
+
+    def _changed(self) -> None:
+        for listener in self.on_change:
+            listener()
 
     def status(self) -> HostStatus:
         used = sum(w.nbytes() for w in self.weights.values())

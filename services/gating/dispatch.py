@@ -71,11 +71,14 @@ class NodeExperts:
         self.remote_calls = 0  # expert calls sent over the bus (a fallback counts again)
         self.node_calls = 0  # of those, to a host on this node by its heartbeats (metrics: local)
         self._turned = 0.0  # perf_counter of this dispatcher's last yield to the event loop
-        self._holder: dict[tuple[int, int], int] = {}  # (layer, expert) -> the embedded host computing it
+        self._holder: dict[tuple[int, int], int] | None = None  # (layer, expert) -> the embedded host computing
+        # it; None: to be rebuilt (a host loaded or freed an expert)
         self._weights: dict[tuple[int, int], ExpertWeights] = {}  # (layer, expert) -> that host's weights
-        self._holder_changes = -1  # the hosts' total `changes` when `_holder` was built
+        for host in self.embedded:
+            host.on_change.append(self._forget_holders)
         devices = {host.device for host in self.embedded}
         self._device = devices.pop() if len(devices) == 1 else None  # where every embedded host computes
+        self._inline_rows = min((h.settings.inline_max_tokens for h in self.embedded), default=0)
 
     def __call__(self, call: MoECall, live: Tensor | None) -> Awaitable[ExpertsResult]:
         # plain functions returning the coroutine: one coroutine fewer per MoE layer
@@ -146,7 +149,7 @@ class NodeExperts:
 
     def _inline(self, rows: Tensor) -> bool:
         """Whether a block computes on this thread in one loop: small, and where every embedded host computes."""
-        return rows.device == self._device and self.embedded[0].computes_inline(rows.shape[0])
+        return rows.shape[0] <= self._inline_rows and rows.device == self._device
 
     def _compute_inline(self, call: MoECall, routing: Routing, rows: Tensor) -> ExpertsResult | None:
         """The whole block in one loop with the holders' weights, no await; each host counts its
@@ -162,10 +165,24 @@ class NodeExperts:
         if len(self.embedded) == 1:
             self.embedded[0].count_direct(len(weights), rows.shape[0], took)
         else:
-            for expert, n in zip(routing.experts, routing.counts, strict=True):
-                self.embedded[holder[(layer, expert)]].count_direct(1, n, took * n / rows.shape[0])
+            self._count_per_host(layer, routing, holder, took / rows.shape[0])
         self.local_calls += len(weights)
         return ExpertsResult(combine(call, routing, outputs), None, None, took, 0.0, routing)
+
+    def _count_per_host(
+        self, layer: int, routing: Routing, holder: dict[tuple[int, int], int], per_row_s: float
+    ) -> None:
+        """Each embedded host counts its experts' calls and rows of a block computed in one loop (and its
+        share of the time, by rows)."""
+        calls = [0] * len(self.embedded)
+        rows = [0] * len(self.embedded)
+        for expert, n in zip(routing.experts, routing.counts, strict=True):
+            index = holder[(layer, expert)]
+            calls[index] += 1
+            rows[index] += n
+        for host, c, n in zip(self.embedded, calls, rows, strict=True):
+            if c:
+                host.count_direct(c, n, per_row_s * n)
 
     async def _compute_runs(self, layer: int, routing: Routing, rows: Tensor) -> Tensor | None:
         """The block as each holder's runs, each on its host's device (a big block on its worker thread)."""
@@ -207,14 +224,15 @@ class NodeExperts:
     def _holders(self) -> dict[tuple[int, int], int]:
         """(layer, expert) → index of the first embedded host holding it; rebuilt only after a host
         loaded or freed an expert."""
-        changes = sum(host.changes for host in self.embedded)
-        if changes != self._holder_changes:
+        if self._holder is None:
             self._holder, self._weights = {}, {}
             for index in reversed(range(len(self.embedded))):  # the first holder wins
                 self._holder.update(dict.fromkeys(self.embedded[index].weights, index))
                 self._weights.update(self.embedded[index].weights)
-            self._holder_changes = changes
         return self._holder
+
+    def _forget_holders(self) -> None:
+        self._holder = None
 
     async def _compute_local(
         self, layer: int, local: dict[int, list[int]], rows: Tensor, spans: Spans, deadline: float
