@@ -256,10 +256,10 @@ async def probe_extra_s(
 ) -> float:
     """What a remote expert call takes beyond its link's configured round trip: from each node's leaf,
     `PROBES` requests to each other node's first host (`probe_payloads`: the host decodes, computes,
-    encodes and answers as for a gating); the median of (round trip - configured round trip). It holds
-    the experts' compute, the link emulators' relaying, the brokers on the way and the event loops at
-    both ends. With `until`, passes over the pairs repeat until it is done (the probe runs under that
-    load)."""
+    encodes and answers as for a gating); the mean of (round trip - configured round trip): the simulator
+    adds it to every message, and a mean latency sums them, tail included. It holds the experts'
+    compute, the link emulators' relaying, the brokers on the way and the event loops at both ends. With
+    `until`, passes over the pairs repeat until it is done (the probe runs under that load)."""
     import nats
 
     from shared import subjects
@@ -281,7 +281,7 @@ async def probe_extra_s(
     finally:
         for nc in clients.values():
             await nc.close()
-    return statistics.median(extra)
+    return statistics.mean(extra)
 
 
 def _request(prompt: str, args: argparse.Namespace) -> dict[str, Any]:
