@@ -48,11 +48,12 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.e2e_report import print_report  # noqa: E402
+from bench.e2e_report import ROUTED, print_report  # noqa: E402
 from bench.e2e_sim import (  # noqa: E402
     PROBE_EXPERTS,
     SimSetup,
     calibrate,
+    message_cpu_s,
     message_time_s,
     predict,
     routing_traces,
@@ -99,6 +100,7 @@ class Measured:
     probe_extra_s: float  # a remote expert call's time beyond the configured round trip (probe_extra_s), idle
     loaded_extra_s: float  # the same, probed while the Poisson round ran again
     compute_share: float  # of the machine's cores during the Poisson round, what the other processes left the gatings
+    gatings_cpu_s: float  # the gatings' CPU seconds during the Poisson round
 
 
 def build_model(workdir: Path) -> Path:
@@ -172,12 +174,13 @@ class CpuTime:
             gatings += int(fields[11]) + int(fields[12])  # utime, stime (all threads)
         return (user + nice + system + irq + softirq) / self.tick, gatings / self.tick, time.perf_counter()
 
-    def compute_share(self, start: tuple[float, float, float]) -> float:
-        """Of this machine's cores since `start`, the share the other processes left the gatings."""
+    def since(self, start: tuple[float, float, float]) -> tuple[float, float]:
+        """(of this machine's cores since `start`, the share the other processes left the gatings; the
+        gatings' CPU seconds)."""
         busy, gatings, at = self.now()
         cores = os.cpu_count() or 1
         others = (busy - start[0] - (gatings - start[1])) / max(at - start[2], 1e-9)
-        return min(1.0, max(0.1, (cores - others) / cores))
+        return min(1.0, max(0.1, (cores - others) / cores)), gatings - start[1]
 
 
 async def measure_policy(
@@ -206,7 +209,7 @@ async def measure_policy(
         cpu = CpuTime(stack)
         cpu_start = cpu.now()
         lat, no_prefill, load_bytes, more = await poisson_round(client, prompts, arrivals, args, links)
-        share = cpu.compute_share(cpu_start)
+        share, gatings_s = cpu.since(cpu_start)
         probes = probe_payloads(topo, plan, hidden_size(model))
         extra_s = await probe_extra_s(stack, topo, probes)
         # the same Poisson round once more, its numbers unused: the probe runs under that load without
@@ -215,7 +218,7 @@ async def measure_policy(
         loaded_s = await probe_extra_s(stack, topo, probes, until=replay)
         await replay
     return Measured(policy, plan, b1_ms, b1_hop_ms, b1_segment_ms, b1_bytes, lat, no_prefill, load_bytes,
-                    errors + more, extra_s, loaded_s, share)
+                    errors + more, extra_s, loaded_s, share, gatings_s)
 
 
 async def segment_seconds(client: Any) -> float:
@@ -415,26 +418,32 @@ def main() -> None:
     arrivals = poisson_arrivals(args.prompts_per_node, len(prompts), args.rate, args.seed)
     setup = SimSetup(sim_view(topo, expert_bytes), moe_layers, config.num_experts, calibrate(model),
                      *routing_traces(model, picked, args.max_tokens))
-    measured, predicted, calibrated = [], [], []
+    measured = []
     for policy in args.policies.split(","):
         started = time.perf_counter()
         m = run_policy(model, topo, policy, prompts=prompts, arrivals=arrivals, args=args, work=work)
-        p = predict(setup, m.plan, arrivals, MAX_BATCH)
-        message_s = message_time_s(m.probe_extra_s, setup.timing)
-        loaded_s = message_time_s(m.loaded_extra_s, setup.timing)
-        on_this_machine = replace(setup.timing, message_time_s=message_s, machine_cores=os.cpu_count() or 1,
-                                  one_thread_per_node=True)  # CPU gatings compute their embedded hosts inline
-        c = predict(replace(setup, timing=on_this_machine), m.plan, arrivals, MAX_BATCH,
-                    loaded=replace(on_this_machine, message_time_s=loaded_s), loaded_speed=m.compute_share)
         measured.append(m)
+        print(f"# {policy}: {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}; batch 1 "
+              f"{m.ms_per_token_b1:.1f} ms/token, Poisson mean {statistics.mean(m.poisson_ms or [float('nan')]):.0f} "
+              f"ms; compute share under load {m.compute_share:.2f}", file=sys.stderr, flush=True)
+    # the same for every stack: a property of the serving code, measured where messages dominate (stay-home)
+    cpu_s = statistics.mean([message_cpu_s(setup, m.plan, arrivals, MAX_BATCH, m.gatings_cpu_s)
+                             for m in measured if m.policy not in ROUTED] or [0.0])
+    predicted, calibrated = [], []
+    for m in measured:
+        p = predict(setup, m.plan, arrivals, MAX_BATCH)
+        on_this_machine = replace(setup.timing, machine_cores=os.cpu_count() or 1, message_cpu_s=cpu_s,
+                                  one_thread_per_node=True)  # CPU gatings compute their embedded hosts inline
+        message_s = message_time_s(m.probe_extra_s, on_this_machine)
+        loaded_s = message_time_s(m.loaded_extra_s, on_this_machine)
+        c = predict(replace(setup, timing=replace(on_this_machine, message_time_s=message_s)), m.plan, arrivals,
+                    MAX_BATCH, loaded=replace(on_this_machine, message_time_s=loaded_s), loaded_speed=m.compute_share)
         predicted.append(p)
         calibrated.append(c)
-        print(f"# {policy}: {time.perf_counter() - started:.0f} s, epoch {m.plan['epoch']}; batch 1 "
-              f"{m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}, + msg {c.ms_per_token_b1:.1f}), "
-              f"Poisson mean {statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms (sim {p.poisson_mean_ms:.0f}, "
-              f"+ msg {c.poisson_mean_ms:.0f}); message {1e3 * message_s:.2f} ms, under load {1e3 * loaded_s:.2f} ms; "
-              f"compute share under load {m.compute_share:.2f}",
-              file=sys.stderr, flush=True)
+        print(f"# {m.policy}: batch 1 {m.ms_per_token_b1:.1f} ms/token (sim {p.ms_per_token_b1:.1f}, + msg "
+              f"{c.ms_per_token_b1:.1f}), Poisson mean {statistics.mean(m.poisson_ms or [float('nan')]):.0f} ms "
+              f"(sim {p.poisson_mean_ms:.0f}, + msg {c.poisson_mean_ms:.0f}); message {1e3 * message_s:.2f} ms, "
+              f"under load {1e3 * loaded_s:.2f} ms; its CPU {1e3 * cpu_s:.3f} ms at each end", file=sys.stderr)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32, Python {platform.python_version()}"
     print_report(machine, args, setup, measured, predicted, calibrated=calibrated)
 

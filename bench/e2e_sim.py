@@ -67,8 +67,20 @@ class Prediction:
 
 def message_time_s(probe_extra_s: float, timing: SimConfig) -> float:
     """A message's software time one way, for the simulator: what a probe call took beyond its configured
-    round trip, less the compute the simulator books on the host (its experts), halved."""
-    return max(0.0, (probe_extra_s - PROBE_EXPERTS * timing.expert_time_s) / 2)
+    round trip, less what the simulator books for it on hosts (the experts' compute, the message's CPU
+    at both ends), halved."""
+    booked = PROBE_EXPERTS * timing.expert_time_s + 2 * timing.message_cpu_s
+    return max(0.0, (probe_extra_s - booked) / 2)
+
+
+def message_cpu_s(
+    setup: SimSetup, plan: dict[str, Any], arrivals: list[np.ndarray], max_batch: int, gatings_cpu_s: float
+) -> float:
+    """CPU per expert message at each end beyond compute: the gatings' CPU seconds in the Poisson round
+    less the compute the simulator books for that round, over both ends of its round trips (0 when it
+    has none)."""
+    load = _poisson(setup, placement_of(plan, setup), arrivals, replace(setup.timing, max_batch=max_batch))
+    return max(0.0, gatings_cpu_s - load.compute_s) / (2 * load.round_trips) if load.round_trips else 0.0
 
 
 def sim_view(topology: Topology, expert_bytes: int) -> ClusterView:
@@ -304,11 +316,7 @@ def predict(
     ids = _ids_by_node(trace, per_node)  # a prompt whose answer had no decode step is not in `trace`
     apart = [(offsets[n] + np.arange(len(mine))) * FAR_APART_S for n, mine in enumerate(ids)]
     b1 = simulate(trace, cluster, placement, replace(setup.timing, max_batch=1), arrivals=apart)
-    everyone = _ids_by_node(setup.with_prompts, per_node)
-    timed = [arrivals[n][np.asarray(mine, dtype=np.int64) - offsets[n]] for n, mine in enumerate(everyone)]
-    under_load = replace(cluster, host_speed=cluster.host_speed * loaded_speed)
-    load = simulate(setup.with_prompts, under_load, placement, replace(loaded or setup.timing, max_batch=max_batch),
-                    arrivals=timed, prefill=setup.prompt_len)
+    load = _poisson(setup, placement, arrivals, replace(loaded or setup.timing, max_batch=max_batch), loaded_speed)
     return Prediction(
         ms_per_token_b1=1000 * _mean_over_nodes(b1, trace, ids),
         bytes_per_token_b1=b1.bytes_across / max(b1.tokens, 1),
@@ -316,6 +324,21 @@ def predict(
         poisson_p99_ms=1000 * load.p99_latency_s,
         bytes_per_token_poisson=load.bytes_across / max(load.tokens, 1),
     )
+
+
+def _poisson(
+    setup: SimSetup, placement: Placement, arrivals: list[np.ndarray], timing: SimConfig, speed: float = 1.0
+) -> SimResult:
+    """The Poisson round: every request with its prompt first, at `arrivals`, every host at `speed`."""
+    from services.placement.simulator import simulate
+
+    per_node = [len(a) for a in arrivals]
+    offsets = np.cumsum([0, *per_node])
+    everyone = _ids_by_node(setup.with_prompts, per_node)
+    timed = [arrivals[n][np.asarray(mine, dtype=np.int64) - offsets[n]] for n, mine in enumerate(everyone)]
+    cluster = setup.view.cluster
+    cluster = replace(cluster, host_speed=cluster.host_speed * speed)
+    return simulate(setup.with_prompts, cluster, placement, timing, arrivals=timed, prefill=setup.prompt_len)
 
 
 def _ids_by_node(trace: RoutingTrace, per_node: list[int]) -> list[list[int]]:

@@ -20,6 +20,9 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
   the order the layers start, so contention between nodes is modelled.
 - A layer ends when its slowest group has returned; the next layer starts then.
 - Host compute of a group of m tokens: (expert_time_s + m · expert_time_per_token_s) / host speed. With
+  `message_cpu_s` a message to a host of another node also costs CPU at both ends: half of it on the
+  caller's first host before sending and half after the reply, all of it on the serving host with
+  its compute (encoding, decoding, the handler). With
   `machine_cores` > 0 every booking of a host's compute also takes one of that many cores for its
   duration (a testbed whose nodes share one machine, as bench/e2e.py's stacks do); with
   `one_thread_per_node` a node's hosts share one timeline (a CPU gating computes its embedded hosts'
@@ -73,6 +76,9 @@ class SimConfig:
                                           # testbed whose nodes share one machine); 0: each host its own
     one_thread_per_node: bool = False     # a node's hosts compute one at a time (CPU gatings, whose embedded
                                           # hosts compute small blocks on the gating's thread)
+    message_cpu_s: float = 0.0            # CPU a message costs at each end beyond compute (the caller: encode
+                                          # before sending, decode after the reply; the host: its handler),
+                                          # booked on their hosts' timelines (and cores) like compute
     migration_share: float = 0.5          # share of a link a migration may take
     expert_bytes: int = 17_300_000        # weights moved per replica a migration loads
     local_load_bytes_per_s: float = 0.0           # > 0: nodes load new replicas from local storage at this rate
@@ -85,7 +91,8 @@ class SimConfig:
             raise InvalidInputError("need max_batch >= 1, arrival_rate > 0 and 0 < migration_share < 1")
         if min(self.dense_time_s, self.dense_time_per_token_s, self.expert_time_s,
                self.expert_time_per_token_s, self.envelope_bytes, self.shared_experts, self.local_load_bytes_per_s,
-               self.kv_bytes_per_token_layer, self.message_time_s, self.segment_time_s, self.machine_cores) < 0:
+               self.kv_bytes_per_token_layer, self.message_time_s, self.segment_time_s, self.machine_cores,
+               self.message_cpu_s) < 0:
             raise InvalidInputError("SimConfig times and sizes must be >= 0")
 
 
@@ -105,6 +112,9 @@ class SimResult:
     migrations: int = 0
     migrated_replicas: int = 0
     hops: int = 0                         # one-way hops of hidden states between executing nodes
+    round_trips: int = 0                  # host messages with their replies (one per remote host and layer)
+    compute_s: float = 0.0                # host time booked for compute (dense parts, experts, segments' fixed
+                                          # work), at each host's speed; messages' CPU not included
     foreign_kv_peak_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [N]
     latencies_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     arrivals_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -333,8 +343,11 @@ class Simulator:
         h0 = self.first_host[n]
         t0 = self._compute(h0, ready, dense / self.speed[h0], now)
         end, res = t0, self.result
+        res.compute_s += dense / self.speed[h0]
+        cpu = cfg.message_cpu_s
         for h, m, g in plan:
             work = (g * cfg.expert_time_s + m * cfg.expert_time_per_token_s) / self.speed[h]
+            res.compute_s += work
             node = self.host_node[h]
             if node == n:
                 res.local_calls += m
@@ -342,12 +355,15 @@ class Simulator:
                 continue
             res.remote_calls += m
             res.messages += g
+            res.round_trips += 1
             size = m * self.bpt + g * cfg.envelope_bytes
             res.bytes_across += 2 * size
             half = self.half_rtt[n][node]
-            there = self._send(n, node, t0, size, now) + half
-            done = self._compute(h, there, work, now)
-            end = max(end, self._send(node, n, done, size, now) + half)
+            sent = self._compute(h0, t0, cpu / 2 / self.speed[h0], now) if cpu else t0
+            there = self._send(n, node, sent, size, now) + half
+            done = self._compute(h, there, work + cpu / self.speed[h], now)
+            back = self._send(node, n, done, size, now) + half
+            end = max(end, self._compute(h0, back, cpu / 2 / self.speed[h0], now) if cpu else back)
         return end
 
     def _compute(self, h: int, ready: float, work: float, now: float) -> float:

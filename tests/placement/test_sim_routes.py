@@ -162,6 +162,21 @@ def test_a_nodes_hosts_on_one_thread_take_turns() -> None:
     assert together.local_calls == apart.local_calls == 2
 
 
+def test_a_messages_cpu_is_booked_at_both_ends() -> None:
+    """Stay-home, the token's layer-1 expert on node 1 (the by-hand case above): a message's CPU of 0.1 ms
+    adds 0.05 at the caller before sending, 0.1 at the host and 0.05 after the reply: 0.2 ms of latency
+    for its one round trip; the compute booked is the same with or without it."""
+    cluster = Cluster.from_slots([2, 2], rtt_s=2 * MS, bandwidth_Bps=1e6)
+    hosts = np.array([[[True, True], [False, False]], [[False, False], [True, True]]])
+    arrivals = [np.array([0.0]), np.zeros(0)]
+    plain = simulate(_one_token([[0], [0]]), cluster, Placement(hosts), CFG, arrivals=arrivals)
+    costly = simulate(_one_token([[0], [0]]), cluster, Placement(hosts), replace(CFG, message_cpu_s=0.1 * MS),
+                      arrivals=arrivals)
+    assert costly.latencies_s[0] == pytest.approx(plain.latencies_s[0] + 0.2 * MS)
+    assert costly.round_trips == plain.round_trips == 1
+    assert costly.compute_s == pytest.approx(plain.compute_s) == pytest.approx((2 * 0.1 + 2 * 0.05) * MS)
+
+
 def test_a_prompt_runs_as_one_step() -> None:
     """A request of 3 tokens whose first 2 are its prompt: 2 steps, not 3. Stay-home, every expert at
     home: the prefill step books one dense part and one call per expert of its 2 tokens (0.1 + 2 × 0.05,
