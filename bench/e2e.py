@@ -445,7 +445,7 @@ def main() -> None:
               f"(sim {p.poisson_mean_ms:.0f}, + msg {c.poisson_mean_ms:.0f}); message {1e3 * message_s:.2f} ms, "
               f"under load {1e3 * loaded_s:.2f} ms; its CPU {1e3 * cpu_s:.3f} ms at each end", file=sys.stderr)
     machine = f"{platform.machine()}, {os.cpu_count()} cores, CPU, fp32, Python {platform.python_version()}"
-    print_report(machine, args, setup, measured, predicted, calibrated=calibrated)
+    print_report(machine, args, setup, measured, predicted, calibrated=calibrated, message_cpu_s=cpu_s)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ ROUTED = ("pipeline", "route")
 
 
 def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measured: list[Measured],
-                 predicted: list[Prediction], *, calibrated: list[Prediction]) -> None:
+                 predicted: list[Prediction], *, calibrated: list[Prediction], message_cpu_s: float) -> None:
     """`predicted`: the simulator with the links as configured; `calibrated`: the same plus each
     stack's measured software time per message (`message_time_s` of its probe)."""
     t = setup.timing
@@ -45,7 +45,10 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
           "halved; probed after the rounds for batch 1 and during the Poisson round for it; and every host's "
           f"compute on one of this machine's {os.cpu_count()} cores, which the stacks' nodes share, a node's hosts "
           f"one at a time on its gating's thread), ms: {times}. Under Poisson the hosts compute at the share of "
-          f"the cores the other processes (brokers, link emulators, this client) left the gatings: {shares}.\n")
+          f"the cores the other processes (brokers, link emulators, this client) left the gatings: {shares}. A "
+          f"message's CPU at each end ({1e3 * message_cpu_s:.3f} ms: the gatings' CPU in the stay-home Poisson "
+          "rounds beyond the compute the simulator books, per end of a round trip) is booked on the hosts and "
+          "left out of the message time.\n")
     print(batch1_table(measured, predicted, calibrated))
     routed = [m for m in measured if m.policy in ROUTED]
     if routed:
