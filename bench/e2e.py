@@ -391,6 +391,9 @@ def run_policy(
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--policies", default="eplb,latency,prism,pipeline,route", help="comma separated")
+    parser.add_argument("--message-cpu-us", type=float, default=None,
+                        help="a message's CPU at each end for the simulator, µs (default: measured on this run's "
+                             "stay-home stacks, 0 without one)")
     parser.add_argument("--prompts-per-node", type=int, default=6, help="prompts per node (its own domain)")
     parser.add_argument("--max-tokens", type=int, default=12, help="tokens generated per prompt")
     parser.add_argument("--rate", type=float, default=0.5, help="Poisson arrivals per second per node")
@@ -429,6 +432,8 @@ def main() -> None:
     # the same for every stack: a property of the serving code, measured where messages dominate (stay-home)
     cpu_s = statistics.mean([message_cpu_s(setup, m.plan, arrivals, MAX_BATCH, m.gatings_cpu_s)
                              for m in measured if m.policy not in ROUTED] or [0.0])
+    if args.message_cpu_us is not None:  # a value measured in an earlier run, for a run of routed stacks only
+        cpu_s = args.message_cpu_us / 1e6
     predicted, calibrated = [], []
     for m in measured:
         p = predict(setup, m.plan, arrivals, MAX_BATCH)
