@@ -17,7 +17,10 @@ after that, on the plan the service published:
   under Poisson per generated token, prefill included;
 - the simulator (bench/e2e_sim.py) on the same cluster, routing and plan, and ("+ msg") with a message's
   software time probed on the stack: idle after the rounds for batch 1, during a replay of the Poisson
-  round (its own numbers unused) for Poisson, and the nodes sharing this machine's cores.
+  round (its own numbers unused) for Poisson; the nodes sharing this machine's cores, a node's hosts on
+  its gating's thread; a message's CPU at both ends (the gatings' CPU in the stay-home Poisson rounds
+  beyond the compute the simulator books, from /proc) and, under Poisson, the share of the cores the
+  other processes left the gatings.
 
 Model: DeepSeek-V2-Lite's structure at tiny widths (27 layers, layer 0 dense, 26 MoE layers × 64 routed
 experts, top-6, 2 shared experts, MLA, hidden 64), random weights, fp32. Topology: 3 nodes with 1, 1
