@@ -437,11 +437,11 @@ def main() -> None:
                              for m in measured if m.policy not in ROUTED] or [0.0])
     if args.message_cpu_us is not None:  # a value measured in an earlier run, for a run of routed stacks only
         cpu_s = args.message_cpu_us / 1e6
+    on_this_machine = replace(setup.timing, machine_cores=os.cpu_count() or 1, message_cpu_s=cpu_s,
+                              one_thread_per_node=True)  # CPU gatings compute their embedded hosts inline
     predicted, calibrated = [], []
     for m in measured:
         p = predict(setup, m.plan, arrivals, MAX_BATCH)
-        on_this_machine = replace(setup.timing, machine_cores=os.cpu_count() or 1, message_cpu_s=cpu_s,
-                                  one_thread_per_node=True)  # CPU gatings compute their embedded hosts inline
         message_s = message_time_s(m.probe_extra_s, on_this_machine)
         loaded_s = message_time_s(m.loaded_extra_s, on_this_machine)
         c = predict(replace(setup, timing=replace(on_this_machine, message_time_s=message_s)), m.plan, arrivals,

@@ -17,7 +17,6 @@ Shape legend: L MoE layers, K top-k, E experts, N nodes, H hosts.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import statistics
 import time
 from collections.abc import Callable
@@ -158,20 +157,11 @@ def calibrate(model_dir: Path, steps: int = 24) -> SimConfig:
 
 
 def _fit(x: list[tuple[float, ...]], y: list[float]) -> tuple[float, ...]:
-    """Non-negative least squares y ≈ Σ c_i·x_i: the best fit over every subset of the coefficients whose
-    unconstrained solution is non-negative, the others 0 (a handful of coefficients: all subsets is exact)."""
-    X, Y = np.array(x, dtype=np.float64), np.array(y, dtype=np.float64)
-    best, best_err = np.zeros(X.shape[1]), float(Y @ Y)
-    for used in itertools.product((False, True), repeat=X.shape[1]):
-        cols = np.flatnonzero(used)
-        if not cols.size:
-            continue
-        c, *_ = np.linalg.lstsq(X[:, cols], Y, rcond=None)
-        err = float(np.sum((Y - X[:, cols] @ c) ** 2))
-        if np.all(c >= 0) and err < best_err:
-            best, best_err = np.zeros(X.shape[1]), err
-            best[cols] = c
-    return tuple(float(v) for v in best)
+    """Non-negative least squares y ≈ Σ c_i·x_i."""
+    from scipy.optimize import nnls
+
+    coefficients, _ = nnls(np.array(x, dtype=np.float64), np.array(y, dtype=np.float64))
+    return tuple(float(v) for v in coefficients)
 
 
 async def _engine_step_s(model: Any, experts: ExpertsFn, steps: int) -> float:

@@ -242,11 +242,6 @@ class ExpertHost:
         self.count_direct(len(experts), rows.shape[0], time.perf_counter() - started)
         return out
 
-    def _computes_inline(self, rows: int) -> bool:
-        """Whether a block of `rows` rows computes on the calling thread: a thread hop costs more than
-        the math of a small one."""
-        return rows <= self.settings.inline_max_tokens
-
     def count_direct(self, experts: int, rows: int, seconds: float) -> None:
         """Count expert calls computed for the gating of this process, by `compute_block` or by the
         gating itself with this host's weights (a decode step's small block, in one loop)."""
@@ -262,7 +257,7 @@ class ExpertHost:
             raise UnknownExpert(f"host {self.settings.host} does not hold expert {names}") from None
 
     async def _run(self, weights: list[ExpertWeights], rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        if self._computes_inline(rows.shape[0]):
+        if rows.shape[0] <= self.settings.inline_max_tokens:  # a thread hop costs more than the math
             return self._run_block(weights, rows, counts)
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._run_block, weights, rows, counts)
 

@@ -136,8 +136,7 @@ class NodeExperts:
         route's executing node): compute only, the block's outputs in its own order, as the model in
         one process computes it. None when a host let an expert go since the split (the general path
         then asks the bus)."""
-        if time.perf_counter() - self._turned >= TURN_EVERY_S:
-            await self._let_others_run(False)
+        await self._let_others_run(False)
         if self._inline(rows):
             return self._compute_inline(call, routing, rows)
         started = time.perf_counter()

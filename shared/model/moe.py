@@ -240,8 +240,8 @@ class LocalExperts:
         """Run every chosen expert on its tokens and combine: [T, D]."""
         routing = Routing.of(call.expert_ids)
         rows = routing.rows(call.hidden)
-        missing = [e for e in routing.experts if (call.layer, e) not in self.weights]
-        if missing:
-            raise InputError(f"expert ({call.layer}, {missing[0]}) is not held by this LocalExperts")
-        weights = [self.weights[(call.layer, e)] for e in routing.experts]
+        try:
+            weights = [self.weights[(call.layer, e)] for e in routing.experts]
+        except KeyError as missing:
+            raise InputError(f"expert {missing.args[0]} is not held by this LocalExperts") from None
         return combine(call, routing, run_experts(weights, rows, routing.counts) if weights else torch.zeros_like(rows))
