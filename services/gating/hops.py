@@ -35,7 +35,7 @@ from torch import Tensor
 
 from services.gating.route_plan import RouteFollower
 from services.gating.routes import Hop, Segment
-from services.gating.segments import SegmentRequest, SegmentRunner
+from services.gating.segments import SegmentRequest, SegmentResult, SegmentRunner
 from shared import subjects
 from shared.activations import ActivationCounter
 from shared.codec import check_size, decode_tensor, encode_tensor
@@ -116,6 +116,10 @@ class _Pending:
     req: SegmentRequest
     meta: dict[str, Any]
 
+    @property
+    def span(self) -> tuple[int, int]:
+        return self.req.chain[0].start, self.req.chain[0].end
+
 
 class SegmentService:
     """The executing node's side: answers segments and releases for `runner`."""
@@ -144,9 +148,10 @@ class SegmentService:
         self._wake.set()
 
     async def serve(self) -> None:
-        """Run queued segments until cancelled: those of one layer range that wait together (from any
-        homes) go through the layers as one batch. Cancelled (the gating stops), the segments still
-        queued are answered `shutting_down` at once, so their homes need not wait for a timeout."""
+        """Run queued segments until cancelled, one batch at a time: those of one layer range that wait
+        together (from any homes) go through the layers as one batch, and what arrives meanwhile waits to
+        form the next. Cancelled (the gating stops), the segments still queued or running are answered
+        `shutting_down` at once, so their homes need not wait for a timeout."""
         try:
             while True:
                 await self._wake.wait()
@@ -154,35 +159,42 @@ class SegmentService:
                 while self._queue:
                     await self._run_batch(self._take_batch())
         except asyncio.CancelledError:
-            node = self.runner.node
+            stopping = ShuttingDown(f"node {self.runner.node} is shutting down")
             while self._queue:
-                await self._refuse(self._queue.popleft().reply, ShuttingDown(f"node {node} is shutting down"))
+                await self._answer(self._queue.popleft(), stopping)
             raise
 
     def _take_batch(self) -> list[_Pending]:
-        first = self._queue.popleft()
-        same = [p for p in self._queue if p.req.chain[0].start == first.req.chain[0].start
-                and p.req.chain[0].end == first.req.chain[0].end]
-        for p in same:
-            self._queue.remove(p)
-        return [first, *same]
+        """The oldest queued segment and every other of its layer range."""
+        span = self._queue[0].span
+        batch = [p for p in self._queue if p.span == span]
+        self._queue = deque(p for p in self._queue if p.span != span)
+        return batch
 
     async def _run_batch(self, batch: list[_Pending]) -> None:
         try:
             results = await self.runner.run_many([(p.hidden, p.req) for p in batch])
+        except asyncio.CancelledError:
+            for p in batch:
+                await self._answer(p, ShuttingDown(f"node {self.runner.node} is shutting down"))
+            raise
         except Exception:  # a bug costs these segments, answered, not the node
             log.exception("segment_failed", node=self.runner.node)
             results = [PrismError(f"node {self.runner.node} failed on this segment")] * len(batch)
         for p, result in zip(batch, results, strict=True):
-            try:
-                if isinstance(result, PrismError):
-                    raise result
-                x, activations = result
-                chain = p.meta.get("activations", [])
-                meta = {**p.meta, "activations": [*(chain if isinstance(chain, list) else []), *activations]}
-                await self._forward(x, p.req, meta, p.reply)
-            except PrismError as err:
-                await self._refuse(p.reply, err)
+            await self._answer(p, result)
+
+    async def _answer(self, p: _Pending, result: SegmentResult | PrismError) -> None:
+        """A segment's result on to its next node or home, or the error straight home."""
+        try:
+            if isinstance(result, PrismError):
+                raise result
+            x, activations = result
+            chain = p.meta.get("activations", [])
+            meta = {**p.meta, "activations": [*(chain if isinstance(chain, list) else []), *activations]}
+            await self._forward(x, p.req, meta, p.reply)
+        except PrismError as err:
+            await self._refuse(p.reply, err)
 
     async def _forward(self, x: Tensor, req: SegmentRequest, meta: dict[str, Any], reply: str) -> None:
         """x on to the chain's next node with the home's reply subject, or home if this was the last."""

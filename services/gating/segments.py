@@ -10,9 +10,10 @@ it (`prism.v1.route.<node>.release`) or after `idle_ttl_s` without a step (its h
 A message that does not fit (shapes, an unknown sequence, a KV length that disagrees with `lens`, a
 segment for another node) is refused with `bad_segment`; no cache length moves unless the whole segment
 ran. Segments of one layer range that wait together (from any homes) run as one batch (`run_many`),
-each failing alone where it can. The experts a segment's tokens chose travel on with the hidden states
-(meta `activations`) so that the home counts them, as if it had run the layers itself (placement's
-statistics are per home node).
+each failing alone where it can: an expert that did not answer fails the segments whose rows chose it,
+and the others go on without those rows. The experts a segment's tokens chose travel on with the hidden
+states (meta `activations`) so that the home counts them, as if it had run the layers itself
+(placement's statistics are per home node).
 
 Shape legend: T tokens, D hidden size, B sequences.
 """
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from services.gating.engine import Alone, ExpertsFn, Streams, resume
+from services.gating.engine import Alone, ExpertsFn, ExpertsResult, Streams, resume
 from services.gating.routes import Segment
 from shared import subjects
 from shared.errors import BadSegment, Overloaded, PrismError
@@ -120,8 +121,8 @@ class SegmentRunner:
 
     async def run_many(self, items: list[tuple[Tensor, SegmentRequest]]) -> list[SegmentResult | PrismError]:
         """Segments of one layer range, from any homes, in one forward pass (continuous batching of the
-        node's foreign work): each item's result, or the error that fails it alone (its KV does not
-        fit, its lengths disagree) or all of them (an expert that did not answer)."""
+        node's foreign work): each item's result, or the error that fails it alone (its KV does not fit,
+        its lengths disagree, an expert its rows chose did not answer)."""
         seg = items[0][1].chain[0]
         if not 0 <= seg.start < seg.end <= self.model.config.num_layers:
             return [BadSegment(f"layers {seg.start}..{seg.end} are not layers of this model")] * len(items)
@@ -154,9 +155,13 @@ class SegmentRunner:
         started = time.perf_counter()
         try:
             layers = self.model.layer_steps(step, hidden, seg.start, seg.end)
+            inline = hidden.shape[0] <= self.inline_max_tokens
             with self.streams.stream():
-                x, activations = await self._drive(layers, rows, inline=hidden.shape[0] <= self.inline_max_tokens)
-            step.advance()
+                x, activations, failed = await self._drive(layers, rows, inline)
+            for (i, item_slots), error in zip(admitted, failed, strict=True):
+                if error is None:  # a failed segment's KV stays as it was: its home fails the request
+                    for slot, n in zip(item_slots, items[i][1].counts, strict=True):
+                        self.cache.advance(slot, n)
         except PrismError as err:
             return [err] * len(admitted)
         finally:
@@ -165,7 +170,8 @@ class SegmentRunner:
             self._free([key for key in keys if key in self._doomed])
         self.segments_run += len(admitted)
         self.forwards += 1
-        return list(zip(torch.split(x, rows), activations, strict=True))
+        return [(part, acts) if error is None else error
+                for part, acts, error in zip(torch.split(x, rows), activations, failed, strict=True)]
 
     def _slots(self, req: SegmentRequest, start: int) -> list[int]:
         """The KV slot of each sequence for the segment at `start`: a first step (lens 0) takes a free one."""
@@ -188,19 +194,25 @@ class SegmentRunner:
 
     async def _drive(
         self, layers: Generator[MoECall, Tensor, Tensor], rows: list[int], inline: bool
-    ) -> tuple[Tensor, list[list[Activation]]]:
-        """Run the layers, answering each MoE call with this node's experts; raise the first failure.
-        Also the experts each item's rows (`rows` per item, in turn) chose in each MoE layer."""
+    ) -> tuple[Tensor, list[list[Activation]], list[PrismError | None]]:
+        """Run the layers, answering each MoE call with this node's experts. Also, per item (`rows` each,
+        in turn): the experts its rows chose in each MoE layer, and the error that failed it (an expert
+        its rows chose did not answer; later layers leave its rows out), or None."""
         value: Tensor | None = None
         activations: list[list[Activation]] = [[] for _ in rows]
+        failed: list[PrismError | None] = [None] * len(rows)
+        live: Tensor | None = None  # [T] rows of items still going, once one has failed; None: all
         while True:
             call, x = await self._resume(layers, value, inline)
             if call is None:
                 assert x is not None
-                return x, activations
-            result = await self.experts(call, None)
+                return x, activations, failed
+            result = await self.experts(call, live)
             if result.error is not None:
-                raise result.error
+                live = self._fail(result, rows, failed)
+                if live is None:  # nothing left to compute
+                    layers.close()
+                    return call.hidden, activations, failed
             value = result.output
             if len(rows) == 1 and result.routing is not None:  # one item: its choices are the call's
                 activations[0].append([call.layer, result.routing.experts, result.routing.counts, rows[0]])
@@ -210,6 +222,20 @@ class SegmentRunner:
                 routing = Routing.of(call.expert_ids[start : start + n])
                 activations[item].append([call.layer, routing.experts, routing.counts, n])
                 start += n
+
+    @staticmethod
+    def _fail(result: ExpertsResult, rows: list[int], failed: list[PrismError | None]) -> Tensor | None:
+        """Mark the items whose rows failed in `result`; the rows still live, or None when none is."""
+        assert result.error is not None
+        start = 0
+        for item, n in enumerate(rows):
+            bad = result.failed is None or bool(result.failed[start : start + n].any())
+            if failed[item] is None and bad:
+                failed[item] = result.error
+            start += n
+        if all(err is not None for err in failed):
+            return None
+        return torch.cat([torch.full((n,), err is None, dtype=torch.bool) for n, err in zip(rows, failed, strict=True)])
 
     async def _resume(
         self, layers: Generator[MoECall, Tensor, Tensor], value: Tensor | None, inline: bool

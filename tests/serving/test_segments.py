@@ -10,7 +10,7 @@ import torch
 from services.gating.engine import ExpertsResult
 from services.gating.routes import Segment, chains, segments
 from services.gating.segments import SegmentRequest, SegmentRunner
-from shared.errors import BadSegment, Overloaded
+from shared.errors import BadSegment, ExpertUnavailable, Overloaded
 from shared.model.model import Batch, MoEModel
 from shared.model.moe import LocalExperts, MoECall
 from tests.checkpoints import make_tiny_checkpoint
@@ -105,3 +105,41 @@ async def test_segments_of_one_layer_range_from_two_homes_run_as_one_batch(model
     assert (seg.forwards, seg.segments_run) == (1, 2)
     assert [a[3] for a in acts_a] == [3, 3]  # each home's own tokens, per MoE layer
     assert [a[3] for a in acts_c] == [2, 2]
+
+
+async def test_an_expert_that_does_not_answer_fails_only_the_segments_whose_rows_chose_it(model_dir: Path) -> None:
+    """Two homes' segments in one batch: the first MoE call's dispatch reports home a's tokens failed (an
+    expert they chose did not answer). a's segment fails; c's goes on without a's rows and is exact."""
+    model = MoEModel.from_checkpoint(model_dir)
+    local = LocalExperts.from_checkpoint(model_dir)
+    lives: list[list[bool] | None] = []
+    dead_rows = [3]  # the next call's first rows whose expert does not answer (a's three tokens), then none
+
+    async def experts(call: MoECall, live: torch.Tensor | None) -> ExpertsResult:
+        lives.append(None if live is None else live.tolist())
+        if not dead_rows:
+            return ExpertsResult(local(call), None)
+        failed = torch.zeros(call.hidden.shape[0], dtype=torch.bool)
+        failed[: dead_rows.pop()] = True
+        return ExpertsResult(local(call), failed, ExpertUnavailable("expert 1.4: no answer within 2 s"))
+
+    seg = SegmentRunner("b", model, experts, max_slots=4, max_len=64, idle_ttl_s=60.0, inline_max_tokens=64)
+    x_a = layers(model, local, [5, 6, 7], 1)
+    x_c, want_c = (layers(model, local, [9, 10], end) for end in (1, 3))
+    failed_a, (got_c, acts_c) = await seg.run_many([
+        (x_a, request(["a/1"], [3], [0])),
+        (x_c, SegmentRequest("c", ["c/1"], [2], [0], [Segment(1, 3, "b")])),
+    ])  # type: ignore[misc]
+    assert isinstance(failed_a, ExpertUnavailable)
+    assert torch.allclose(got_c, want_c, atol=1e-5)
+    assert lives == [None, [False] * 3 + [True] * 2]  # the second MoE layer leaves a's rows out
+    assert [a[3] for a in acts_c] == [2, 2]
+    assert seg.cache.length(seg.slots[("a/1", 1)]) == 0  # a's KV did not advance: its home fails the request
+    assert seg.cache.length(seg.slots[("c/1", 1)]) == 2
+    lives.clear()
+    dead_rows.append(1)  # c's next step, alone: its only token fails at the first MoE layer
+    (alone,) = await seg.run_many([(torch.randn(1, model.config.hidden_size),
+                                    SegmentRequest("c", ["c/1"], [1], [2], [Segment(1, 3, "b")]))])
+    assert isinstance(alone, ExpertUnavailable)
+    assert len(lives) == 1  # nothing left to compute: no second MoE layer
+    assert seg.cache.length(seg.slots[("c/1", 1)]) == 2
