@@ -235,10 +235,8 @@ class Engine:
 
     async def _step(self, batch_seqs: list[Sequence]) -> None:
         batch = Batch(slots=[s.slot for s in batch_seqs], tokens=[s.next_tokens() for s in batch_seqs])
-        owner = torch.repeat_interleave(torch.tensor([len(t) for t in batch.tokens]))  # [T] sequence of each token
-        failed_seqs = torch.zeros(len(batch_seqs), dtype=torch.bool)
         try:
-            logits, spent = await self._forward(batch, batch_seqs, owner, failed_seqs)
+            logits, spent = await self._forward(batch, batch_seqs)
         except PrismError as err:
             for seq in batch_seqs:
                 self._finish(seq, ErrorEvent(err))
@@ -258,9 +256,7 @@ class Engine:
                 log.exception("sampling_failed", params=str(seq.params))
                 self._finish(seq, ErrorEvent(PrismError("internal error while sampling")))
 
-    async def _forward(
-        self, batch: Batch, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor
-    ) -> tuple[Tensor, StepTime]:
+    async def _forward(self, batch: Batch, seqs: list[Sequence]) -> tuple[Tensor, StepTime]:
         route = seqs[0].route
         steps: Generator[MoECall | Hop, Tensor, Tensor] = (
             route_steps(self.model, batch, self.cache, route, self.home) if route else
@@ -268,36 +264,38 @@ class Engine:
         )
         spent = StepTime()
         with self.streams.stream():
-            logits = await self._drive(steps, seqs, owner, failed_seqs, spent)
+            logits = await self._drive(steps, seqs, [len(t) for t in batch.tokens], spent)
         return logits, spent
 
     async def _drive(
-        self, steps: Generator[MoECall | Hop, Tensor, Tensor], seqs: list[Sequence], owner: Tensor,
-        failed_seqs: Tensor, spent: StepTime,
+        self, steps: Generator[MoECall | Hop, Tensor, Tensor], seqs: list[Sequence], counts: list[int],
+        spent: StepTime,
     ) -> Tensor:
-        """Run the step's generator to its logits, answering its expert calls and hops."""
-        inline = len(owner) <= self.inline_max_tokens
+        """Run the step's generator to its logits, answering its expert calls and hops (`counts`: each
+        sequence's new tokens)."""
+        inline = sum(counts) <= self.inline_max_tokens
         live: Tensor | None = None  # [T] tokens of sequences still going, once one has failed; None: all
         call, logits = await self._compute(inline, steps, None)
         while call is not None:
             started = time.perf_counter()
             if isinstance(call, Hop):
                 with self.streams.paused():
-                    output = await self._hop(call, seqs, failed_seqs)
+                    output = await self._hop(call, seqs)
                 spent.hop_wait_s += time.perf_counter() - started
-                live = ~failed_seqs[owner]
+                if seqs[0].error is not None:  # the chain failed, and with it every sequence of the step
+                    live = _live(seqs, counts)
             else:
                 result = await self.experts(call, live)
                 spent.add(time.perf_counter() - started, result)
                 if result.error is not None:
-                    self._mark_failed(result, seqs, owner, failed_seqs)
-                    live = ~failed_seqs[owner]
+                    self._mark_failed(result, seqs, counts)
+                    live = _live(seqs, counts)
                 output = result.output
             call, logits = await self._compute(inline, steps, output)
         assert logits is not None  # the generator returned
         return logits
 
-    async def _hop(self, hop: Hop, seqs: list[Sequence], failed_seqs: Tensor) -> Tensor:
+    async def _hop(self, hop: Hop, seqs: list[Sequence]) -> Tensor:
         """x after the hop's chain; when it fails, every sequence of the step fails with its error (the
         chain ran them all) and the step goes on with x unchanged, to be discarded."""
         try:
@@ -305,7 +303,6 @@ class Engine:
                 raise PrismError("this engine has no way to reach other nodes on a route")
             return await self.hops(hop, [seq_id(self.home, s) for s in seqs])
         except PrismError as err:
-            failed_seqs[:] = True
             for seq in seqs:
                 seq.error = seq.error or err
             return hop.hidden
@@ -320,10 +317,11 @@ class Engine:
         return await asyncio.get_running_loop().run_in_executor(self._executor, resume, steps, value)
 
     @staticmethod
-    def _mark_failed(result: ExpertsResult, seqs: list[Sequence], owner: Tensor, failed_seqs: Tensor) -> None:
+    def _mark_failed(result: ExpertsResult, seqs: list[Sequence], counts: list[int]) -> None:
+        """The sequences whose tokens failed in `result` fail with its error."""
         assert result.failed is not None  # with an error
+        owner = torch.repeat_interleave(torch.tensor(counts))  # [T] sequence of each token
         for i in torch.unique(owner[result.failed]).tolist():
-            failed_seqs[i] = True
             if seqs[i].error is None:
                 seqs[i].error = result.error
 
@@ -360,6 +358,12 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
+
+
+def _live(seqs: list[Sequence], counts: list[int]) -> Tensor:
+    """[T] bool: the step's tokens whose sequence has not failed (`counts`: each sequence's new tokens)."""
+    going = torch.tensor([seq.error is None for seq in seqs])
+    return going.repeat_interleave(torch.tensor(counts))
 
 
 def seq_id(home: str, seq: Sequence) -> str:
