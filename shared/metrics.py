@@ -78,6 +78,17 @@ EXPERT_CALLS = Spec("prism_expert_calls_total", "counter",
 EXPERT_MESSAGES = Spec("prism_expert_messages_total", "counter", "expert-call messages sent over NATS", ("node",))
 QUEUE_DEPTH = Spec("prism_queue_depth", "gauge", "requests waiting for a batch slot", ("node",))
 RUNNING = Spec("prism_running_requests", "gauge", "requests in the batch (decoding together)", ("node",))
+ROUTE_HOPS = Spec("prism_route_hops_total", "counter",
+                  "chains of this node's requests' layers sent along their route to other nodes (one per step "
+                  "and chain)", ("node",))
+ROUTE_HOP_SECONDS = Spec("prism_route_hop_seconds_total", "counter",
+                         "seconds from sending those chains to their answers (other nodes' layers and the hops)",
+                         ("node",))
+SEGMENTS = Spec("prism_segments_total", "counter", "other nodes' route segments run here", ("node",))
+SEGMENT_SECONDS = Spec("prism_segment_seconds_total", "counter",
+                       "seconds of the forward passes that ran them (layers, experts, KV)", ("node",))
+FOREIGN_KV = Spec("prism_foreign_kv_slots", "gauge",
+                  "KV cache slots held for other nodes' requests (one per request and segment)", ("node",))
 # ---- every process on NATS ---------------------------------------------------------------------------
 NETWORK_BYTES = Spec("prism_network_bytes_total", "counter",
                      "payload bytes through the process's NATS connection; direction=in|out; node=hub for "
@@ -110,8 +121,9 @@ MIGRATION_SECONDS = Spec("prism_migration_seconds", "histogram", "time to apply 
 
 SPECS: tuple[Spec, ...] = (
     REQUESTS, REQUEST_SECONDS, FIRST_TOKEN_SECONDS, PER_TOKEN_SECONDS, TOKENS, EXPERT_CALLS, EXPERT_MESSAGES,
-    QUEUE_DEPTH, RUNNING, NETWORK_BYTES, HOST_MEMORY, HOST_EXPERTS, HOST_CALLS, HOST_TOKENS, HOST_BUSY,
-    HOST_MESSAGES, HOST_ERRORS, HOST_QUEUE, PLAN_EPOCH, BALANCEDNESS, MIGRATION_STEPS, MIGRATION_SECONDS,
+    QUEUE_DEPTH, RUNNING, ROUTE_HOPS, ROUTE_HOP_SECONDS, SEGMENTS, SEGMENT_SECONDS, FOREIGN_KV, NETWORK_BYTES,
+    HOST_MEMORY, HOST_EXPERTS, HOST_CALLS, HOST_TOKENS, HOST_BUSY, HOST_MESSAGES, HOST_ERRORS, HOST_QUEUE,
+    PLAN_EPOCH, BALANCEDNESS, MIGRATION_STEPS, MIGRATION_SECONDS,
 )
 
 
@@ -195,6 +207,11 @@ class GatingSample:
     local_calls: int  # expert calls answered on the node (embedded, or a host of this node)
     remote_calls: int  # the other expert calls
     messages: int  # expert-call messages sent
+    hops: int = 0  # chains of its requests' layers sent to other nodes
+    hop_s: float = 0.0  # waiting for their answers
+    segments: int = 0  # other nodes' segments run here
+    segment_s: float = 0.0  # running them
+    foreign_kv: int = 0  # KV slots held for other nodes' requests
 
 
 class GatingCollector(Collector):
@@ -210,6 +227,11 @@ class GatingCollector(Collector):
         yield _one(EXPERT_MESSAGES, [s.node], s.messages)
         yield _one(QUEUE_DEPTH, [s.node], s.waiting)
         yield _one(RUNNING, [s.node], s.running)
+        yield _one(ROUTE_HOPS, [s.node], s.hops)
+        yield _one(ROUTE_HOP_SECONDS, [s.node], s.hop_s)
+        yield _one(SEGMENTS, [s.node], s.segments)
+        yield _one(SEGMENT_SECONDS, [s.node], s.segment_s)
+        yield _one(FOREIGN_KV, [s.node], s.foreign_kv)
 
 
 class HostsCollector(Collector):

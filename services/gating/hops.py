@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -56,7 +57,8 @@ class RouteHops:
         self.counter = counter  # the home's activation counts: the chain's layers count here
         self.layer_timeout_s = layer_timeout_s
         self.max_payload = max_payload
-        self.sent = 0
+        self.sent = 0  # chains sent
+        self.wait_s = 0.0  # from sending them to their answers (or failures)
 
     async def __call__(self, hop: Hop, seq_ids: list[str]) -> Tensor:
         meta = {"home": self.home, "seqs": seq_ids, "counts": hop.counts, "lens": hop.lens,
@@ -67,6 +69,7 @@ class RouteHops:
         # each layer of the chain may wait up to the expert timeout, and the hops cost little besides
         timeout_s = self.layer_timeout_s * (len(hop.chain) + 1)
         self.sent += 1
+        started = time.perf_counter()
         try:
             msg = await self.nc.request(subjects.route_segment(first), payload, timeout=timeout_s)
         except NoRespondersError:
@@ -74,6 +77,8 @@ class RouteHops:
         except (NatsTimeoutError, TimeoutError):
             nodes = ", ".join(seg.node for seg in hop.chain)
             raise RouteUnavailable(f"the route through {nodes} did not answer within {timeout_s:g} s") from None
+        finally:
+            self.wait_s += time.perf_counter() - started
         error = error_from_headers(msg.headers)
         if isinstance(error, BadSegment):  # e.g. a node restarted and lost this request's KV: its route is gone
             raise RouteUnavailable(f"the route through {first} cannot go on: {error.message}")

@@ -40,7 +40,14 @@ def sample(gating: Gating) -> GatingSample:
         local = experts.local_calls + experts.node_calls
         remote = experts.remote_calls - experts.node_calls
         messages = experts.messages
-    return GatingSample(gating.settings.node, len(engine.waiting), len(engine.active), local, remote, messages)
+    hops, segments = gating.hops, gating.segments
+    return GatingSample(
+        gating.settings.node, len(engine.waiting), len(engine.active), local, remote, messages,
+        hops=hops.sent if hops else 0, hop_s=hops.wait_s if hops else 0.0,
+        segments=segments.runner.segments_run if segments else 0,
+        segment_s=segments.runner.busy_s if segments else 0.0,
+        foreign_kv=len(segments.runner.slots) if segments else 0,
+    )
 
 
 def observe_finished(metrics: RequestMetrics, seq: Sequence, finish_reason: str) -> None:
