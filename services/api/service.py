@@ -120,6 +120,7 @@ class Api:
 
     def app(self) -> Starlette:
         routes = [
+            Route("/health", self.health, methods=["GET"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -128,6 +129,16 @@ class Api:
         return Starlette(routes=routes, exception_handlers=handlers)
 
     # ---- endpoints -------------------------------------------------------------------------------
+
+    async def health(self, request: Request) -> Response:
+        """For load balancers and orchestrators, without the key: 200 while the last reading of the
+        gatings' loads (every `stats_interval_s`) found one to send requests to (the configured node, if
+        one is), else 503."""
+        node, nodes = self.settings.node, self.gateway.loads
+        if (node and node in nodes) or (not node and nodes):
+            return JSONResponse({"status": "ok"})
+        reason = f"node {node} did not answer" if node else "no gating answered"
+        return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
 
     async def models(self, request: Request) -> Response:
         self._authorize(request)

@@ -208,3 +208,16 @@ async def test_the_cancel_subject_answers_bad_input_with_a_code(stack: ApiStack)
         assert json.loads(reply.data) == {"cancelled": 0}
     finally:
         await nc.close()
+
+
+async def test_health_is_200_while_the_node_answers_and_503_when_none_does(stack: ApiStack, api: HttpServer) -> None:
+    """`GET /health` needs no key: a load balancer asks it. The configured node must be among the gatings
+    whose loads the API read last; an API configured for a node that does not exist is unavailable."""
+    nowhere = await stack.add_api(node="nowhere", key="a key of sixteen+ chars")  # no key needed for health
+    anywhere = await stack.add_api()
+    async with httpx.AsyncClient() as http:
+        for server, status in ((api, 200), (anywhere, 200), (nowhere, 503)):
+            reply = await http.get(f"http://127.0.0.1:{server.port}/health")
+            assert reply.status_code == status, reply.text
+            assert reply.json()["status"] == ("ok" if status == 200 else "unavailable")
+        assert "nowhere" in (await http.get(f"http://127.0.0.1:{nowhere.port}/health")).json()["reason"]
