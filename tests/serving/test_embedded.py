@@ -1,7 +1,8 @@
 """Embedded expert hosts: the experts of a node's own devices live in its gating's process.
 
-Over real NATS (hub + one leaf per node): greedy answers equal the model in one process whatever mix
-of embedded hosts, process hosts and other nodes' hosts holds the experts; an embedded host serves
+Over real NATS (hub + one leaf per node), for every supported family: greedy answers equal the model in
+one process whatever mix of embedded hosts, process hosts and other nodes' hosts holds the experts; an
+embedded host serves
 other nodes over the bus while its own gating decodes; experts move between embedded and process
 hosts under load without a failed request; a lost process host fails only the requests that need it.
 """
@@ -28,7 +29,7 @@ from tests.serving.test_serving import prompts
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v2")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 
 
 @pytest.fixture(scope="session")

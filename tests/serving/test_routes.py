@@ -26,7 +26,7 @@ from tests.serving.test_serving import prompts
 
 pytestmark = pytest.mark.slow
 
-FAMILIES = ("mixtral", "qwen2_moe", "deepseek_v2")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 LAYERS = 5
 # Per home: a leaves home twice (b, then c); b hops c -> a and comes home for its last layer; c sends
 # its first two layers along a -> b and its fourth and fifth along b -> a.
