@@ -2,9 +2,9 @@
 
 Over real NATS (hub + one leaf per node), for every supported family: greedy answers equal the model in
 one process whatever mix of embedded hosts, process hosts and other nodes' hosts holds the experts; an
-embedded host serves
-other nodes over the bus while its own gating decodes; experts move between embedded and process
-hosts under load without a failed request; a lost process host fails only the requests that need it.
+embedded host serves other nodes over the bus while its own gating decodes; experts move between
+embedded and process hosts under load without a failed request; a lost process host fails only the
+requests that need it.
 """
 
 from __future__ import annotations
