@@ -232,3 +232,39 @@ async def test_segments_queued_at_a_stopping_node_are_answered_shutting_down(
     del cluster.gatings["b"]
     reply = await sub.next_msg(timeout=5)
     assert json.loads(reply.data)["error"]["code"] == "shutting_down"
+
+
+async def test_a_segment_running_at_a_stopping_node_is_answered_shutting_down(
+    cluster: LocalCluster, route_dirs: dict[str, Path]
+) -> None:
+    """A batch cut short by the stop (its expert has not answered yet) is answered too, not left to time out."""
+    from services.gating.engine import ExpertsResult
+    from services.gating.hops import SegmentService, _Pending
+    from services.gating.routes import Segment
+    from services.gating.segments import SegmentRequest, SegmentRunner
+    from shared.model.model import MoEModel
+    from shared.model.moe import MoECall
+
+    await cluster.add_node("a")
+    nc = await cluster.connect("a")
+    asked = asyncio.Event()
+
+    async def experts(call: MoECall, live: torch.Tensor | None) -> ExpertsResult:
+        asked.set()
+        await asyncio.Event().wait()  # an expert that answers after the stop
+        raise AssertionError("unreachable")
+
+    model = MoEModel.from_checkpoint(route_dirs["mixtral"])
+    runner = SegmentRunner("b", model, experts, max_slots=2, max_len=32, idle_ttl_s=60, inline_max_tokens=64)
+    service = SegmentService(nc, runner, hidden_size=model.config.hidden_size, max_payload=1 << 20)
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    req = SegmentRequest("a", ["a/1"], [1], [0], [Segment(0, 2, "b")])
+    service._queue.append(_Pending(inbox, torch.zeros(1, model.config.hidden_size), req, {}))
+    serving = asyncio.create_task(service.serve())
+    service._wake.set()
+    await asyncio.wait_for(asked.wait(), 5)  # the batch is in its first MoE layer
+    serving.cancel()
+    reply = await sub.next_msg(timeout=5)
+    assert json.loads(reply.data)["error"]["code"] == "shutting_down"
+    assert runner.slots == {("a/1", 0): 0}  # its KV stays until released or expired, as for any failure
