@@ -22,7 +22,8 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
 - Host compute of a group of m tokens: (expert_time_s + m · expert_time_per_token_s) / host speed. With
   `message_cpu_s` a message to a host of another node also costs CPU at both ends: half of it on the
   caller's first host before sending and half after the reply, all of it on the serving host with
-  its compute (encoding, decoding, the handler). With
+  its compute (encoding, decoding, the handler); a route's hop, one message one way, half on the
+  sending node's first host and half on the receiving one's. With
   `machine_cores` > 0 every booking of a host's compute also takes one of that many cores for its
   duration (a testbed whose nodes share one machine, as bench/e2e.py's stacks do); with
   `one_thread_per_node` a node's hosts share one timeline (a CPU gating computes its embedded hosts'
@@ -275,11 +276,20 @@ class Simulator:
         return end
 
     def _hop(self, a: int, b: int, batch: int, ready: float, now: float | None = None) -> float:
-        """The step's hidden states from node a to node b, one way; returns their arrival."""
+        """The step's hidden states from node a to node b, one way; returns their arrival. With
+        `message_cpu_s`, a hop is one message: half of it on a's first host before sending, half on b's
+        on arrival (a round trip, two messages, books it whole at each end)."""
         size = batch * self.bpt + self.cfg.envelope_bytes
         self.result.hops += 1
         self.result.bytes_across += size
-        return float(self._send(a, b, ready, size, ready if now is None else now) + self.half_rtt[a][b])
+        now = ready if now is None else now
+        half_cpu = self.cfg.message_cpu_s / 2
+        if half_cpu:
+            ready = self._compute(self.first_host[a], ready, half_cpu / self.speed[self.first_host[a]], now)
+        arrival = self._send(a, b, ready, size, now) + self.half_rtt[a][b]
+        if half_cpu:
+            arrival = self._compute(self.first_host[b], arrival, half_cpu / self.speed[self.first_host[b]], now)
+        return float(arrival)
 
     def _foreign_kv(self, n: int, nd: _Node) -> None:
         """Foreign KV of home n's active requests on each node of its route; keeps the peak per node."""

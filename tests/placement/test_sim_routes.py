@@ -165,7 +165,8 @@ def test_a_nodes_hosts_on_one_thread_take_turns() -> None:
 def test_a_messages_cpu_is_booked_at_both_ends() -> None:
     """Stay-home, the token's layer-1 expert on node 1 (the by-hand case above): a message's CPU of 0.1 ms
     adds 0.05 at the caller before sending, 0.1 at the host and 0.05 after the reply: 0.2 ms of latency
-    for its one round trip; the compute booked is the same with or without it."""
+    for its one round trip; the compute booked is the same with or without it. A routed step's hops pay
+    it as the one-way messages they are."""
     cluster = Cluster.from_slots([2, 2], rtt_s=2 * MS, bandwidth_Bps=1e6)
     hosts = np.array([[[True, True], [False, False]], [[False, False], [True, True]]])
     arrivals = [np.array([0.0]), np.zeros(0)]
@@ -175,6 +176,14 @@ def test_a_messages_cpu_is_booked_at_both_ends() -> None:
     assert costly.latencies_s[0] == pytest.approx(plain.latencies_s[0] + 0.2 * MS)
     assert costly.round_trips == plain.round_trips == 1
     assert costly.compute_s == pytest.approx(plain.compute_s) == pytest.approx((2 * 0.1 + 2 * 0.05) * MS)
+    # routed instead: two hops (out and home), each a message one way, 0.05 ms at each end: 0.2 ms in all
+    routed = Placement(hosts, routes=np.array([[0, 1], [1, 1]]))
+    hop_plain = simulate(_one_token([[0], [0]]), cluster, routed, CFG, arrivals=arrivals)
+    hop_costly = simulate(_one_token([[0], [0]]), cluster, routed, replace(CFG, message_cpu_s=0.1 * MS),
+                          arrivals=arrivals)
+    assert hop_costly.latencies_s[0] == pytest.approx(hop_plain.latencies_s[0] + 0.2 * MS)
+    assert hop_costly.hops == hop_plain.hops == 2
+    assert hop_costly.compute_s == pytest.approx(hop_plain.compute_s)
 
 
 def test_a_prompt_runs_as_one_step() -> None:
