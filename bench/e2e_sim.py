@@ -142,8 +142,13 @@ def calibrate(model_dir: Path, steps: int = 24) -> SimConfig:
 
     shapes = [[1] * b for b in BATCHES] + [[PREFILL_TOKENS]]  # tokens per sequence of a step
     measured = [_shape_steps(model, experts, shape, steps) for shape in shapes]
-    engine = statistics.median(asyncio.run(_engine_step_s(model, answer, steps)) for _ in range(3))
     layers = len(model.config.moe_layers)
+    # A segment's fixed work is the difference of two timings (a one-layer segment, an engine step per
+    # layer): taken in three interleaved rounds, so that a slow moment of the machine does not make it.
+    rounds = [(asyncio.run(_engine_step_s(model, answer, steps)), asyncio.run(_segment_s(model, answer, steps)))
+              for _ in range(3)]
+    engine = statistics.median(e for e, _ in rounds)
+    segment = statistics.median(seg - e / layers for e, seg in rounds)
     serving = max(1.0, engine / measured[0].full_s)
     dense_fixed, dense_per_token = _fit([(1.0, m.tokens) for m in measured], [m.dense_s / layers for m in measured])
     # what the routed experts add: per layer (sorting the block, combining), per expert call and per row
@@ -152,7 +157,7 @@ def calibrate(model_dir: Path, steps: int = 24) -> SimConfig:
     return SimConfig(
         dense_time_s=serving * (dense_fixed + per_layer), dense_time_per_token_s=serving * dense_per_token,
         expert_time_s=serving * per_call, expert_time_per_token_s=serving * per_row,
-        segment_time_s=max(0.0, asyncio.run(_segment_s(model, answer, steps)) - engine / layers),
+        segment_time_s=max(0.0, segment),
     )
 
 
