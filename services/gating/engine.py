@@ -283,13 +283,13 @@ class Engine:
                     output = await self._hop(call, seqs)
                 spent.hop_wait_s += time.perf_counter() - started
                 if seqs[0].error is not None:  # the chain failed, and with it every sequence of the step
-                    live = _live(seqs, counts)
+                    live = live_rows([seq.error is None for seq in seqs], counts)
             else:
                 result = await self.experts(call, live)
                 spent.add(time.perf_counter() - started, result)
                 if result.error is not None:
                     self._mark_failed(result, seqs, counts)
-                    live = _live(seqs, counts)
+                    live = live_rows([seq.error is None for seq in seqs], counts)
                 output = result.output
             call, logits = await self._compute(inline, steps, output)
         assert logits is not None  # the generator returned
@@ -360,10 +360,10 @@ class Engine:
         self._executor.shutdown(wait=False)
 
 
-def _live(seqs: list[Sequence], counts: list[int]) -> Tensor:
-    """[T] bool: the step's tokens whose sequence has not failed (`counts`: each sequence's new tokens)."""
-    going = torch.tensor([seq.error is None for seq in seqs])
-    return going.repeat_interleave(torch.tensor(counts))
+def live_rows(going: list[bool], counts: list[int]) -> Tensor:
+    """[T] bool: `counts[i]` rows per item in turn, True where item i is still going (a step's sequences,
+    a batch's segments)."""
+    return torch.tensor(going).repeat_interleave(torch.tensor(counts))
 
 
 def seq_id(home: str, seq: Sequence) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from services.gating.engine import Alone, ExpertsFn, ExpertsResult, Streams, resume
+from services.gating.engine import Alone, ExpertsFn, ExpertsResult, Streams, live_rows, resume
 from services.gating.routes import Segment
 from shared import subjects
 from shared.errors import BadSegment, Overloaded, PrismError
@@ -233,9 +233,8 @@ class SegmentRunner:
             if failed[item] is None and bad:
                 failed[item] = result.error
             start += n
-        if all(err is not None for err in failed):
-            return None
-        return torch.cat([torch.full((n,), err is None, dtype=torch.bool) for n, err in zip(rows, failed, strict=True)])
+        going = [err is None for err in failed]
+        return live_rows(going, rows) if any(going) else None
 
     async def _resume(
         self, layers: Generator[MoECall, Tensor, Tensor], value: Tensor | None, inline: bool

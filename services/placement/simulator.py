@@ -284,11 +284,12 @@ class Simulator:
         self.result.bytes_across += size
         now = ready if now is None else now
         half_cpu = self.cfg.message_cpu_s / 2
+        sender, receiver = self.first_host[a], self.first_host[b]
         if half_cpu:
-            ready = self._compute(self.first_host[a], ready, half_cpu / self.speed[self.first_host[a]], now)
+            ready = self._compute(sender, ready, half_cpu / self.speed[sender], now)
         arrival = self._send(a, b, ready, size, now) + self.half_rtt[a][b]
         if half_cpu:
-            arrival = self._compute(self.first_host[b], arrival, half_cpu / self.speed[self.first_host[b]], now)
+            arrival = self._compute(receiver, arrival, half_cpu / self.speed[receiver], now)
         return float(arrival)
 
     def _foreign_kv(self, n: int, nd: _Node) -> None:
