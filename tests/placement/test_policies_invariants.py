@@ -65,6 +65,17 @@ def test_every_policy_valid_deterministic_and_optimal_is_best(inst: tuple[np.nda
     assert all(proxies["optimal"] <= v + 1e-9 for v in proxies.values()), proxies
 
 
+@FAST
+@given(instances(), st.sampled_from([0.25, 1.0, 3.0]))
+def test_routed_policies_fit_their_foreign_kv(inst: tuple[np.ndarray, Cluster], kv: float) -> None:
+    """`pipeline` and `route` keep every node within its slots once the other homes' KV for the layers
+    it runs for them is counted, however tight the memory (the instances often have no spare slot)."""
+    f, c = inst
+    wl = Workload.uniform(c.num_nodes, 2, top_k=min(2, f.shape[2]), kv_slots_per_layer=kv)
+    for name in ("pipeline", "route"):
+        validate(get_policy(name)(f, c, workload=wl), c, f.shape[1], f.shape[2], kv_slots_per_layer=kv)
+
+
 def brute_force_optimum(f: np.ndarray, node_slots: np.ndarray) -> float:
     """min Σ f · remote over every node-level holding pattern (2^(N·L·E) of them)."""
     n, cells = f.shape[0], f.shape[1] * f.shape[2]

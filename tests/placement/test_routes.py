@@ -102,6 +102,28 @@ def test_pipeline_degrades_when_layers_do_not_fit() -> None:
     assert np.all(view.sum(axis=(1, 2)) <= [10, 10, 12])
 
 
+@pytest.mark.parametrize(
+    ("slots", "shape", "routes"),
+    [
+        # 9 + 4 slots, 3 layers × 4 experts, 0.5 KV slots per layer and foreign home: node 0 runs layers 0-1
+        # (8 experts + 1 slot of KV); layer 2 fits node 1 but its KV for home 0 would not: every home runs it
+        ([9, 4], (3, 4), [[0, 0, 0], [0, 0, 1]]),
+        # 12 + 0 slots, 2 layers × 6 experts: a whole layer's KV would leave 5 slots for the other 6 experts,
+        # so no layer runs away from home (node 1 calls every expert on node 0): stay-home routes, None
+        ([12, 0], (2, 6), None),
+    ],
+)
+def test_pipeline_fits_its_foreign_kv_when_memory_is_tight(slots: list[int], shape: tuple[int, int],
+                                                           routes: list | None) -> None:
+    """Where the slots cannot hold the experts and the other homes' KV, the layers left over run at home
+    (and whole ranges shrink): the plan always fits with its KV. It used to put the experts first, over
+    the slots once the KV was counted."""
+    c, f = Cluster.from_slots(slots), np.ones((2, *shape))
+    wl = Workload.uniform(2, kv_slots_per_layer=0.5)
+    p = POLICIES["pipeline"](f, c, workload=wl)
+    validate(p, c, *shape, kv_slots_per_layer=0.5)
+    assert (None if p.routes is None else p.routes.tolist()) == routes
+    validate(POLICIES["route"](f, c, workload=wl), c, *shape, kv_slots_per_layer=0.5)
 def _instance(rtt: float, slots: list[int], n_layers: int = 6, n_experts: int = 8, seed: int = 0
               ) -> tuple[np.ndarray, Cluster, CoActivation]:
     rng = np.random.default_rng(seed)

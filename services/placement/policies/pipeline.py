@@ -13,6 +13,10 @@ Where the nodes cannot hold whole layers for all L layers (Σ capacity < L), it 
 that fit are split as above; each layer left over is executed by the node with the most room left
 (which keeps the other homes' KV for it), and its experts are spread expert-major over the nodes'
 remaining slots (∝ room), so its executing node holds the largest share and calls the rest remotely.
+Where the slots cannot hold those layers' experts and the KV as well, the layers left over run at
+every home (no foreign KV: each home calls their experts where they are, as a stay-home policy does);
+and where the whole layers' KV leaves too little room even for that, one whole layer fewer is split
+(at none, every layer runs at home). So the plan always fits the slots with its foreign KV.
 
 Worked example: slots 64, 64, 128 and 4 layers × 16 experts (no KV) → ranges of 1, 1, 2 layers:
 node 0 layer 0, node 1 layer 1, node 2 layers 2-3; every home's route is [0, 1, 2, 2].
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from services.placement.errors import InfeasibleError
 from services.placement.policies._common import apportion, assign_to_hosts, expert_major_blocks
 from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
 
@@ -35,38 +40,59 @@ def layer_capacity(node_slots: np.ndarray, num_experts: int, kv_slots_per_layer:
 
 def pipeline_split(node_slots: np.ndarray, num_layers: int, num_experts: int,
                    kv_slots_per_layer: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
-    """(view [N, L, E] bool, owner [L] int): contiguous ranges ∝ slots, degraded as the module says."""
+    """(view [N, L, E] bool, owner [L] int, -1 for a layer every home runs itself): contiguous ranges
+    ∝ slots, degraded as the module says."""
     slots = np.asarray(node_slots, dtype=np.int64)
-    n_nodes = slots.size
     cap = np.minimum(layer_capacity(slots, num_experts, kv_slots_per_layer), num_layers)
-    whole = min(num_layers, int(cap.sum()))
-    counts = apportion(whole, slots, cap)
+    for whole in range(min(num_layers, int(cap.sum())), -1, -1):
+        counts = apportion(whole, slots, cap)
+        split = _split(slots, counts, num_layers, num_experts, kv_slots_per_layer)
+        if split is not None:
+            return split
+    raise InfeasibleError(f"{num_layers} layers × {num_experts} experts do not fit {int(slots.sum())} slots")
+
+
+def _split(slots: np.ndarray, counts: np.ndarray, num_layers: int, num_experts: int, kv: float
+           ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Whole ranges of counts [N] layers, the rest degraded: run by the node with the most room, else at
+    every home; None if even that does not fit beside the whole ranges' KV."""
+    n_nodes, whole = slots.size, int(counts.sum())
     owner = np.full(num_layers, -1, dtype=np.int64)
     owner[:whole] = np.repeat(np.arange(n_nodes), counts)
     view = np.zeros((n_nodes, num_layers, num_experts), dtype=bool)
     view[owner[:whole], np.arange(whole)] = True
-    if whole < num_layers:
-        view[:, whole:], owner[whole:] = _degraded(slots, counts, num_layers - whole, num_experts, kv_slots_per_layer)
+    left = num_layers - whole
+    if left == 0:
+        return view, owner
+
+    def room_beside(layers_run: np.ndarray) -> np.ndarray:  # slots left with the KV of the layers each runs
+        kv_room = np.ceil((n_nodes - 1) * kv * layers_run - 1e-9).astype(np.int64)
+        return np.asarray(slots - counts * num_experts - kv_room)
+
+    room = room_beside(counts)
+    runs = _runners(room, left, n_nodes, kv)
+    with_kv = room_beside(counts + np.bincount(runs, minlength=n_nodes))
+    if np.all(with_kv >= 0) and with_kv.sum() >= left * num_experts:
+        owner[whole:] = runs
+        room = with_kv
+    elif np.all(room >= 0) and room.sum() >= left * num_experts:
+        pass  # no room for their KV: every home runs them itself
+    else:
+        return None
+    share = apportion(left * num_experts, room, room)
+    view[:, whole:] = expert_major_blocks(share, left, num_experts)
     return view, owner
 
 
-def _degraded(slots: np.ndarray, counts: np.ndarray, left: int, num_experts: int, kv: float
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """(view [N, left, E], owner [left]) of the layers no node holds whole: each goes to the node with
-    the most room left (ties: lower index), which reserves its KV for the other homes; the experts are
-    spread expert-major ∝ the room then left, so the owner holds the largest share of its layer."""
-    n_nodes = slots.size
-    owned = counts.astype(np.float64).copy()
-    room = slots - counts * num_experts - (n_nodes - 1) * kv * owned
-    owner = np.zeros(left, dtype=np.int64)
+def _runners(room: np.ndarray, left: int, n_nodes: int, kv: float) -> np.ndarray:
+    """[left] the node that runs each left-over layer: the one with the most room then (ties: lower index),
+    which reserves the other homes' KV for it."""
+    room = room.astype(np.float64).copy()
+    out = np.zeros(left, dtype=np.int64)
     for i in range(left):
-        owner[i] = int(np.argmax(room))
-        room[owner[i]] -= (n_nodes - 1) * kv
-    room = np.floor(np.maximum(room, 0)).astype(np.int64)
-    if room.sum() < left * num_experts:  # no room for their KV as well: experts first
-        room = slots - counts * num_experts
-    share = apportion(left * num_experts, room, room)
-    return expert_major_blocks(share, left, num_experts), owner
+        out[i] = int(np.argmax(room))
+        room[out[i]] -= (n_nodes - 1) * kv
+    return out
 
 
 def pipeline(
@@ -82,5 +108,6 @@ def pipeline(
     n_nodes, n_layers, n_experts = f.shape
     kv = workload.kv_slots_per_layer if workload is not None else 0.0
     view, owner = pipeline_split(cluster.node_slots(), n_layers, n_experts, kv)
-    routes = np.repeat(owner[None, :], n_nodes, axis=0)
+    homes = np.arange(n_nodes)[:, None]
+    routes = np.where(owner[None, :] >= 0, owner[None, :], homes)  # -1: every home runs the layer itself
     return Placement(assign_to_hosts(view, cluster, f), routes=routes)
