@@ -14,8 +14,9 @@ charged in the same unit:
   workload's `migration_cost_s`, and P' must be better by the workload's `min_gain` (a share of C(P)):
   the model's estimate is sampled, so without it a steady workload moves experts on noise. (The
   policy applies the same test to its own candidates.)
-- `route`: the same expected latency, along each placement's routes (route_model; hops, layers run
-  away from home); stay-home placements cost exactly what they cost for `latency`.
+- `route`: expected latency along each placement's routes on the load view the policy chooses by
+  (`RouteModel.load_cost`: each home's step alone with the dense part, plus the queueing the other
+  homes' load adds); T_mig and `min_gain` as for `latency`.
 - `uniform`, `pipeline`: ignore statistics; C is how many replicas a placement is away from the proposal and
   T_mig is 0, so its own layout is taken whenever it differs (the same hosts give the same layout,
   so it cannot thrash).
@@ -58,7 +59,7 @@ def busiest_host_calls(freq: np.ndarray, placement: Placement, cluster: Cluster)
     return float(load.max(axis=0).sum())
 
 
-Measure = Literal["remote calls", "busiest host calls", "latency", "layout"]
+Measure = Literal["remote calls", "busiest host calls", "latency", "load", "layout"]
 
 MEASURES: dict[PolicyName, Measure] = {
     "prism": "remote calls",
@@ -66,7 +67,7 @@ MEASURES: dict[PolicyName, Measure] = {
     "redundance": "remote calls",
     "eplb": "busiest host calls",
     "latency": "latency",
-    "route": "latency",
+    "route": "load",
     "uniform": "layout",
     "pipeline": "layout",
 }
@@ -92,10 +93,11 @@ def judge(
         away = float(np.sum(current.hosts ^ proposed.hosts)) or float(not current.equals(proposed))
         return Verdict(away > 0, away, 0.0, "replicas")
     added = int(np.sum(proposed.hosts & ~current.hosts))
-    if measure == "latency":  # seconds per decode step; loading is spread over the window's steps
+    if measure in ("latency", "load"):  # seconds per decode step; loading is spread over the window's steps
         model = RouteModel(cluster, freq, coact, workload)  # its set-up is the costly part: once
-        before = model.cost(current)
-        after = model.cost(proposed) + added * workload.migration_cost_s
+        step = model.cost if measure == "latency" else model.load_cost
+        before = step(current)
+        after = step(proposed) + added * workload.migration_cost_s
         return Verdict(after < before * (1.0 - workload.min_gain), before, after, "s/step")
     cost = proxy_objective if measure == "remote calls" else busiest_host_calls
     before = cost(freq, current, cluster)

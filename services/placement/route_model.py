@@ -19,8 +19,8 @@ Per home h and layer l, the executing node x = route[h, l] runs the layer for h'
   home for the head), the step pays one way: rtt[a, b] / 2 + B_h · bytes_per_token / bandwidth[a, b].
 With stay-home routes this is exactly `LatencyModel` (same samples, same serving, same work).
 
-What the cost above leaves out, and `load_step_times` adds (the `route` policy's check of a routed
-candidate against the pipeline split, `policies/route.py`): the cost assumes every home steps at once
+What the cost above leaves out, and `load_step_times` adds (`load_cost`: what the `route` policy
+chooses by, `policies/route.py`): the cost assumes every home steps at once
 ("all nodes step together"), so a node that executes a layer for three homes computes the three homes'
 calls together in it. That is duty cycle 1: it over-rates a multi-GPU node, whose GPUs split that sum,
 and it has no dense part (which runs on the executing node's first GPU, before the calls leave) and
@@ -48,6 +48,7 @@ from services.placement.latency_model import LatencyModel, _run_lengths
 from services.placement.routes import stay_home
 from services.placement.types import Placement
 
+LOAD_VIEW_MAX_NODES = 16  # above, `load_cost` is the step-together cost
 RHO_CAP = 0.95  # utilisation a host's queueing is evaluated at, at most (an overloaded host: × 19)
 
 
@@ -234,6 +235,17 @@ class RouteModel(LatencyModel):
         occ = self.occupancy(view, table, hosts)
         dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
         return self.alone_step_times(view, table, hosts) + dense, self.queueing_delay(occ)
+
+    def load_cost(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> float:
+        """Σ_h w_h (step alone with the dense part + queueing) of `placement` (`load_step_times`): what
+        the `route` policy chooses by and its migration rule judges by. With `pipe_queue` [N_home] (a
+        pipeline split's), queueing beyond it counts twice (`policies/route.py`). Above
+        LOAD_VIEW_MAX_NODES nodes, `cost` (the load view takes one step-time evaluation per home)."""
+        if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
+            return self.cost(placement)
+        alone, queue = self.load_step_times(placement.node_view(self.cluster), placement.routes, placement.hosts)
+        extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
+        return float(self.weight @ (alone + queue + extra))
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
         """T [N_home, N_x, L]: home h's mean time in layer l if x ran it, the others keeping `table`."""

@@ -74,3 +74,19 @@ def test_latency_needs_its_min_gain() -> None:
     share = 1.0 - gain.after / gain.before
     assert latency_verdict(share * 0.9).accept
     assert not latency_verdict(share * 1.1).accept
+
+
+def test_route_judges_by_the_load_view_it_chooses_by() -> None:
+    """`route` proposals are judged by `RouteModel.load_cost` (the dense part and the queueing the other
+    homes add), not by the step-together cost of `latency`: with a dense part and step rates the two
+    differ, and the verdict's numbers are the load view's."""
+    from services.placement.route_model import RouteModel
+
+    rtt = Cluster.from_slots([3, 3], rtt_s=0.004)
+    workload = Workload.uniform(2, top_k=1, dense_time_s=2e-4, step_rate=np.array([50.0, 50.0]))
+    v = judge("route", FREQ, SPREAD, LOCAL, rtt, coact=None, workload=workload, migration_cost_calls=0.0)
+    model = RouteModel(rtt, FREQ, None, workload)
+    assert (v.before, v.after) == (model.load_cost(SPREAD), model.load_cost(LOCAL))
+    assert v.before != model.cost(SPREAD)
+    assert v.accept
+    assert v.unit == "s/step"

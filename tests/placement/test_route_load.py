@@ -1,5 +1,5 @@
 """The route model's load view (dense part, each home alone, processor-sharing queueing from the homes'
-step rates) and the `route` policy's pipeline check that uses it."""
+step rates) and the `route` policy's choice by it."""
 
 from __future__ import annotations
 
@@ -72,9 +72,11 @@ def test_step_rate_is_checked() -> None:
         Workload.uniform(2, 1, dense_time_s=-1.0)
 
 
-def test_pipeline_check_puts_the_pipeline_in_a_vetoed_candidates_place() -> None:
-    """A routed candidate cheaper than the pipeline on the route model that loses on the load view is
-    replaced by the pipeline at its rank, with the pipeline's cost; a stay-home one is never touched."""
+def test_route_chooses_on_the_load_view_with_the_pipeline_as_the_baseline() -> None:
+    """`route` picks the candidate with the lowest load cost (plus migration): a routed layout other than
+    the pipeline split pays its queueing beyond the pipeline's twice and must beat the pipeline by
+    ROUTED_MIN_GAIN; a stay-home placement competes on its own load cost; `current` stays unless the
+    choice saves `min_gain` of its cost."""
     from services.placement import scenarios as sc
 
     s = sc.published_testbed("deepseek-v2-lite", "bw-b1", requests_per_node=6)
@@ -83,20 +85,22 @@ def test_pipeline_check_puts_the_pipeline_in_a_vetoed_candidates_place() -> None
     m = RouteModel(s.cluster, f, coact, s.workload)
     pipe = POLICIES["pipeline"](f, s.cluster, coact=coact, workload=s.workload)
     home = POLICIES["latency"](f, s.cluster, coact=coact, workload=s.workload)
-    # the pipeline's routes with every layer on node 2's first GPU only: cheaper on a made-up cost,
-    # but all the dense parts and calls of every home on one GPU: its queueing is far above the pipeline's
+    # the pipeline's routes with every layer of node 2 on its first GPU only: all the dense parts and
+    # calls of every home on one GPU, its queueing far above the pipeline's
     lopsided = np.zeros_like(pipe.hosts)
     lopsided[:2] = pipe.hosts[:2]
     lopsided[2] = pipe.hosts[2] | pipe.hosts[3]
     bad = Placement(lopsided, routes=pipe.routes)
-    scored = [(1.0, home), (2.0, pipe), (0.5, bad)]
-    out = route_module._pipeline_check(scored, pipe, m)
-    assert out[0] == (1.0, 1.0, home)
-    assert out[1] == (2.0, 2.0, pipe)
-    assert out[2][:2] == (0.5, 2.0)
-    assert out[2][2] is pipe
-    assert not route_module._beats_pipeline(m, bad, route_module._load(m, pipe))
-    assert route_module._pipeline_check([(2.0, pipe), (3.0, bad)], pipe, m)[1][2] is bad  # dearer: not looked at
+    pipe_queue = m.load_step_times(pipe.node_view(s.cluster), pipe.routes, pipe.hosts)[1]
+    assert m.load_cost(bad, pipe_queue) > m.load_cost(bad) > m.load_cost(pipe)
+    assert m.load_cost(home) > m.load_cost(pipe)  # at 30% of the experts per GPU staying home pays
+    choose = route_module._choose
+    assert choose([(0.0, home), (0.0, pipe), (0.0, bad)], pipe, m, None, 0.0) is pipe
+    same = Placement(pipe.hosts.copy(), routes=pipe.routes.copy())  # routed, but no better than the pipeline
+    assert choose([(0.0, same), (0.0, pipe)], pipe, m, None, 0.0) is pipe
+    dear = m.load_cost(home) - m.load_cost(pipe) + 1e-3  # moving to the pipeline would cost more than it saves
+    assert choose([(0.0, home), (dear, pipe)], pipe, m, None, 0.0) is home
+    assert choose([(0.0, home), (0.0, pipe)], pipe, m, home, 0.99) is home  # hysteresis keeps `current`
 
 
 @pytest.mark.parametrize("regime", ["rtt-b1", "bw-b1"])

@@ -160,8 +160,11 @@ def test_route_dp_takes_the_pipeline_when_hops_are_cheap() -> None:
 
 @pytest.mark.parametrize("model", ["deepseek-v2-lite", "mixtral-8x7b"])
 @pytest.mark.parametrize("regime", ["rtt-b1", "rtt-b8", "bw-b1", "bw-b8"])
-def test_route_never_worse_than_pipeline_or_staying_home_on_the_model(model: str, regime: str) -> None:
-    """On the bundled testbed scenarios, scored by the latency model extended to routes."""
+def test_route_never_worse_than_pipeline_or_staying_home_on_the_load_view(model: str, regime: str) -> None:
+    """On the bundled testbed scenarios, on the load view `route` chooses by (each home's step alone with
+    the dense part, plus the queueing the other homes add): never above its two baselines, the exact
+    pipeline split and the `latency` placement; strictly below the pipeline on DeepSeek-V2-Lite where
+    round trips dominate. Every policy's plan fits its slots with its foreign KV."""
     from services.placement import scenarios as sc
 
     s = sc.published_testbed(model, regime, requests_per_node=6)
@@ -172,12 +175,8 @@ def test_route_never_worse_than_pipeline_or_staying_home_on_the_model(model: str
     for name, policy in POLICIES.items():
         p = policy(f, s.cluster, coact=coact, workload=s.workload)
         validate(p, s.cluster, f.shape[1], f.shape[2], s.workload.kv_slots_per_layer)
-        costs[name] = m.cost(p)
-    others = min(v for k, v in costs.items() if k != "route")
-    # the pipeline check may keep the pipeline split in place of a routed candidate that was cheaper
-    # than every other policy on this model (policies/route.py): route is then exactly the pipeline
-    assert costs["route"] <= others * (1 + 1e-12) or costs["route"] == costs["pipeline"], costs
-    assert costs["route"] <= costs["pipeline"] * (1 + 1e-12), costs
+        costs[name] = m.load_cost(p)
+    assert costs["route"] <= min(costs["pipeline"], costs["latency"]) * (1 + 1e-12), costs
     if model == "deepseek-v2-lite" and regime.startswith("rtt"):
         assert costs["route"] < costs["pipeline"], costs
 

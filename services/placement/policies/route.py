@@ -11,7 +11,7 @@ each a node view with a route table, each within every node's slots once foreign
 1. stay-home: the `latency` policy's placement (itself the best of every stay-home policy on the
    model), and its view with routes from the route DP (a home may leave for a few layers);
 2. the `pipeline` placement exactly as that policy makes it (hosts included, so `route` is never worse
-   than it on the model), the same split with hosts balanced as below, and its view with DP routes;
+   than it where it chooses), the same split with hosts balanced as below, and its view with DP routes;
 3. whole layers: each node holds whole layers, as many as fit with the others' KV
    (`pipeline.layer_capacity`); which ones is searched on hops and compute alone: circular blocks in
    every node order (up to PERMUTE_NODES nodes) and start layer, then single-layer moves while they
@@ -20,25 +20,25 @@ each a node view with a route table, each within every node's slots once foreign
 A routed candidate's replicas are spread over each node's hosts layer by layer, by the work every home
 that executes there brings (`_hosts`), and every candidate is costed with its hosts (a layer waits for
 the slowest GPU of the node that runs it, `RouteModel.host_work`).
-The cheapest candidate, with the migration cost (migration_cost_s per replica `current` lacks), wins;
-it replaces `current` only if it saves `min_gain` of current's cost (hysteresis).
-
-The pipeline check: the route model's cost assumes every home steps at once, which over-rates a
-multi-GPU node that runs layers for several homes, and it has neither the dense part nor queueing
-(`route_model` docstring). So a routed candidate other than the exact pipeline split is taken only if
-it also beats the pipeline on the load view: its step alone plus its queueing, with the queueing it
-adds over the pipeline's counted twice, must be below the pipeline's step alone plus queueing
-(`_beats_pipeline`). The two views are the duty-cycle extremes (every home at once, each home alone,
-here with the queueing the homes' step rates imply), and the doubled extra queueing is a margin for
-the processor-sharing estimate: a host that serves layers first come first served, gated by the dense
-part on a node's first GPU, can wait longer than that estimate. Where the model cannot tell a
-candidate from the pipeline within that margin, it takes the pipeline: a candidate that fails the
-check keeps its place in the ranking, with the pipeline's placement in it, so whether a routed layout
-or staying home wins is still the route model's decision, and only which routed layout is the load
-view's. Stay-home candidates are not checked (they run no layer for another home). Ties go to the
-earlier candidate, so where nothing beats stay-home the result is the `latency` placement as it is.
+The choice: the route model's cost (above) assumes every home steps at once, which suits the search
+(which layers where, which routes) but over-rates any node that runs layers for several homes: it
+charges one step with all their work, as if they always arrived together (`route_model` docstring).
+So the candidates are ranked on the load view instead (`RouteModel.load_cost`): each home's step alone,
+with the dense part on the executing node, plus the queueing the other homes' step rates add on the
+hosts it uses (none where the rates are unknown, as in `prism place` without `--step-rate`), plus the
+migration cost (migration_cost_s per replica `current` lacks). A routed candidate other than the exact
+pipeline split counts its queueing beyond the pipeline's twice (a margin for the processor-sharing
+estimate: a host serving layers first come first served, gated by the dense part on a node's first GPU,
+can wait longer) and must beat the pipeline by ROUTED_MIN_GAIN: within that the views cannot tell
+layouts apart (spreading the same experts differently over a node's GPUs moves the simulated mean by
+1-3%), and the pipeline is the baseline. Stay-home candidates compete on their own load cost. Ties go to
+the earlier candidate; the choice replaces `current` only if it saves `min_gain` of current's load cost
+(hysteresis). Measured before the change, on a per-step model written apart from the project and in
+the simulator: ranking by the step-together cost stayed home where the pipeline was faster, by up to
+1.8× per step with memory for half the experts per GPU or more (docs/benchmarks.md).
 Above DP_MAX_NODES nodes the full-model DP (N executing nodes × samples per layer) is skipped: the
-whole-layer routes stand as they are. Deterministic.
+whole-layer routes stand as they are; above LOAD_VIEW_MAX_NODES (`route_model`) the load cost is the
+step-together cost. Deterministic.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ from services.placement.types import Cluster, CoActivation, Placement, Workload,
 DP_MAX_NODES = 16  # full-model route DP up to this many nodes
 PERMUTE_NODES = 5  # every node order of the whole-layer blocks up to this many nodes
 SEARCH_PASSES = 3
+ROUTED_MIN_GAIN = 0.01  # a routed layout other than the pipeline split must beat it by this on the load view
 
 
 def _fits(view: np.ndarray, table: np.ndarray | None, slots: np.ndarray, kv: float) -> bool:
@@ -210,36 +211,25 @@ def _per_layer(held: np.ndarray, load: np.ndarray, room: np.ndarray, speed: np.n
     return out
 
 
-def _load(model: RouteModel, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
-    """([N_home] step alone with the dense part, [N_home] queueing) of a placement (`RouteModel`)."""
-    return model.load_step_times(placement.node_view(model.cluster), placement.routes, placement.hosts)
-
-
-def _beats_pipeline(model: RouteModel, placement: Placement, pipe_load: tuple[np.ndarray, np.ndarray]) -> bool:
-    """True if `placement` beats the pipeline's (alone, queueing) on the load view, its queueing beyond
-    the pipeline's counted twice (module docstring)."""
-    alone, queue = _load(model, placement)
-    extra = np.maximum(queue - pipe_load[1], 0.0)
-    ours = float(model.weight @ (alone + queue + extra))
-    return ours < float(model.weight @ (pipe_load[0] + pipe_load[1]))
-
-
-def _pipeline_check(scored: list[tuple[float, Placement]], pipe: Placement | None, model: RouteModel
-                    ) -> list[tuple[float, float, Placement]]:
-    """(rank, cost, placement) per candidate of `scored` (cost, placement): the pipeline split's placement
-    and cost in place of each routed candidate that is cheaper than it on the route model but does not
-    beat it on the load view, at that candidate's rank (module docstring). Only the candidates the
-    pipeline would otherwise lose to are looked at; stay-home candidates stay."""
-    pipe_cost = next((c for c, p in scored if p is pipe), None)
-    if pipe is None or pipe_cost is None or model.cluster.num_nodes > DP_MAX_NODES:
-        return [(c, c, p) for c, p in scored]
-    pipe_load = _load(model, pipe)
-    out = []
-    for cost, placement in scored:
-        keep = (placement is pipe or placement.routes is None or cost >= pipe_cost
-                or _beats_pipeline(model, placement, pipe_load))
-        out.append((cost, cost, placement) if keep else (cost, pipe_cost, pipe))
-    return out
+def _choose(scored: list[tuple[float, Placement]], pipe: Placement, model: RouteModel,
+            current: Placement | None, min_gain: float) -> Placement:
+    """The candidate of `scored` (migration cost, placement) with the lowest load cost plus migration
+    (module docstring): a routed layout other than the pipeline split with its queueing beyond the
+    pipeline's counted twice, and only if it then beats the pipeline by ROUTED_MIN_GAIN; the first of
+    equal costs. `current` stays unless the choice saves `min_gain` of its load cost."""
+    pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)[1]
+    pipe_cost = model.load_cost(pipe)
+    best, best_cost = pipe, float("inf")
+    for migration, placement in scored:
+        routed = placement is not pipe and placement.routes is not None
+        cost = model.load_cost(placement, pipe_queue if routed else None)
+        if routed and cost > pipe_cost * (1.0 - ROUTED_MIN_GAIN):
+            continue
+        if migration + cost < best_cost:
+            best, best_cost = placement, migration + cost
+    if current is not None and not best_cost < model.load_cost(current) * (1.0 - min_gain):
+        return current
+    return best
 
 
 def route(
@@ -250,7 +240,8 @@ def route(
     current: Placement | None = None,
     workload: Workload | None = None,
 ) -> Placement:
-    """The cheapest (placement, routes) on the route model; see the module docstring. freq [N, L, E]."""
+    """The (placement, routes) with the lowest expected decode-step time; see the module docstring.
+    freq [N, L, E]."""
     f = check_inputs(freq, cluster)
     model = RouteModel(cluster, f, coact, workload)
     wl = model.workload
@@ -268,11 +259,7 @@ def route(
             continue  # (the stay-home candidate always fits: it is a valid `latency` placement)
         placement = made if made is not None else Placement(_hosts(view, table, model, f, prefer),
                                                              routes=table)
-        cost = model.cost(placement)
-        if cur_view is not None:
-            cost += wl.migration_cost_s * float((view & ~cur_view).sum())
-        scored.append((cost, placement))
-    _, cost, best = min(_pipeline_check(scored, pipe, model), key=lambda c: c[0])  # the first of equal ranks
-    if current is not None and not cost < model.cost(current) * (1.0 - wl.min_gain):
-        return current
-    return best
+        migration = wl.migration_cost_s * float((view & ~cur_view).sum()) if cur_view is not None else 0.0
+        scored.append((migration, placement))
+    assert pipe is not None  # the pipeline split always fits its slots with its KV
+    return _choose(scored, pipe, model, current, wl.min_gain)
