@@ -1,0 +1,26 @@
+"""`route` on held-out shapes, judged by bench/route_grid.py's per-step model (which shares no code with
+the project's latency models): never above min(pipeline, best stay-home) by more than the judge's noise.
+The cells are ones where `route`, choosing on its every-home-at-once cost, stayed home although the
+pipeline was 10–47% faster per step."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.route_grid import cell
+
+
+@pytest.mark.parametrize(
+    ("model", "share", "gpus", "rtt_ms", "batch"),
+    [
+        ("mixtral-8x7b", 0.5, (1, 1, 1), 4.0, 8),  # was 1.47× the pipeline
+        ("mixtral-8x7b", 0.5, (1, 1, 2), 1.0, 1),  # 1.26×
+        ("deepseek-v2-lite", 0.5, (1, 1, 1), 0.2, 8),  # 1.13×
+        ("deepseek-v2-lite", 0.7, (1, 1, 2), 0.2, 1),  # 1.10×
+    ],
+)
+def test_route_not_above_its_baselines_in_an_independent_step_model(
+    model: str, share: float, gpus: tuple[int, ...], rtt_ms: float, batch: int
+) -> None:
+    c = cell(model, share, gpus, rtt_ms=rtt_ms, batch=batch, samples=12)
+    assert c["route"] <= min(c["home"], c["pipeline"]) * 1.01, c
