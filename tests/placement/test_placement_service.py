@@ -227,7 +227,7 @@ async def test_a_lost_node_is_planned_around_at_once(nats_hub: NatsServer, model
 
 
 
-@pytest.mark.parametrize("policy", ["eplb", "redundance", "latency", "uniform"])
+@pytest.mark.parametrize("policy", ["eplb", "redundance", "latency", "uniform", "route"])
 async def test_a_new_policy_takes_over_by_its_own_measure(
     nats_hub: NatsServer, model_dir: Path, unique: str, policy: str
 ) -> None:
