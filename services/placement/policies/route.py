@@ -220,9 +220,14 @@ def _choose(scored: list[tuple[float, Placement]], pipe: Placement, model: Route
     pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)[1]
     pipe_cost = model.load_cost(pipe)
     best, best_cost = pipe, float("inf")
+    seen: dict[tuple[bytes, bytes, bool], float] = {}  # candidates often repeat one another (DP kept the routes)
     for migration, placement in scored:
         routed = placement is not pipe and placement.routes is not None
-        cost = model.load_cost(placement, pipe_queue if routed else None)
+        key = (np.packbits(placement.hosts).tobytes(), b"" if placement.routes is None else placement.routes.tobytes(),
+               routed)
+        if key not in seen:
+            seen[key] = model.load_cost(placement, pipe_queue if routed else None)
+        cost = seen[key]
         if routed and cost > pipe_cost * (1.0 - ROUTED_MIN_GAIN):
             continue
         if migration + cost < best_cost:
