@@ -33,9 +33,9 @@ can wait longer) and must beat the pipeline by ROUTED_MIN_GAIN: within that the 
 layouts apart (spreading the same experts differently over a node's GPUs moves the simulated mean by
 1-3%), and the pipeline is the baseline. Stay-home candidates compete on their own load cost. Ties go to
 the earlier candidate; the choice replaces `current` only if it saves `min_gain` of current's load cost
-(hysteresis). Measured before the change, on a per-step model written apart from the project and in
-the simulator: ranking by the step-together cost stayed home where the pipeline was faster, by up to
-1.8× per step with memory for half the experts per GPU or more (docs/benchmarks.md).
+(hysteresis). Ranking by the step-together cost, as this policy once did, stayed home where the
+pipeline was up to 1.47× faster per step with memory for half the experts per GPU or more, on a
+per-step model written apart from the project's (bench/route_grid.py, docs/benchmarks.md).
 Above DP_MAX_NODES nodes the full-model DP (N executing nodes × samples per layer) is skipped: the
 whole-layer routes stand as they are; above LOAD_VIEW_MAX_NODES (`route_model`) the load cost is the
 step-together cost. Deterministic.
@@ -50,7 +50,7 @@ import numpy as np
 from services.placement.policies._common import assign_to_hosts, fill_spare
 from services.placement.policies.latency import latency
 from services.placement.policies.pipeline import layer_capacity, pipeline
-from services.placement.route_model import RouteModel, shortest_routes
+from services.placement.route_model import LOAD_VIEW_MAX_NODES, RouteModel, shortest_routes
 from services.placement.routes import kv_slots
 from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
 
@@ -217,7 +217,9 @@ def _choose(scored: list[tuple[float, Placement]], pipe: Placement, model: Route
     (module docstring): a routed layout other than the pipeline split with its queueing beyond the
     pipeline's counted twice, and only if it then beats the pipeline by ROUTED_MIN_GAIN; the first of
     equal costs. `current` stays unless the choice saves `min_gain` of its load cost."""
-    pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)[1]
+    pipe_queue = None  # (above LOAD_VIEW_MAX_NODES load_cost is the step-together cost: no queueing)
+    if model.cluster.num_nodes <= LOAD_VIEW_MAX_NODES:
+        pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)[1]
     pipe_cost = model.load_cost(pipe)
     best, best_cost = pipe, float("inf")
     seen: dict[tuple[bytes, bytes, bool], float] = {}  # candidates often repeat one another (DP kept the routes)
