@@ -272,26 +272,28 @@ class RouteModel(LatencyModel):
 
 
 def shortest_routes(times: np.ndarray, hop: np.ndarray) -> np.ndarray:
-    """[N_home, L] the cheapest route of every home at once: times [N_home, N_x, L] per executing node
-    and layer (inf: not allowed), hop [N_home, N, N] seconds from a to b; home h's path starts and ends
-    at h. Ties go to staying on the same node, then to the lower index; a home ends at home if it can."""
-    n_homes, n_nodes, n_layers = times.shape
+    """[..., N_home, L] the cheapest route of every home at once: times [..., N_home, N_x, L] per
+    executing node and layer (inf: not allowed; leading axes: independent layouts solved together),
+    hop [N_home, N, N] seconds from a to b; home h's path starts and ends at h. Ties go to staying on
+    the same node, then to the lower index; a home ends at home if it can."""
+    *batch, n_homes, n_nodes, n_layers = times.shape
     homes = np.arange(n_homes)
     nodes = np.arange(n_nodes)
-    back = np.zeros((n_layers, n_homes, n_nodes), dtype=np.int64)
-    cost = hop[homes, homes, :] + times[:, :, 0]  # [H, X]
+    back = np.zeros((n_layers, *batch, n_homes, n_nodes), dtype=np.int64)
+    cost = hop[homes, homes, :] + times[..., 0]  # [..., H, X]
     back[0] = homes[:, None]
     for lay in range(1, n_layers):
-        via = cost[:, :, None] + hop  # [H, from y, to x]
-        best = np.argmin(via, axis=1)  # [H, X]
-        stay = via[:, nodes, nodes]
-        pick = np.where(stay <= np.take_along_axis(via, best[:, None, :], axis=1)[:, 0], nodes[None, :], best)
-        back[lay] = pick
-        cost = np.take_along_axis(via, pick[:, None, :], axis=1)[:, 0] + times[:, :, lay]
-    total = cost + hop[homes, :, homes]
-    x = np.where(total[homes, homes] <= total.min(axis=1), homes, np.argmin(total, axis=1))
-    routes = np.empty((n_homes, n_layers), dtype=np.int64)
+        via = cost[..., :, :, None] + hop  # [..., H, from y, to x]
+        low = via.min(axis=-2)  # [..., H, X]
+        stay = via[..., nodes, nodes]
+        keep = stay <= low
+        back[lay] = np.where(keep, nodes, via.argmin(axis=-2))
+        cost = np.where(keep, stay, low) + times[..., lay]
+    total = cost + hop[homes, :, homes]  # [..., H, X]
+    at_home = total[..., homes, homes]  # [..., H]
+    x = np.where(at_home <= total.min(axis=-1), homes, np.argmin(total, axis=-1))
+    routes = np.empty((*batch, n_homes, n_layers), dtype=np.int64)
     for lay in range(n_layers - 1, -1, -1):
-        routes[:, lay] = x
-        x = back[lay, homes, x]
+        routes[..., lay] = x
+        x = np.take_along_axis(back[lay], x[..., None], axis=-1)[..., 0]
     return routes

@@ -76,19 +76,28 @@ class _WholeLayers:
         self.weight = model.weight
 
     def routes(self, held: np.ndarray) -> np.ndarray:
-        times = np.where(held[None], self.compute, np.inf)
+        """[..., N_home, L] every home's route over the whole layers `held` [..., N, L] holds."""
+        times = np.where(held[..., None, :, :], self.compute, np.inf)
         return shortest_routes(times, self.hop)
 
     def score(self, held: np.ndarray) -> float:
-        if not held.any(axis=0).all():
-            return float("inf")
-        table = self.routes(held)
-        n = table.shape[0]
+        return float(self.scores(held[None])[0])
+
+    def scores(self, helds: np.ndarray) -> np.ndarray:
+        """[T] the score of each layout of helds [T, N, L] (inf where some layer has no node)."""
+        out = np.full(helds.shape[0], np.inf)
+        ok = np.all(np.any(helds, axis=1), axis=1)
+        if not ok.any():
+            return out
+        table = self.routes(helds[ok])  # [T', H, L]
+        n = table.shape[1]
         homes = np.arange(n)[:, None]
-        path = np.concatenate([homes, table, homes], axis=1)
-        hops = self.hop[homes, path[:, :-1], path[:, 1:]].sum(axis=1)
-        work = np.take_along_axis(self.compute, table[:, None, :], axis=1)[:, 0].sum(axis=1)
-        return float(self.weight @ (hops + work))
+        path = np.concatenate([np.broadcast_to(homes, (table.shape[0], n, 1)), table,
+                               np.broadcast_to(homes, (table.shape[0], n, 1))], axis=2)
+        hops = self.hop[homes, path[..., :-1], path[..., 1:]].sum(axis=2)
+        work = self.compute[homes, table, np.arange(self.L)].sum(axis=2)
+        out[ok] = [float(self.weight @ row) for row in hops + work]
+        return out
 
     def blocks(self, order: tuple[int, ...], start: int) -> np.ndarray:
         """Circular blocks of each node's capacity, in `order`, from layer `start`."""
@@ -118,18 +127,20 @@ class _WholeLayers:
         return self.improve(best, best_score) if n <= DP_MAX_NODES else best
 
     def improve(self, held: np.ndarray, score: float) -> np.ndarray:
-        """Move one layer of one node to another layer while that lowers the score."""
+        """Move one layer of one node to another layer while that lowers the score (for each held layer,
+        the first place that helps, all places scored at once)."""
         for _ in range(SEARCH_PASSES):
             moved = False
             for n in range(held.shape[0]):
                 for a in np.flatnonzero(held[n]):
-                    for b in np.flatnonzero(~held[n]):
-                        trial = held.copy()
-                        trial[n, a], trial[n, b] = False, True
-                        sc = self.score(trial)
-                        if sc < score - 1e-12:
-                            held, score, moved = trial, sc, True
-                            break
+                    to = np.flatnonzero(~held[n])
+                    trials = np.repeat(held[None], to.size, axis=0)
+                    trials[:, n, a] = False
+                    trials[np.arange(to.size), n, to] = True
+                    sc = self.scores(trials)
+                    better = np.flatnonzero(sc < score - 1e-12)
+                    if better.size:
+                        held, score, moved = trials[better[0]], float(sc[better[0]]), True
             if not moved:
                 break
         return held
