@@ -133,6 +133,11 @@ class RouteUnavailable(PrismError):
     status = 503
 
 
+class RouteNotServing(RouteUnavailable):
+    """No node took the segment in (nothing subscribed to its subject): nothing ran away from home, so a
+    request that has no token yet can start again at home (the gating does)."""
+
+
 class BadSegment(PrismError):
     """A route segment this node cannot run: wrong shapes, an unknown request, a layer range not its own."""
 

@@ -40,7 +40,7 @@ from services.gating.segments import SegmentRequest, SegmentResult, SegmentRunne
 from shared import subjects
 from shared.activations import ActivationCounter
 from shared.codec import check_size, decode_tensor, encode_tensor
-from shared.errors import BadSegment, PrismError, RouteUnavailable, ShuttingDown, error_from_headers
+from shared.errors import BadSegment, PrismError, RouteNotServing, RouteUnavailable, ShuttingDown, error_from_headers
 
 log = structlog.get_logger()
 
@@ -73,7 +73,7 @@ class RouteHops:
         try:
             msg = await self.nc.request(subjects.route_segment(first), payload, timeout=timeout_s)
         except NoRespondersError:
-            raise RouteUnavailable(f"node {first} on the route is not serving segments") from None
+            raise RouteNotServing(f"node {first} on the route is not serving segments") from None
         except (NatsTimeoutError, TimeoutError):
             nodes = ", ".join(seg.node for seg in hop.chain)
             raise RouteUnavailable(f"the route through {nodes} did not answer within {timeout_s:g} s") from None

@@ -57,6 +57,7 @@ from shared.errors import (
     Cancelled,
     PrismError,
     PromptTooLong,
+    RouteNotServing,
     RouteUnavailable,
     ShuttingDown,
     TokenOutOfRange,
@@ -124,6 +125,7 @@ class Gating:
         self._route_subs: list[Subscription] = []
         self._running: dict[str, list[Sequence]] = {}  # reply subject → its requests still answering
         self.cancelled = 0
+        self.restarted_at_home = 0  # requests whose route's first node was not serving segments (`_start_at_home`)
         self.registry, self.metrics = gating_registry(self)  # served on METRICS_PORT by main()
 
     async def start(self) -> None:
@@ -231,6 +233,7 @@ class Gating:
             segment_batches=self.segments.runner.forwards if self.segments else 0,
             segment_s=self.segments.runner.busy_s if self.segments else 0.0,
             hops_sent=self.hops.sent if self.hops else 0,
+            restarted_at_home=self.restarted_at_home,
             shared_dispatches=self.lockstep.shared_dispatches if self.lockstep else 0,
             shared_calls=self.lockstep.shared_parts if self.lockstep else 0,
             route=list(self.route or []),
@@ -264,6 +267,9 @@ class Gating:
         stream = self.tokenizer.stream() if self.tokenizer else None
         while True:
             event = await seq.events.get()
+            if isinstance(event, ErrorEvent) and (retry := self._start_at_home(seq, event.error, reply_to)):
+                seq = retry
+                continue
             if isinstance(event, TokenEvent):
                 if req.stream:
                     text = stream.push(event.token_id) if stream else ""
@@ -278,6 +284,23 @@ class Gating:
                 observe_finished(self.metrics, seq, event.finish_reason)
                 await self.nc.publish(reply_to, self._final(seq, req, event).model_dump_json().encode())
                 return
+
+    def _start_at_home(self, seq: Sequence, error: PrismError, reply_to: str) -> Sequence | None:
+        """A request whose route's first node took nothing in (not serving segments: starting up, or gone)
+        before its first token starts again at home, where every expert is reachable, instead of failing;
+        the new sequence replaces it for cancels. None: the error stands."""
+        if not (isinstance(error, RouteNotServing) and seq.route is not None and not seq.generated):
+            return None
+        again = Sequence(seq.prompt, seq.max_tokens, seq.params, route=None, stream=seq.stream, arrived=seq.arrived)
+        try:
+            self.engine.submit(again)
+        except PrismError:
+            return None
+        log.info("request_restarted_at_home", node=self.settings.node, error=error.message)
+        running = self._running.setdefault(reply_to, [])
+        running[:] = [again if s is seq else s for s in running]
+        self.restarted_at_home += 1
+        return again
 
     def _final(self, seq: Sequence, req: InferRequest, done: DoneEvent) -> FinalReply:
         text = self.tokenizer.decode(seq.generated) if self.tokenizer else ""

@@ -4,8 +4,9 @@ Over real NATS (hub + one leaf per node, three nodes, each with an embedded host
 layer's experts): greedy answers through routes that visit every node, leave home and come back twice,
 equal the model in one process, for 16 concurrent requests from all nodes; foreign KV is freed when
 requests finish; a route change lets running requests finish on their old route; a node on a route that
-stops answering fails only the requests routed through it, with `route_unavailable`; bad segment
-messages get coded errors and the node keeps serving.
+stops answering fails only the requests routed through it, with `route_unavailable`, but a request
+whose route's first node takes nothing in starts again at home; bad segment messages get coded errors
+and the node keeps serving.
 """
 
 from __future__ import annotations
@@ -157,6 +158,27 @@ async def test_a_node_on_the_route_that_stops_fails_only_the_requests_through_it
         while a.route is None:  # noqa: ASYNC110 - the retry timer
             await asyncio.sleep(0.05)
     assert a.route == a.planned_route
+
+
+async def test_a_request_whose_routes_first_node_is_not_serving_starts_again_at_home(
+    cluster: LocalCluster, route_dirs: dict[str, Path]
+) -> None:
+    """Node c has a leaf but no gating yet (a stack starting up, or c gone): a's route sends layers 1-3
+    there first. Nobody takes the segment in, so nothing ran away from home: the requests, which have
+    no token yet, start again at home and get the model's answer instead of `route_unavailable`; new
+    requests stay home for route_retry_s."""
+    model = route_dirs["mixtral"]
+    for node in "abc":
+        await cluster.add_node(node)
+    a = await cluster.add_gating("a", model, embedded={"ae": "*:*"}, route_retry_s=30.0,
+                                 route=[cluster.node(n) for n in "accca"], expert_timeout_s=1.0)
+    await cluster.settle()
+    asked = prompts(3, seed=51)
+    replies = await ask_all(cluster, ["a"] * 3, asked, 6)
+    assert [r.get("token_ids") for r in replies] == reference(model, asked, max_tokens=6), replies
+    assert a.restarted_at_home == 3
+    assert a.route is None  # left for route_retry_s
+    assert a.load().restarted_at_home == 3
 
 
 async def test_a_node_that_lost_a_requests_kv_fails_it_with_route_unavailable(
