@@ -134,8 +134,9 @@ class RouteUnavailable(PrismError):
 
 
 class RouteNotServing(RouteUnavailable):
-    """No node took the segment in (nothing subscribed to its subject): nothing ran away from home, so a
-    request that has no token yet can start again at home (the gating does)."""
+    """A node of the route had nothing subscribed to its segments' subject (the server said "no
+    responders"): a request that has no token yet can start again at home (the gating does; the KV a
+    node before it kept for the request is released as for any failed request)."""
 
 
 class BadSegment(PrismError):

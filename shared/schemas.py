@@ -67,7 +67,7 @@ class GatingLoad(Message):
     segment_s: float = Field(0.0, description="seconds those forward passes took (layers, experts, KV), since start")
     hops_sent: int = Field(0, description="chains of this node's requests' layers sent to other nodes, since start")
     restarted_at_home: int = Field(
-        0, description="requests started again at home because their route's first node took nothing in, since start"
+        0, description="requests started again at home because a node of their route was not serving, since start"
     )
     shared_dispatches: int = Field(
         0, description="MoE-layer dispatches that carried the expert calls of several streams (own step, segments)"

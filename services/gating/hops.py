@@ -73,7 +73,8 @@ class RouteHops:
         try:
             msg = await self.nc.request(subjects.route_segment(first), payload, timeout=timeout_s)
         except NoRespondersError:
-            raise RouteNotServing(f"node {first} on the route is not serving segments") from None
+            nodes = ", ".join(seg.node for seg in hop.chain)
+            raise RouteNotServing(f"a node of the route through {nodes} is not serving segments") from None
         except (NatsTimeoutError, TimeoutError):
             nodes = ", ".join(seg.node for seg in hop.chain)
             raise RouteUnavailable(f"the route through {nodes} did not answer within {timeout_s:g} s") from None

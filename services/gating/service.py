@@ -125,7 +125,7 @@ class Gating:
         self._route_subs: list[Subscription] = []
         self._running: dict[str, list[Sequence]] = {}  # reply subject → its requests still answering
         self.cancelled = 0
-        self.restarted_at_home = 0  # requests whose route's first node was not serving segments (`_start_at_home`)
+        self.restarted_at_home = 0  # requests whose route had a node not serving segments (`_start_at_home`)
         self.registry, self.metrics = gating_registry(self)  # served on METRICS_PORT by main()
 
     async def start(self) -> None:
@@ -286,8 +286,8 @@ class Gating:
                 return
 
     def _start_at_home(self, seq: Sequence, error: PrismError, reply_to: str) -> Sequence | None:
-        """A request whose route's first node took nothing in (not serving segments: starting up, or gone)
-        before its first token starts again at home, where every expert is reachable, instead of failing;
+        """A request whose route has a node with nothing subscribed to its segments (starting up, or gone)
+        starts again at home before its first token, where every expert is reachable, instead of failing;
         the new sequence replaces it for cancels. None: the error stands."""
         if not (isinstance(error, RouteNotServing) and seq.route is not None and not seq.generated):
             return None

@@ -5,8 +5,8 @@ layer's experts): greedy answers through routes that visit every node, leave hom
 equal the model in one process, for 16 concurrent requests from all nodes; foreign KV is freed when
 requests finish; a route change lets running requests finish on their old route; a node on a route that
 stops answering fails only the requests routed through it, with `route_unavailable`, but a request
-whose route's first node takes nothing in starts again at home; bad segment messages get coded errors
-and the node keeps serving.
+whose route reaches a node not serving segments starts again at home; bad segment messages get coded
+errors and the node keeps serving.
 """
 
 from __future__ import annotations
@@ -160,13 +160,13 @@ async def test_a_node_on_the_route_that_stops_fails_only_the_requests_through_it
     assert a.route == a.planned_route
 
 
-async def test_a_request_whose_routes_first_node_is_not_serving_starts_again_at_home(
+async def test_a_request_whose_route_reaches_a_node_not_serving_starts_again_at_home(
     cluster: LocalCluster, route_dirs: dict[str, Path]
 ) -> None:
     """Node c has a leaf but no gating yet (a stack starting up, or c gone): a's route sends layers 1-3
-    there first. Nobody takes the segment in, so nothing ran away from home: the requests, which have
-    no token yet, start again at home and get the model's answer instead of `route_unavailable`; new
-    requests stay home for route_retry_s."""
+    there first, and the server answers "no responders". The requests, which have no token yet, start
+    again at home and get the model's answer instead of `route_unavailable`; new requests stay home for
+    route_retry_s."""
     model = route_dirs["mixtral"]
     for node in "abc":
         await cluster.add_node(node)
