@@ -66,6 +66,7 @@ class RouteHops:
         payload = encode_tensor(hop.hidden, meta)
         check_size(payload, None, self.max_payload)
         first = hop.chain[0].node
+        nodes = ", ".join(seg.node for seg in hop.chain)
         # each layer of the chain may wait up to the expert timeout, and the hops cost little besides
         timeout_s = self.layer_timeout_s * (len(hop.chain) + 1)
         self.sent += 1
@@ -73,10 +74,8 @@ class RouteHops:
         try:
             msg = await self.nc.request(subjects.route_segment(first), payload, timeout=timeout_s)
         except NoRespondersError:
-            nodes = ", ".join(seg.node for seg in hop.chain)
             raise RouteNotServing(f"a node of the route through {nodes} is not serving segments") from None
         except (NatsTimeoutError, TimeoutError):
-            nodes = ", ".join(seg.node for seg in hop.chain)
             raise RouteUnavailable(f"the route through {nodes} did not answer within {timeout_s:g} s") from None
         finally:
             self.wait_s += time.perf_counter() - started

@@ -81,6 +81,7 @@ class _WholeLayers:
         return shortest_routes(times, self.hop)
 
     def score(self, held: np.ndarray) -> float:
+        """Σ_h w_h (hops + compute) of home h's cheapest route over the whole layers `held` [N, L]."""
         return float(self.scores(held[None])[0])
 
     def scores(self, helds: np.ndarray) -> np.ndarray:
@@ -92,11 +93,11 @@ class _WholeLayers:
         table = self.routes(helds[ok])  # [T', H, L]
         n = table.shape[1]
         homes = np.arange(n)[:, None]
-        path = np.concatenate([np.broadcast_to(homes, (table.shape[0], n, 1)), table,
-                               np.broadcast_to(homes, (table.shape[0], n, 1))], axis=2)
+        ends = np.broadcast_to(homes, (table.shape[0], n, 1))
+        path = np.concatenate([ends, table, ends], axis=2)
         hops = self.hop[homes, path[..., :-1], path[..., 1:]].sum(axis=2)
         work = self.compute[homes, table, np.arange(self.L)].sum(axis=2)
-        out[ok] = [float(self.weight @ row) for row in hops + work]
+        out[ok] = [float(self.weight @ row) for row in hops + work]  # one dot each: a layout alone sums alike
         return out
 
     def blocks(self, order: tuple[int, ...], start: int) -> np.ndarray:
