@@ -320,10 +320,9 @@ class Engine:
     def _mark_failed(result: ExpertsResult, seqs: list[Sequence], counts: list[int]) -> None:
         """The sequences whose tokens failed in `result` fail with its error."""
         assert result.failed is not None  # with an error
-        owner = torch.repeat_interleave(torch.tensor(counts))  # [T] sequence of each token
-        for i in torch.unique(owner[result.failed]).tolist():
-            if seqs[i].error is None:
-                seqs[i].error = result.error
+        for seq, bad in zip(seqs, failed_items(result.failed, counts), strict=True):
+            if bad and seq.error is None:
+                seq.error = result.error
 
     def _advance(self, seq: Sequence, logits: Tensor) -> None:
         token = self.sampler.sample(logits, seq.params, key=seq.key)
@@ -358,6 +357,14 @@ class Engine:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False)
+
+
+def failed_items(failed: Tensor | None, counts: list[int]) -> list[bool]:
+    """Per item (`counts[i]` rows each, in turn: a step's sequences, a batch's segments), whether any of
+    its rows is marked in `failed` [T] (every item when None: the whole call failed)."""
+    if failed is None:
+        return [True] * len(counts)
+    return [bool(part.any()) for part in torch.split(failed, counts)]
 
 
 def live_rows(going: list[bool], counts: list[int]) -> Tensor:

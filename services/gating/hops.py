@@ -164,9 +164,8 @@ class SegmentService:
                 while self._queue:
                     await self._run_batch(self._take_batch())
         except asyncio.CancelledError:
-            stopping = ShuttingDown(f"node {self.runner.node} is shutting down")
             while self._queue:
-                await self._answer(self._queue.popleft(), stopping)
+                await self._answer(self._queue.popleft(), self._stopping())
             raise
 
     def _take_batch(self) -> list[_Pending]:
@@ -181,13 +180,16 @@ class SegmentService:
             results = await self.runner.run_many([(p.hidden, p.req) for p in batch])
         except asyncio.CancelledError:
             for p in batch:
-                await self._answer(p, ShuttingDown(f"node {self.runner.node} is shutting down"))
+                await self._answer(p, self._stopping())
             raise
         except Exception:  # a bug costs these segments, answered, not the node
             log.exception("segment_failed", node=self.runner.node)
             results = [PrismError(f"node {self.runner.node} failed on this segment")] * len(batch)
         for p, result in zip(batch, results, strict=True):
             await self._answer(p, result)
+
+    def _stopping(self) -> ShuttingDown:
+        return ShuttingDown(f"node {self.runner.node} is shutting down")
 
     async def _answer(self, p: _Pending, result: SegmentResult | PrismError) -> None:
         """A segment's result on to its next node or home, or the error straight home."""

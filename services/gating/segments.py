@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from services.gating.engine import Alone, ExpertsFn, ExpertsResult, Streams, live_rows, resume
+from services.gating.engine import Alone, ExpertsFn, ExpertsResult, Streams, failed_items, live_rows, resume
 from services.gating.routes import Segment
 from shared import subjects
 from shared.errors import BadSegment, Overloaded, PrismError
@@ -227,12 +227,9 @@ class SegmentRunner:
     def _fail(result: ExpertsResult, rows: list[int], failed: list[PrismError | None]) -> Tensor | None:
         """Mark the items whose rows failed in `result`; the rows still live, or None when none is."""
         assert result.error is not None
-        start = 0
-        for item, n in enumerate(rows):
-            bad = result.failed is None or bool(result.failed[start : start + n].any())
-            if failed[item] is None and bad:
+        for item, bad in enumerate(failed_items(result.failed, rows)):
+            if bad and failed[item] is None:
                 failed[item] = result.error
-            start += n
         going = [err is None for err in failed]
         return live_rows(going, rows) if any(going) else None
 

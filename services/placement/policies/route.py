@@ -223,22 +223,28 @@ def _per_layer(held: np.ndarray, load: np.ndarray, room: np.ndarray, speed: np.n
     return out
 
 
+def _key(placement: Placement, routed: bool) -> tuple[bytes, bytes, bool]:
+    """A candidate's identity for `_choose`'s cache: its hosts, its routes, and how it is costed."""
+    routes = b"" if placement.routes is None else placement.routes.tobytes()
+    return np.packbits(placement.hosts).tobytes(), routes, routed
+
+
 def _choose(scored: list[tuple[float, Placement]], pipe: Placement, model: RouteModel,
             current: Placement | None, min_gain: float) -> Placement:
     """The candidate of `scored` (migration cost, placement) with the lowest load cost plus migration
     (module docstring): a routed layout other than the pipeline split with its queueing beyond the
     pipeline's counted twice, and only if it then beats the pipeline by ROUTED_MIN_GAIN; the first of
     equal costs. `current` stays unless the choice saves `min_gain` of its load cost."""
-    pipe_queue = None  # (above LOAD_VIEW_MAX_NODES load_cost is the step-together cost: no queueing)
     if model.cluster.num_nodes <= LOAD_VIEW_MAX_NODES:
-        pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)[1]
-    pipe_cost = model.load_cost(pipe)
+        alone, pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)
+        pipe_cost = float(model.weight @ (alone + pipe_queue))  # = model.load_cost(pipe), its parts kept
+    else:  # load_cost is the step-together cost there: no queueing
+        pipe_queue, pipe_cost = None, model.load_cost(pipe)
+    seen = {_key(pipe, False): pipe_cost}  # candidates often repeat one another (DP kept the routes)
     best, best_cost = pipe, float("inf")
-    seen: dict[tuple[bytes, bytes, bool], float] = {}  # candidates often repeat one another (DP kept the routes)
     for migration, placement in scored:
         routed = placement is not pipe and placement.routes is not None
-        key = (np.packbits(placement.hosts).tobytes(), b"" if placement.routes is None else placement.routes.tobytes(),
-               routed)
+        key = _key(placement, routed)
         if key not in seen:
             seen[key] = model.load_cost(placement, pipe_queue if routed else None)
         cost = seen[key]
