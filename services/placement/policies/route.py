@@ -9,7 +9,9 @@ Cost: `route_model.RouteModel` (stay-home routes: exactly the `latency` policy's
 each a node view with a route table, each within every node's slots once foreign KV takes
 `workload.kv_slots_per_layer` per layer a node runs for another home:
 1. stay-home: the `latency` policy's placement (itself the best of every stay-home policy on the
-   model), and its view with routes from the route DP (a home may leave for a few layers);
+   step-together model), and its view with routes from the route DP (a home may leave for a few
+   layers); `eplb`'s placement (at batch > 1 with memory for most experts, balancing each layer's load
+   can beat `latency`'s pick once every row pays its own calls, as in the load view);
 2. the `pipeline` placement exactly as that policy makes it (hosts included, so `route` is never worse
    than it where it chooses), the same split with hosts balanced as below, and its view with DP routes;
 3. whole layers: each node holds whole layers, as many as fit with the others' KV
@@ -48,6 +50,7 @@ from itertools import permutations
 import numpy as np
 
 from services.placement.policies._common import assign_to_hosts, fill_spare
+from services.placement.policies.eplb import eplb
 from services.placement.policies.latency import latency
 from services.placement.policies.pipeline import layer_capacity, pipeline
 from services.placement.route_model import LOAD_VIEW_MAX_NODES, RouteModel, shortest_routes
@@ -175,6 +178,8 @@ def _candidates(f: np.ndarray, cluster: Cluster, model: RouteModel, coact: CoAct
         out.append((view, coarse, None))
         if dp:
             out.append((view, model.route_dp(view, coarse), None))
+    balanced = eplb(f, cluster, workload=wl)
+    out.append((balanced.node_view(cluster), None, balanced))
     return out
 
 
