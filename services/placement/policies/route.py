@@ -189,7 +189,10 @@ def _hosts(view: np.ndarray, table: np.ndarray | None, model: RouteModel, f: np.
     routes a node computes the calls of every home that executes there, not only its own requests',
     and a layer waits for the slowest of the node's GPUs: so each layer is balanced on its own
     (heaviest expert first to the host with the least work in that layer over its speed; ties to the
-    least loaded host overall, then the lower index); a replica `prefer` already places stays."""
+    least loaded host overall, then the lower index), the busiest layers first, and replicas that no
+    home's calls reach last, where room is left (placed in layer order, such spares once filled one
+    GPU before the layers the node runs were reached, which then all went to the other); a replica
+    `prefer` already places stays."""
     cluster = model.cluster
     if table is None:
         return assign_to_hosts(view, cluster, f, prefer=prefer)
@@ -215,16 +218,24 @@ def _per_layer(held: np.ndarray, load: np.ndarray, room: np.ndarray, speed: np.n
             out[k, keep[:, 0], keep[:, 1]] = True
             room[k] -= keep.shape[0]
     total = np.zeros(room.size)
-    for lay in range(held.shape[0]):
+    idle: list[tuple[int, int]] = []  # replicas no home's calls reach here: placed last, where room is left
+    for lay in np.argsort(-load.sum(axis=1), kind="stable").tolist():  # the busiest layers choose first
         acc = (out[:, lay] * load[lay]).sum(axis=1)
         left = np.flatnonzero(held[lay] & ~out[:, lay].any(axis=0))
-        for e in left[np.lexsort((left, -load[lay, left]))]:
+        for e in left[np.lexsort((left, -load[lay, left]))].tolist():
+            if load[lay, e] <= 0.0:
+                idle.append((lay, e))
+                continue
             key = np.lexsort((np.arange(room.size), total / speed, (acc + load[lay, e]) / speed))
             k = next((int(i) for i in key if room[i] > 0), int(np.argmax(room)))
             out[k, lay, e] = True
             acc[k] += load[lay, e]
             total[k] += load[lay, e]
             room[k] -= 1
+    for lay, e in idle:
+        k = int(np.argmax(room))
+        out[k, lay, e] = True
+        room[k] -= 1
     return out
 
 
