@@ -11,7 +11,13 @@ one-way hop (half the round trip + the batch's bytes) wherever the executing nod
 and last. Printed per cell: ms per step of the best stay-home policy (`eplb`, `latency`), of `pipeline`
 and of `route`, and route / min(pipeline, best stay-home).
 
+The grid: 3 nodes (or 2), memory for 30-90% of the experts per GPU, 500 Mbit/s. `--random N`: N cells
+drawn instead (seeded): either shape, 2-5 nodes of 1 or 2 GPUs, memory for 1.05-2.5x the model over
+unequal GPUs, 0.1-8 ms round trips, 100-2000 Mbit/s, batch 1-16, domain purity 0.5 or 0.9, the dense
+time given to the policies or not (the judge always counts it).
+
     .venv/bin/python bench/route_grid.py [--model deepseek-v2-lite|mixtral-8x7b] [--samples 24]
+    .venv/bin/python bench/route_grid.py --random 60 [--seed 0]
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class StepModel:
     row_bytes: float
     expert_s: float
     samples: int
+    link_bps: float = LINK_BPS
 
     def step_ms(self, plan: Placement) -> float:
         """Mean decode-step time (ms) over homes, each home's step alone (module docstring)."""
@@ -76,13 +83,13 @@ class StepModel:
             prev = h
             for layer, x in enumerate(routes[h].tolist()):
                 if x != prev:
-                    t += rtt[prev, x] / 2 + self.batch * self.row_bytes / LINK_BPS
+                    t += rtt[prev, x] / 2 + self.batch * self.row_bytes / self.link_bps
                 prev = x
                 t += DENSE_S + self._layer(self._rows(h, layer, rng), serve[x, layer], x, rtt)
             if prev != h:
-                t += rtt[prev, h] / 2 + self.batch * self.row_bytes / LINK_BPS
+                t += rtt[prev, h] / 2 + self.batch * self.row_bytes / self.link_bps
             total += float(t.mean())
-        return 1e3 * total / n
+        return float(1e3 * total / n)
 
     def _rows(self, home: int, layer: int, rng: np.random.Generator) -> np.ndarray:
         """[samples, E]: how many of a step's tokens chose each expert (top-k distinct ∝ the counts)."""
@@ -102,26 +109,30 @@ class StepModel:
         for m in set(srv.tolist()) - {x}:
             at = srv == m
             r = rows[:, at].sum(axis=1)
-            trip = (rtt[x, m] + 2 * r * self.row_bytes / LINK_BPS
+            trip = (rtt[x, m] + 2 * r * self.row_bytes / self.link_bps
                     + (rows[:, at] > 0).sum(axis=1) * self.expert_s / gpus[m])
             slowest = np.maximum(slowest, np.where(r > 0, trip, 0.0))
         return np.asarray(np.maximum(local, slowest))
 
 
-def cell(model: str, share: float, gpus: tuple[int, ...], *, rtt_ms: float, batch: int, samples: int
-         ) -> dict[str, float]:
-    """ms per step of the best stay-home policy, of `pipeline` and of `route` in one cell."""
+def cell(model: str, share: float | np.ndarray, gpus: tuple[int, ...], *, rtt_ms: float, batch: int, samples: int,
+         mbit: float = 500.0, purity: float = 0.9, dense: bool = False, seed: int = 0) -> dict[str, float]:
+    """ms per step of the best stay-home policy, of `pipeline` and of `route` in one cell; `share`: the
+    experts each GPU has memory for (one for all, or one per GPU); `dense`: the policies are told the
+    dense part's time (the judge always counts it)."""
     shape = PRESETS[model]
     n = len(gpus)
-    trace = generate(shape, Traffic.dedicated(n, n, 40, purity=0.9, tokens_per_request=(16, 32)), seed=0)
+    trace = generate(shape, Traffic.dedicated(n, n, 40, purity=purity, tokens_per_request=(16, 32)), seed=seed)
     freq = trace.counts(n) + 1e-9
     host_node = np.repeat(np.arange(n), gpus)
-    slots = np.full(host_node.size, round(share * shape.num_layers * shape.num_experts))
-    cluster = Cluster(host_node, slots, np.ones(host_node.size), np.array(rtt_ms * 1e-3), np.array(LINK_BPS))
+    slots = np.round(np.broadcast_to(share, host_node.shape) * shape.num_layers * shape.num_experts).astype(int)
+    link_bps = mbit * 1e6 / 8
+    cluster = Cluster(host_node, slots, np.ones(host_node.size), np.array(rtt_ms * 1e-3), np.array(link_bps))
     row_bytes = shape.hidden_size * shape.bytes_per_element
     expert_s = shape.expert_bytes / GPU_BYTES_PER_S + LAUNCH_S
-    wl = Workload.uniform(n, batch, top_k=shape.top_k, bytes_per_token=row_bytes, expert_time_s=expert_s)
-    judge = StepModel(cluster, freq, batch, shape.top_k, row_bytes, expert_s, samples)
+    wl = Workload.uniform(n, batch, top_k=shape.top_k, bytes_per_token=row_bytes, expert_time_s=expert_s,
+                          dense_time_s=DENSE_S if dense else 0.0)
+    judge = StepModel(cluster, freq, batch, shape.top_k, row_bytes, expert_s, samples, link_bps)
 
     def timed(policy: str) -> float:
         return judge.step_ms(get_policy(policy)(freq, cluster, workload=wl))
@@ -129,14 +140,55 @@ def cell(model: str, share: float, gpus: tuple[int, ...], *, rtt_ms: float, batc
     return {"home": min(timed("eplb"), timed("latency")), "pipeline": timed("pipeline"), "route": timed("route")}
 
 
+def random_cell(rng: np.random.Generator, index: int, samples: int) -> tuple[str, dict[str, float]]:
+    """One cell drawn as the module docstring says: (its description, `cell`'s times)."""
+    model = str(rng.choice(["deepseek-v2-lite", "mixtral-8x7b"]))
+    gpus = tuple(int(g) for g in rng.choice([1, 1, 1, 2], size=int(rng.integers(2, 6))))
+    weights = rng.uniform(0.5, 1.5, size=sum(gpus))
+    share = weights / weights.sum() * rng.uniform(1.05, 2.5)
+    rtt_ms, mbit = float(rng.choice([0.1, 0.5, 2.0, 8.0])), float(rng.choice([100, 500, 2000]))
+    batch, purity, dense = int(rng.choice([1, 4, 8, 16])), float(rng.choice([0.5, 0.9])), bool(rng.integers(0, 2))
+    times = cell(model, share, gpus, rtt_ms=rtt_ms, batch=batch, samples=samples, mbit=mbit, purity=purity,
+                 dense=dense, seed=index)
+    text = (f"{model} | {'/'.join(map(str, gpus))} | {share.sum():.2f} | {rtt_ms:g} | {mbit:g} | {batch} | "
+            f"{purity:g} | {'yes' if dense else 'no'}")
+    return text, times
+
+
+def summary(ratios: list[float]) -> str:
+    r = np.array(ratios)
+    return (f"{r.size} cells: route / min(pipeline, best stay-home) median {np.median(r):.3f}, max {r.max():.3f}; "
+            f"above 1.01 in {(r > 1.01).sum()}, below 0.99 in {(r < 0.99).sum()}")
+
+
+def random_cells(count: int, seed: int, samples: int) -> None:
+    print("| # | model | GPUs per node | memory / model | rtt ms | Mbit/s | batch | purity | dense given | best "
+          "stay-home ms | pipeline ms | route ms | route / min |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+    rng = np.random.default_rng(seed)
+    ratios = []
+    for i in range(count):
+        text, c = random_cell(rng, i, samples)
+        ratios.append(c["route"] / min(c["home"], c["pipeline"]))
+        print(f"| {i} | {text} | {c['home']:.1f} | {c['pipeline']:.1f} | {c['route']:.1f} | {ratios[-1]:.3f} |",
+              flush=True)
+    print("\n" + summary(ratios))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="deepseek-v2-lite", choices=["deepseek-v2-lite", "mixtral-8x7b"])
     parser.add_argument("--samples", type=int, default=24, help="Monte-Carlo steps per home and cell")
+    parser.add_argument("--random", type=int, default=0, help="this many random cells instead of the grid")
+    parser.add_argument("--seed", type=int, default=0, help="of the random cells")
     args = parser.parse_args()
-    shares = [0.3, 0.5, 0.7] if args.model == "deepseek-v2-lite" else [0.5, 0.7, 0.9]
-    print(f"# route on held-out shapes, {args.model}; {platform.machine()} {os.cpu_count()} cores, Python "
+    what = f"{args.random} random cells, seed {args.seed}" if args.random else args.model
+    print(f"# route on held-out shapes, {what}; {platform.machine()} {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {args.samples} steps per home; a per-step model apart from the project's\n")
+    if args.random:
+        random_cells(args.random, args.seed, args.samples)
+        return
+    shares = [0.3, 0.5, 0.7] if args.model == "deepseek-v2-lite" else [0.5, 0.7, 0.9]
     print("| experts per GPU | GPUs per node | rtt ms | batch | best stay-home ms | pipeline ms | route ms "
           "| route / min |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
@@ -146,14 +198,11 @@ def main() -> None:
         if share * sum(gpus) < 1.0:
             continue  # the nodes cannot hold the model
         c = cell(args.model, share, gpus, rtt_ms=rtt_ms, batch=batch, samples=args.samples)
-        ratio = c["route"] / min(c["home"], c["pipeline"])
-        ratios.append(ratio)
+        ratios.append(c["route"] / min(c["home"], c["pipeline"]))
         gpu_text = "/".join(map(str, gpus))
         print(f"| {share:.0%} | {gpu_text} | {rtt_ms:g} | {batch} | {c['home']:.1f} | {c['pipeline']:.1f} | "
-              f"{c['route']:.1f} | {ratio:.3f} |", flush=True)
-    r = np.array(ratios)
-    print(f"\n{r.size} cells: route / min(pipeline, best stay-home) median {np.median(r):.3f}, max {r.max():.3f}; "
-          f"above 1.01 in {(r > 1.01).sum()}, below 0.99 in {(r < 0.99).sum()}")
+              f"{c['route']:.1f} | {ratios[-1]:.3f} |", flush=True)
+    print("\n" + summary(ratios))
 
 
 if __name__ == "__main__":
