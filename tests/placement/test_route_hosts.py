@@ -63,7 +63,7 @@ def test_route_balances_each_layer_over_the_hosts_by_every_homes_work() -> None:
     view = np.zeros((2, 2, 8), dtype=bool)
     view[1] = True
     table = np.ones((2, 2), dtype=np.int64)
-    hosts = route_module._hosts(view, table, m, f, None)
+    hosts = route_module._hosts(view, table, m, None)
     assert np.array_equal(hosts[1] | hosts[2], view[1])
     assert not np.any(hosts[1] & hosts[2])
     load = m.served_load(m.serve(view), table)[1]  # [L, E]
@@ -75,3 +75,32 @@ def test_route_balances_each_layer_over_the_hosts_by_every_homes_work() -> None:
 
     own = assign_to_hosts(view, c, f)
     assert m.cost(Placement(hosts, routes=table)) <= m.cost(Placement(own, routes=table)) + 1e-15
+
+
+def test_a_node_spreads_each_layer_it_runs_over_its_gpus_before_its_idle_replicas() -> None:
+    """A 2-GPU node that runs layers 2-3 (calls reach every expert there) and keeps spare replicas of
+    layers 0-1 that no call reaches: each GPU gets half of each layer the node runs, and the spares go
+    where room is left. (Placed in layer order, the spares filled GPU 0 first, and the layers the node
+    runs all went to GPU 1: twice the expert time per layer there.)"""
+    held = np.ones((4, 4), dtype=bool)  # [L, E]
+    load = np.zeros((4, 4))
+    load[2:] = 1.0
+    hosts = route_module._per_layer(held, load, np.array([8, 8]), np.ones(2), None)
+    assert (hosts.sum(axis=0) == 1).all()  # every replica on one host
+    assert hosts.sum(axis=(1, 2)).tolist() == [8, 8]  # within each host's room
+    assert hosts[:, 2:].sum(axis=2).tolist() == [[2, 2], [2, 2]]
+
+
+def test_a_gpu_with_little_room_takes_its_share_of_every_layer() -> None:
+    """Three busy experts per layer on a node whose GPUs have room for 8 and 16: the small one takes one
+    of each layer (its share) instead of two per layer until it is full, after which the big one would
+    compute whole layers alone; so no layer has more than two experts on one GPU."""
+    held = np.ones((8, 3), dtype=bool)
+    hosts = route_module._per_layer(held, np.ones((8, 3)), np.array([8, 16]), np.ones(2), None)
+    assert (hosts.sum(axis=0) == 1).all()
+    assert hosts.sum(axis=(1, 2)).tolist() == [8, 16]
+    assert hosts.sum(axis=2).max() == 2
+    # with room for all, each layer is balanced by work: the heaviest alone, the two others together
+    load = np.tile([3.0, 2.0, 1.0], (8, 1))
+    roomy = route_module._per_layer(held, load, np.array([24, 24]), np.ones(2), None)
+    assert (roomy * load[None]).sum(axis=2).max() == 3.0

@@ -122,16 +122,3 @@ def test_route_not_worse_than_pipeline_on_the_simulator_over_arrival_seeds(regim
     assert max(ratio) <= 1.02, ratio
     assert np.mean(ratio) <= 1.0 + 1e-12, ratio
 
-
-def test_a_node_spreads_each_layer_it_runs_over_its_gpus_before_its_idle_replicas() -> None:
-    """`route`'s hosts on a 2-GPU node that runs layers 2-3 (calls reach every expert there) and keeps
-    spare replicas of layers 0-1 that no call reaches: each GPU gets half of each layer the node runs,
-    and the spares go where room is left. (Placed in layer order, the spares filled GPU 0 first, and the
-    layers the node runs all went to GPU 1: twice the expert time per layer there.)"""
-    held = np.ones((4, 4), dtype=bool)  # [L, E]
-    load = np.zeros((4, 4))
-    load[2:] = 1.0
-    hosts = route_module._per_layer(held, load, np.array([8, 8]), np.ones(2), None)
-    assert (hosts.sum(axis=0) == 1).all()  # every replica on one host
-    assert hosts.sum(axis=(1, 2)).tolist() == [8, 8]  # within each host's room
-    assert hosts[:, 2:].sum(axis=2).tolist() == [[2, 2], [2, 2]]
