@@ -153,8 +153,9 @@ class _WholeLayers:
 
 
 def _candidates(f: np.ndarray, cluster: Cluster, model: RouteModel, coact: CoActivation | None,
-                current: Placement | None) -> list[tuple[np.ndarray, np.ndarray | None, Placement | None]]:
-    """(view, routes or None, placement if already made) in tie-break order."""
+                current: Placement | None
+                ) -> tuple[list[tuple[np.ndarray, np.ndarray | None, Placement | None]], Placement]:
+    """([(view, routes or None, placement if already made)] in tie-break order, the exact pipeline split)."""
     wl = model.workload
     n_nodes, n_layers, n_experts = f.shape
     slots = cluster.node_slots()
@@ -183,7 +184,7 @@ def _candidates(f: np.ndarray, cluster: Cluster, model: RouteModel, coact: CoAct
             out.append((view, model.route_dp(view, coarse), None))
     balanced = eplb(f, cluster, workload=wl)
     out.append((balanced.node_view(cluster), None, balanced))
-    return out
+    return out, pipe
 
 
 def _hosts(view: np.ndarray, table: np.ndarray | None, model: RouteModel, prefer: np.ndarray | None) -> np.ndarray:
@@ -192,10 +193,9 @@ def _hosts(view: np.ndarray, table: np.ndarray | None, model: RouteModel, prefer
     not only its own requests', and a layer waits for the slowest of the node's GPUs: so each layer is
     balanced on its own (heaviest expert first to the host with the least work in that layer over its
     speed; ties to the least loaded host overall, then the lower index), within each host's room
-    (`_per_layer`), and
-    replicas that no home's calls reach last, where room is left (placed with the others, such spares
-    once filled one GPU before the layers the node runs were reached, which then all went to the
-    other); a replica `prefer` already places stays."""
+    (`_per_layer`), and replicas that no home's calls reach last, where room is left (placed with the
+    others, such spares once filled one GPU before the layers the node runs were reached, which then
+    all went to the other); a replica `prefer` already places stays."""
     cluster = model.cluster
     if table is None:
         table = stay_home(*view.shape[:2])
@@ -323,14 +323,12 @@ def route(
     cur_view = current.node_view(cluster) if current is not None else None
     prefer = current.hosts if current is not None else None
     scored = []
-    cands = _candidates(f, cluster, model, coact, current)
-    pipe = cands[2][2]  # the exact pipeline split (see _candidates)
+    cands, pipe = _candidates(f, cluster, model, coact, current)
     for view, table, made in cands:
         if table is not None and not _fits(view, table, slots, wl.kv_slots_per_layer):
-            continue  # (the stay-home candidate always fits: it is a valid `latency` placement)
+            continue  # (stay-home candidates always fit: valid stay-home placements)
         placement = made if made is not None else Placement(_hosts(view, table, model, prefer),
                                                              routes=table)
         migration = wl.migration_cost_s * float((view & ~cur_view).sum()) if cur_view is not None else 0.0
         scored.append((migration, placement))
-    assert pipe is not None  # the pipeline split always fits its slots with its KV
     return _choose(scored, pipe, model, current, wl.min_gain)
