@@ -121,4 +121,3 @@ def test_route_not_worse_than_pipeline_on_the_simulator_over_arrival_seeds(regim
                      / simulate(s.test, s.cluster, pipe, cfg).mean_latency_s)
     assert max(ratio) <= 1.02, ratio
     assert np.mean(ratio) <= 1.0 + 1e-12, ratio
-
