@@ -7,6 +7,8 @@ import importlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.placement import Cluster, CoActivation, Placement, Workload
 from services.placement.route_model import RouteModel
@@ -104,3 +106,24 @@ def test_a_gpu_with_little_room_takes_its_share_of_every_layer() -> None:
     load = np.tile([3.0, 2.0, 1.0], (8, 1))
     roomy = route_module._per_layer(held, load, np.array([24, 24]), np.ones(2), None)
     assert (roomy * load[None]).sum(axis=2).max() == 3.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.integers(2, 3), st.integers(0, 2**32 - 1))
+def test_a_nodes_replicas_each_land_on_one_host_within_its_room(layers: int, experts: int, gpus: int,
+                                                                 seed: int) -> None:
+    """Any held set, loads with idle replicas, unequal rooms and speeds, some replicas preferred: every
+    replica on exactly one host, none over its room."""
+    rng = np.random.default_rng(seed)
+    held = rng.random((layers, experts)) < 0.7
+    load = np.where(rng.random((layers, experts)) < 0.7, rng.gamma(1.0, size=(layers, experts)), 0.0)
+    weights = rng.uniform(0.3, 1.0, size=gpus)
+    room = np.floor(held.sum() * weights / weights.sum()).astype(np.int64) + rng.integers(0, 3, size=gpus)
+    room[0] += held.sum() - min(room.sum(), held.sum())  # Σ room >= what the node holds
+    speed = rng.uniform(0.5, 2.0, size=gpus)
+    prefer = np.zeros((gpus, layers, experts), dtype=bool)
+    prefer[rng.integers(0, gpus, size=(layers, experts)), np.arange(layers)[:, None], np.arange(experts)] = True
+    prefer &= rng.random((1, layers, experts)) < 0.3
+    hosts = route_module._per_layer(held, load, room, speed, prefer if seed % 2 else None)
+    assert np.array_equal(hosts.sum(axis=0), held.astype(int))
+    assert np.all(hosts.sum(axis=(1, 2)) <= room)
