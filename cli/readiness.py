@@ -81,12 +81,18 @@ async def service_answers(client: PrismClient, name: str) -> bool:
     return True
 
 
+NOT_YET = frozenset({"no_responders", "timeout", "expert_unavailable", "route_unavailable"})
+"""Error codes of a node whose gating, or a peer it needs (a holder of an expert, a node on its route
+whose segment subscription has not reached the hub yet), is still starting: asked again."""
+
+
 async def node_ready(client: PrismClient, node: str) -> bool:
-    """A one-token request answers: the gating is up and reaches a holder of every expert it chose."""
+    """A one-token request answers: the gating is up and reaches a holder of every expert it chose and
+    every node on its route."""
     try:
         await client.infer(node, {"input_ids": [0], "max_tokens": 1}, timeout_s=10.0)
     except InferError as exc:
-        if exc.code in {"no_responders", "timeout", "expert_unavailable"}:
+        if exc.code in NOT_YET:
             return False
         raise StackError(f"node {node} answered a test request with error {exc.code}: {exc.message}") from None
     return True
