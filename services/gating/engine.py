@@ -138,6 +138,7 @@ class Sequence:
     error: PrismError | None = None
     route: Route | None = None  # executing node per layer, fixed for the sequence's life; None: all at home
     stream: bool = True
+    cancelled: PrismError | None = None  # its requester asked to stop it: answered so, never started again
 
     def next_tokens(self) -> list[int]:
         return self.prompt if not self.generated else self.generated[-1:]

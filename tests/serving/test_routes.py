@@ -181,6 +181,40 @@ async def test_a_request_whose_route_reaches_a_node_not_serving_starts_again_at_
     assert a.load().restarted_at_home == 3
 
 
+
+async def test_a_cancel_in_the_window_before_a_restart_at_home_stops_the_request(
+    cluster: LocalCluster, route_dirs: dict[str, Path]
+) -> None:
+    """A cancel that arrives after the engine has failed a request on a route whose node is not serving
+    (so the engine cannot stop it) but before its reply task starts it again at home: the requester
+    gets `cancelled` and nothing runs again. The window is one event-loop turn, so the test builds it:
+    the request's failure is queued as the engine leaves it, then the cancel goes over NATS."""
+    from services.gating.engine import ErrorEvent, Sequence
+    from shared.errors import RouteNotServing
+    from shared.model.sampling import SamplingParams
+    from shared.schemas import InferRequest
+
+    model = route_dirs["mixtral"]
+    for node in "abc":
+        await cluster.add_node(node)
+    a = await cluster.add_gating("a", model, embedded={"ae": "*:*"}, route=[cluster.node(n) for n in "accca"])
+    await cluster.settle()
+    nc = await cluster.connect("a")
+    inbox = nc.new_inbox()
+    answers = await nc.subscribe(inbox)
+    seq = Sequence([5, 6, 7], 4, SamplingParams(0.0, 1.0, None), route=a.route)
+    seq.events.put_nowait(ErrorEvent(RouteNotServing(f"nothing serves segments on {cluster.node('c')}")))
+    a._running[inbox] = [seq]
+    cancel = await nc.request(subjects.cancel(cluster.node("a")), json.dumps({"reply_to": inbox}).encode(), timeout=5)
+    assert json.loads(cancel.data) == {"cancelled": 0}  # the engine had finished it already
+    await a._respond(seq, InferRequest(input_ids=[5, 6, 7], max_tokens=4), inbox)
+    reply = json.loads((await answers.next_msg(timeout=5)).data)
+    assert reply["error"]["code"] == "cancelled", reply
+    assert a.restarted_at_home == 0
+    assert not a.engine.active
+    assert not a.engine.waiting
+
+
 async def test_a_node_that_lost_a_requests_kv_fails_it_with_route_unavailable(
     cluster: LocalCluster, route_dirs: dict[str, Path]
 ) -> None:
