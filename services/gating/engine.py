@@ -138,7 +138,7 @@ class Sequence:
     error: PrismError | None = None
     route: Route | None = None  # executing node per layer, fixed for the sequence's life; None: all at home
     stream: bool = True
-    cancelled: PrismError | None = None  # its requester asked to stop it: answered so, never started again
+    cancelled: PrismError | None = None  # its requester asked to stop it (`Engine.cancel`)
 
     def next_tokens(self) -> list[int]:
         return self.prompt if not self.generated else self.generated[-1:]
@@ -211,7 +211,9 @@ class Engine:
 
     def cancel(self, seq: Sequence, err: PrismError) -> bool:
         """Stop `seq` with `err`: at once while it waits; at the next step boundary while it runs (a step in
-        flight still holds its slot). False when it is already finished or cancelled."""
+        flight still holds its slot). False when it is already finished or cancelled; it is marked
+        `cancelled` all the same (its reply may not be sent yet: it is answered so, never started again)."""
+        seq.cancelled = err
         if seq in self.waiting:
             self.waiting.remove(seq)
             seq.events.put_nowait(ErrorEvent(err))

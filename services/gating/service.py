@@ -213,10 +213,7 @@ class Gating:
                 await request.respond(err.body(), headers=err.headers())
             return
         why = Cancelled("the requester cancelled this request")
-        stopped = 0
-        for seq in list(self._running.get(cancel.reply_to, [])):
-            seq.cancelled = why  # one already failed, and about to start again at home, is not restarted
-            stopped += self.engine.cancel(seq, why)
+        stopped = sum(self.engine.cancel(seq, why) for seq in list(self._running.get(cancel.reply_to, [])))
         self.cancelled += stopped
         if stopped:
             log.info("request_cancelled", node=self.settings.node, requests=stopped)
@@ -292,7 +289,7 @@ class Gating:
         """A request whose route has a node with nothing subscribed to its segments (starting up, or gone)
         starts again at home before its first token, where every expert is reachable, instead of failing;
         the new sequence replaces it for cancels. None: the error stands."""
-        if not (isinstance(error, RouteNotServing) and seq.route is not None and not seq.generated) or seq.cancelled:
+        if seq.cancelled or not (isinstance(error, RouteNotServing) and seq.route is not None and not seq.generated):
             return None
         again = Sequence(seq.prompt, seq.max_tokens, seq.params, route=None, stream=seq.stream, arrived=seq.arrived)
         try:

@@ -193,9 +193,8 @@ def _hosts(view: np.ndarray, table: np.ndarray | None, model: RouteModel, prefer
     not only its own requests', and a layer waits for the slowest of the node's GPUs: so each layer is
     balanced on its own (heaviest expert first to the host with the least work in that layer over its
     speed; ties to the least loaded host overall, then the lower index), within each host's room
-    (`_per_layer`), and replicas that no home's calls reach last, where room is left (placed with the
-    others, such spares once filled one GPU before the layers the node runs were reached, which then
-    all went to the other); a replica `prefer` already places stays."""
+    (`_per_layer`), and replicas that no home's calls reach last, where room is left; a replica
+    `prefer` already places stays."""
     cluster = model.cluster
     if table is None:
         table = stay_home(*view.shape[:2])
@@ -253,7 +252,9 @@ def _per_layer(held: np.ndarray, load: np.ndarray, room: np.ndarray, speed: np.n
 
 def _water_fill(amount: float, cap: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """[h] `amount` shared in proportion to `weight`, no host above its `cap` (what a capped host cannot
-    take goes to the others in the same proportion); Σ cap >= amount."""
+    take goes to the others in the same proportion); Σ cap >= amount. `_common.apportion` is its
+    integer form; the exact shares tell which hosts the room binds (a share rounded up to the room
+    is not bound by it)."""
     out = np.zeros(cap.size)
     free = np.ones(cap.size, dtype=bool)
     left = float(amount)
