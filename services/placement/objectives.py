@@ -14,9 +14,10 @@ charged in the same unit:
   workload's `migration_cost_s`, and P' must be better by the workload's `min_gain` (a share of C(P)):
   the model's estimate is sampled, so without it a steady workload moves experts on noise. (The
   policy applies the same test to its own candidates.)
-- `route`: expected latency along each placement's routes on the load view the policy chooses by
-  (`RouteModel.load_cost`: each home's step alone with the dense part, plus the queueing the other
-  homes' load adds); T_mig and `min_gain` as for `latency`.
+- `route`: expected latency along each placement's routes on the two views the policy chooses by
+  (`route_model.replaces`: the row view rules out a layout clearly slower row by row, within its
+  margin the load view decides: each home's step alone with the dense part, plus the queueing the
+  other homes' load adds); T_mig and `min_gain` as for `latency`.
 - `uniform`, `pipeline`: ignore statistics; C is how many replicas a placement is away from the proposal and
   T_mig is 0, so its own layout is taken whenever it differs (the same hosts give the same layout,
   so it cannot thrash).
@@ -35,7 +36,7 @@ from typing import Literal, get_args
 
 import numpy as np
 
-from services.placement.route_model import RouteModel
+from services.placement.route_model import RouteModel, replaces
 from services.placement.types import Cluster, CoActivation, Placement, PolicyName, Workload, proxy_objective
 
 
@@ -95,9 +96,11 @@ def judge(
     added = int(np.sum(proposed.hosts & ~current.hosts))
     if measure in ("latency", "load"):  # seconds per decode step; loading is spread over the window's steps
         model = RouteModel(cluster, freq, coact, workload)  # its set-up is the costly part: once
-        step = model.cost if measure == "latency" else model.load_cost
-        before = step(current)
-        after = step(proposed) + added * workload.migration_cost_s
+        migration = added * workload.migration_cost_s
+        if measure == "load":  # the row view may rule either out, as in the policy's own choice
+            old, new = model.view_costs(current), model.view_costs(proposed).plus(migration)
+            return Verdict(replaces(new, old, workload.min_gain), old.load, new.load, "s/step")
+        before, after = model.cost(current), model.cost(proposed) + migration
         return Verdict(after < before * (1.0 - workload.min_gain), before, after, "s/step")
     cost = proxy_objective if measure == "remote calls" else busiest_host_calls
     before = cost(freq, current, cluster)

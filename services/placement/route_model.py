@@ -34,6 +34,19 @@ no queueing. The load view of a routed layout, per home h:
   (`queueing_delay`; ρ capped at RHO_CAP, an overloaded host). h's own steps never overlap each other,
   so its own load is left out. Without step rates the delay is 0.
 
+Both the cost and the load view price a layer on expected work: an expert is active with probability
+1 - e^-λ and the local work is the sum of those. With few tokens and large experts that understates
+a step: at batch 1 with Mixtral's experts (0.6 ms each on an edge GPU) a node holding both experts of
+a token computes them one after the other, 1.2 ms, where the expectation says 0.76, and one sent away
+overlaps with the round trip. The row view (`row_step_times`) prices each home's sampled batches as
+they come: per layer max(the batch's distinct experts at the executing node over its busiest GPU,
+per other serving node the round trip + the batch's rows there and back + its distinct experts there),
+hops as above, plus the same dense part and queueing (`view_costs`). It is each home's step as
+bench/route_grid.py's judge times it, but it has no other home's work in a layer: where homes travel
+together (the pipeline's, in the simulator) the load view's queueing ranked layouts better. So the two
+are used together (`replaces`, `policies/route.py`): the row view rules out a layout more than
+ROW_MARGIN above the best, the load view decides among the rest.
+
 `route_dp` finds, for a node view and the work the current routes put on every node, each home's
 cheapest route by dynamic programming over (layer, executing node). Pure numpy; no nats.
 """
@@ -41,6 +54,7 @@ cheapest route by dynamic programming over (layer, executing node). Pure numpy; 
 from __future__ import annotations
 
 import copy
+from typing import NamedTuple
 
 import numpy as np
 
@@ -50,6 +64,29 @@ from services.placement.types import Placement
 
 LOAD_VIEW_MAX_NODES = 16  # above, `load_cost` is the step-together cost
 RHO_CAP = 0.95  # utilisation a host's queueing is evaluated at, at most (an overloaded host: × 19)
+ROW_MARGIN = 0.03  # a layout whose row view is this much above another's is out (module docstring)
+
+
+class Views(NamedTuple):
+    """Seconds per decode step of one layout on the two views (module docstring), migration included
+    where the caller adds it."""
+
+    load: float
+    row: float
+
+    def plus(self, seconds: float) -> Views:
+        return Views(self.load + seconds, self.row + seconds)
+
+
+def replaces(new: Views, old: Views, min_gain: float) -> bool:
+    """Whether a layout with `new` views should replace one with `old`: the row view rules out a layout
+    more than ROW_MARGIN above the other; within that margin the load view decides. Either way `new`
+    must save `min_gain` of `old`'s cost in the view that decides (hysteresis)."""
+    if new.row > old.row * (1.0 + ROW_MARGIN):
+        return False
+    if old.row > new.row * (1.0 + ROW_MARGIN):
+        return new.row < old.row * (1.0 - min_gain)
+    return new.load < old.load * (1.0 - min_gain)
 
 
 class RouteModel(LatencyModel):
@@ -236,6 +273,62 @@ class RouteModel(LatencyModel):
         dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
         return self.alone_step_times(view, table, hosts) + dense, self.queueing_delay(occ)
 
+    def row_step_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
+        """[N_home] each home's step alone along `table` [N, L] in the row view (module docstring), hops
+        included, dense part excluded."""
+        n_nodes, n_layers, n_experts = view.shape
+        serve = self.serve(view)
+        lay = np.arange(n_layers)[None, :, None]
+        table = np.asarray(table, dtype=np.int64)
+        n_batches = self.batch_req.size
+        ex_tok = table[self.tok_req][:, :, None]  # [R, L, 1] executing node of each row
+        srv = serve.ravel()[(ex_tok * n_layers + lay) * n_experts + self.tok_sets]  # [R, L, K]
+        work = self._batch_work(serve, table, hosts)  # [NB, L, N]
+        sent = srv != ex_tok
+        if not self.per_expert:
+            srv = np.sort(srv, axis=2)
+            sent &= np.concatenate([np.ones_like(sent[:, :, :1]), srv[:, :, 1:] != srv[:, :, :-1]], axis=2)
+        key = (self.tok_batch[:, None, None] * n_layers + lay) * n_nodes + srv
+        rows = np.bincount(key[sent], minlength=n_batches * n_layers * n_nodes).reshape(work.shape)
+        ex_b = table[self.batch_req]  # [NB, L]
+        trip = np.where(rows > 0, self.rtt[ex_b] + rows * self.byte_time[ex_b] + work, 0.0)
+        local = np.take_along_axis(work, ex_b[:, :, None], axis=2)[:, :, 0]
+        per = np.maximum(local, trip.max(axis=2)).sum(axis=1)  # [NB]
+        layers = np.bincount(self.batch_req, weights=per, minlength=n_nodes) / np.maximum(self.nb, 1)
+        hop = self.hop_times()
+        homes = np.arange(n_nodes)[:, None]
+        path = np.concatenate([homes, table, homes], axis=1)
+        return np.asarray(layers + hop[homes, path[:, :-1], path[:, 1:]].sum(axis=1))
+
+    def _batch_work(self, serve: np.ndarray, table: np.ndarray, hosts: np.ndarray | None) -> np.ndarray:
+        """[NB, L, N] seconds node m computes for one batch's calls in a layer under `table`: each
+        distinct expert the batch chose that m serves, once, plus its rows' per-token time, over m's
+        speed; with `hosts` [H, L, E] on the host holding it (several hosts of the node: shared evenly),
+        the node waiting for its busiest host."""
+        cl, wl = self.cluster, self.workload
+        n_nodes, n_layers, n_experts = serve.shape
+        n_bl = self.batch_req.size * n_layers
+        key = (self.tok_batch[:, None, None] * n_layers + np.arange(n_layers)[None, :, None]) * n_experts
+        chosen, calls = np.unique((key + self.tok_sets).ravel(), return_counts=True)  # (batch, layer, expert)
+        bl, e = np.divmod(chosen, n_experts)
+        lay = bl % n_layers
+        m = serve[table[self.batch_req[bl // n_layers], lay], lay, e]
+        t = wl.expert_time_s + calls * wl.expert_time_per_token_s  # at speed 1.0
+        if hosts is None or cl.num_hosts == n_nodes:
+            node_work = np.bincount(bl * n_nodes + m, weights=t / self.speed[m], minlength=n_bl * n_nodes)
+            return node_work.reshape(-1, n_layers, n_nodes)
+        held = np.asarray(hosts, dtype=bool)
+        count = np.zeros((n_nodes, n_layers, n_experts))
+        np.add.at(count, cl.host_node, held)
+        out = np.zeros((n_bl, n_nodes))
+        for k in range(cl.num_hosts):
+            node = int(cl.host_node[k])
+            at = np.flatnonzero(m == node)
+            share = held[k, lay[at], e[at]] / count[node, lay[at], e[at]]
+            busy = np.bincount(bl[at], weights=t[at] * share / cl.host_speed[k], minlength=n_bl)
+            out[:, node] = np.maximum(out[:, node], busy)
+        return out.reshape(-1, n_layers, n_nodes)
+
     def load_cost(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> float:
         """Σ_h w_h (step alone with the dense part + queueing) of `placement` (`load_step_times`): what
         the `route` policy chooses by and its migration rule judges by. With `pipe_queue` [N_home] (a
@@ -246,6 +339,22 @@ class RouteModel(LatencyModel):
         alone, queue = self.load_step_times(placement.node_view(self.cluster), placement.routes, placement.hosts)
         extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
         return float(self.weight @ (alone + queue + extra))
+
+    def view_costs(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> Views:
+        """`placement` on the load view and on the row view: Σ_h w_h (step alone + dense part + queueing),
+        the step alone on expected work (`load_cost`) or paid batch by batch (`row_step_times`); with
+        `pipe_queue`, queueing beyond the pipeline's counts twice in both (`load_cost`). Above
+        LOAD_VIEW_MAX_NODES both are `cost`."""
+        if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
+            cost = self.cost(placement)
+            return Views(cost, cost)
+        view = placement.node_view(self.cluster)
+        table = placement.routes if placement.routes is not None else stay_home(*view.shape[:2])
+        alone, queue = self.load_step_times(view, table, placement.hosts)
+        extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
+        dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
+        rows = self.row_step_times(view, table, placement.hosts) + dense
+        return Views(float(self.weight @ (alone + queue + extra)), float(self.weight @ (rows + queue + extra)))
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
         """T [N_home, N_x, L]: home h's mean time in layer l if x ran it, the others keeping `table`."""

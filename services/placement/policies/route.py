@@ -35,11 +35,15 @@ pipeline split counts its queueing beyond the pipeline's twice (a margin for the
 estimate: a host serving layers first come first served, gated by the dense part on a node's first GPU,
 can wait longer) and must beat the pipeline by ROUTED_MIN_GAIN: within that the views cannot tell
 layouts apart (spreading the same experts differently over a node's GPUs moves the simulated mean by
-1-3%), and the pipeline is the baseline. Stay-home candidates compete on their own load cost. Ties go to
-the earlier candidate; the choice replaces `current` only if it saves `min_gain` of current's load cost
-(hysteresis). Ranking by the step-together cost, as this policy once did, stayed home where the
-pipeline was up to 1.47× faster per step with memory for half the experts per GPU or more, on a
-per-step model written apart from the project's (bench/route_grid.py, docs/benchmarks.md).
+1-3%), and the pipeline is the baseline. Stay-home candidates compete on their own load cost. Before
+the load view ranks them, the row view (each sampled batch paying for the experts it calls, which
+expected work understates at small batches with large experts: `route_model` docstring) rules out
+every candidate more than ROW_MARGIN above the lowest. Ties go to the earlier candidate; the choice
+replaces `current` only if it saves `min_gain` of current's cost in the view that decides
+(`route_model.replaces`, hysteresis; the migration rule judges `route` the same way). Ranking by the
+step-together cost, as this policy once did, stayed home where the pipeline was up to 1.47× faster per
+step with memory for half the experts per GPU or more, on a per-step model written apart from the
+project's (bench/route_grid.py, docs/benchmarks.md).
 Above DP_MAX_NODES nodes the full-model DP (N executing nodes × samples per layer) is skipped: the
 whole-layer routes stand as they are; above LOAD_VIEW_MAX_NODES (`route_model`) the load cost is the
 step-together cost. Deterministic.
@@ -55,7 +59,7 @@ from services.placement.policies._common import assign_to_hosts, fill_spare
 from services.placement.policies.eplb import eplb
 from services.placement.policies.latency import latency
 from services.placement.policies.pipeline import layer_capacity, pipeline
-from services.placement.route_model import LOAD_VIEW_MAX_NODES, RouteModel, shortest_routes
+from services.placement.route_model import LOAD_VIEW_MAX_NODES, ROW_MARGIN, RouteModel, replaces, shortest_routes
 from services.placement.routes import kv_slots, stay_home
 from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
 
@@ -278,28 +282,29 @@ def _key(placement: Placement, routed: bool) -> tuple[bytes, bytes, bool]:
 
 def _choose(scored: list[tuple[float, Placement]], pipe: Placement, model: RouteModel,
             current: Placement | None, min_gain: float) -> Placement:
-    """The candidate of `scored` (migration cost, placement) with the lowest load cost plus migration
-    (module docstring): a routed layout other than the pipeline split with its queueing beyond the
-    pipeline's counted twice, and only if it then beats the pipeline by ROUTED_MIN_GAIN; the first of
-    equal costs. `current` stays unless the choice saves `min_gain` of its load cost."""
-    if model.cluster.num_nodes <= LOAD_VIEW_MAX_NODES:
-        alone, pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)
-        pipe_cost = float(model.weight @ (alone + pipe_queue))  # = model.load_cost(pipe), its parts kept
-    else:  # load_cost is the step-together cost there: no queueing
-        pipe_queue, pipe_cost = None, model.load_cost(pipe)
-    seen = {_key(pipe, False): pipe_cost}  # candidates often repeat one another (DP kept the routes)
-    best, best_cost = pipe, float("inf")
+    """The candidate of `scored` (migration cost, placement) to serve with (module docstring): a routed
+    layout other than the pipeline split, its queueing beyond the pipeline's counted twice, must beat
+    the pipeline by ROUTED_MIN_GAIN on the load view; of the rest, those within ROW_MARGIN of the
+    lowest row view compete on the load view plus migration, the first of equal costs. `current` stays
+    unless the choice `replaces` it."""
+    pipe_queue = None
+    if model.cluster.num_nodes <= LOAD_VIEW_MAX_NODES:  # above, the views have no queueing
+        pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)[1]
+    pipe_views = model.view_costs(pipe)
+    seen = {_key(pipe, False): pipe_views}  # candidates often repeat one another (DP kept the routes)
+    kept = []
     for migration, placement in scored:
         routed = placement is not pipe and placement.routes is not None
         key = _key(placement, routed)
         if key not in seen:
-            seen[key] = model.load_cost(placement, pipe_queue if routed else None)
-        cost = seen[key]
-        if routed and cost > pipe_cost * (1.0 - ROUTED_MIN_GAIN):
+            seen[key] = model.view_costs(placement, pipe_queue if routed else None)
+        if routed and seen[key].load > pipe_views.load * (1.0 - ROUTED_MIN_GAIN):
             continue
-        if migration + cost < best_cost:
-            best, best_cost = placement, migration + cost
-    if current is not None and not best_cost < model.load_cost(current) * (1.0 - min_gain):
+        kept.append((seen[key].plus(migration), placement))
+    floor = min((views.row for views, _ in kept), default=pipe_views.row)
+    views, best = min(((v, p) for v, p in kept if v.row <= floor * (1.0 + ROW_MARGIN)),
+                      key=lambda vp: vp[0].load, default=(pipe_views, pipe))
+    if current is not None and not replaces(views, model.view_costs(current), min_gain):
         return current
     return best
 

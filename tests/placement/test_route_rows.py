@@ -1,0 +1,100 @@
+"""The route model's row view (each sampled batch pays for its own calls) and how `route` and the
+migration rule use it beside the load view (`route_model.replaces`)."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+from services.placement import Cluster, CoActivation, Placement, Workload
+from services.placement.objectives import judge
+from services.placement.route_model import ROW_MARGIN, RouteModel, Views, replaces
+
+route_module = importlib.import_module("services.placement.policies.route")
+
+EXPERT_S, RTT_S, BPS, ROW_BYTES = 600e-6, 0.4e-3, 250e6, 8192
+
+
+def _model(gpus: tuple[int, ...] = (1, 1)) -> RouteModel:
+    """Nodes of `gpus` hosts, one layer of four experts; every token of either home chooses experts 0
+    and 1 (top-2, batch 1), as large experts as Mixtral's on an edge GPU."""
+    f = np.zeros((2, 1, 4))
+    f[:, 0, :2] = 100.0
+    sets = np.tile(np.array([0, 1]), (2, 8, 1, 1))  # [N, S, L, K]
+    coact = CoActivation(np.full((2, 1), 100.0), sets)
+    c = Cluster(np.repeat(np.arange(len(gpus)), gpus), np.full(sum(gpus), 4), np.ones(sum(gpus)),
+                np.array(RTT_S), np.array(BPS))
+    wl = Workload.uniform(2, 1, top_k=2, bytes_per_token=ROW_BYTES, expert_time_s=EXPERT_S)
+    return RouteModel(c, f, coact, wl)
+
+
+def _view(node0: list[int], node1: list[int]) -> np.ndarray:
+    view = np.zeros((2, 1, 4), dtype=bool)
+    view[0, 0, node0] = True
+    view[1, 0, node1] = True
+    return view
+
+
+def test_a_batch_pays_for_each_expert_it_calls_where_the_load_view_pays_the_expectation() -> None:
+    m = _model()
+    home = np.array([[0], [1]])
+    both_local = _view([0, 1, 2, 3], [0, 1, 2, 3])
+    rows = m.row_step_times(both_local, home)
+    assert rows == pytest.approx([2 * EXPERT_S, 2 * EXPERT_S])  # two experts, one after the other
+    # the load view's expected work: each expert active with probability 1 - e^-1 per step
+    alone = m.alone_step_times(both_local, home)
+    assert alone == pytest.approx(2 * -np.expm1(-1.0) * EXPERT_S * np.ones(2))
+    # expert 1 only on node 1: home 0 computes expert 0 while its row goes there and back
+    split = _view([0, 2, 3], [0, 1, 2, 3])
+    trip = RTT_S + 2 * ROW_BYTES / BPS + EXPERT_S
+    assert m.row_step_times(split, home)[0] == pytest.approx(max(EXPERT_S, trip))
+
+
+def test_a_node_waits_for_its_busiest_gpu() -> None:
+    m = _model((1, 2))
+    view = _view([0, 1, 2, 3], [0, 1, 2, 3])
+    routes = np.array([[1], [1]])  # both homes run the layer on node 1, whose two GPUs hold the experts
+    apart = np.zeros((3, 1, 4), dtype=bool)
+    apart[0] = True
+    apart[1, 0, [0, 2]] = True
+    apart[2, 0, [1, 3]] = True
+    together = apart.copy()
+    together[1, 0] = [True, True, False, False]
+    together[2, 0] = [False, False, True, True]
+    hop = m.hop_times()
+    there_and_back = hop[0, 0, 1] + hop[0, 1, 0]
+    assert m.row_step_times(view, routes, apart)[0] == pytest.approx(there_and_back + EXPERT_S)
+    assert m.row_step_times(view, routes, together)[0] == pytest.approx(there_and_back + 2 * EXPERT_S)
+    assert m.row_step_times(view, routes)[0] == pytest.approx(there_and_back + EXPERT_S)  # hosts unknown: even
+
+
+def test_replaces_lets_the_row_view_rule_out_and_the_load_view_decide_within_its_margin() -> None:
+    old = Views(load=10.0, row=10.0)
+    assert replaces(Views(9.0, 10.0), old, 0.05)  # same row view: the load view saves 10%
+    assert not replaces(Views(9.9, 10.0), old, 0.05)  # 1% saved: under min_gain
+    assert not replaces(Views(5.0, 10.0 * (1 + 2 * ROW_MARGIN)), old, 0.05)  # ruled out by the row view
+    assert replaces(Views(20.0, 10.0 * (1 - 2 * ROW_MARGIN)), old, 0.05)  # the old one is ruled out
+    assert not replaces(Views(20.0, 10.0 * (1 - 2 * ROW_MARGIN)), old, 0.5)  # but must save min_gain there
+
+
+def test_route_and_the_migration_rule_rule_out_a_stay_home_layout_the_load_view_flatters() -> None:
+    """Mixtral's experts at batch 1: a node holding both experts of its tokens computes them one after
+    the other, 1.2 ms a step, where the load view expects 0.76; sending one to the other node overlaps
+    it with the round trip (1.07 ms). The load view prefers holding both; the row view rules that out."""
+    m = _model()
+    home = np.array([[0], [1]])
+    whole = Placement(_view([0, 1, 2, 3], [0, 1, 2, 3]))
+    apart = Placement(_view([0, 2, 3], [1, 2, 3]))
+    w, a = m.view_costs(whole), m.view_costs(apart)
+    assert w.load < a.load
+    assert w.row > a.row * (1 + ROW_MARGIN)
+    pipe = Placement(whole.hosts, routes=home)  # stay-home routes written out: the baseline never wins here
+    assert route_module._choose([(0.0, whole), (0.0, apart)], pipe, m, None, 0.0) is apart
+    assert route_module._choose([(0.0, whole), (0.0, apart)], pipe, m, whole, 0.0) is apart
+    verdict = judge("route", m.p * 100.0, whole, apart, m.cluster, coact=m.coact, workload=m.workload,
+                    migration_cost_calls=0.0)
+    assert verdict.accept
+    assert not judge("route", m.p * 100.0, apart, whole, m.cluster, coact=m.coact, workload=m.workload,
+                     migration_cost_calls=0.0).accept
