@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +189,39 @@ async def test_replan_command_and_bad_commands(nats_hub: NatsServer, model_dir: 
         bad = await nc.request(subjects.PLACEMENT_CMD, b'{"kind": "dance"}', timeout=10)
         assert json.loads(bad.data)["error"]["code"] == "invalid_request"
         assert bad.headers["Nats-Service-Error-Code"] == "400"
+
+
+async def test_the_service_answers_while_a_policy_solves(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
+    """A policy takes seconds on a big cluster (`route`: 7 s at 16 nodes of DeepSeek-V3's shape). It
+    ran on the service's event loop, so commands, heartbeats and reports waited for the whole solve;
+    it runs on the planning thread now. The solve below is a real policy behind a 2 s wait."""
+    nodes = [f"{unique}-a"]
+    async with running_service(nats_hub, model_dir, unique, nodes, plan_interval_s=3600) as (nc, service):
+        config = load_config(model_dir)
+        layers, E = list_moe_layers(config), config.num_experts
+        await send_reports(nc, nodes[0], layers, usage([0, 1], E), n=10, seed=1)
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots=len(layers) * E)
+        first = await next_plan(service, 0)  # the first plan, made when the host appeared
+        await register_hosts(nc, nodes, service.model.expert_bytes, slots=len(layers) * E, plan=first)
+        await until_held(service)
+        policy, solving, solved = service.policy, threading.Event(), threading.Event()
+
+        def slow(*args: Any, **kwargs: Any) -> Any:
+            solving.set()
+            time.sleep(2.0)
+            solved.set()
+            return policy(*args, **kwargs)
+
+        service.policy = slow
+        planning = asyncio.ensure_future(service.plan_once())
+        assert await asyncio.to_thread(solving.wait, 10)
+        before = tokens_seen(service)
+        bad = await nc.request(subjects.PLACEMENT_CMD, b'{"kind": "dance"}', timeout=1.0)
+        assert json.loads(bad.data)["error"]["code"] == "invalid_request"
+        await send_reports(nc, nodes[0], layers, usage([0, 1], E), n=3, seed=2)
+        await until_counted(service, before + 3 * 64)
+        assert not solved.is_set()  # all of it answered and counted while the policy was still solving
+        await planning
 
 
 async def test_a_lost_node_is_planned_around_at_once(nats_hub: NatsServer, model_dir: Path, unique: str) -> None:
