@@ -27,6 +27,9 @@ experts, top-6, 2 shared experts, MLA, hidden 64), random weights, fp32. Topolog
 and 2 hosts, each host with room for 30% of the experts, links of 2 ms one way at 500 Mbit/s (node to
 node through the hub: 4 ms one way).
 
+Policies run one after the other; two whose ms/token differ by less than the machine's drift between
+runs are compared side by side by bench/e2e_paired.py.
+
     .venv/bin/python bench/e2e.py [--policies eplb,latency,prism,pipeline,route]
                                   [--prompts-per-node 6]
                                   [--max-tokens 12] [--rate 0.5] [--seed 0]

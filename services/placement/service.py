@@ -14,7 +14,9 @@ A plan is computed at start (once hosts are known), every `plan_interval_s`, and
 shift; it is published only when the migration rule accepts it, in the measure the policy minimises
 (objectives.judge), or as it is when the plan in place was made by another policy. Reports from
 unknown nodes or with the wrong shape are dropped (logged once per node); a round that fails keeps the
-current plan and the next round plans again.
+current plan and the next round plans again. The policy and the migration rule run on a planning
+thread at a lower CPU priority (`route` takes seconds on a big cluster): this service keeps answering
+while it plans, and the gatings on the same machine come first.
 KV writes from a leaf get "no responders" (measured with nats-server 2.10+), so this service connects to the
 hub.
 """
