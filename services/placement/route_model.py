@@ -284,10 +284,11 @@ class RouteModel(LatencyModel):
         ex_tok = table[self.tok_req][:, :, None]  # [R, L, 1] executing node of each row
         srv = serve.ravel()[(ex_tok * n_layers + lay) * n_experts + self.tok_sets]  # [R, L, K]
         work = self._batch_work(serve, table, hosts)  # [NB, L, N]
+        if not self.per_expert:  # a row goes once to each node serving any of its experts
+            srv = np.sort(srv, axis=2)
         sent = srv != ex_tok
         if not self.per_expert:
-            srv = np.sort(srv, axis=2)
-            sent &= np.concatenate([np.ones_like(sent[:, :, :1]), srv[:, :, 1:] != srv[:, :, :-1]], axis=2)
+            sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
         key = (self.tok_batch[:, None, None] * n_layers + lay) * n_nodes + srv
         rows = np.bincount(key[sent], minlength=n_batches * n_layers * n_nodes).reshape(work.shape)
         ex_b = table[self.batch_req]  # [NB, L]
@@ -330,8 +331,8 @@ class RouteModel(LatencyModel):
         return out.reshape(-1, n_layers, n_nodes)
 
     def load_cost(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> float:
-        """Σ_h w_h (step alone with the dense part + queueing) of `placement` (`load_step_times`): what
-        the `route` policy chooses by and its migration rule judges by. With `pipe_queue` [N_home] (a
+        """Σ_h w_h (step alone with the dense part + queueing) of `placement` (`load_step_times`): the load
+        view the `route` policy chooses by (`view_costs`). With `pipe_queue` [N_home] (a
         pipeline split's), queueing beyond it counts twice (`policies/route.py`). Above
         LOAD_VIEW_MAX_NODES nodes, `cost` (the load view takes one step-time evaluation per home)."""
         if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:

@@ -17,7 +17,7 @@ route_module = importlib.import_module("services.placement.policies.route")
 EXPERT_S, RTT_S, BPS, ROW_BYTES = 600e-6, 0.4e-3, 250e6, 8192
 
 
-def _model(gpus: tuple[int, ...] = (1, 1)) -> RouteModel:
+def _model(gpus: tuple[int, ...] = (1, 1), *, per_expert: bool = True) -> RouteModel:
     """Nodes of `gpus` hosts, one layer of four experts; every token of either home chooses experts 0
     and 1 (top-2, batch 1), as large experts as Mixtral's on an edge GPU."""
     f = np.zeros((2, 1, 4))
@@ -26,7 +26,8 @@ def _model(gpus: tuple[int, ...] = (1, 1)) -> RouteModel:
     coact = CoActivation(np.full((2, 1), 100.0), sets)
     c = Cluster(np.repeat(np.arange(len(gpus)), gpus), np.full(sum(gpus), 4), np.ones(sum(gpus)),
                 np.array(RTT_S), np.array(BPS))
-    wl = Workload.uniform(2, 1, top_k=2, bytes_per_token=ROW_BYTES, expert_time_s=EXPERT_S)
+    wl = Workload.uniform(2, 1, top_k=2, bytes_per_token=ROW_BYTES, expert_time_s=EXPERT_S,
+                          per_expert_messages=per_expert)
     return RouteModel(c, f, coact, wl)
 
 
@@ -50,6 +51,13 @@ def test_a_batch_pays_for_each_expert_it_calls_where_the_load_view_pays_the_expe
     split = _view([0, 2, 3], [0, 1, 2, 3])
     trip = RTT_S + 2 * ROW_BYTES / BPS + EXPERT_S
     assert m.row_step_times(split, home)[0] == pytest.approx(max(EXPERT_S, trip))
+    # both on node 1: one row per expert there and back, or the row once for both
+    away = _view([2, 3], [0, 1, 2, 3])
+    both = RTT_S + 2 * EXPERT_S
+    assert m.row_step_times(away, home)[0] == pytest.approx(both + 2 * 2 * ROW_BYTES / BPS)
+    once = _model(per_expert=False)
+    assert once.row_step_times(away, home)[0] == pytest.approx(both + 2 * ROW_BYTES / BPS)
+    assert once.row_step_times(_view([1, 2, 3], [0, 1, 2, 3]), home)[0] == pytest.approx(trip)  # expert 0 away
 
 
 def test_a_node_waits_for_its_busiest_gpu() -> None:
