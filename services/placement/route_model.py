@@ -45,7 +45,8 @@ hops as above, plus the same dense part and queueing (`view_costs`). It is each 
 bench/route_grid.py's judge times it, but it has no other home's work in a layer: where homes travel
 together (the pipeline's, in the simulator) the load view's queueing ranked layouts better. So the two
 are used together (`replaces`, `policies/route.py`): the row view rules out a layout more than
-ROW_MARGIN above the best, the load view decides among the rest.
+ROW_MARGIN above the best, the load view decides among the rest. Above LOAD_VIEW_MAX_NODES the load
+view (one evaluation per home) is left out and the row view decides alone.
 
 `route_dp` finds, for a node view and the work the current routes put on every node, each home's
 cheapest route by dynamic programming over (layer, executing node). Pure numpy; no nats.
@@ -62,7 +63,7 @@ from services.placement.latency_model import LatencyModel, _run_lengths
 from services.placement.routes import stay_home
 from services.placement.types import Placement
 
-LOAD_VIEW_MAX_NODES = 16  # above, `load_cost` is the step-together cost
+LOAD_VIEW_MAX_NODES = 16  # above, `load_cost` is the step-together cost and `view_costs` the row view
 RHO_CAP = 0.95  # utilisation a host's queueing is evaluated at, at most (an overloaded host: × 19)
 ROW_MARGIN = 0.03  # a layout whose row view is this much above another's is out (module docstring)
 
@@ -345,12 +346,14 @@ class RouteModel(LatencyModel):
         """`placement` on the load view and on the row view: Σ_h w_h (step alone + dense part + queueing),
         the step alone on expected work (`load_cost`) or paid batch by batch (`row_step_times`); with
         `pipe_queue`, queueing beyond the pipeline's counts twice in both (`load_cost`). Above
-        LOAD_VIEW_MAX_NODES both are `cost`."""
-        if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
-            cost = self.cost(placement)
-            return Views(cost, cost)
+        LOAD_VIEW_MAX_NODES both are the row view without queueing: the load view takes one evaluation
+        per home, the row view one for every home."""
         view = placement.node_view(self.cluster)
         table = placement.routes if placement.routes is not None else stay_home(*view.shape[:2])
+        if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
+            dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
+            cost = float(self.weight @ (self.row_step_times(view, table, placement.hosts) + dense))
+            return Views(cost, cost)
         alone, queue = self.load_step_times(view, table, placement.hosts)
         extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
         dense = self._dense_on_first_hosts()[1][table].sum(axis=1)

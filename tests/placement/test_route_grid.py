@@ -37,3 +37,11 @@ def test_route_not_above_its_baselines_where_the_load_view_flatters_holding_both
     c = cell("mixtral-8x7b", share, (1, 1, 2), rtt_ms=0.5, batch=1, samples=12, mbit=2000.0, purity=0.9,
              dense=True, seed=5)
     assert c["route"] <= min(c["home"], c["pipeline"]) * 1.01, c
+
+
+def test_route_not_above_its_baselines_above_the_load_views_node_count() -> None:
+    """17 nodes, above `LOAD_VIEW_MAX_NODES`: `route` chose on the every-home-at-once cost there, which
+    charges a node that runs layers for many homes all their work at once, and stayed home at 2.05× the
+    pipeline; it chooses on the row view now (one evaluation for every home)."""
+    c = cell("deepseek-v2-lite", 1.5 / 17, (1,) * 17, rtt_ms=8.0, batch=8, samples=8)
+    assert c["route"] <= min(c["home"], c["pipeline"]) * 1.01, c
