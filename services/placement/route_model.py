@@ -291,11 +291,15 @@ class RouteModel(LatencyModel):
         if not self.per_expert:
             sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
         key = (self.tok_batch[:, None, None] * n_layers + lay) * n_nodes + srv
-        rows = np.bincount(key[sent], minlength=n_batches * n_layers * n_nodes).reshape(work.shape)
+        rows = np.bincount(key[sent], minlength=work.size)  # [NB · L · N] rows each node is sent
         ex_b = table[self.batch_req]  # [NB, L]
-        trip = np.where(rows > 0, self.rtt[ex_b] + rows * self.byte_time[ex_b] + work, 0.0)
-        local = np.take_along_axis(work, ex_b[:, :, None], axis=2)[:, :, 0]
-        per = np.maximum(local, trip.max(axis=2)).sum(axis=1)  # [NB]
+        local = np.take_along_axis(work, ex_b[:, :, None], axis=2)[:, :, 0].ravel()
+        groups = np.flatnonzero(rows)  # (batch, layer, node) that got rows: few of NB · L · N
+        b_l, m = np.divmod(groups, n_nodes)
+        x = ex_b.ravel()[b_l]
+        trip = self.rtt[x, m] + rows[groups] * self.byte_time[x, m] + work.ravel()[groups]
+        np.maximum.at(local, b_l, trip)
+        per = local.reshape(n_batches, n_layers).sum(axis=1)  # [NB]
         layers = np.bincount(self.batch_req, weights=per, minlength=n_nodes) / np.maximum(self.nb, 1)
         hop = self.hop_times()
         homes = np.arange(n_nodes)[:, None]
@@ -316,19 +320,22 @@ class RouteModel(LatencyModel):
         lay = bl % n_layers
         m = serve[table[self.batch_req[bl // n_layers], lay], lay, e]
         t = wl.expert_time_s + calls * wl.expert_time_per_token_s  # at speed 1.0
+        node_work = np.bincount(bl * n_nodes + m, weights=t / self.speed[m], minlength=n_bl * n_nodes)
+        out = node_work.reshape(n_bl, n_nodes)  # exact for a node of one host
         if hosts is None or cl.num_hosts == n_nodes:
-            node_work = np.bincount(bl * n_nodes + m, weights=t / self.speed[m], minlength=n_bl * n_nodes)
-            return node_work.reshape(-1, n_layers, n_nodes)
+            return out.reshape(-1, n_layers, n_nodes)
         held = np.asarray(hosts, dtype=bool)
         count = np.zeros((n_nodes, n_layers, n_experts))
         np.add.at(count, cl.host_node, held)
-        out = np.zeros((n_bl, n_nodes))
-        for k in range(cl.num_hosts):
-            node = int(cl.host_node[k])
-            at = np.flatnonzero(m == node)
-            share = held[k, lay[at], e[at]] / count[node, lay[at], e[at]]
-            busy = np.bincount(bl[at], weights=t[at] * share / cl.host_speed[k], minlength=n_bl)
-            out[:, node] = np.maximum(out[:, node], busy)
+        order = np.argsort(m, kind="stable")  # the calls grouped by serving node
+        bounds = np.searchsorted(m[order], np.arange(n_nodes + 1))
+        for node in np.flatnonzero(np.bincount(cl.host_node, minlength=n_nodes) > 1).tolist():
+            at = order[bounds[node]:bounds[node + 1]]
+            out[:, node] = 0.0
+            for k in cl.hosts_of(node).tolist():
+                share = held[k, lay[at], e[at]] / count[node, lay[at], e[at]]
+                busy = np.bincount(bl[at], weights=t[at] * share / cl.host_speed[k], minlength=n_bl)
+                out[:, node] = np.maximum(out[:, node], busy)
         return out.reshape(-1, n_layers, n_nodes)
 
     def load_cost(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> float:
