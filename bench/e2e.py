@@ -194,19 +194,10 @@ async def measure_policy(
     args: argparse.Namespace, run_dir: Path,
 ) -> Measured:
     from cli.client import PrismClient
-    from cli.control_plane import read_plan
 
     async with LocalStack(stack_options(topo, model, policy, run_dir)) as stack, \
             await PrismClient.connect(stack.hub_url) as client:
-        await asyncio.gather(*(client.infer(node, _request(p, args), timeout_s=300)
-                               for node, texts in prompts.items() for p in texts))  # warm-up: statistics
-        applied, line = await replan_and_wait(client, 120.0)
-        if not applied:
-            raise SystemExit(f"{policy}: no re-placement: {line}")
-        await asyncio.sleep(1.0)  # the gatings take the applied plan's routes from the same event
-        plan = await read_plan(client.nc)
-        if plan is None:
-            raise SystemExit(f"{policy}: no plan in KV")
+        plan = await warm_up_and_replace(client, policy, prompts, args)
         links = LinkBytes(stack)
         await links.measure_idle()
         busy_before = await segment_seconds(client)
@@ -225,6 +216,25 @@ async def measure_policy(
         await replay
     return Measured(policy, plan, b1_ms, b1_hop_ms, b1_segment_ms, b1_bytes, lat, no_prefill, load_bytes,
                     errors + more, extra_s, loaded_s, share, gatings_s)
+
+
+async def warm_up_and_replace(
+    client: Any, policy: str, prompts: dict[str, list[str]], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Every node's prompts at once (the placement service's statistics), then a re-plan with `policy`
+    applied by the migrator: the plan it published."""
+    from cli.control_plane import read_plan
+
+    await asyncio.gather(*(client.infer(node, _request(p, args), timeout_s=300)
+                           for node, texts in prompts.items() for p in texts))
+    applied, line = await replan_and_wait(client, 120.0)
+    if not applied:
+        raise SystemExit(f"{policy}: no re-placement: {line}")
+    await asyncio.sleep(1.0)  # the gatings take the applied plan's routes from the same event
+    plan = await read_plan(client.nc)
+    if plan is None:
+        raise SystemExit(f"{policy}: no plan in KV")
+    return plan
 
 
 async def segment_seconds(client: Any) -> float:

@@ -16,7 +16,6 @@ with a bootstrap 95% interval) and how the two plans differ (routes, replicas).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import os
 import platform
@@ -31,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-from bench.e2e import HOSTS_PER_NODE, _request, build_model, stack_options, topology  # noqa: E402
-from cli.demo import pick_prompts, replan_and_wait  # noqa: E402
+from bench.e2e import HOSTS_PER_NODE, _request, build_model, stack_options, topology, warm_up_and_replace  # noqa: E402
+from cli.demo import pick_prompts  # noqa: E402
 from cli.stack import LocalStack  # noqa: E402
 
 
@@ -45,7 +44,6 @@ async def start(stacks: contextlib.AsyncExitStack, model: Path, policy: str, *, 
                 args: argparse.Namespace, work: Path) -> tuple[Any, dict[str, Any]]:
     """A stack with `policy`, warmed up (every node's prompts at once) and re-placed: (client, plan)."""
     from cli.client import PrismClient
-    from cli.control_plane import read_plan
     from shared.model.checkpoint import load_config
     from shared.model.config import list_moe_layers
 
@@ -53,16 +51,7 @@ async def start(stacks: contextlib.AsyncExitStack, model: Path, policy: str, *, 
     topo = topology(config.expert_nbytes("float32"), len(list_moe_layers(config)) * config.num_experts)
     stack = await stacks.enter_async_context(LocalStack(stack_options(topo, model, policy, work / policy)))
     client = await stacks.enter_async_context(await PrismClient.connect(stack.hub_url))
-    await asyncio.gather(*(client.infer(node, _request(p, args), timeout_s=300)
-                           for node, texts in prompts.items() for p in texts))
-    applied, line = await replan_and_wait(client, 120.0)
-    if not applied:
-        raise SystemExit(f"{policy}: no re-placement: {line}")
-    await asyncio.sleep(1.0)  # the gatings take the applied plan's routes from the same event
-    plan = await read_plan(client.nc)
-    if plan is None:
-        raise SystemExit(f"{policy}: no plan in KV")
-    return client, plan
+    return client, await warm_up_and_replace(client, policy, prompts, args)
 
 
 def plans_differ(a: dict[str, Any], b: dict[str, Any]) -> str:
