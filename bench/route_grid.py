@@ -14,10 +14,11 @@ and of `route`, and route / min(pipeline, best stay-home).
 The grid: 3 nodes (or 2), memory for 30-90% of the experts per GPU, 500 Mbit/s. `--random N`: N cells
 drawn instead (seeded): either shape, 2-5 nodes of 1 or 2 GPUs, memory for 1.05-2.5x the model over
 unequal GPUs, 0.1-8 ms round trips, 100-2000 Mbit/s, batch 1-16, domain purity 0.5 or 0.9, the dense
-time given to the policies or not (the judge always counts it).
+time given to the policies or not (the judge always counts it); with `--speeds`, GPUs of speed 0.5, 1
+or 2 (a node's GPUs share its experts by speed; the dense part runs on its first GPU).
 
     .venv/bin/python bench/route_grid.py [--model deepseek-v2-lite|mixtral-8x7b] [--samples 24]
-    .venv/bin/python bench/route_grid.py --random 60 [--seed 0]
+    .venv/bin/python bench/route_grid.py --random 60 [--seed 0] [--speeds]
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class StepModel:
         rtt = np.broadcast_to(cl.rtt_s, (n, n))
         serve = nearest_holder(view, rtt)
         routes = plan.route_table(n)
+        dense = DENSE_S / cl.host_speed[[cl.hosts_of(x)[0] for x in range(n)]]  # on a node's first GPU
         rng = np.random.default_rng(1)
         total = 0.0
         for h in range(n):
@@ -85,7 +87,7 @@ class StepModel:
                 if x != prev:
                     t += rtt[prev, x] / 2 + self.batch * self.row_bytes / self.link_bps
                 prev = x
-                t += DENSE_S + self._layer(self._rows(h, layer, rng), serve[x, layer], x, rtt)
+                t += dense[x] + self._layer(self._rows(h, layer, rng), serve[x, layer], x, rtt)
             if prev != h:
                 t += rtt[prev, h] / 2 + self.batch * self.row_bytes / self.link_bps
             total += float(t.mean())
@@ -102,8 +104,9 @@ class StepModel:
         return rows
 
     def _layer(self, rows: np.ndarray, srv: np.ndarray, x: int, rtt: np.ndarray) -> np.ndarray:
-        """[samples] max(x's distinct local experts over its GPUs, the slowest remote node's round trip)."""
-        gpus = np.bincount(self.cluster.host_node, minlength=rtt.shape[0])
+        """[samples] max(x's distinct local experts over its GPUs, the slowest remote node's round trip); a
+        node's GPUs share its experts by speed."""
+        gpus = np.bincount(self.cluster.host_node, weights=self.cluster.host_speed, minlength=rtt.shape[0])
         local = (rows[:, srv == x] > 0).sum(axis=1) * self.expert_s / gpus[x]
         slowest = np.zeros(rows.shape[0])
         for m in set(srv.tolist()) - {x}:
@@ -116,10 +119,11 @@ class StepModel:
 
 
 def cell(model: str, share: float | np.ndarray, gpus: tuple[int, ...], *, rtt_ms: float, batch: int, samples: int,
-         mbit: float = 500.0, purity: float = 0.9, dense: bool = False, seed: int = 0) -> dict[str, float]:
+         mbit: float = 500.0, purity: float = 0.9, dense: bool = False, seed: int = 0,
+         speed: np.ndarray | None = None) -> dict[str, float]:
     """ms per step of the best stay-home policy, of `pipeline` and of `route` in one cell; `share`: the
     experts each GPU has memory for (one for all, or one per GPU); `dense`: the policies are told the
-    dense part's time (the judge always counts it)."""
+    dense part's time (the judge always counts it); `speed`: each GPU's (1.0 without)."""
     shape = PRESETS[model]
     n = len(gpus)
     trace = generate(shape, Traffic.dedicated(n, n, 40, purity=purity, tokens_per_request=(16, 32)), seed=seed)
@@ -127,7 +131,8 @@ def cell(model: str, share: float | np.ndarray, gpus: tuple[int, ...], *, rtt_ms
     host_node = np.repeat(np.arange(n), gpus)
     slots = np.round(np.broadcast_to(share, host_node.shape) * shape.num_layers * shape.num_experts).astype(int)
     link_bps = mbit * 1e6 / 8
-    cluster = Cluster(host_node, slots, np.ones(host_node.size), np.array(rtt_ms * 1e-3), np.array(link_bps))
+    speed = np.ones(host_node.size) if speed is None else np.asarray(speed, dtype=np.float64)
+    cluster = Cluster(host_node, slots, speed, np.array(rtt_ms * 1e-3), np.array(link_bps))
     row_bytes = shape.hidden_size * shape.bytes_per_element
     expert_s = shape.expert_bytes / GPU_BYTES_PER_S + LAUNCH_S
     wl = Workload.uniform(n, batch, top_k=shape.top_k, bytes_per_token=row_bytes, expert_time_s=expert_s,
@@ -140,7 +145,8 @@ def cell(model: str, share: float | np.ndarray, gpus: tuple[int, ...], *, rtt_ms
     return {"home": min(timed("eplb"), timed("latency")), "pipeline": timed("pipeline"), "route": timed("route")}
 
 
-def random_cell(rng: np.random.Generator, index: int, samples: int) -> tuple[str, dict[str, float]]:
+def random_cell(rng: np.random.Generator, index: int, samples: int, speeds: bool = False
+                ) -> tuple[str, dict[str, float]]:
     """One cell drawn as the module docstring says: (its description, `cell`'s times)."""
     model = str(rng.choice(["deepseek-v2-lite", "mixtral-8x7b"]))
     gpus = tuple(int(g) for g in rng.choice([1, 1, 1, 2], size=int(rng.integers(2, 6))))
@@ -148,10 +154,11 @@ def random_cell(rng: np.random.Generator, index: int, samples: int) -> tuple[str
     share = weights / weights.sum() * rng.uniform(1.05, 2.5)
     rtt_ms, mbit = float(rng.choice([0.1, 0.5, 2.0, 8.0])), float(rng.choice([100, 500, 2000]))
     batch, purity, dense = int(rng.choice([1, 4, 8, 16])), float(rng.choice([0.5, 0.9])), bool(rng.integers(0, 2))
+    speed = rng.choice([0.5, 1.0, 2.0], size=sum(gpus)) if speeds else np.ones(sum(gpus))
     times = cell(model, share, gpus, rtt_ms=rtt_ms, batch=batch, samples=samples, mbit=mbit, purity=purity,
-                 dense=dense, seed=index)
+                 dense=dense, seed=index, speed=speed)
     text = (f"{model} | {'/'.join(map(str, gpus))} | {share.sum():.2f} | {rtt_ms:g} | {mbit:g} | {batch} | "
-            f"{purity:g} | {'yes' if dense else 'no'}")
+            f"{purity:g} | {'yes' if dense else 'no'} | {'/'.join(f'{v:g}' for v in speed)}")
     return text, times
 
 
@@ -161,14 +168,14 @@ def summary(ratios: list[float]) -> str:
             f"above 1.01 in {(r > 1.01).sum()}, below 0.99 in {(r < 0.99).sum()}")
 
 
-def random_cells(count: int, seed: int, samples: int) -> None:
-    print("| # | model | GPUs per node | memory / model | rtt ms | Mbit/s | batch | purity | dense given | best "
-          "stay-home ms | pipeline ms | route ms | route / min |")
-    print("|---:|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|")
+def random_cells(count: int, seed: int, samples: int, speeds: bool = False) -> None:
+    print("| # | model | GPUs per node | memory / model | rtt ms | Mbit/s | batch | purity | dense given | GPU speeds "
+          "| best stay-home ms | pipeline ms | route ms | route / min |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---|---|---:|---:|---:|---:|")
     rng = np.random.default_rng(seed)
     ratios = []
     for i in range(count):
-        text, c = random_cell(rng, i, samples)
+        text, c = random_cell(rng, i, samples, speeds)
         ratios.append(c["route"] / min(c["home"], c["pipeline"]))
         print(f"| {i} | {text} | {c['home']:.1f} | {c['pipeline']:.1f} | {c['route']:.1f} | {ratios[-1]:.3f} |",
               flush=True)
@@ -181,12 +188,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=24, help="Monte-Carlo steps per home and cell")
     parser.add_argument("--random", type=int, default=0, help="this many random cells instead of the grid")
     parser.add_argument("--seed", type=int, default=0, help="of the random cells")
+    parser.add_argument("--speeds", action="store_true", help="random cells with GPUs of speed 0.5, 1 or 2")
     args = parser.parse_args()
-    what = f"{args.random} random cells, seed {args.seed}" if args.random else args.model
+    what = (f"{args.random} random cells, seed {args.seed}{', GPU speeds 0.5-2' if args.speeds else ''}"
+            if args.random else args.model)
     print(f"# route on held-out shapes, {what}; {platform.machine()} {os.cpu_count()} cores, Python "
           f"{platform.python_version()}; {args.samples} steps per home; a per-step model apart from the project's\n")
     if args.random:
-        random_cells(args.random, args.seed, args.samples)
+        random_cells(args.random, args.seed, args.samples, args.speeds)
         return
     shares = [0.3, 0.5, 0.7] if args.model == "deepseek-v2-lite" else [0.5, 0.7, 0.9]
     print("| experts per GPU | GPUs per node | rtt ms | batch | best stay-home ms | pipeline ms | route ms "
