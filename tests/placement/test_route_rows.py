@@ -4,9 +4,12 @@ migration rule use it beside the load view (`route_model.replaces`)."""
 from __future__ import annotations
 
 import importlib
+import itertools
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.placement import Cluster, CoActivation, Placement, Workload
 from services.placement.objectives import judge
@@ -106,3 +109,68 @@ def test_route_and_the_migration_rule_rule_out_a_stay_home_layout_the_load_view_
     assert verdict.accept
     assert not judge("route", m.p * 100.0, apart, whole, m.cluster, coact=m.coact, workload=m.workload,
                      migration_cost_calls=0.0).accept
+
+
+def _row_times_by_loops(m: RouteModel, hosts: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """`row_step_times` written plainly: per home, per sampled batch and layer, each serving node's work
+    from its hosts (an expert held by several hosts of the node: shared evenly; the busiest host), then
+    max(local, every remote trip), hops added."""
+    cl, wl = m.cluster, m.workload
+    view = Placement(hosts).node_view(cl)
+    serve = m.serve(view)
+    n_nodes, n_layers, _ = view.shape
+    count = np.zeros(view.shape)
+    np.add.at(count, cl.host_node, hosts)
+    hop = m.hop_times()
+    out = np.zeros(n_nodes)
+    for h in range(n_nodes):
+        batches = [b for b in range(m.batch_req.size) if m.batch_req[b] == h]
+        total = 0.0
+        for b in batches:
+            tokens = np.flatnonzero(m.tok_batch == b)
+            for lay in range(n_layers):
+                x = int(table[h, lay])
+                calls: dict[int, int] = {}
+                for t in tokens:
+                    for e in m.tok_sets[t, lay].tolist():
+                        calls[e] = calls.get(e, 0) + 1
+                work = np.zeros(n_nodes)
+                for node in range(n_nodes):
+                    for k in cl.hosts_of(node).tolist():
+                        busy = sum((wl.expert_time_s + c * wl.expert_time_per_token_s) * hosts[k, lay, e]
+                                   / count[node, lay, e] for e, c in calls.items() if serve[x, lay, e] == node)
+                        work[node] = max(work[node], busy / cl.host_speed[k])
+                rows = np.zeros(n_nodes)
+                for t in tokens:
+                    for e in m.tok_sets[t, lay].tolist():
+                        if serve[x, lay, e] != x:
+                            rows[serve[x, lay, e]] += 1
+                trips = [m.rtt[x, s] + rows[s] * m.byte_time[x, s] + work[s] for s in np.flatnonzero(rows)]
+                total += max([work[x], *trips])
+        path = [h, *table[h].tolist(), h]
+        out[h] = total / max(len(batches), 1) + sum(hop[h, a, b] for a, b in itertools.pairwise(path))
+    return out
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 3), st.integers(1, 3), st.integers(3, 6), st.sampled_from([1, 2, 3]),
+       st.integers(0, 2**32 - 1))
+def test_the_row_view_equals_its_plain_definition(nodes: int, layers: int, experts: int, batch: int,
+                                                  seed: int) -> None:
+    """Random nodes of one or two GPUs of unequal speed, replicas anywhere (every expert held), random
+    routes, batches of 1-3 rows, a per-token time: the vectorised row view equals the loops above."""
+    rng = np.random.default_rng(seed)
+    gpus = rng.integers(1, 3, size=nodes)
+    host_node = np.repeat(np.arange(nodes), gpus)
+    hosts = rng.random((host_node.size, layers, experts)) < 0.4
+    anywhere = rng.integers(0, host_node.size, size=(layers, experts))  # every expert held somewhere
+    hosts[anywhere, np.arange(layers)[:, None], np.arange(experts)] = True
+    c = Cluster(host_node, hosts.sum(axis=(1, 2)), rng.uniform(0.5, 2.0, size=host_node.size),
+                np.array(RTT_S), np.array(BPS))
+    f = rng.gamma(0.5, size=(nodes, layers, experts)) * 100 + 1e-3
+    wl = Workload.uniform(nodes, batch, top_k=2, bytes_per_token=ROW_BYTES, expert_time_s=EXPERT_S,
+                          expert_time_per_token_s=EXPERT_S / 10)
+    m = RouteModel(c, f, CoActivation.independent(f, 2, samples_per_node=6, seed=seed % 1000), wl)
+    table = rng.integers(0, nodes, size=(nodes, layers))
+    got = m.row_step_times(Placement(hosts).node_view(c), table, hosts)
+    assert got == pytest.approx(_row_times_by_loops(m, hosts, table), rel=1e-9, abs=1e-12)
