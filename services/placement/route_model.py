@@ -150,7 +150,7 @@ class RouteModel(LatencyModel):
 
     def _row_times(self, serve: np.ndarray, work: np.ndarray, local: np.ndarray, ex_home: np.ndarray) -> np.ndarray:
         """T [N_home, L]: mean layer time of each home's rows when home h runs layer l on ex_home[h, l]."""
-        n_nodes, n_layers, n_experts = serve.shape
+        n_nodes, n_layers, _ = serve.shape
         out = np.array(local[np.arange(n_nodes)[:, None], ex_home, np.arange(n_layers)[None, :]])
         if self.tok_req.size == 0:
             return out
@@ -158,10 +158,7 @@ class RouteModel(LatencyModel):
         owner = self.tok_req if self.all_batch_1 else self.batch_req
         ex = ex_home[owner][:, :, None]  # [R, L, 1] executing node of each row
         ex_tok = ex_home[self.tok_req][:, :, None]
-        srv = np.sort(serve.ravel()[(ex_tok * n_layers + lay) * n_experts + self.tok_sets], axis=2)
-        sent = srv != ex_tok
-        if not self.per_expert:
-            sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
+        srv, sent = self._sent(serve, ex_tok)
         loc = local[owner[:, None], ex[:, :, 0], lay[:, :, 0]]  # [R, L]
         if self.all_batch_1:
             copies = _run_lengths(srv) if self.per_expert else 1
@@ -169,9 +166,7 @@ class RouteModel(LatencyModel):
             group = np.where(sent, self.rtt.ravel()[at] + copies * self.byte_time.ravel()[at] + work[srv, lay], 0.0)
             per = np.maximum(loc, group.max(axis=2))
         else:
-            n_batches = self.batch_req.size
-            key = (self.tok_batch[:, None, None] * n_layers + lay) * n_nodes + srv
-            c = np.bincount(key[sent], minlength=n_batches * n_layers * n_nodes).reshape(n_batches, n_layers, n_nodes)
+            c = self._rows_sent(srv, sent, n_nodes)
             exb = ex[:, :, 0]  # [NB, L]
             trip = self.rtt[exb] + c * self.byte_time[exb] + work.T[None]
             per = np.maximum(loc, np.where(c > 0, trip, 0.0).max(axis=2))
@@ -180,6 +175,24 @@ class RouteModel(LatencyModel):
         counts = np.diff(np.append(starts, owner.size))
         out[has] = np.add.reduceat(per, starts, axis=0) / counts[:, None]
         return out
+
+    def _sent(self, serve: np.ndarray, ex_tok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(srv [R, L, K] the node serving each row's experts from its executing node ex_tok [R, L, 1],
+        sorted along K; sent [R, L, K] which of them leave as a row: every remote expert, or each remote
+        node once without `per_expert_messages`)."""
+        n_layers, n_experts = serve.shape[1:]
+        lay = np.arange(n_layers)[None, :, None]
+        srv = np.sort(serve.ravel()[(ex_tok * n_layers + lay) * n_experts + self.tok_sets], axis=2)
+        sent = srv != ex_tok
+        if not self.per_expert:
+            sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
+        return srv, sent
+
+    def _rows_sent(self, srv: np.ndarray, sent: np.ndarray, n_nodes: int) -> np.ndarray:
+        """[NB, L, N] rows each (pseudo-)batch sends to each node in each layer (`_sent`)."""
+        n_batches, n_layers = self.batch_req.size, srv.shape[1]
+        key = (self.tok_batch[:, None, None] * n_layers + np.arange(n_layers)[None, :, None]) * n_nodes + srv
+        return np.bincount(key[sent], minlength=n_batches * n_layers * n_nodes).reshape(n_batches, n_layers, n_nodes)
 
     def route_layer_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None
                           ) -> np.ndarray:
@@ -191,12 +204,14 @@ class RouteModel(LatencyModel):
 
     def step_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
         """[N_home] seconds of one decode step's MoE layers and hops along `table`."""
-        t = self.route_layer_times(view, table, hosts).sum(axis=1)
+        return np.asarray(self.route_layer_times(view, table, hosts).sum(axis=1) + self.hops(table))
+
+    def hops(self, table: np.ndarray) -> np.ndarray:
+        """[N_home] seconds each home's step spends hopping along `table` [N, L], home first and last."""
         hop = self.hop_times()
-        n = table.shape[0]
-        path = np.concatenate([np.arange(n)[:, None], table, np.arange(n)[:, None]], axis=1)
-        homes = np.arange(n)[:, None]
-        return np.asarray(t + hop[homes, path[:, :-1], path[:, 1:]].sum(axis=1))
+        homes = np.arange(table.shape[0])[:, None]
+        path = np.concatenate([homes, table, homes], axis=1)
+        return np.asarray(hop[homes, path[:, :-1], path[:, 1:]].sum(axis=1))
 
     def routed_cost(self, view: np.ndarray, table: np.ndarray | None, hosts: np.ndarray | None = None) -> float:
         """Σ_h w_h · step time of home h; stay-home when `table` is None (then hosts are not looked at:
@@ -277,21 +292,12 @@ class RouteModel(LatencyModel):
     def row_step_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
         """[N_home] each home's step alone along `table` [N, L] in the row view (module docstring), hops
         included, dense part excluded."""
-        n_nodes, n_layers, n_experts = view.shape
+        n_nodes, n_layers, _ = view.shape
         serve = self.serve(view)
-        lay = np.arange(n_layers)[None, :, None]
         table = np.asarray(table, dtype=np.int64)
         n_batches = self.batch_req.size
-        ex_tok = table[self.tok_req][:, :, None]  # [R, L, 1] executing node of each row
-        srv = serve.ravel()[(ex_tok * n_layers + lay) * n_experts + self.tok_sets]  # [R, L, K]
         work = self._batch_work(serve, table, hosts)  # [NB, L, N]
-        if not self.per_expert:  # a row goes once to each node serving any of its experts
-            srv = np.sort(srv, axis=2)
-        sent = srv != ex_tok
-        if not self.per_expert:
-            sent[:, :, 1:] &= srv[:, :, 1:] != srv[:, :, :-1]
-        key = (self.tok_batch[:, None, None] * n_layers + lay) * n_nodes + srv
-        rows = np.bincount(key[sent], minlength=work.size)  # [NB · L · N] rows each node is sent
+        rows = self._rows_sent(*self._sent(serve, table[self.tok_req][:, :, None]), n_nodes).ravel()
         ex_b = table[self.batch_req]  # [NB, L]
         local = np.take_along_axis(work, ex_b[:, :, None], axis=2)[:, :, 0].ravel()
         groups = np.flatnonzero(rows)  # (batch, layer, node) that got rows: few of NB · L · N
@@ -301,10 +307,7 @@ class RouteModel(LatencyModel):
         np.maximum.at(local, b_l, trip)
         per = local.reshape(n_batches, n_layers).sum(axis=1)  # [NB]
         layers = np.bincount(self.batch_req, weights=per, minlength=n_nodes) / np.maximum(self.nb, 1)
-        hop = self.hop_times()
-        homes = np.arange(n_nodes)[:, None]
-        path = np.concatenate([homes, table, homes], axis=1)
-        return np.asarray(layers + hop[homes, path[:, :-1], path[:, 1:]].sum(axis=1))
+        return np.asarray(layers + self.hops(table))
 
     def _batch_work(self, serve: np.ndarray, table: np.ndarray, hosts: np.ndarray | None) -> np.ndarray:
         """[NB, L, N] seconds node m computes for one batch's calls in a layer under `table`: each
@@ -350,22 +353,27 @@ class RouteModel(LatencyModel):
         return float(self.weight @ (alone + queue + extra))
 
     def view_costs(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> Views:
+        return self.views_and_queue(placement, pipe_queue)[0]
+
+    def views_and_queue(self, placement: Placement, pipe_queue: np.ndarray | None = None
+                        ) -> tuple[Views, np.ndarray | None]:
         """`placement` on the load view and on the row view: Σ_h w_h (step alone + dense part + queueing),
         the step alone on expected work (`load_cost`) or paid batch by batch (`row_step_times`); with
         `pipe_queue`, queueing beyond the pipeline's counts twice in both (`load_cost`). Above
         LOAD_VIEW_MAX_NODES both are the row view without queueing: the load view takes one evaluation
-        per home, the row view one for every home."""
+        per home, the row view one for every home. `views_and_queue` also gives the queueing [N_home]
+        (None above LOAD_VIEW_MAX_NODES)."""
         view = placement.node_view(self.cluster)
         table = placement.routes if placement.routes is not None else stay_home(*view.shape[:2])
-        if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
-            dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
-            cost = float(self.weight @ (self.row_step_times(view, table, placement.hosts) + dense))
-            return Views(cost, cost)
-        alone, queue = self.load_step_times(view, table, placement.hosts)
-        extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
         dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
         rows = self.row_step_times(view, table, placement.hosts) + dense
-        return Views(float(self.weight @ (alone + queue + extra)), float(self.weight @ (rows + queue + extra)))
+        if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
+            cost = float(self.weight @ rows)
+            return Views(cost, cost), None
+        alone, queue = self.load_step_times(view, table, placement.hosts)
+        extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
+        views = Views(float(self.weight @ (alone + queue + extra)), float(self.weight @ (rows + queue + extra)))
+        return views, queue
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
         """T [N_home, N_x, L]: home h's mean time in layer l if x ran it, the others keeping `table`."""

@@ -61,7 +61,7 @@ from services.placement.policies._common import assign_to_hosts, fill_spare
 from services.placement.policies.eplb import eplb
 from services.placement.policies.latency import latency
 from services.placement.policies.pipeline import layer_capacity, pipeline
-from services.placement.route_model import LOAD_VIEW_MAX_NODES, ROW_MARGIN, RouteModel, replaces, shortest_routes
+from services.placement.route_model import ROW_MARGIN, RouteModel, replaces, shortest_routes
 from services.placement.routes import kv_slots, stay_home
 from services.placement.types import Cluster, CoActivation, Placement, Workload, check_inputs
 
@@ -289,10 +289,7 @@ def _choose(scored: list[tuple[float, Placement]], pipe: Placement, model: Route
     the pipeline by ROUTED_MIN_GAIN on the load view; of the rest, those within ROW_MARGIN of the
     lowest row view compete on the load view plus migration, the first of equal costs. `current` stays
     unless the choice `replaces` it."""
-    pipe_queue = None
-    if model.cluster.num_nodes <= LOAD_VIEW_MAX_NODES:  # above, the views are the row view, no queueing
-        pipe_queue = model.load_step_times(pipe.node_view(model.cluster), pipe.routes, pipe.hosts)[1]
-    pipe_views = model.view_costs(pipe)
+    pipe_views, pipe_queue = model.views_and_queue(pipe)  # no queue above LOAD_VIEW_MAX_NODES
     seen = {_key(pipe, False): pipe_views}  # candidates often repeat one another (DP kept the routes)
     kept = []
     for migration, placement in scored:
