@@ -1,19 +1,46 @@
-"""Activation reports: how many tokens each node sent to each (layer, expert) over a window.
+"""Activation reports: how many tokens each node sent to each (layer, expert) over a window, and the
+load its own requests put on it (steps, sequences, dense compute).
 
 Published by every gating on `prism.v1.activations.<node>`, read by the placement service.
 msgpack on the wire: {"v", "node", "window_s", "layers", "num_experts", "counts": int64 LE bytes
-of shape [len(layers), num_experts], "tokens": tokens per layer}.
+of shape [len(layers), num_experts], "tokens": tokens per layer, "steps", "step_sequences", "dense_s",
+"dense_layers"} (the last four: `StepLoad`; a report without them has none).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 import numpy.typing as npt
 
 from shared.errors import BadTensor
+
+
+@dataclass
+class StepLoad:
+    """The forward steps a gating ran for its own requests over a window: how many, the sequences in
+    them (a decode step's batch; a prefill counts its sequence once), and the seconds of dense compute
+    (embedding, attention, routers, head) over the MoE layers they ran here. The placement service
+    turns them into batch sizes, step rates and the dense time of a layer (services/placement/load.py)."""
+
+    steps: int = 0
+    sequences: int = 0
+    dense_s: float = 0.0
+    dense_layers: int = 0
+
+    def add(self, sequences: int, dense_s: float, layers: int) -> None:
+        self.steps += 1
+        self.sequences += sequences
+        self.dense_s += dense_s
+        self.dense_layers += layers
+
+    def take(self) -> StepLoad:
+        """The window so far; starts a new one."""
+        taken = StepLoad(self.steps, self.sequences, self.dense_s, self.dense_layers)
+        self.steps, self.sequences, self.dense_s, self.dense_layers = 0, 0, 0.0, 0
+        return taken
 
 
 @dataclass(frozen=True)
@@ -23,6 +50,7 @@ class ActivationReport:
     layers: list[int]  # absolute indices of the MoE layers, one row of `counts` each
     counts: npt.NDArray[np.int64]  # [len(layers), E] tokens routed to each expert in the window
     tokens: npt.NDArray[np.int64]  # [len(layers)] tokens that went through each layer's router
+    load: StepLoad = field(default_factory=StepLoad)
 
     def encode(self) -> bytes:
         return msgpack.packb(
@@ -34,6 +62,10 @@ class ActivationReport:
                 "num_experts": int(self.counts.shape[1]),
                 "counts": self.counts.astype("<i8").tobytes(),
                 "tokens": self.tokens.astype("<i8").tobytes(),
+                "steps": self.load.steps,
+                "step_sequences": self.load.sequences,
+                "dense_s": self.load.dense_s,
+                "dense_layers": self.load.dense_layers,
             }
         )
 
@@ -44,7 +76,11 @@ class ActivationReport:
             layers = [int(x) for x in data["layers"]]
             counts = np.frombuffer(data["counts"], dtype="<i8").reshape(len(layers), int(data["num_experts"]))
             tokens = np.frombuffer(data["tokens"], dtype="<i8").reshape(len(layers))
-            return cls(str(data["node"]), float(data["window_s"]), layers, counts.copy(), tokens.copy())
+            load = StepLoad(int(data.get("steps", 0)), int(data.get("step_sequences", 0)),
+                            float(data.get("dense_s", 0.0)), int(data.get("dense_layers", 0)))
+            if min(load.steps, load.sequences, load.dense_layers) < 0 or not 0.0 <= load.dense_s < float("inf"):
+                raise ValueError("negative or non-finite load")
+            return cls(str(data["node"]), float(data["window_s"]), layers, counts.copy(), tokens.copy(), load)
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:
             raise BadTensor(f"not an activation report: {exc}") from None
 
@@ -70,10 +106,11 @@ class ActivationCounter:
             row[expert] += count
         self.tokens[i] += tokens
 
-    def take(self, window_s: float) -> ActivationReport:
-        """The report of the window so far; starts a new window."""
+    def take(self, window_s: float, load: StepLoad | None = None) -> ActivationReport:
+        """The report of the window so far (with `load`, the gating's steps over it); starts a new window."""
         counts = np.array(self.counts, dtype=np.int64).reshape(len(self.layers), self.num_experts)
-        report = ActivationReport(self.node, window_s, self.layers, counts, np.array(self.tokens, dtype=np.int64))
+        report = ActivationReport(self.node, window_s, self.layers, counts, np.array(self.tokens, dtype=np.int64),
+                                  load or StepLoad())
         self.counts = [[0] * self.num_experts for _ in self.layers]
         self.tokens = [0] * len(self.layers)
         return report

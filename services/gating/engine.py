@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from services.gating.routes import Hop, Route, route_steps
+from shared.activations import StepLoad
 from shared.errors import Overloaded, PrismError
 from shared.model.inference import executor, inference
 from shared.model.model import Batch, MoEModel
@@ -87,6 +88,8 @@ class StepTime:
     local_s: float = 0.0  # computing embedded experts
     remote_wait_s: float = 0.0  # waiting on remote ones after that
     hop_wait_s: float = 0.0  # on a route: from sending a hop to its chain's answer
+    dense_s: float = 0.0  # the model's own compute here (embedding, attention, routers, head)
+    moe_layers: int = 0  # MoE layers run here (their expert calls)
 
     def add(self, wait_s: float, result: ExpertsResult) -> None:
         self.wait_s += wait_s
@@ -177,6 +180,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._executor = executor("dense")
         self.steps = 0
+        self.load = StepLoad()  # this node's own steps, for the activation reports
 
     def submit(self, seq: Sequence) -> None:
         """Queue a sequence; it joins the batch at the next step boundary."""
@@ -245,6 +249,7 @@ class Engine:
                 self._finish(seq, ErrorEvent(err))
             return
         self.steps += 1
+        self.load.add(len(batch_seqs), spent.dense_s, spent.moe_layers)
         for i, seq in enumerate(batch_seqs):
             seq.expert_wait_s += spent.wait_s
             seq.local_experts_s += spent.local_s
@@ -278,7 +283,7 @@ class Engine:
         sequence's new tokens)."""
         inline = sum(counts) <= self.inline_max_tokens
         live: Tensor | None = None  # [T] tokens of sequences still going, once one has failed; None: all
-        call, logits = await self._compute(inline, steps, None)
+        call, logits = await self._compute(inline, steps, None, spent)
         while call is not None:
             started = time.perf_counter()
             if isinstance(call, Hop):
@@ -288,13 +293,14 @@ class Engine:
                 if seqs[0].error is not None:  # the chain failed, and with it every sequence of the step
                     live = live_rows([seq.error is None for seq in seqs], counts)
             else:
+                spent.moe_layers += 1
                 result = await self.experts(call, live)
                 spent.add(time.perf_counter() - started, result)
                 if result.error is not None:
                     self._mark_failed(result, seqs, counts)
                     live = live_rows([seq.error is None for seq in seqs], counts)
                 output = result.output
-            call, logits = await self._compute(inline, steps, output)
+            call, logits = await self._compute(inline, steps, output, spent)
         assert logits is not None  # the generator returned
         return logits
 
@@ -311,13 +317,17 @@ class Engine:
             return hop.hidden
 
     async def _compute(
-        self, inline: bool, steps: Generator[MoECall | Hop, Tensor, Tensor], value: Tensor | None
+        self, inline: bool, steps: Generator[MoECall | Hop, Tensor, Tensor], value: Tensor | None, spent: StepTime
     ) -> tuple[MoECall | Hop | None, Tensor | None]:
         """Run dense compute up to the next MoE call: inline for small steps (a thread hop costs more
         than the math), on the worker thread for big ones so intake and replies keep flowing."""
+        started = time.perf_counter()
         if inline:
-            return resume(steps, value)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, resume, steps, value)
+            out = resume(steps, value)
+        else:
+            out = await asyncio.get_running_loop().run_in_executor(self._executor, resume, steps, value)
+        spent.dense_s += time.perf_counter() - started
+        return out
 
     @staticmethod
     def _mark_failed(result: ExpertsResult, seqs: list[Sequence], counts: list[int]) -> None:

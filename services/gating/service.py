@@ -365,9 +365,9 @@ class Gating:
         while True:
             await asyncio.sleep(self.settings.activation_interval_s)
             now = time.monotonic()
-            report = self.counter.take(now - last)
+            report = self.counter.take(now - last, self.engine.load.take())
             last = now
-            if report.tokens.any():
+            if report.tokens.any() or report.load.steps:
                 await self.nc.publish(subject, report.encode())
 
     async def stop(self) -> None:

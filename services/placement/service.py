@@ -45,6 +45,7 @@ from nats.micro.service import Service
 from pydantic import ValidationError
 
 from services.placement.errors import PlacementError
+from services.placement.load import LoadTracker
 from services.placement.objectives import judge
 from services.placement.planner import (
     ClusterView,
@@ -107,6 +108,7 @@ class PlacementService:
         self.model = model
         self.nodes = settings.node_list()
         self.stats = RoutingStats(len(self.nodes), len(model.moe_layers), model.num_experts, model.top_k)
+        self.load = LoadTracker(len(self.nodes))
         self.policy = get_policy(settings.policy)
         self.plan: dict[str, Any] | None = None
         self._seen: dict[str, tuple[HostStatus, float]] = {}
@@ -141,7 +143,11 @@ class PlacementService:
             if report.node not in self.nodes or report.layers != self.model.moe_layers:
                 self._drop_once(report.node, f"not a node of {self.nodes} with MoE layers {self.model.moe_layers}")
                 return
-            event = self.stats.add_counts(self.nodes.index(report.node), report.counts, int(report.tokens.max()))
+            node = self.nodes.index(report.node)
+            self.load.add_steps(node, report.load)
+            if not report.tokens.any():
+                return
+            event = self.stats.add_counts(node, report.counts, int(report.tokens.max()))
         except (PrismError, PlacementError) as err:
             log.warning("activation_report_dropped", subject=msg.subject, error=str(err))
             return
@@ -163,6 +169,7 @@ class PlacementService:
             return
         new = status.host not in self._seen
         self._seen[status.host] = (status, time.monotonic())
+        self.load.add_host(status)
         with contextlib.suppress(Exception):  # the in-memory registry is authoritative here
             await self.hosts_kv.put(status.host, msg.data)
         planned = set((self.plan or {}).get("hosts", {}))
@@ -241,7 +248,7 @@ class PlacementService:
         # Reports carry counts, not top-k sets: sets drawn from them, enough that two draws rate a
         # placement alike (with the latency model's default of 64 a steady workload moved on noise).
         coact = CoActivation.independent(freq, self.model.top_k, samples_per_node=COACT_SAMPLES)
-        workload = self._workload(len(serving))
+        workload = self._workload(rows)
         proposed = await self._solve(self.policy, freq, view.cluster, coact=coact, current=current, workload=workload)
         if current is not None and (self.plan or {}).get("policy") == self.settings.policy:
             verdict = await self._solve(judge, self.settings.policy, freq, current, proposed, view.cluster,
@@ -273,15 +280,21 @@ class PlacementService:
     def _link_rate(self) -> float:
         return self.settings.bandwidth_mbit * 1e6 / 8
 
-    def _workload(self, nodes: int) -> Workload:
-        """The latency model's view of the traffic: batch 1 (the statistics carry no batch sizes), the
-        model's hidden state per token, and loading one replica over the link spread over the decode
-        steps of the window (the simulator's Replanner charges it the same way)."""
-        steps = max(float(self.stats.window_tokens().sum()) / nodes, 1.0)
+    def _workload(self, rows: list[int]) -> Workload:
+        """The latency model's view of the traffic of nodes `rows`: what the gatings and hosts measured
+        (batch, step rate, dense and expert time: services/placement/load.py), the model's hidden state
+        per token, and loading one replica over the link spread over the decode steps of the window
+        (the simulator's Replanner charges it the same way)."""
+        measured = self.load.measured(rows)
+        steps = max(float(self.stats.window_tokens()[rows].sum()) / float(measured.batch.sum()), 1.0)
         load_s = self.model.expert_bytes / self._link_rate()
-        return Workload.uniform(nodes, bytes_per_token=self.model.hidden_size * DTYPE_BYTES[self.settings.dtype],
-                                top_k=self.model.top_k, migration_cost_s=load_s / steps,
-                                min_gain=self.settings.min_gain)
+        log.info("plan_workload", batch=measured.batch.tolist(),
+                 step_rate=None if measured.step_rate is None else np.round(measured.step_rate, 2).tolist(),
+                 dense_ms=None if measured.dense_time_s is None else round(1e3 * measured.dense_time_s, 4),
+                 expert_ms=None if measured.expert_time_s is None else round(1e3 * measured.expert_time_s, 4))
+        return measured.workload(bytes_per_token=self.model.hidden_size * DTYPE_BYTES[self.settings.dtype],
+                                 top_k=self.model.top_k, migration_cost_s=load_s / steps,
+                                 min_gain=self.settings.min_gain)
 
     def _migration_in_flight(self, live: dict[str, HostStatus] | None = None) -> bool:
         """The live hosts do not hold the current plan yet (its migration runs), for at most the

@@ -18,7 +18,7 @@ import pytest
 from services.placement.service import PlacementService, build
 from services.placement.settings import PlacementSettings
 from shared import subjects
-from shared.activations import ActivationReport
+from shared.activations import ActivationReport, StepLoad
 from shared.model.checkpoint import load_config
 from shared.model.config import list_moe_layers
 from shared.nats_server import NatsServer
@@ -410,3 +410,42 @@ async def test_plans_carry_routes(nats_hub: NatsServer, routed_model_dir: Path, 
         assert set(route) == set(nodes), f"{home}'s route leaves home for the layers it lacks: {route}"
         for layer in layers:
             assert {(layer, e) for e in range(E)} <= held[route[layer]], (home, layer, route)
+
+
+async def test_the_workload_is_what_the_gatings_and_hosts_measured(
+    nats_hub: NatsServer, model_dir: Path, unique: str
+) -> None:
+    """The policies price a step with each home's batch and step rate, the dense part of a layer and one
+    expert invocation: from the gatings' reports and the hosts' heartbeats, not batch 1 on idle peers."""
+    nodes = [f"{unique}-a", f"{unique}-b"]
+    async with running_service(nats_hub, model_dir, unique, nodes, plan_interval_s=3600) as (nc, service):
+        blind = service._workload([0, 1])
+        assert blind.batch.tolist() == [1, 1]
+        assert blind.step_rate is None
+        assert blind.dense_time_s == 0
+        layers = service.model.moe_layers
+        for node, load in ((nodes[0], StepLoad(20, 80, 20 * 0.003, 20 * len(layers))),
+                           (nodes[1], StepLoad(10, 10, 10 * 0.001, 10 * len(layers)))):
+            counts = np.zeros((len(layers), service.model.num_experts), dtype=np.int64)
+            counts[:, 0] = 8
+            report = ActivationReport(node, 1.0, layers, counts, np.full(len(layers), 4, dtype=np.int64), load)
+            for _ in range(3):
+                await nc.publish(subjects.activations(node), report.encode())
+        for calls, busy in ((50, 1.0), (250, 1.1)):  # 200 calls in 0.1 s: 0.5 ms each
+            status = HostStatus(host=f"{nodes[0]}-h0", node=nodes[0], device="cpu", memory_used_bytes=0,
+                                memory_limit_bytes=1 << 30, experts=[], queue_depth=0, calls_served=calls,
+                                tokens_served=calls, errors=0, busy_s=busy, instance="x")
+            await nc.publish(subjects.host_status(status.host), status.model_dump_json().encode())
+        await nc.flush()
+        async with asyncio.timeout(10):
+            while service.load.measured([0, 1]).expert_time_s is None or tokens_seen(service) < 24:  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        before = time.monotonic() - service.load.started
+        wl = service._workload([0, 1])
+        after = time.monotonic() - service.load.started
+        assert wl.batch.tolist() == [4, 1]
+        assert wl.dense_time_s == pytest.approx((60 * 0.003 + 30 * 0.001) / (90 * len(layers)))
+        assert wl.expert_time_s == pytest.approx(0.0005)
+        assert wl.step_rate is not None
+        assert wl.step_rate[0] == pytest.approx(2 * wl.step_rate[1])
+        assert 60 / after <= wl.step_rate[0] <= 60 / before, "node a's 60 steps over the time the service ran"

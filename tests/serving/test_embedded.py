@@ -16,12 +16,15 @@ from pathlib import Path
 import nats
 import pytest
 import torch
+from nats.aio.msg import Msg
 
 from services.gating.metrics import sample
 from services.migrator.service import Migrator, build
 from services.migrator.settings import MigratorSettings
 from shared import subjects
+from shared.activations import ActivationReport
 from shared.errors import ExpertUnavailable
+from shared.model.checkpoint import load_config
 from shared.schemas import HostStatus
 from tests.checkpoints import make_tiny_checkpoint
 from tests.serving.conftest import LocalCluster, ask, ask_all, reference
@@ -262,3 +265,33 @@ async def test_each_embedded_host_counts_the_rows_it_computed(
     counts = gating.counter.take(1.0).counts.sum(axis=0)  # per expert, summed over layers
     assert ae.counters.direct_tokens - rows_before[0] == counts[:4].sum() > 0
     assert af.counters.direct_tokens - rows_before[1] == counts[4:].sum() > 0
+
+
+async def test_the_activation_reports_carry_the_nodes_steps(
+    cluster: LocalCluster, family_dirs: dict[str, Path]
+) -> None:
+    """What the placement service turns into each home's batch and step rate: a gating's reports count
+    its steps, the sequences in them and their dense compute over the MoE layers run."""
+    model = family_dirs["mixtral"]
+    await cluster.add_node("a")
+    await cluster.add_gating("a", model, embedded={"ae": "*:*"}, activation_interval_s=0.2)
+    await cluster.settle()
+    nc = await cluster.connect("a")
+    reports: list[ActivationReport] = []
+
+    async def keep(msg: Msg) -> None:
+        reports.append(ActivationReport.decode(msg.data))
+
+    sub = await nc.subscribe(subjects.activations(cluster.node("a")), cb=keep)
+    replies = await ask_all(cluster, ["a"] * 4, prompts(4, seed=14), 10)
+    generated = sum(len(r["token_ids"]) for r in replies)
+    async with asyncio.timeout(10):
+        while sum(r.load.sequences for r in reports) < generated:  # noqa: ASYNC110 - fed by real reports
+            await asyncio.sleep(0.05)
+    await sub.unsubscribe()
+    steps = sum(r.load.steps for r in reports)
+    moe = len(load_config(model).moe_layers)
+    assert 10 <= steps <= generated, "a step per token of the longest request at least; one per token at most"
+    assert sum(r.load.sequences for r in reports) == generated, "each step's sequences, one per token"
+    assert sum(r.load.dense_layers for r in reports) == steps * moe
+    assert sum(r.load.dense_s for r in reports) > 0

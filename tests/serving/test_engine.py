@@ -120,3 +120,24 @@ async def test_a_sampling_failure_fails_only_its_sequence(mixtral_dir: Path, mon
     assert events_broken[-1].error.message == "internal error while sampling"  # no internals leak out
     assert [e.token_id for e in events_fine if isinstance(e, TokenEvent)] == reference(mixtral_dir, [[9, 10, 11]], 4)[0]
     assert engine.cache.num_free() == 8
+
+
+async def test_the_engine_counts_its_steps_for_the_activation_reports(mixtral_dir: Path) -> None:
+    """Steps, the sequences in them and the dense compute over the MoE layers: what the placement
+    service turns into batch sizes, step rates and the dense time of a layer."""
+    experts = AsyncLocal(LocalExperts.from_checkpoint(mixtral_dir))
+    engine = engine_for(mixtral_dir, experts)
+    seqs = [Sequence([5, 6, 7], 6, SamplingParams(), stream=False) for _ in range(3)]
+    for seq in seqs:
+        engine.submit(seq)
+    runner = asyncio.create_task(engine.run())
+    try:
+        await asyncio.gather(*(drain(seq) for seq in seqs))
+    finally:
+        runner.cancel()
+    load = engine.load.take()
+    assert load.steps == engine.steps == 6, "three sequences admitted together: one step per token"
+    assert load.sequences == 18
+    assert load.dense_layers == 6 * len(engine.model.config.moe_layers) == len(experts.calls)
+    assert load.dense_s > 0
+    assert engine.load.take().steps == 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import msgpack
 import numpy as np
 import pytest
 
-from shared.activations import ActivationCounter, ActivationReport
+from shared.activations import ActivationCounter, ActivationReport, StepLoad
 from shared.errors import BadTensor
 
 
@@ -29,3 +30,24 @@ def test_report_round_trips_and_rejects_garbage() -> None:
     assert back.tokens.tolist() == [3, 4]
     with pytest.raises(BadTensor):
         ActivationReport.decode(b"\x81\xa1v\x01")
+
+
+def test_the_step_load_travels_with_the_report() -> None:
+    counter = ActivationCounter("edge-a", layers=[1], num_experts=2)
+    load = StepLoad()
+    load.add(3, 0.002, 4)
+    load.add(1, 0.001, 4)
+    report = counter.take(1.0, load.take())
+    back = ActivationReport.decode(report.encode())
+    assert back.load == StepLoad(steps=2, sequences=4, dense_s=0.003, dense_layers=8)
+    assert load.take() == StepLoad(), "take starts a new window"
+
+
+def test_a_report_without_a_load_has_none_and_a_bad_load_is_refused() -> None:
+    old = msgpack.packb({"v": 1, "node": "edge-a", "window_s": 1.0, "layers": [0], "num_experts": 2,
+                         "counts": np.zeros(2, dtype="<i8").tobytes(), "tokens": np.zeros(1, dtype="<i8").tobytes()})
+    assert ActivationReport.decode(old).load == StepLoad()  # a gating of an older version
+    for bad in ({"steps": -1}, {"dense_s": float("nan")}, {"step_sequences": "many"}):
+        payload = msgpack.packb({**msgpack.unpackb(old), **bad})
+        with pytest.raises(BadTensor):
+            ActivationReport.decode(payload)

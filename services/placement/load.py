@@ -1,0 +1,102 @@
+"""The traffic the latency model is told about, measured while serving.
+
+The `latency` and `route` policies and the migration rule price a step with a `Workload`: each home's
+batch, its steps per second (the load it brings to the nodes on its route: `route`'s queueing term),
+the dense part of a layer and one expert invocation. The simulator knows them; a live cluster measures
+them, over the last `horizon_s`:
+- each gating's activation reports carry its own steps (`shared.activations.StepLoad`): their number,
+  the sequences in them, and the seconds of dense compute over the MoE layers they ran;
+- each host's heartbeat carries cumulative expert calls and the seconds spent on them (embedded calls'
+  compute; messages answered, from decoding to the reply).
+A field nothing measured yet keeps the Workload's default (batch 1, no step rate, no dense time, the
+default expert time): what the service planned with before it measured anything.
+
+Without them `route` priced Mixtral's testbed at batch 8 as if every peer were idle and its experts
+cost 40 µs: it chose routes 2.6× slower than with the measured workload (`bench/calibration.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from services.placement.types import Workload
+from shared.activations import StepLoad
+from shared.schemas import HostStatus
+
+HORIZON_S = 60.0  # long enough for a steady rate, short enough to follow the day's traffic
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What `LoadTracker` measured, for the serving nodes asked about; None where nothing was."""
+
+    batch: np.ndarray  # [N] int >= 1: mean sequences per step (1 where a node ran no step)
+    step_rate: np.ndarray | None  # [N] steps per second
+    dense_time_s: float | None  # the dense part of one layer of one step
+    expert_time_s: float | None  # one expert invocation
+
+    def workload(self, **fixed: Any) -> Workload:
+        """A Workload of these measurements and `fixed` fields; an unmeasured one keeps its default."""
+        workload = Workload(batch=self.batch, step_rate=self.step_rate, **fixed)
+        if self.dense_time_s is not None:
+            workload = replace(workload, dense_time_s=self.dense_time_s)
+        if self.expert_time_s is not None:
+            workload = replace(workload, expert_time_s=self.expert_time_s)
+        return workload
+
+
+class LoadTracker:
+    """Gatings' step loads and hosts' expert-call counters over a sliding horizon."""
+
+    def __init__(self, num_nodes: int, horizon_s: float = HORIZON_S, now: float | None = None) -> None:
+        self.num_nodes = num_nodes
+        self.horizon_s = horizon_s
+        self.started = time.monotonic() if now is None else now  # rates count from here
+        self._steps: deque[tuple[float, int, StepLoad]] = deque()  # (when, node, its report's load)
+        self._calls: deque[tuple[float, int, float]] = deque()  # (when, expert calls, their seconds)
+        self._counters: dict[str, tuple[str, int, float]] = {}  # host -> (instance, calls, seconds) last seen
+
+    def add_steps(self, node: int, load: StepLoad, now: float | None = None) -> None:
+        if load.steps:
+            self._steps.append((time.monotonic() if now is None else now, node, load))
+
+    def add_host(self, status: HostStatus, now: float | None = None) -> None:
+        """A heartbeat: the calls and seconds since this host's last one (none across a restart)."""
+        calls = status.calls_served + status.direct_calls
+        seconds = status.busy_s + status.direct_s
+        last = self._counters.get(status.host)
+        self._counters[status.host] = (status.instance, calls, seconds)
+        if last is None or last[0] != status.instance or calls < last[1] or seconds < last[2]:
+            return  # a first heartbeat or a restarted host: its counters are a new baseline
+        if calls > last[1]:
+            self._calls.append((time.monotonic() if now is None else now, calls - last[1], seconds - last[2]))
+
+    def measured(self, rows: list[int], now: float | None = None) -> Measured:
+        """The measurements for nodes `rows` (indices into the tracker's nodes), in that order."""
+        now = time.monotonic() if now is None else now
+        self._forget(now)
+        steps, sequences, dense_s, layers = (np.zeros(self.num_nodes) for _ in range(4))
+        for _, node, load in self._steps:
+            steps[node] += load.steps
+            sequences[node] += load.sequences
+            dense_s[node] += load.dense_s
+            layers[node] += load.dense_layers
+        steps, sequences = steps[rows], sequences[rows]
+        batch = np.maximum(np.round(np.divide(sequences, steps, out=np.ones_like(steps), where=steps > 0)), 1)
+        span = min(self.horizon_s, now - self.started)
+        rate = steps / span if steps.any() and span > 0 else None
+        dense = float(dense_s[rows].sum() / layers[rows].sum()) if layers[rows].sum() > 0 else None
+        calls = sum(c for _, c, _ in self._calls)
+        expert = sum(s for _, _, s in self._calls) / calls if calls else None
+        return Measured(batch.astype(np.int64), rate, dense, expert)
+
+    def _forget(self, now: float) -> None:
+        horizon = now - self.horizon_s
+        for window in (self._steps, self._calls):
+            while window and window[0][0] < horizon:
+                window.popleft()
