@@ -184,6 +184,7 @@ def _hosts(
             "PRISM_HOST_EXPERTS": format_experts(placement[host.name]),
             "PRISM_HOST_MEMORY_LIMIT_MB": f"{host.memory_limit_mb(expert_bytes):.6f}",
             "PRISM_HOST_DEVICE": host.device,
+            "PRISM_HOST_SPEED": str(host.speed),
             "PRISM_HOST_DTYPE": opts.topology.dtype,
             "PRISM_HOST_BUSY_POLL_S": busy_poll_s,
         })
@@ -221,6 +222,7 @@ def embedded_hosts_json(node: NodeSpec, placement: dict[str, list[tuple[int, int
             "experts": format_experts(placement[host.name]),
             "memory_limit_mb": round(host.memory_limit_mb(expert_bytes), 6),
             "device": host.device,
+            "speed": host.speed,
         }
         for host in node.hosts
         if host.embedded

@@ -208,6 +208,7 @@ class HostStatus(Message):
     direct_tokens: int = Field(0, description="rows of those calls")
     direct_s: float = Field(0.0, description="seconds of that compute")
     embedded: bool = Field(False, description="the host lives in its node's gating process")
+    speed: float = Field(1.0, gt=0, le=1000, description="relative compute speed (its topology's), 1.0 = reference")
     instance: str = Field("", max_length=64, description="random id of the host process: changes on a restart")
 
 

@@ -354,6 +354,7 @@ class ExpertHost:
             direct_tokens=self.counters.direct_tokens,
             direct_s=self.counters.direct_s,
             embedded=self.embedded,
+            speed=self.settings.speed,
             instance=self.instance,
         )
 

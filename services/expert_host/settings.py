@@ -23,6 +23,7 @@ class ExpertHostSettings(ServiceSettings):
     experts: str = Field("*:*", description="experts to hold: LAYERS:EXPERTS items, e.g. '1-3:0-7,5:*'")
     memory_limit_mb: float = Field(4096.0, gt=0, le=2**24, description="memory budget for expert weights, MiB")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of the experts")
+    speed: float = Field(1.0, gt=0, le=1000, description="relative compute speed (placement input), 1.0 = reference")
     dtype: DtypeName = Field("float32", description="expert weight dtype")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="status heartbeat period, seconds")
     inline_max_tokens: int = Field(

@@ -465,6 +465,7 @@ def embedded_host(nc: NatsClient, settings: GatingSettings, spec: EmbeddedHost) 
         experts=spec.experts,
         memory_limit_mb=spec.memory_limit_mb,
         device=spec.device,
+        speed=spec.speed,
         dtype=settings.dtype,
         drain_timeout_s=settings.drain_timeout_s,
         inline_max_tokens=settings.inline_max_tokens,

@@ -21,6 +21,7 @@ class EmbeddedHost(BaseModel):
     experts: str = Field("", description="experts it starts with: LAYERS:EXPERTS items, e.g. '1-3:0-7,5:*'")
     memory_limit_mb: float = Field(4096.0, gt=0, le=2**24, description="memory budget for expert weights, MiB")
     device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d+)?)$", description="torch device of its experts")
+    speed: float = Field(1.0, gt=0, le=1000, description="relative compute speed (placement input), 1.0 = reference")
 
 
 class GatingSettings(WatchesHosts):
@@ -43,7 +44,7 @@ class GatingSettings(WatchesHosts):
     )
     embedded_hosts: list[EmbeddedHost] = Field(
         default_factory=list,
-        description="expert hosts in this process, as JSON: [{host, experts, memory_limit_mb, device}]",
+        description="expert hosts in this process, as JSON: [{host, experts, memory_limit_mb, device, speed}]",
     )
     compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for the dense model")
     route: list[str] = Field(

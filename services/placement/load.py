@@ -8,6 +8,8 @@ them, over the last `horizon_s`:
   the sequences in them, and the seconds of dense compute over the MoE layers they ran;
 - each host's heartbeat carries cumulative expert calls and the seconds spent on them (embedded calls'
   compute; messages answered, from decoding to the reply).
+Times are the Workload's, on a speed-1.0 host: a host's seconds are scaled by the speed it reports (its
+topology's), a node's dense seconds by its first host's.
 A field nothing measured yet keeps the Workload's default (batch 1, no step rate, no dense time, the
 default expert time): what the service planned with before it measured anything.
 
@@ -68,7 +70,7 @@ class LoadTracker:
     def add_host(self, status: HostStatus, now: float | None = None) -> None:
         """A heartbeat: the calls and seconds since this host's last one (none across a restart)."""
         calls = status.calls_served + status.direct_calls
-        seconds = status.busy_s + status.direct_s
+        seconds = (status.busy_s + status.direct_s) * status.speed  # as on a speed-1.0 host
         last = self._counters.get(status.host)
         self._counters[status.host] = (status.instance, calls, seconds)
         if last is None or last[0] != status.instance or calls < last[1] or seconds < last[2]:
@@ -76,8 +78,9 @@ class LoadTracker:
         if calls > last[1]:
             self._calls.append((time.monotonic() if now is None else now, calls - last[1], seconds - last[2]))
 
-    def measured(self, rows: list[int], now: float | None = None) -> Measured:
-        """The measurements for nodes `rows` (indices into the tracker's nodes), in that order."""
+    def measured(self, rows: list[int], now: float | None = None, speeds: np.ndarray | None = None) -> Measured:
+        """The measurements for nodes `rows` (indices into the tracker's nodes), in that order; `speeds`
+        [len(rows)]: each node's first host's speed, where its gating computes (default 1.0)."""
         now = time.monotonic() if now is None else now
         self._forget(now)
         steps, sequences, dense_s, layers = (np.zeros(self.num_nodes) for _ in range(4))
@@ -90,7 +93,8 @@ class LoadTracker:
         batch = np.maximum(np.round(np.divide(sequences, steps, out=np.ones_like(steps), where=steps > 0)), 1)
         span = min(self.horizon_s, now - self.started)
         rate = steps / span if steps.any() and span > 0 else None
-        dense = float(dense_s[rows].sum() / layers[rows].sum()) if layers[rows].sum() > 0 else None
+        speed = np.ones(len(rows)) if speeds is None else np.asarray(speeds, dtype=np.float64)
+        dense = float((dense_s[rows] * speed).sum() / layers[rows].sum()) if layers[rows].sum() > 0 else None
         calls = sum(c for _, c, _ in self._calls)
         expert = sum(s for _, _, s in self._calls) / calls if calls else None
         return Measured(batch.astype(np.int64), rate, dense, expert)

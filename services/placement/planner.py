@@ -30,14 +30,15 @@ class ClusterView:
 def cluster_view(
     statuses: Sequence[HostStatus], nodes: list[str], expert_bytes: int, rtt_s: float, bandwidth_bytes_s: float
 ) -> ClusterView:
-    """Hosts of known nodes, sorted by name, with slots = memory limit / expert size."""
+    """Hosts of known nodes, sorted by name, with slots = memory limit / expert size and the speed
+    each reports (its topology's)."""
     live = sorted((s for s in statuses if s.node in nodes), key=lambda s: s.host)
     if not live:
         raise InvalidInputError(f"no live expert host on any of the nodes {nodes}")
     cluster = Cluster(
         host_node=np.array([nodes.index(s.node) for s in live]),
         host_slots=np.array([s.memory_limit_bytes // expert_bytes for s in live]),
-        host_speed=np.ones(len(live)),
+        host_speed=np.array([s.speed for s in live]),
         rtt_s=_links(len(nodes), rtt_s, 0.0),
         bandwidth_Bps=_links(len(nodes), bandwidth_bytes_s, np.inf),
     )

@@ -15,6 +15,7 @@ import nats
 import numpy as np
 import pytest
 
+from services.placement.planner import ClusterView, cluster_view
 from services.placement.service import PlacementService, build
 from services.placement.settings import PlacementSettings
 from shared import subjects
@@ -416,10 +417,28 @@ async def test_the_workload_is_what_the_gatings_and_hosts_measured(
     nats_hub: NatsServer, model_dir: Path, unique: str
 ) -> None:
     """The policies price a step with each home's batch and step rate, the dense part of a layer and one
-    expert invocation: from the gatings' reports and the hosts' heartbeats, not batch 1 on idle peers."""
+    expert invocation: from the gatings' reports and the hosts' heartbeats, not batch 1 on idle peers;
+    and with each host's speed (its topology's), times as on a speed-1.0 host."""
     nodes = [f"{unique}-a", f"{unique}-b"]
     async with running_service(nats_hub, model_dir, unique, nodes, plan_interval_s=3600) as (nc, service):
-        blind = service._workload([0, 1])
+
+        async def heartbeat(node: str, speed: float, calls: int, busy: float) -> None:
+            status = HostStatus(host=f"{node}-h0", node=node, device="cpu", memory_used_bytes=0,
+                                memory_limit_bytes=1 << 30, experts=[], queue_depth=0, calls_served=calls,
+                                tokens_served=calls, errors=0, busy_s=busy, instance="x", speed=speed)
+            await nc.publish(subjects.host_status(status.host), status.model_dump_json().encode())
+
+        def view() -> ClusterView:
+            return cluster_view(service.live_hosts(), nodes, service.model.expert_bytes, 0.001, 1e8)
+
+        await heartbeat(nodes[0], 2.0, 50, 1.0)  # node a's GPU is twice the reference
+        await heartbeat(nodes[1], 1.0, 0, 0.0)
+        await nc.flush()
+        async with asyncio.timeout(10):
+            while len(service.live_hosts()) < 2:  # noqa: ASYNC110 - fed by real heartbeats
+                await asyncio.sleep(0.02)
+        assert view().cluster.host_speed.tolist() == [2.0, 1.0]
+        blind = service._workload([0, 1], view())
         assert blind.batch.tolist() == [1, 1]
         assert blind.step_rate is None
         assert blind.dense_time_s == 0
@@ -431,21 +450,17 @@ async def test_the_workload_is_what_the_gatings_and_hosts_measured(
             report = ActivationReport(node, 1.0, layers, counts, np.full(len(layers), 4, dtype=np.int64), load)
             for _ in range(3):
                 await nc.publish(subjects.activations(node), report.encode())
-        for calls, busy in ((50, 1.0), (250, 1.1)):  # 200 calls in 0.1 s: 0.5 ms each
-            status = HostStatus(host=f"{nodes[0]}-h0", node=nodes[0], device="cpu", memory_used_bytes=0,
-                                memory_limit_bytes=1 << 30, experts=[], queue_depth=0, calls_served=calls,
-                                tokens_served=calls, errors=0, busy_s=busy, instance="x")
-            await nc.publish(subjects.host_status(status.host), status.model_dump_json().encode())
+        await heartbeat(nodes[0], 2.0, 250, 1.1)  # 200 calls in 0.1 s: 0.5 ms each at speed 2
         await nc.flush()
         async with asyncio.timeout(10):
             while service.load.measured([0, 1]).expert_time_s is None or tokens_seen(service) < 24:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         before = time.monotonic() - service.load.started
-        wl = service._workload([0, 1])
+        wl = service._workload([0, 1], view())
         after = time.monotonic() - service.load.started
         assert wl.batch.tolist() == [4, 1]
-        assert wl.dense_time_s == pytest.approx((60 * 0.003 + 30 * 0.001) / (90 * len(layers)))
-        assert wl.expert_time_s == pytest.approx(0.0005)
+        assert wl.dense_time_s == pytest.approx((60 * 0.003 * 2.0 + 30 * 0.001) / (90 * len(layers)))
+        assert wl.expert_time_s == pytest.approx(0.001), "0.5 ms at speed 2: 1 ms on the reference"
         assert wl.step_rate is not None
         assert wl.step_rate[0] == pytest.approx(2 * wl.step_rate[1])
         assert 60 / after <= wl.step_rate[0] <= 60 / before, "node a's 60 steps over the time the service ran"
