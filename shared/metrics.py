@@ -19,7 +19,7 @@ the loop owns without locks. Pure: nothing here imports nats.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import prometheus_client
@@ -114,6 +114,15 @@ BALANCEDNESS = Spec("prism_expert_balancedness", "gauge",
                     "vLLM's EPLB balancedness over the statistics window: sum over MoE layers of the mean host "
                     "load over the sum of the busiest host's load (1 = even); load = (token, expert) calls, an "
                     "expert's split evenly over its live holders")
+PLANNED_BATCH = Spec("prism_planned_batch", "gauge",
+                     "sequences per forward step of a node's own requests, measured over the placement "
+                     "service's horizon (what it plans with)", ("node",))
+PLANNED_STEP_RATE = Spec("prism_planned_steps_per_second", "gauge",
+                         "forward steps per second a node runs for its own requests, over the same horizon",
+                         ("node",))
+PLANNED_SECONDS = Spec("prism_planned_seconds", "gauge",
+                       "measured times the placement service plans with, on a speed-1.0 host: kind=dense_layer "
+                       "(the dense part of one layer of a step) or expert_call (one expert invocation)", ("kind",))
 MIGRATION_STEPS = Spec("prism_migration_steps_total", "counter", "load and unload commands the migrator sent",
                        ("kind", "result"))
 MIGRATION_SECONDS = Spec("prism_migration_seconds", "histogram", "time to apply one plan epoch, seconds",
@@ -123,7 +132,7 @@ SPECS: tuple[Spec, ...] = (
     REQUESTS, REQUEST_SECONDS, FIRST_TOKEN_SECONDS, PER_TOKEN_SECONDS, TOKENS, EXPERT_CALLS, EXPERT_MESSAGES,
     QUEUE_DEPTH, RUNNING, ROUTE_HOPS, ROUTE_HOP_SECONDS, SEGMENTS, SEGMENT_SECONDS, FOREIGN_KV, NETWORK_BYTES,
     HOST_MEMORY, HOST_EXPERTS, HOST_CALLS, HOST_TOKENS, HOST_BUSY, HOST_MESSAGES, HOST_ERRORS, HOST_QUEUE,
-    PLAN_EPOCH, BALANCEDNESS, MIGRATION_STEPS, MIGRATION_SECONDS,
+    PLAN_EPOCH, BALANCEDNESS, PLANNED_BATCH, PLANNED_STEP_RATE, PLANNED_SECONDS, MIGRATION_STEPS, MIGRATION_SECONDS,
 )
 
 
@@ -279,6 +288,9 @@ class ConnectionCollector(Collector):
 class PlacementSample:
     published_epoch: int  # 0 before any plan
     balancedness: float | None  # None without load in the window
+    batch: dict[str, float] = field(default_factory=dict)  # node -> measured sequences per step
+    step_rate: dict[str, float] = field(default_factory=dict)  # node -> measured steps per second
+    seconds: dict[str, float] = field(default_factory=dict)  # "dense_layer" / "expert_call" -> seconds
 
 
 class PlacementCollector(Collector):
@@ -292,6 +304,11 @@ class PlacementCollector(Collector):
         if s.balancedness is not None:
             balance.add_metric([], s.balancedness)
         yield balance
+        for spec, values in ((PLANNED_BATCH, s.batch), (PLANNED_STEP_RATE, s.step_rate), (PLANNED_SECONDS, s.seconds)):
+            out = family(spec)
+            for label, value in values.items():
+                out.add_metric([label], value)
+            yield out
 
 
 def _one(spec: Spec, labels: list[str], value: float) -> CounterMetricFamily | GaugeMetricFamily:

@@ -1,11 +1,13 @@
-"""The placement service's Prometheus registry: the published plan's epoch and the expert
-balancedness of the statistics window over what the live hosts hold (read when scraped), and its
+"""The placement service's Prometheus registry: the published plan's epoch, the expert balancedness of
+the statistics window over what the live hosts hold, and the load it plans with (each node's batch
+and step rate, the dense and expert times: services/placement/load.py), read when scraped; and its
 NATS connection (node label `hub`: it connects to the hub)."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 from prometheus_client import CollectorRegistry
 
 from services.placement.balance import balancedness, holdings
@@ -27,4 +29,14 @@ def sample(service: PlacementService) -> PlacementSample:
     live = service.live_hosts()
     hosts = holdings([s.experts for s in live], service.model.moe_layers, service.model.num_experts)
     calls = service.stats.counts().sum(axis=0)  # [L, E]
-    return PlacementSample(int((service.plan or {}).get("epoch", 0)), balancedness(calls, hosts))
+    speeds = {s.node: s.speed for s in sorted(live, key=lambda s: s.host, reverse=True)}  # first host's
+    measured = service.load.measured(list(range(len(service.nodes))),
+                                     speeds=np.array([speeds.get(n, 1.0) for n in service.nodes]))
+    seconds = {"dense_layer": measured.dense_time_s, "expert_call": measured.expert_time_s}
+    rates = measured.step_rate if measured.step_rate is not None else np.zeros(len(service.nodes))
+    return PlacementSample(
+        int((service.plan or {}).get("epoch", 0)), balancedness(calls, hosts),
+        batch={n: float(b) for n, b, r in zip(service.nodes, measured.batch, rates, strict=True) if r > 0},
+        step_rate={n: float(r) for n, r in zip(service.nodes, rates, strict=True) if r > 0},
+        seconds={kind: t for kind, t in seconds.items() if t is not None},
+    )

@@ -22,7 +22,7 @@ from services.placement.metrics import placement_registry
 from services.placement.service import build as build_placement
 from services.placement.settings import PlacementSettings
 from shared import subjects
-from shared.activations import ActivationReport
+from shared.activations import ActivationReport, StepLoad
 from shared.metrics_http import MetricsServer
 from shared.model.checkpoint import load_config
 from shared.nats_server import NatsServer
@@ -62,7 +62,9 @@ async def test_placement_exports_the_published_epoch_and_the_balancedness_of_its
         for node, expert, calls in ((n0, 0, 128), (n1, 7, 64)):
             counts = np.zeros((2, 8), dtype=np.int64)
             counts[:, expert] = calls
-            report = ActivationReport(node, 1.0, [0, 1], counts, np.full(2, calls // 2, dtype=np.int64))
+            steps = StepLoad(steps=calls // 8, sequences=calls // 4, dense_s=0.001 * (calls // 8),
+                             dense_layers=calls // 4)
+            report = ActivationReport(node, 1.0, [0, 1], counts, np.full(2, calls // 2, dtype=np.int64), steps)
             await nc.publish(subjects.activations(node), report.encode())
         await nc.flush()
         async with asyncio.timeout(10):
@@ -74,6 +76,13 @@ async def test_placement_exports_the_published_epoch_and_the_balancedness_of_its
         entry = await service.plans.get("plan")
         assert m.value("prism_plan_epoch", stage="published") == json.loads(entry.value or b"{}")["epoch"] >= 1
         assert m.value("prism_network_bytes_total", node="hub", direction="in") > 0
+        # the load it plans with: 16 and 8 steps of 2 sequences, 1 ms of dense compute per step over 2 layers
+        assert m.value("prism_planned_batch", node=n0) == m.value("prism_planned_batch", node=n1) == 2
+        assert m.value("prism_planned_steps_per_second", node=n0) == pytest.approx(
+            2 * m.value("prism_planned_steps_per_second", node=n1))
+        assert m.value("prism_planned_seconds", kind="dense_layer") == pytest.approx(0.0005)
+        assert not [labels for name, labels in m.samples if name == "prism_planned_seconds"
+                    and dict(labels).get("kind") == "expert_call"], "no host counted a call: no expert time"
     finally:
         await service.stop()
         await server.close()
