@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -50,6 +51,15 @@ class Measured:
         if self.expert_time_s is not None:
             workload = replace(workload, expert_time_s=self.expert_time_s)
         return workload
+
+
+def first_host_speeds(statuses: Iterable[HostStatus], nodes: list[str]) -> np.ndarray:
+    """[len(nodes)] the speed of each node's first host by name, where the route model runs a node's
+    dense part (1.0 for a node without a live host)."""
+    first: dict[str, float] = {}
+    for status in sorted(statuses, key=lambda s: s.host):
+        first.setdefault(status.node, status.speed)
+    return np.array([first.get(node, 1.0) for node in nodes])
 
 
 class LoadTracker:

@@ -11,6 +11,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from services.placement.balance import balancedness, holdings
+from services.placement.load import first_host_speeds
 from shared.metrics import ConnectionCollector, PlacementCollector, PlacementSample
 
 if TYPE_CHECKING:
@@ -29,9 +30,8 @@ def sample(service: PlacementService) -> PlacementSample:
     live = service.live_hosts()
     hosts = holdings([s.experts for s in live], service.model.moe_layers, service.model.num_experts)
     calls = service.stats.counts().sum(axis=0)  # [L, E]
-    speeds = {s.node: s.speed for s in sorted(live, key=lambda s: s.host, reverse=True)}  # first host's
     measured = service.load.measured(list(range(len(service.nodes))),
-                                     speeds=np.array([speeds.get(n, 1.0) for n in service.nodes]))
+                                     speeds=first_host_speeds(live, service.nodes))
     seconds = {"dense_layer": measured.dense_time_s, "expert_call": measured.expert_time_s}
     rates = measured.step_rate if measured.step_rate is not None else np.zeros(len(service.nodes))
     return PlacementSample(

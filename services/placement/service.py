@@ -30,7 +30,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,7 +45,7 @@ from nats.micro.service import Service
 from pydantic import ValidationError
 
 from services.placement.errors import PlacementError
-from services.placement.load import LoadTracker
+from services.placement.load import LoadTracker, first_host_speeds
 from services.placement.objectives import judge
 from services.placement.planner import (
     ClusterView,
@@ -248,7 +248,7 @@ class PlacementService:
         # Reports carry counts, not top-k sets: sets drawn from them, enough that two draws rate a
         # placement alike (with the latency model's default of 64 a steady workload moved on noise).
         coact = CoActivation.independent(freq, self.model.top_k, samples_per_node=COACT_SAMPLES)
-        workload = self._workload(rows, view)
+        workload = self._workload(rows, live.values())
         proposed = await self._solve(self.policy, freq, view.cluster, coact=coact, current=current, workload=workload)
         if current is not None and (self.plan or {}).get("policy") == self.settings.policy:
             verdict = await self._solve(judge, self.settings.policy, freq, current, proposed, view.cluster,
@@ -280,14 +280,13 @@ class PlacementService:
     def _link_rate(self) -> float:
         return self.settings.bandwidth_mbit * 1e6 / 8
 
-    def _workload(self, rows: list[int], view: ClusterView) -> Workload:
-        """The latency model's view of the traffic of nodes `rows` (`view`'s nodes): what the gatings and
+    def _workload(self, rows: list[int], live: Iterable[HostStatus]) -> Workload:
+        """The latency model's view of the traffic of nodes `rows` (`live` their hosts): what the gatings and
         hosts measured (batch, step rate, dense and expert time: services/placement/load.py), the
         model's hidden state per token, and loading one replica over the link spread over the decode
         steps of the window (the simulator's Replanner charges it the same way)."""
-        cl = view.cluster
-        first_speed = np.array([cl.host_speed[np.flatnonzero(cl.host_node == i)[0]] for i in range(len(rows))])
-        measured = self.load.measured(rows, speeds=first_speed)
+        speeds = first_host_speeds(live, [self.nodes[i] for i in rows])
+        measured = self.load.measured(rows, speeds=speeds)
         steps = max(float(self.stats.window_tokens()[rows].sum()) / float(measured.batch.sum()), 1.0)
         load_s = self.model.expert_bytes / self._link_rate()
         log.info("plan_workload", batch=measured.batch.tolist(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.placement.load import LoadTracker
+from services.placement.load import LoadTracker, first_host_speeds
 from services.placement.types import Workload
 from shared.activations import StepLoad
 from shared.schemas import HostStatus
@@ -72,3 +72,9 @@ def test_the_workload_carries_what_was_measured() -> None:
     assert wl.step_rate.tolist() == [0.0, 5.0]
     assert (wl.dense_time_s, wl.expert_time_s, wl.top_k, wl.min_gain) == (pytest.approx(0.001), 0.0005, 2, 0.05)
     assert np.isfinite(wl.step_rate).all()
+
+
+def test_a_nodes_speed_is_its_first_hosts_by_name() -> None:
+    hosts = [heartbeat("b-gpu1", 0, 0.0), heartbeat("b-gpu0", 0, 0.0), heartbeat("a-gpu0", 0, 0.0)]
+    hosts = [h.model_copy(update={"node": h.host[0], "speed": s}) for h, s in zip(hosts, (2.0, 0.5, 3.0), strict=True)]
+    assert first_host_speeds(hosts, ["a", "b", "c"]).tolist() == [3.0, 0.5, 1.0]
