@@ -5,7 +5,9 @@ batch, its steps per second (the load it brings to the nodes on its route: `rout
 the dense part of a layer and one expert invocation. The simulator knows them; a live cluster measures
 them, over the last `horizon_s`:
 - each gating's activation reports carry its own steps (`shared.activations.StepLoad`): their number,
-  the sequences in them, and the seconds of dense compute over the MoE layers they ran;
+  the sequences in them, and the seconds of dense compute over the MoE layers they ran; a node's step
+  rate is over the time since its first report in the horizon began (traffic that started a moment
+  ago counts at its own rate);
 - each host's heartbeat carries cumulative expert calls and the seconds spent on them (embedded calls'
   compute; messages answered, from decoding to the reply).
 Times are the Workload's, on a speed-1.0 host: a host's seconds are scaled by the speed it reports (its
@@ -14,7 +16,7 @@ A field nothing measured yet keeps the Workload's default (batch 1, no step rate
 default expert time): what the service planned with before it measured anything.
 
 Without them `route` priced Mixtral's testbed at batch 8 as if every peer were idle and its experts
-cost 40 µs: it chose routes 2.6× slower than with the measured workload (`bench/calibration.py`).
+cost 40 µs: it chose routes up to 2.7× slower than with the measured workload (`bench/calibration.py`).
 """
 
 from __future__ import annotations
@@ -65,17 +67,17 @@ def first_host_speeds(statuses: Iterable[HostStatus], nodes: list[str]) -> np.nd
 class LoadTracker:
     """Gatings' step loads and hosts' expert-call counters over a sliding horizon."""
 
-    def __init__(self, num_nodes: int, horizon_s: float = HORIZON_S, now: float | None = None) -> None:
+    def __init__(self, num_nodes: int, horizon_s: float = HORIZON_S) -> None:
         self.num_nodes = num_nodes
         self.horizon_s = horizon_s
-        self.started = time.monotonic() if now is None else now  # rates count from here
-        self._steps: deque[tuple[float, int, StepLoad]] = deque()  # (when, node, its report's load)
+        self._steps: deque[tuple[float, int, StepLoad]] = deque()  # (window start, node, its report's load)
         self._calls: deque[tuple[float, int, float]] = deque()  # (when, expert calls, their seconds)
         self._counters: dict[str, tuple[str, int, float]] = {}  # host -> (instance, calls, seconds) last seen
 
-    def add_steps(self, node: int, load: StepLoad, now: float | None = None) -> None:
+    def add_steps(self, node: int, load: StepLoad, window_s: float, now: float | None = None) -> None:
+        """A report's steps, over the `window_s` before `now`."""
         if load.steps:
-            self._steps.append((time.monotonic() if now is None else now, node, load))
+            self._steps.append(((time.monotonic() if now is None else now) - window_s, node, load))
 
     def add_host(self, status: HostStatus, now: float | None = None) -> None:
         """A heartbeat: the calls and seconds since this host's last one (none across a restart)."""
@@ -94,15 +96,19 @@ class LoadTracker:
         now = time.monotonic() if now is None else now
         self._forget(now)
         steps, sequences, dense_s, layers = (np.zeros(self.num_nodes) for _ in range(4))
-        for _, node, load in self._steps:
+        since = np.full(self.num_nodes, now)  # the start of each node's oldest window kept
+        for start, node, load in self._steps:
+            since[node] = min(since[node], start)
             steps[node] += load.steps
             sequences[node] += load.sequences
             dense_s[node] += load.dense_s
             layers[node] += load.dense_layers
         steps, sequences = steps[rows], sequences[rows]
         batch = np.maximum(np.round(np.divide(sequences, steps, out=np.ones_like(steps), where=steps > 0)), 1)
-        span = min(self.horizon_s, now - self.started)
-        rate = steps / span if steps.any() and span > 0 else None
+        # a node's rate over the time since its first step in the horizon: traffic that began a moment
+        # ago runs at its own rate, not spread over a minute of idling before it
+        span = now - since[rows]
+        rate = np.divide(steps, span, out=np.zeros_like(steps), where=span > 0) if steps.any() else None
         speed = np.ones(len(rows)) if speeds is None else np.asarray(speeds, dtype=np.float64)
         dense = float((dense_s[rows] * speed).sum() / layers[rows].sum()) if layers[rows].sum() > 0 else None
         calls = sum(c for _, c, _ in self._calls)

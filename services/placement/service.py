@@ -144,7 +144,7 @@ class PlacementService:
                 self._drop_once(report.node, f"not a node of {self.nodes} with MoE layers {self.model.moe_layers}")
                 return
             node = self.nodes.index(report.node)
-            self.load.add_steps(node, report.load)
+            self.load.add_steps(node, report.load, report.window_s)
             if not report.tokens.any():
                 return
             event = self.stats.add_counts(node, report.counts, int(report.tokens.max()))

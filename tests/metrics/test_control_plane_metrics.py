@@ -79,7 +79,7 @@ async def test_placement_exports_the_published_epoch_and_the_balancedness_of_its
         # the load it plans with: 16 and 8 steps of 2 sequences, 1 ms of dense compute per step over 2 layers
         assert m.value("prism_planned_batch", node=n0) == m.value("prism_planned_batch", node=n1) == 2
         assert m.value("prism_planned_steps_per_second", node=n0) == pytest.approx(
-            2 * m.value("prism_planned_steps_per_second", node=n1))
+            2 * m.value("prism_planned_steps_per_second", node=n1), rel=0.05)
         assert m.value("prism_planned_seconds", kind="dense_layer") == pytest.approx(0.0005)
         assert not [labels for name, labels in m.samples if name == "prism_planned_seconds"
                     and dict(labels).get("kind") == "expert_call"], "no host counted a call: no expert time"
