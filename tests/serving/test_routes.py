@@ -20,6 +20,7 @@ import torch
 
 from shared import subjects
 from shared.codec import encode_tensor
+from shared.model.checkpoint import load_config
 from shared.schemas import GatingLoad
 from tests.checkpoints import make_tiny_checkpoint
 from tests.serving.conftest import LocalCluster, ask, ask_all, reference
@@ -99,6 +100,12 @@ async def test_sixteen_concurrent_greedy_through_routes_equal_in_process(
         tokens = list(gating.counter.tokens)
         assert tokens[0] > 0
         assert tokens == [tokens[0]] * len(tokens), (node, tokens)
+        # Its own steps' load (the placement service's batch and step rate): only the MoE layers it runs
+        # itself count as its dense layers; other nodes' segments are not its steps.
+        steps = gating.engine.load.take()
+        at_home = sum(ROUTES[node][layer] == node for layer in load_config(model).moe_layers)
+        assert steps.steps > 0
+        assert steps.dense_layers == steps.steps * at_home, (node, steps)
     await no_foreign_kv(cluster)
 
 
