@@ -3,7 +3,8 @@
 The `latency` and `route` policies and the migration rule price a step with a `Workload`: each home's
 batch, its steps per second (the load it brings to the nodes on its route: `route`'s queueing term),
 the dense part of a layer and one expert invocation. The simulator knows them; a live cluster measures
-them, over the last `horizon_s`:
+them, over the last `horizon_s` (PlacementSettings.load_horizon_s: long enough for a steady rate, short
+enough to follow the day's traffic):
 - each gating's activation reports carry its own steps (`shared.activations.StepLoad`): their number,
   the sequences in them, and the seconds of dense compute over the MoE layers they ran; a node's step
   rate is over the time since its first report in the horizon began (traffic that started a moment
@@ -32,8 +33,6 @@ import numpy as np
 from services.placement.types import Workload
 from shared.activations import StepLoad
 from shared.schemas import HostStatus
-
-HORIZON_S = 60.0  # long enough for a steady rate, short enough to follow the day's traffic
 
 
 @dataclass(frozen=True)
@@ -67,7 +66,7 @@ def first_host_speeds(statuses: Iterable[HostStatus], nodes: list[str]) -> np.nd
 class LoadTracker:
     """Gatings' step loads and hosts' expert-call counters over a sliding horizon."""
 
-    def __init__(self, num_nodes: int, horizon_s: float = HORIZON_S) -> None:
+    def __init__(self, num_nodes: int, horizon_s: float = 60.0) -> None:
         self.num_nodes = num_nodes
         self.horizon_s = horizon_s
         self._steps: deque[tuple[float, int, StepLoad]] = deque()  # (window start, node, its report's load)

@@ -108,7 +108,7 @@ class PlacementService:
         self.model = model
         self.nodes = settings.node_list()
         self.stats = RoutingStats(len(self.nodes), len(model.moe_layers), model.num_experts, model.top_k)
-        self.load = LoadTracker(len(self.nodes))
+        self.load = LoadTracker(len(self.nodes), settings.load_horizon_s)
         self.policy = get_policy(settings.policy)
         self.plan: dict[str, Any] | None = None
         self._seen: dict[str, tuple[HostStatus, float]] = {}

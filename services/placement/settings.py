@@ -37,6 +37,9 @@ class PlacementSettings(WatchesHosts):
     plans_bucket: str = Field(subjects.KV_PLACEMENT, description="KV bucket of the plan (key 'plan')")
     hosts_bucket: str = Field(subjects.KV_HOSTS, description="KV bucket of live hosts (TTL = host_ttl_s)")
     min_window_tokens: int = Field(256, ge=0, le=10**9, description="tokens a window needs before re-planning")
+    load_horizon_s: float = Field(
+        60.0, gt=0, le=86400, description="the measured traffic the policies plan with covers this many seconds"
+    )
 
     def node_list(self) -> list[str]:
         return self.nodes.split(",")
