@@ -142,8 +142,9 @@ def _timing_and_load(shape: ModelShape, cluster: Cluster, max_batch: int, mean_t
 
 def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, config: SimConfig) -> Workload:
     """What the policies are told about the traffic: the mean batch per node measured by simulating the
-    profile trace with the `eplb` placement (a running system knows its batch sizes), and the compute
-    of one (token, expert) call with the per-group weight read shared by the tokens of a group, and the
+    profile trace with the `eplb` placement (a running system knows its batch sizes), the simulator's
+    time of one expert invocation and per token (the Workload's fields, what a live cluster measures:
+    services/placement/load.py), and the
     KV a home's batch keeps per layer a node runs for it (KV_CONTEXT_TOKENS per request), in slots;
     the dense part of a layer at that batch (shared experts included), and each home's decode steps per
     second: its arrival rate × the profile's mean tokens per request over its batch (the token rate a
@@ -156,15 +157,14 @@ def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, c
         placement = get_policy("eplb")(profile.counts(cluster.num_nodes), cluster)
         pilot = simulate(profile, cluster, placement, config)
         batch = np.full(cluster.num_nodes, max(1, round(pilot.mean_batch)), dtype=np.int64)
-    B, K, E = float(batch.mean()), shape.top_k, shape.num_experts
-    distinct = E * (1.0 - (1.0 - K / E) ** B)                     # experts a step's tokens choose per layer
-    per_call = config.expert_time_per_token_s + config.expert_time_s * distinct / (B * K)
+    B, K = float(batch.mean()), shape.top_k
     kv = float(batch.max()) * KV_CONTEXT_TOKENS * shape.kv_bytes_per_token_layer / shape.expert_bytes
     dense = (config.dense_time_s + B * config.dense_time_per_token_s
              + config.shared_experts * (config.expert_time_s + B * config.expert_time_per_token_s))
     requests = max(len(np.unique(profile.request)), 1)
     step_rate = config.arrival_rate * (profile.num_tokens / requests) / batch.astype(np.float64)
-    return Workload(batch=batch, bytes_per_token=shape.bytes_per_token, expert_time_s=per_call, top_k=K,
+    return Workload(batch=batch, bytes_per_token=shape.bytes_per_token, expert_time_s=config.expert_time_s,
+                    expert_time_per_token_s=config.expert_time_per_token_s, top_k=K,
                     kv_slots_per_layer=kv, dense_time_s=dense, step_rate=step_rate)
 
 
