@@ -201,6 +201,10 @@ class Simulator:
         self.result = SimResult(foreign_kv_peak_bytes=np.zeros(N))
         self.kv_now = np.zeros((N, N))                          # [home, node] foreign KV bytes held now
         self._done: list[tuple[int, float, float, int]] = []   # (node, arrival, completion, index)
+        # each node's segment server: other homes' segments waiting (arrival, home, first layer, end layer),
+        # and when the batch it runs ends
+        self.segments: list[list[tuple[float, int, int, int]]] = [[] for _ in range(N)]
+        self.segments_busy_until = [0.0] * N
 
     def _nodes(
         self, rng: np.random.Generator, arrivals: list[np.ndarray] | None, prefill: np.ndarray | None
@@ -229,8 +233,14 @@ class Simulator:
             now, n = heapq.heappop(heap)
             if self.pending is not None and now >= self.pending[0]:
                 self._activate(self.pending[1])
+            if n < 0:  # node -1 - n's segment server
+                for event in self._serve_segments(-1 - n, now):
+                    heapq.heappush(heap, event)
+                continue
             nxt = self._event(n, now)
-            if nxt is not None:
+            if isinstance(nxt, tuple):  # its step waits at another node's segment server
+                heapq.heappush(heap, nxt)
+            elif nxt is not None:
                 heapq.heappush(heap, (nxt, n))
         done = sorted(self._done, key=lambda d: d[1])
         r = self.result
@@ -243,8 +253,9 @@ class Simulator:
             r.makespan_s = max(d[2] for d in done) - min(d[1] for d in done)
         return r
 
-    def _event(self, n: int, now: float) -> float | None:
-        """Run the next layer of node n (starting a step if needed); return the next event time."""
+    def _event(self, n: int, now: float) -> float | tuple[float, int] | None:
+        """Run the next layer of node n (starting a step if needed); return the next event time, or, when
+        the step's next layers run on another node, that node's segment server's event (time, -1 - x)."""
         nd = self.nodes[n]
         if nd.layer == 0:
             while (nd.next_req < len(nd.tokens) and nd.arrival[nd.next_req] <= now
@@ -264,16 +275,54 @@ class Simulator:
         x = nd.execs[nd.layer]
         prev = nd.execs[nd.layer - 1] if nd.layer else n
         ready = self._hop(prev, x, nd.step.size, now) if x != prev else now
-        starts_segment = x not in (prev, n)  # the executing node takes the segment in first
-        end = self._layer(x, nd.plan[nd.layer], nd.step.size, ready, now,
-                          self.cfg.segment_time_s if starts_segment else 0.0)
+        if x != n:  # another node's layers: they wait in its segment server's queue
+            end_layer = nd.layer + 1
+            while end_layer < self.L and nd.execs[end_layer] == x:
+                end_layer += 1
+            self.segments[x].append((ready, n, nd.layer, end_layer))
+            return max(ready, self.segments_busy_until[x]), -1 - x
+        end = self._layer(x, nd.plan[nd.layer], nd.step.size, ready, now)
         nd.layer += 1
         if nd.layer == self.L:
             nd.layer = 0
-            if x != n:                                          # back home for the head
-                end = self._hop(x, n, nd.step.size, end, now)
             self._finish_step(n, nd, end)
         return end
+
+    def _serve_segments(self, x: int, now: float) -> list[tuple[float, int]]:
+        """Node x's segment server at `now`, as a gating serves other homes' segments: when idle, the
+        oldest segment that has arrived and every other of its layer range that has arrived run as one
+        batch (one dense part per layer, an expert's group shared by their tokens), the next batch after
+        it. The events to push: the homes' (their steps go on when the batch ends) and its own."""
+        queue = self.segments[x]
+        if not queue or self.segments_busy_until[x] > now:
+            return []  # idle, or the running batch's end is an event already
+        arrived = [s for s in queue if s[0] <= now]
+        if not arrived:
+            return [(min(s[0] for s in queue), -1 - x)]
+        span = min(arrived)[2:]
+        batch = [s for s in arrived if s[2:] == span]
+        self.segments[x] = [s for s in queue if s not in batch]
+        homes = [s[1] for s in batch]
+        step = np.concatenate([self.nodes[h].step for h in homes])
+        plan = self._group(x, step, np.full(self.L, x))
+        first, stop = span
+        end = now
+        for layer in range(first, stop):  # each segment taken in costs its fixed work before the first
+            extra = self.cfg.segment_time_s * len(batch) if layer == first else 0.0
+            end = self._layer(x, plan[layer], step.size, end, now, extra)
+        self.segments_busy_until[x] = end
+        events = [(end, -1 - x)] if self.segments[x] else []
+        for h in homes:
+            nd = self.nodes[h]
+            nd.layer = stop
+            if stop == self.L:  # back home for the head
+                nd.layer = 0
+                back = self._hop(x, h, nd.step.size, end, now)
+                self._finish_step(h, nd, back)
+                events.append((back, h))
+            else:
+                events.append((end, h))
+        return events
 
     def _hop(self, a: int, b: int, batch: int, ready: float, now: float | None = None) -> float:
         """The step's hidden states from node a to node b, one way; returns their arrival. With

@@ -61,6 +61,36 @@ def test_a_routed_step_by_hand() -> None:
                     ).latencies_s[0] == pytest.approx(2.7 * MS)
 
 
+def _two_homes(experts: list[list[int]]) -> RoutingTrace:
+    """Two one-token requests, one at node 0 and one at node 1, both choosing experts [L][K]."""
+    x = np.array([experts, experts])
+    meta = TraceMeta(model="hand", moe_layers=tuple(range(x.shape[1])), num_experts=2, top_k=x.shape[2],
+                     hidden_size=100, domains=("d",), nodes=("n0", "n1", "n2"))
+    return RoutingTrace(experts=x, weights=np.ones(x.shape), node=np.array([0, 1]), domain=np.zeros(2, dtype=int),
+                        request=np.array([0, 1]), position=np.zeros(2, dtype=int), meta=meta)
+
+
+def test_a_node_runs_other_homes_segments_as_a_gating_does() -> None:
+    """Homes 0 and 1 run both layers on node 2 (which holds everything). Their segments reach it together
+    (1.2 ms: half the round trip and 200 bytes) and run as one batch, as the gating's segment server runs
+    the waiting segments of one layer range: per layer one dense part and one group for their shared
+    expert (0.15 ms), so both are home at 1.2 + 0.3 + 1.2 = 2.7 ms, and node 2 computed 0.3 ms in all. A
+    segment that arrives while a batch runs waits for it: home 1's request 0.1 ms later reaches node 2 at
+    1.3, runs 1.5-1.8 and is home at 3.0."""
+    cluster = Cluster.from_slots([2, 2, 4], rtt_s=2 * MS, bandwidth_Bps=1e6)
+    hosts = np.zeros((3, 2, 2), dtype=bool)
+    hosts[2] = True
+    routed = Placement(hosts, routes=np.array([[2, 2], [2, 2], [2, 2]]))
+    together = simulate(_two_homes([[0], [0]]), cluster, routed, CFG, arrivals=[np.zeros(1), np.zeros(1), np.zeros(0)])
+    assert together.latencies_s.tolist() == pytest.approx([2.7 * MS, 2.7 * MS])
+    assert together.compute_s == pytest.approx(0.3 * MS)
+    assert (together.hops, together.local_calls) == (4, 4)  # (token, expert) calls: 2 tokens × 2 layers
+    later = simulate(_two_homes([[0], [0]]), cluster, routed, CFG,
+                     arrivals=[np.zeros(1), np.array([0.1 * MS]), np.zeros(0)])
+    assert later.latencies_s.tolist() == pytest.approx([2.7 * MS, 2.9 * MS])
+    assert later.compute_s == pytest.approx(0.6 * MS)
+
+
 def test_a_remote_layer_calls_from_where_it_runs() -> None:
     """Route [1, 1] for home 0 while node 1 lacks expert 1 of layer 1: the call goes from node 1 to
     node 0 (a round trip from the executing node, not from home)."""
