@@ -33,11 +33,14 @@ Model (ARCHITECTURE.md, "Data flow of one decode step"):
 - Routes (`Placement.routes`): layer l of a step of home n runs on node x = routes[n, l] as above,
   from x (dense part on x's first host, x's own experts as compute only, the rest from the holder
   nearest to x). When the executing node changes, the step's hidden states hop one way (rtt/2 +
-  batch × hidden bytes + envelope over the link), and after the last layer they hop back home; a node
-  that takes a segment in (not the home) first does `segment_time_s` of work on its first host. A
-  step keeps the routes it started with. Foreign KV: a node running layers for another home holds
-  that home's active requests' KV for them (positions so far × layers × kv_bytes_per_token_layer);
-  its peak per node is reported.
+  batch × hidden bytes + envelope over the link), and after the last layer they hop back home. A node
+  runs other homes' segments (its run of consecutive layers of their route) as the gating's segment
+  server does: one batch at a time; when it is free, the oldest segment that has arrived and every
+  other of the same layer range that has arrived run together (one dense part per layer for all their
+  tokens, an expert's group shared by them), each segment taken in costing `segment_time_s` on its
+  first host; the others wait for the next batch. A step keeps the routes it started with. Foreign
+  KV: a node running layers for another home holds that home's active requests' KV for them
+  (positions so far × layers × kv_bytes_per_token_layer); its peak per node is reported.
 
 Shape legend: T tokens, L MoE layers, K top-k, E experts, N nodes, H hosts, B batch.
 Pure numpy and heapq; nothing here imports nats.
