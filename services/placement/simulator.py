@@ -236,15 +236,9 @@ class Simulator:
             now, n = heapq.heappop(heap)
             if self.pending is not None and now >= self.pending[0]:
                 self._activate(self.pending[1])
-            if n < 0:  # node -1 - n's segment server
-                for event in self._serve_segments(-1 - n, now):
-                    heapq.heappush(heap, event)
-                continue
-            nxt = self._event(n, now)
-            if isinstance(nxt, tuple):  # its step waits at another node's segment server
-                heapq.heappush(heap, nxt)
-            elif nxt is not None:
-                heapq.heappush(heap, (nxt, n))
+            events = self._serve_segments(-1 - n, now) if n < 0 else self._event(n, now)
+            for event in events:  # (time, node), or (time, -1 - node) for a node's segment server
+                heapq.heappush(heap, event)
         done = sorted(self._done, key=lambda d: d[1])
         r = self.result
         r.requests = len(done)
@@ -256,9 +250,9 @@ class Simulator:
             r.makespan_s = max(d[2] for d in done) - min(d[1] for d in done)
         return r
 
-    def _event(self, n: int, now: float) -> float | tuple[float, int] | None:
-        """Run the next layer of node n (starting a step if needed); return the next event time, or, when
-        the step's next layers run on another node, that node's segment server's event (time, -1 - x)."""
+    def _event(self, n: int, now: float) -> list[tuple[float, int]]:
+        """Run the next layer of node n (starting a step if needed); return the next event: n's own, or,
+        when the step's next layers run on another node x, x's segment server's (time, -1 - x)."""
         nd = self.nodes[n]
         if nd.layer == 0:
             while (nd.next_req < len(nd.tokens) and nd.arrival[nd.next_req] <= now
@@ -267,7 +261,7 @@ class Simulator:
                 nd.next_req += 1
             if not nd.active:
                 self.kv_now[n] = 0.0                            # finished requests free their KV
-                return float(nd.arrival[nd.next_req]) if nd.next_req < len(nd.tokens) else None
+                return [(float(nd.arrival[nd.next_req]), n)] if nd.next_req < len(nd.tokens) else []
             if self.prompts:
                 nd.step = np.concatenate([nd.tokens[r][p:p + (nd.first[r] if p == 0 else 1)] for r, p in nd.active])
             else:  # one token each: the common case, kept fast
@@ -283,13 +277,13 @@ class Simulator:
             while end_layer < self.L and nd.execs[end_layer] == x:
                 end_layer += 1
             self.segments[x].append((ready, n, nd.layer, end_layer))
-            return max(ready, self.segments_busy_until[x]), -1 - x
+            return [(max(ready, self.segments_busy_until[x]), -1 - x)]
         end = self._layer(x, nd.plan[nd.layer], nd.step.size, ready, now)
         nd.layer += 1
         if nd.layer == self.L:
             nd.layer = 0
             self._finish_step(n, nd, end)
-        return end
+        return [(end, n)]
 
     def _serve_segments(self, x: int, now: float) -> list[tuple[float, int]]:
         """Node x's segment server at `now`, as a gating serves other homes' segments: when idle, the
