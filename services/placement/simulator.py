@@ -119,6 +119,7 @@ class SimResult:
     round_trips: int = 0                  # host messages with their replies (one per remote host and layer)
     compute_s: float = 0.0                # host time booked for compute (dense parts, experts, segments' fixed
                                           # work), at each host's speed; messages' CPU not included
+    host_compute_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [H] compute_s by host
     foreign_kv_peak_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [N]
     latencies_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     arrivals_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -201,7 +202,7 @@ class Simulator:
         self.migrating = False
         self.prompts = prefill is not None  # a request's first step may run several tokens
         self.nodes = self._nodes(np.random.default_rng(config.seed), arrivals, prefill)
-        self.result = SimResult(foreign_kv_peak_bytes=np.zeros(N))
+        self.result = SimResult(foreign_kv_peak_bytes=np.zeros(N), host_compute_s=np.zeros(H))
         self.kv_now = np.zeros((N, N))                          # [home, node] foreign KV bytes held now
         self._done: list[tuple[int, float, float, int]] = []   # (node, arrival, completion, index)
         # each node's segment server: other homes' segments waiting (arrival, home, first layer, end layer),
@@ -401,10 +402,12 @@ class Simulator:
         t0 = self._compute(h0, ready, dense / self.speed[h0], now)
         end, res = t0, self.result
         res.compute_s += dense / self.speed[h0]
+        res.host_compute_s[h0] += dense / self.speed[h0]
         cpu = cfg.message_cpu_s
         for h, m, g in plan:
             work = (g * cfg.expert_time_s + m * cfg.expert_time_per_token_s) / self.speed[h]
             res.compute_s += work
+            res.host_compute_s[h] += work
             node = self.host_node[h]
             if node == n:
                 res.local_calls += m

@@ -84,6 +84,7 @@ def test_a_node_runs_other_homes_segments_as_a_gating_does() -> None:
     together = simulate(_two_homes([[0], [0]]), cluster, routed, CFG, arrivals=[np.zeros(1), np.zeros(1), np.zeros(0)])
     assert together.latencies_s.tolist() == pytest.approx([2.7 * MS, 2.7 * MS])
     assert together.compute_s == pytest.approx(0.3 * MS)
+    assert together.host_compute_s.tolist() == pytest.approx([0.0, 0.0, 0.3 * MS])  # all of it on node 2
     assert (together.hops, together.local_calls) == (4, 4)  # (token, expert) calls: 2 tokens × 2 layers
     later = simulate(_two_homes([[0], [0]]), cluster, routed, CFG,
                      arrivals=[np.zeros(1), np.array([0.1 * MS]), np.zeros(0)])
