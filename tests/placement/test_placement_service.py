@@ -466,3 +466,29 @@ async def test_the_workload_is_what_the_gatings_and_hosts_measured(
         # node a's 60 steps since its first report's window (1 s) began: at least that second, at most
         # that second and the time since the reports were sent
         assert 60 / (1.0 + elapsed) <= wl.step_rate[0] <= 60 / 1.0
+
+
+async def test_a_report_with_a_bad_load_is_dropped_and_the_next_counts(
+    nats_hub: NatsServer, model_dir: Path, unique: str
+) -> None:
+    """A gating's report whose step load is not a count (NaN seconds, negative steps) is dropped whole
+    with a warning; the service keeps counting what comes next."""
+    import msgpack
+    from structlog.testing import capture_logs
+
+    node = f"{unique}-a"
+    async with running_service(nats_hub, model_dir, unique, [node], plan_interval_s=3600) as (nc, service):
+        layers, E = service.model.moe_layers, service.model.num_experts
+        counts = np.zeros((len(layers), E), dtype=np.int64)
+        counts[:, 0] = 128
+        good = ActivationReport(node, 1.0, layers, counts, np.full(len(layers), 64, dtype=np.int64),
+                                StepLoad(8, 8, 0.008, 8 * len(layers)))
+        with capture_logs() as logs:
+            for bad in ({"dense_s": float("nan")}, {"steps": -3}):
+                await nc.publish(subjects.activations(node), msgpack.packb({**msgpack.unpackb(good.encode()), **bad}))
+            await nc.publish(subjects.activations(node), good.encode())
+            await until_counted(service, 64)
+        assert [e["log_level"] for e in logs if e["event"] == "activation_report_dropped"] == ["warning", "warning"]
+        assert tokens_seen(service) == 64, "only the good report counted"
+        assert service.load.measured([0]).batch.tolist() == [1]
+        assert service.load.measured([0]).dense_time_s == pytest.approx(0.001 / len(layers))
