@@ -268,7 +268,7 @@ class Simulator:
             else:  # one token each: the common case, kept fast
                 nd.step = np.array([nd.tokens[r][p] for r, p in nd.active], dtype=np.int64)
             nd.execs = self.routes[n].tolist()
-            nd.plan = self._group(n, nd.step, self.routes[n])
+            nd.plan = self._group(nd.step, self.routes[n])
             self._foreign_kv(n, nd)
         x = nd.execs[nd.layer]
         prev = nd.execs[nd.layer - 1] if nd.layer else n
@@ -302,7 +302,7 @@ class Simulator:
         self.segments[x] = [s for s in queue if s not in batch]
         homes = [s[1] for s in batch]
         step = np.concatenate([self.nodes[h].step for h in homes])
-        plan = self._group(x, step, np.full(self.L, x))
+        plan = self._group(step, np.full(self.L, x))
         first, stop = span
         end = now
         for layer in range(first, stop):  # each segment taken in costs its fixed work before the first
@@ -366,8 +366,8 @@ class Simulator:
             if plan is not None:
                 self._migrate(plan[0], plan[1], end)
 
-    def _group(self, n: int, step: np.ndarray, execs: np.ndarray) -> list[list[tuple[int, int, int]]]:
-        """For each layer of node n's step: (host, calls, groups) per host it needs, local hosts too,
+    def _group(self, step: np.ndarray, execs: np.ndarray) -> list[list[tuple[int, int, int]]]:
+        """For each layer of a step's tokens: (host, calls, groups) per host it needs, local hosts too,
         seen from the layer's executing node execs [L]. One numpy pass for the whole step; a group is
         the tokens of one expert (one message)."""
         L, E, H = self.trace.num_layers, self.E, self.H
