@@ -16,8 +16,9 @@ charged in the same unit:
   policy applies the same test to its own candidates.)
 - `route`: expected latency along each placement's routes on the two views the policy chooses by
   (`route_model.replaces`: the row view rules out a layout clearly slower row by row, within its
-  margin the load view decides: each home's step alone with the dense part, plus the queueing the
-  other homes' load adds); T_mig and `min_gain` as for `latency`.
+  margin the load view decides: a rehearsal of the homes' measured traffic in the simulator, or
+  without step rates each home's step alone with the dense part); T_mig and `min_gain` as for
+  `latency`.
 - `uniform`, `pipeline`: ignore statistics; C is how many replicas a placement is away from the proposal and
   T_mig is 0, so its own layout is taken whenever it differs (the same hosts give the same layout,
   so it cannot thrash).

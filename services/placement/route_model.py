@@ -33,6 +33,12 @@ no queueing. The load view of a routed layout, per home h:
   on k is stretched by 1 / (1 - ρ_k,-h): a delay of occ[h, k] · ρ / (1 - ρ), summed over the hosts
   (`queueing_delay`; ρ capped at RHO_CAP, an overloaded host). h's own steps never overlap each other,
   so its own load is left out. Without step rates the delay is 0.
+- where the step rates are known (up to LOAD_VIEW_MAX_NODES), the load view is a rehearsal instead
+  (`rehearsal.py`, the simulator on a sample of that traffic): processor sharing is the wrong shape of
+  wait along routes, where a node runs other homes' segments one batch at a time and a pipeline's first
+  stage spaces the steps out for the next; it ranked whole-layer layouts behind the pipeline where the
+  simulator ran them faster. Its queueing stays in the row view, which it keeps more honest than the
+  row view alone (without it, `route` lost to the best stay-home policy in three Mixtral cells).
 
 Both the cost and the load view price a layer on expected work: an expert is active with probability
 1 - e^-λ and the local work is the sum of those. With few tokens and large experts that understates
@@ -41,7 +47,7 @@ a token computes them one after the other, 1.2 ms, where the expectation says 0.
 overlaps with the round trip. The row view (`row_step_times`) prices each home's sampled batches as
 they come: per layer max(the batch's distinct experts at the executing node over its busiest GPU,
 per other serving node the round trip + the batch's rows there and back + its distinct experts there),
-hops as above, plus the same dense part and queueing (`view_costs`). It is each home's step as
+hops as above, plus the same dense part and processor-sharing queueing (`view_costs`). It is each home's step as
 bench/route_grid.py's judge times it, but it has no other home's work in a layer: where homes travel
 together (the pipeline's, in the simulator) the load view's queueing ranked layouts better. So the two
 are used together (`replaces`, `policies/route.py`): the row view rules out a layout more than
@@ -55,11 +61,13 @@ cheapest route by dynamic programming over (layer, executing node). Pure numpy; 
 from __future__ import annotations
 
 import copy
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
 
 from services.placement.latency_model import LatencyModel, _run_lengths
+from services.placement.rehearsal import Rehearsal
 from services.placement.routes import stay_home
 from services.placement.types import Placement
 
@@ -92,6 +100,13 @@ def replaces(new: Views, old: Views, min_gain: float) -> bool:
 
 class RouteModel(LatencyModel):
     """`LatencyModel` with routes; see the module docstring."""
+
+    @cached_property
+    def rehearsal(self) -> Rehearsal | None:
+        """The rehearsal the load view is where the step rates are known, up to LOAD_VIEW_MAX_NODES."""
+        if self.workload.step_rate is None or self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
+            return None
+        return Rehearsal(self)
 
     def hop_times(self) -> np.ndarray:
         """[N_home, N, N] seconds one hop from a to b takes for home h's batch (0 on the diagonal)."""
@@ -342,12 +357,15 @@ class RouteModel(LatencyModel):
         return out.reshape(-1, n_layers, n_nodes)
 
     def load_cost(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> float:
-        """Σ_h w_h (step alone with the dense part + queueing) of `placement` (`load_step_times`): the load
-        view the `route` policy chooses by (`view_costs`). With `pipe_queue` [N_home] (a
-        pipeline split's), queueing beyond it counts twice (`policies/route.py`). Above
-        LOAD_VIEW_MAX_NODES nodes, `cost` (the load view takes one step-time evaluation per home)."""
+        """The load view the `route` policy chooses by (`view_costs`): where the step rates are known,
+        the rehearsal's seconds per token (`rehearsal`); else Σ_h w_h (step alone with the dense part +
+        queueing) of `placement` (`load_step_times`; with `pipe_queue` [N_home], a pipeline split's,
+        queueing beyond it counts twice: `policies/route.py`). Above LOAD_VIEW_MAX_NODES nodes, `cost`
+        (the load view takes one step-time evaluation per home)."""
         if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
             return self.cost(placement)
+        if self.rehearsal is not None:
+            return self.rehearsal.cost(placement)
         alone, queue = self.load_step_times(placement.node_view(self.cluster), placement.routes, placement.hosts)
         extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
         return float(self.weight @ (alone + queue + extra))
@@ -359,10 +377,11 @@ class RouteModel(LatencyModel):
                         ) -> tuple[Views, np.ndarray | None]:
         """`placement` on the load view and on the row view: Σ_h w_h (step alone + dense part + queueing),
         the step alone on expected work (`load_cost`) or paid batch by batch (`row_step_times`); with
-        `pipe_queue`, queueing beyond the pipeline's counts twice in both (`load_cost`). Above
-        LOAD_VIEW_MAX_NODES both are the row view without queueing: the load view takes one evaluation
-        per home, the row view one for every home. `views_and_queue` also gives the queueing [N_home]
-        (None above LOAD_VIEW_MAX_NODES)."""
+        `pipe_queue`, queueing beyond the pipeline's counts twice in both (`load_cost`). With a
+        rehearsal the load view is its cost and the row view has no margin. Above LOAD_VIEW_MAX_NODES
+        both are the row view without queueing: the load view takes one evaluation per home, the row
+        view one for every home. `views_and_queue` also gives the queueing [N_home] the margin is
+        taken against (None with a rehearsal and above LOAD_VIEW_MAX_NODES)."""
         view = placement.node_view(self.cluster)
         table = placement.routes if placement.routes is not None else stay_home(*view.shape[:2])
         dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
@@ -371,6 +390,8 @@ class RouteModel(LatencyModel):
             cost = float(self.weight @ rows)
             return Views(cost, cost), None
         alone, queue = self.load_step_times(view, table, placement.hosts)
+        if self.rehearsal is not None:
+            return Views(self.rehearsal.cost(placement), float(self.weight @ (rows + queue))), None
         extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
         views = Views(float(self.weight @ (alone + queue + extra)), float(self.weight @ (rows + queue + extra)))
         return views, queue

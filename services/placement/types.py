@@ -329,8 +329,9 @@ class Workload:
                             simulator's and the gating's order). 0 (default): not charged
     step_rate        [N] float or None  decode steps per second each home runs on average (its tokens/s
                             over its batch): with `dense_time_s`, the load every home brings to the
-                            hosts along its route, from which the `route` policy estimates queueing
-                            (`RouteModel.load_step_times`). None (default): unknown, no queueing term
+                            hosts along its route: the `route` policy rehearses it in the simulator
+                            (`rehearsal.py`) and estimates queueing from it (`RouteModel.load_step_times`).
+                            None (default): unknown, no rehearsal and no queueing term
     """
 
     batch: np.ndarray

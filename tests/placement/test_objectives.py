@@ -77,8 +77,8 @@ def test_latency_needs_its_min_gain() -> None:
 
 
 def test_route_judges_by_the_load_view_it_chooses_by() -> None:
-    """`route` proposals are judged by `RouteModel.load_cost` (the dense part and the queueing the other
-    homes add), not by the step-together cost of `latency`: with a dense part and step rates the two
+    """`route` proposals are judged by `RouteModel.load_cost` (with step rates: the rehearsal of that
+    traffic), not by the step-together cost of `latency`: with a dense part and step rates the two
     differ, and the verdict's numbers are the load view's."""
     from services.placement.route_model import RouteModel
 

@@ -1,5 +1,5 @@
 """The route model's load view (dense part, each home alone, processor-sharing queueing from the homes'
-step rates) and the `route` policy's choice by it."""
+step rates; the rehearsal where the rates are known) and the `route` policy's choice by it."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from services.placement import Cluster, CoActivation, InvalidInputError, Placeme
 from services.placement.policies import POLICIES
 from services.placement.route_model import RHO_CAP, RouteModel
 from services.placement.simulator import simulate
+from services.placement.types import validate
 
 route_module = importlib.import_module("services.placement.policies.route")
 
@@ -73,9 +74,9 @@ def test_step_rate_is_checked() -> None:
 
 
 def test_route_chooses_on_the_load_view_with_the_pipeline_as_the_baseline() -> None:
-    """`route` picks the candidate with the lowest load cost (plus migration): a routed layout other than
-    the pipeline split pays its queueing beyond the pipeline's twice and must beat the pipeline by
-    ROUTED_MIN_GAIN; a stay-home placement competes on its own load cost; `current` stays unless the
+    """`route` picks the candidate with the lowest load view (plus migration), here the rehearsal (the
+    testbed's step rates are known): a routed layout other than the pipeline split must beat the
+    pipeline by ROUTED_MIN_GAIN; a stay-home placement competes on its own; `current` stays unless the
     choice saves `min_gain` of its cost."""
     from services.placement import scenarios as sc
 
@@ -83,22 +84,27 @@ def test_route_chooses_on_the_load_view_with_the_pipeline_as_the_baseline() -> N
     n = s.cluster.num_nodes
     f, coact = s.profile.counts(n), s.profile.coactivation(n)
     m = RouteModel(s.cluster, f, coact, s.workload)
+    assert m.rehearsal is not None
     pipe = POLICIES["pipeline"](f, s.cluster, coact=coact, workload=s.workload)
     home = POLICIES["latency"](f, s.cluster, coact=coact, workload=s.workload)
-    # the pipeline's routes with every layer of node 2 on its first GPU only: all the dense parts and
-    # calls of every home on one GPU, its queueing far above the pipeline's
-    lopsided = np.zeros_like(pipe.hosts)
-    lopsided[:2] = pipe.hosts[:2]
-    lopsided[2] = pipe.hosts[2] | pipe.hosts[3]
+    # the pipeline's routes with node 2's replicas filling its first GPU before its second: whole layers
+    # on one GPU, and that GPU also runs every dense part of node 2's layers
+    lopsided = pipe.hosts.copy()
+    held = np.argwhere(pipe.hosts[2] | pipe.hosts[3])
+    lopsided[2:] = False
+    first = int(s.cluster.host_slots[2])
+    lopsided[2, held[:first, 0], held[:first, 1]] = True
+    lopsided[3, held[first:, 0], held[first:, 1]] = True
     bad = Placement(lopsided, routes=pipe.routes)
-    pipe_queue = m.load_step_times(pipe.node_view(s.cluster), pipe.routes, pipe.hosts)[1]
-    assert m.load_cost(bad, pipe_queue) > m.load_cost(bad) > m.load_cost(pipe)
-    assert m.load_cost(home) > m.load_cost(pipe)  # at 30% of the experts per GPU staying home pays
+    validate(bad, s.cluster, f.shape[1], f.shape[2])
+    cost = {name: m.load_cost(p) for name, p in (("pipe", pipe), ("home", home), ("bad", bad))}
+    assert cost["bad"] > cost["pipe"], cost
+    assert cost["home"] > cost["pipe"], cost  # at 30% of the experts per GPU staying home pays
     choose = route_module._choose
     assert choose([(0.0, home), (0.0, pipe), (0.0, bad)], pipe, m, None, 0.0) is pipe
     same = Placement(pipe.hosts.copy(), routes=pipe.routes.copy())  # routed, but no better than the pipeline
     assert choose([(0.0, same), (0.0, pipe)], pipe, m, None, 0.0) is pipe
-    dear = m.load_cost(home) - m.load_cost(pipe) + 1e-3  # moving to the pipeline would cost more than it saves
+    dear = cost["home"] - cost["pipe"] + 1e-3  # moving to the pipeline would cost more than it saves
     assert choose([(0.0, home), (dear, pipe)], pipe, m, None, 0.0) is home
     assert choose([(0.0, home), (0.0, pipe)], pipe, m, home, 0.99) is home  # hysteresis keeps `current`
 

@@ -27,18 +27,23 @@ the slowest GPU of the node that runs it, `RouteModel.host_work`).
 The choice: the route model's cost (above) assumes every home steps at once, which suits the search
 (which layers where, which routes) but over-rates any node that runs layers for several homes: it
 charges one step with all their work, as if they always arrived together (`route_model` docstring).
-So the candidates are ranked on the load view instead (`RouteModel.load_cost`): each home's step alone,
-with the dense part on the executing node, plus the queueing the other homes' step rates add on the
-hosts it uses (none where the rates are unknown, as in `prism place` without `--step-rate`), plus the
-migration cost (migration_cost_s per replica `current` lacks). A routed candidate other than the exact
-pipeline split counts its queueing beyond the pipeline's twice (a margin for the processor-sharing
-estimate: a host serving layers first come first served, gated by the dense part on a node's first GPU,
-can wait longer) and must beat the pipeline by ROUTED_MIN_GAIN: within that the views cannot tell
-layouts apart (spreading the same experts differently over a node's GPUs moves the simulated mean by
-1-3%), and the pipeline is the baseline. Stay-home candidates compete on their own load cost. Before
-the load view ranks them, the row view (each sampled batch paying for the experts it calls, which
-expected work understates at small batches with large experts: `route_model` docstring) rules out
-every candidate more than ROW_MARGIN above the lowest. Ties go to the earlier candidate; the choice
+So the candidates are ranked on the load view instead (`RouteModel.load_cost`), plus the migration cost
+(migration_cost_s per replica `current` lacks). Where the homes' step rates are known (the placement
+service measures them; the simulator's scenarios tell them) the load view is a rehearsal
+(`rehearsal.py`): the simulator run on a short sample of that traffic, seconds per token with every
+wait included, the same draw for every candidate. Where they are not (`prism place` without
+`--step-rate`) it is each home's step alone, with the dense part on the executing node; a routed
+candidate other than the exact pipeline split then counts any queueing beyond the pipeline's twice.
+A routed candidate other than the pipeline split must beat the pipeline by ROUTED_MIN_GAIN: within
+that the views cannot tell layouts apart (spreading the same experts differently over a node's GPUs
+moves the simulated mean by 1-3%), and the pipeline is the baseline. Stay-home candidates compete on
+their own load view. Before the load view ranks them, the row view (each sampled batch paying for the
+experts it calls, which expected work understates at small batches with large experts, plus the
+processor-sharing queueing of the other homes' load: `route_model` docstring) rules out every
+candidate more than ROW_MARGIN above the lowest. The rehearsal replaced processor sharing as the load
+view because it ranked layouts the wrong way round along routes: on the DeepSeek-V2-Lite testbed at
+0.2 ms round trips it rated whole-layer layouts 1.3% slower than the pipeline where the simulator ran
+them 1-8% faster, so `route` kept the pipeline there (docs/benchmarks.md). Ties go to the earlier candidate; the choice
 replaces `current` only if it saves `min_gain` of current's cost in the view that decides
 (`route_model.replaces`, hysteresis; the migration rule judges `route` the same way). Ranking by the
 step-together cost, as this policy once did, stayed home where the pipeline was up to 1.47× faster per
