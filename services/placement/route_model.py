@@ -103,8 +103,12 @@ class RouteModel(LatencyModel):
 
     @cached_property
     def rehearsal(self) -> Rehearsal | None:
-        """The rehearsal the load view is where the step rates are known, up to LOAD_VIEW_MAX_NODES."""
-        if self.workload.step_rate is None or self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
+        """The rehearsal the load view is where the step rates are known, up to LOAD_VIEW_MAX_NODES; None
+        also when no home with steps has sampled tokens (it would rehearse nothing: every layout 0)."""
+        rate = self.workload.step_rate
+        if rate is None or self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
+            return None
+        if not any(r > 0 and s.size for r, s in zip(rate.tolist(), self.samples, strict=True)):
             return None
         return Rehearsal(self)
 

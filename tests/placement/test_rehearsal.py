@@ -58,6 +58,7 @@ def test_a_token_alone_costs_the_dense_part_and_its_experts() -> None:
 
 def test_no_rehearsal_without_step_rates_or_on_a_large_cluster() -> None:
     assert _model(None, batch=[1, 1]).rehearsal is None
+    assert _model([0.0, 0.0], batch=[1, 1]).rehearsal is None  # nothing to rehearse: every layout would cost 0
     big = LOAD_VIEW_MAX_NODES + 1
     assert _model([10.0] * big, batch=[1] * big, num_nodes=big).rehearsal is None
 
