@@ -38,7 +38,7 @@ no queueing. The load view of a routed layout, per home h:
   wait along routes, where a node runs other homes' segments one batch at a time and a pipeline's first
   stage spaces the steps out for the next; it ranked whole-layer layouts behind the pipeline where the
   simulator ran them faster. Its queueing stays in the row view, which it keeps more honest than the
-  row view alone (without it, `route` lost to the best stay-home policy in three Mixtral cells).
+  row view alone (without it, `route` lost to the best stay-home policy in four Mixtral bw cells).
 
 Both the cost and the load view price a layer on expected work: an expert is active with probability
 1 - e^-λ and the local work is the sum of those. With few tokens and large experts that understates
