@@ -302,12 +302,12 @@ class Simulator:
         self.segments[x] = [s for s in queue if s not in batch]
         homes = [s[1] for s in batch]
         step = np.concatenate([self.nodes[h].step for h in homes])
-        plan = self._group(step, np.full(self.L, x))
         first, stop = span
+        plan = self._group(step, np.full(stop - first, x), first)  # the span's layers only
         end = now
         for layer in range(first, stop):  # each segment taken in costs its fixed work before the first
             extra = self.cfg.segment_time_s * len(batch) if layer == first else 0.0
-            end = self._layer(x, plan[layer], step.size, end, now, extra)
+            end = self._layer(x, plan[layer - first], step.size, end, now, extra)
         self.segments_busy_until[x] = end
         events = [(end, -1 - x)] if self.segments[x] else []
         for h in homes:
@@ -366,14 +366,14 @@ class Simulator:
             if plan is not None:
                 self._migrate(plan[0], plan[1], end)
 
-    def _group(self, step: np.ndarray, execs: np.ndarray) -> list[list[tuple[int, int, int]]]:
-        """For each layer of a step's tokens: (host, calls, groups) per host it needs, local hosts too,
-        seen from the layer's executing node execs [L]. One numpy pass for the whole step; a group is
-        the tokens of one expert (one message)."""
-        L, E, H = self.trace.num_layers, self.E, self.H
-        ex = self.experts[step]                                        # [B, L, K]
+    def _group(self, step: np.ndarray, execs: np.ndarray, start: int = 0) -> list[list[tuple[int, int, int]]]:
+        """For each of the layers start, start + 1, ... that execs [L'] gives the executing node of: the
+        (host, calls, groups) per host a step's tokens need there, local hosts too. One numpy pass for
+        them all; a group is the tokens of one expert (one message)."""
+        L, E, H = execs.size, self.E, self.H
+        ex = self.experts[step, start:start + L]                       # [B, L', K]
         lay = np.arange(L)[None, :, None]
-        host = self.serve_host[execs[None, :, None], lay, ex]          # [B, L, K] serving host
+        host = self.serve_host[execs[None, :, None], lay + start, ex]  # [B, L', K] serving host
         key = np.sort(((lay * H + host) * E + ex).ravel())             # layer·H·E + host·E + expert
         first = np.ones(key.size, dtype=bool)
         first[1:] = key[1:] != key[:-1]
