@@ -360,45 +360,33 @@ class RouteModel(LatencyModel):
                 out[:, node] = np.maximum(out[:, node], busy)
         return out.reshape(-1, n_layers, n_nodes)
 
-    def load_cost(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> float:
+    def load_cost(self, placement: Placement) -> float:
         """The load view the `route` policy chooses by (`view_costs`): where the step rates are known,
         the rehearsal's seconds per token (`rehearsal`); else Σ_h w_h (step alone with the dense part +
-        queueing) of `placement` (`load_step_times`; with `pipe_queue` [N_home], a pipeline split's,
-        queueing beyond it counts twice: `policies/route.py`). Above LOAD_VIEW_MAX_NODES nodes, `cost`
-        (the load view takes one step-time evaluation per home)."""
+        queueing) of `placement` (`load_step_times`). Above LOAD_VIEW_MAX_NODES nodes, `cost` (the load
+        view takes one step-time evaluation per home)."""
         if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
             return self.cost(placement)
         if self.rehearsal is not None:
             return self.rehearsal.cost(placement)
         alone, queue = self.load_step_times(placement.node_view(self.cluster), placement.routes, placement.hosts)
-        extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
-        return float(self.weight @ (alone + queue + extra))
+        return float(self.weight @ (alone + queue))
 
-    def view_costs(self, placement: Placement, pipe_queue: np.ndarray | None = None) -> Views:
-        return self.views_and_queue(placement, pipe_queue)[0]
-
-    def views_and_queue(self, placement: Placement, pipe_queue: np.ndarray | None = None
-                        ) -> tuple[Views, np.ndarray | None]:
-        """`placement` on the load view and on the row view: Σ_h w_h (step alone + dense part + queueing),
-        the step alone on expected work (`load_cost`) or paid batch by batch (`row_step_times`); with
-        `pipe_queue`, queueing beyond the pipeline's counts twice in both (`load_cost`). With a
-        rehearsal the load view is its cost and the row view has no margin. Above LOAD_VIEW_MAX_NODES
-        both are the row view without queueing: the load view takes one evaluation per home, the row
-        view one for every home. `views_and_queue` also gives the queueing [N_home] the margin is
-        taken against (None with a rehearsal and above LOAD_VIEW_MAX_NODES)."""
+    def view_costs(self, placement: Placement) -> Views:
+        """`placement` on the load view (`load_cost`) and on the row view: Σ_h w_h (step alone paid batch
+        by batch, `row_step_times`, + dense part + queueing). Above LOAD_VIEW_MAX_NODES both are the row
+        view without queueing: the load view takes one evaluation per home, the row view one for every
+        home."""
         view = placement.node_view(self.cluster)
         table = placement.routes if placement.routes is not None else stay_home(*view.shape[:2])
         dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
         rows = self.row_step_times(view, table, placement.hosts) + dense
         if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
             cost = float(self.weight @ rows)
-            return Views(cost, cost), None
+            return Views(cost, cost)
         alone, queue = self.load_step_times(view, table, placement.hosts)
-        if self.rehearsal is not None:
-            return Views(self.rehearsal.cost(placement), float(self.weight @ (rows + queue))), None
-        extra = np.maximum(queue - pipe_queue, 0.0) if pipe_queue is not None else 0.0
-        views = Views(float(self.weight @ (alone + queue + extra)), float(self.weight @ (rows + queue + extra)))
-        return views, queue
+        load = self.rehearsal.cost(placement) if self.rehearsal is not None else float(self.weight @ (alone + queue))
+        return Views(load, float(self.weight @ (rows + queue)))
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
         """T [N_home, N_x, L]: home h's mean time in layer l if x ran it, the others keeping `table`."""

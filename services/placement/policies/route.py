@@ -32,18 +32,18 @@ So the candidates are ranked on the load view instead (`RouteModel.load_cost`), 
 service measures them; the simulator's scenarios tell them) the load view is a rehearsal
 (`rehearsal.py`): the simulator run on a short sample of that traffic, seconds per token with every
 wait included, the same draw for every candidate. Where they are not (`prism place` without
-`--step-rate`) it is each home's step alone, with the dense part on the executing node; a routed
-candidate other than the exact pipeline split then counts any queueing beyond the pipeline's twice.
-A routed candidate other than the pipeline split must beat the pipeline by ROUTED_MIN_GAIN: within
-that the views cannot tell layouts apart (spreading the same experts differently over a node's GPUs
-moves the simulated mean by 1-3%), and the pipeline is the baseline. Stay-home candidates compete on
-their own load view. Before the load view ranks them, the row view (each sampled batch paying for the
-experts it calls, which expected work understates at small batches with large experts, plus the
+`--step-rate`) it is each home's step alone, with the dense part on the executing node. A routed
+candidate other than the pipeline split must beat the pipeline by ROUTED_MIN_GAIN: within that the
+views cannot tell layouts apart (spreading the same experts differently over a node's GPUs moves the
+simulated mean by 1-3%), and the pipeline is the baseline. Stay-home candidates compete on their own
+load view. Before the load view ranks them, the row view (each sampled batch paying for the experts it
+calls, which expected work understates at small batches with large experts, plus the
 processor-sharing queueing of the other homes' load: `route_model` docstring) rules out every
-candidate more than ROW_MARGIN above the lowest. The rehearsal replaced processor sharing as the load
-view because it ranked layouts the wrong way round along routes: on the DeepSeek-V2-Lite testbed at
-0.2 ms round trips it rated whole-layer layouts 1.3% slower than the pipeline where the simulator ran
-them 1-8% faster, so `route` kept the pipeline there (docs/benchmarks.md). Ties go to the earlier candidate; the choice
+candidate more than ROW_MARGIN above the lowest. Until the rehearsal, processor sharing was the load
+view's queueing, with a margin (a routed candidate's queueing beyond the pipeline's counted twice); it
+ranked layouts the wrong way round along routes: on the DeepSeek-V2-Lite testbed at 0.2 ms round trips
+it rated whole-layer layouts 1.3% slower than the pipeline where the simulator ran them 1-8% faster, so
+`route` kept the pipeline there (docs/benchmarks.md). Ties go to the earlier candidate; the choice
 replaces `current` only if it saves `min_gain` of current's cost in the view that decides
 (`route_model.replaces`, hysteresis; the migration rule judges `route` the same way). Ranking by the
 step-together cost, as this policy once did, stayed home where the pipeline was up to 1.47× faster per
@@ -281,27 +281,26 @@ def _water_fill(amount: float, cap: np.ndarray, weight: np.ndarray) -> np.ndarra
     return out
 
 
-def _key(placement: Placement, routed: bool) -> tuple[bytes, bytes, bool]:
-    """A candidate's identity for `_choose`'s cache: its hosts, its routes, and how it is costed."""
+def _key(placement: Placement) -> tuple[bytes, bytes]:
+    """A candidate's identity for `_choose`'s cache: its hosts and its routes."""
     routes = b"" if placement.routes is None else placement.routes.tobytes()
-    return np.packbits(placement.hosts).tobytes(), routes, routed
+    return np.packbits(placement.hosts).tobytes(), routes
 
 
 def _choose(scored: list[tuple[float, Placement]], pipe: Placement, model: RouteModel,
             current: Placement | None, min_gain: float) -> Placement:
     """The candidate of `scored` (migration cost, placement) to serve with (module docstring): a routed
-    layout other than the pipeline split, its queueing beyond the pipeline's counted twice, must beat
-    the pipeline by ROUTED_MIN_GAIN on the load view; of the rest, those within ROW_MARGIN of the
-    lowest row view compete on the load view plus migration, the first of equal costs. `current` stays
-    unless the choice `replaces` it."""
-    pipe_views, pipe_queue = model.views_and_queue(pipe)  # no queue above LOAD_VIEW_MAX_NODES
-    seen = {_key(pipe, False): pipe_views}  # candidates often repeat one another (DP kept the routes)
+    layout other than the pipeline split must beat the pipeline by ROUTED_MIN_GAIN on the load view; of
+    the rest, those within ROW_MARGIN of the lowest row view compete on the load view plus migration,
+    the first of equal costs. `current` stays unless the choice `replaces` it."""
+    pipe_views = model.view_costs(pipe)
+    seen = {_key(pipe): pipe_views}  # candidates often repeat one another (DP kept the routes)
     kept = []
     for migration, placement in scored:
         routed = placement is not pipe and placement.routes is not None
-        key = _key(placement, routed)
+        key = _key(placement)
         if key not in seen:
-            seen[key] = model.view_costs(placement, pipe_queue if routed else None)
+            seen[key] = model.view_costs(placement)
         if routed and seen[key].load > pipe_views.load * (1.0 - ROUTED_MIN_GAIN):
             continue
         kept.append((seen[key].plus(migration), placement))
