@@ -1,10 +1,10 @@
 """Activation reports: how many tokens each node sent to each (layer, expert) over a window, and the
-load its own requests put on it (steps, sequences, dense compute).
+load its own requests put on it (steps, sequences, dense compute, requests finished).
 
 Published by every gating on `prism.v1.activations.<node>`, read by the placement service.
 msgpack on the wire: {"v", "node", "window_s", "layers", "num_experts", "counts": int64 LE bytes
 of shape [len(layers), num_experts], "tokens": tokens per layer, "steps", "step_sequences", "dense_s",
-"dense_layers"} (the last four: `StepLoad`; a report without them has none).
+"dense_layers", "finished"} (the last five: `StepLoad`; a report without them has none).
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ from shared.errors import BadTensor
 @dataclass
 class StepLoad:
     """The forward steps a gating ran for its own requests over a window: how many, the sequences in
-    them (a decode step's batch; a prefill counts its sequence once), and the seconds of dense compute
-    (embedding, attention, routers, head) over the MoE layers they ran here. The placement service
-    turns them into batch sizes, step rates and the dense time of a layer (services/placement/load.py)."""
+    them (a decode step's batch; a prefill counts its sequence once), the seconds of dense compute
+    (embedding, attention, routers, head) over the MoE layers they ran here, and the requests that
+    finished. The placement service turns them into batch sizes, step rates, the dense time of a layer
+    and the steps a request takes (services/placement/load.py)."""
 
     steps: int = 0
     sequences: int = 0
     dense_s: float = 0.0
     dense_layers: int = 0
+    finished: int = 0
 
     def add(self, sequences: int, dense_s: float, layers: int) -> None:
         self.steps += 1
@@ -38,8 +40,8 @@ class StepLoad:
 
     def take(self) -> StepLoad:
         """The window so far; starts a new one."""
-        taken = StepLoad(self.steps, self.sequences, self.dense_s, self.dense_layers)
-        self.steps, self.sequences, self.dense_s, self.dense_layers = 0, 0, 0.0, 0
+        taken = StepLoad(self.steps, self.sequences, self.dense_s, self.dense_layers, self.finished)
+        self.steps, self.sequences, self.dense_s, self.dense_layers, self.finished = 0, 0, 0.0, 0, 0
         return taken
 
 
@@ -66,6 +68,7 @@ class ActivationReport:
                 "step_sequences": self.load.sequences,
                 "dense_s": self.load.dense_s,
                 "dense_layers": self.load.dense_layers,
+                "finished": self.load.finished,
             }
         )
 
@@ -77,8 +80,10 @@ class ActivationReport:
             counts = np.frombuffer(data["counts"], dtype="<i8").reshape(len(layers), int(data["num_experts"]))
             tokens = np.frombuffer(data["tokens"], dtype="<i8").reshape(len(layers))
             load = StepLoad(int(data.get("steps", 0)), int(data.get("step_sequences", 0)),
-                            float(data.get("dense_s", 0.0)), int(data.get("dense_layers", 0)))
-            if min(load.steps, load.sequences, load.dense_layers) < 0 or not 0.0 <= load.dense_s < float("inf"):
+                            float(data.get("dense_s", 0.0)), int(data.get("dense_layers", 0)),
+                            int(data.get("finished", 0)))
+            if (min(load.steps, load.sequences, load.dense_layers, load.finished) < 0
+                    or not 0.0 <= load.dense_s < float("inf")):
                 raise ValueError("negative or non-finite load")
             return cls(str(data["node"]), float(data["window_s"]), layers, counts.copy(), tokens.copy(), load)
         except (KeyError, TypeError, ValueError, msgpack.UnpackException) as exc:

@@ -354,6 +354,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, event: Event) -> None:
         seq.finished = time.perf_counter()
+        self.load.finished += 1
         self.active.remove(seq)
         self.cache.free(seq.slot)
         self.sampler.release(seq.key)

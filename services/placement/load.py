@@ -1,20 +1,22 @@
 """The traffic the latency model is told about, measured while serving.
 
 The `latency` and `route` policies and the migration rule price a step with a `Workload`: each home's
-batch, its steps per second (the load it brings to the nodes on its route: `route`'s queueing term),
-the dense part of a layer and one expert invocation. The simulator knows them; a live cluster measures
-them, over the last `horizon_s` (PlacementSettings.load_horizon_s: long enough for a steady rate, short
-enough to follow the day's traffic):
+batch, its steps per second (the load it brings to the nodes on its route: what `route` rehearses),
+the steps a request takes, the dense part of a layer and one expert invocation. The simulator knows
+them; a live cluster measures them, over the last `horizon_s` (PlacementSettings.load_horizon_s: long
+enough for a steady rate, short enough to follow the day's traffic):
 - each gating's activation reports carry its own steps (`shared.activations.StepLoad`): their number,
-  the sequences in them, and the seconds of dense compute over the MoE layers they ran; a node's step
-  rate is over the time since its first report in the horizon began (traffic that started a moment
-  ago counts at its own rate);
+  the sequences in them, the seconds of dense compute over the MoE layers they ran, and the requests
+  that finished; a node's step rate is over the time since its first report in the horizon began
+  (traffic that started a moment ago counts at its own rate), the steps of a request are all nodes'
+  sequences over their finished requests;
 - each host's heartbeat carries cumulative expert calls and the seconds spent on them (embedded calls'
   compute; messages answered, from decoding to the reply).
 Times are the Workload's, on a speed-1.0 host: a host's seconds are scaled by the speed it reports (its
 topology's), a node's dense seconds by its first host's.
 A field nothing measured yet keeps the Workload's default (batch 1, no step rate, no dense time, the
-default expert time): what the service planned with before it measured anything.
+default expert time, the rehearsal's request length): what the service planned with before it measured
+anything.
 
 Without them `route` priced Mixtral's testbed at batch 8 as if every peer were idle and its experts
 cost 40 µs: it chose routes up to 2.7× slower than with the measured workload (`bench/calibration.py`).
@@ -43,10 +45,12 @@ class Measured:
     step_rate: np.ndarray | None  # [N] steps per second
     dense_time_s: float | None  # the dense part of one layer of one step
     expert_time_s: float | None  # one expert invocation
+    tokens_per_request: float | None = None  # steps a request takes (its tokens)
 
     def workload(self, **fixed: Any) -> Workload:
         """A Workload of these measurements and `fixed` fields; an unmeasured one keeps its default."""
-        workload = Workload(batch=self.batch, step_rate=self.step_rate, **fixed)
+        workload = Workload(batch=self.batch, step_rate=self.step_rate, tokens_per_request=self.tokens_per_request,
+                            **fixed)
         if self.dense_time_s is not None:
             workload = replace(workload, dense_time_s=self.dense_time_s)
         if self.expert_time_s is not None:
@@ -94,7 +98,7 @@ class LoadTracker:
         [len(rows)]: each node's first host's speed, where its gating computes (default 1.0)."""
         now = time.monotonic() if now is None else now
         self._forget(now)
-        steps, sequences, dense_s, layers = (np.zeros(self.num_nodes) for _ in range(4))
+        steps, sequences, dense_s, layers, finished = (np.zeros(self.num_nodes) for _ in range(5))
         since = np.full(self.num_nodes, now)  # the start of each node's oldest window kept
         for start, node, load in self._steps:
             since[node] = min(since[node], start)
@@ -102,7 +106,8 @@ class LoadTracker:
             sequences[node] += load.sequences
             dense_s[node] += load.dense_s
             layers[node] += load.dense_layers
-        steps, sequences = steps[rows], sequences[rows]
+            finished[node] += load.finished
+        steps, sequences, finished = steps[rows], sequences[rows], finished[rows]
         batch = np.maximum(np.round(np.divide(sequences, steps, out=np.ones_like(steps), where=steps > 0)), 1)
         # a node's rate over the time since its first step in the horizon: traffic that began a moment
         # ago runs at its own rate, not spread over a minute of idling before it
@@ -112,7 +117,8 @@ class LoadTracker:
         dense = float((dense_s[rows] * speed).sum() / layers[rows].sum()) if layers[rows].sum() > 0 else None
         calls = sum(c for _, c, _ in self._calls)
         expert = sum(s for _, _, s in self._calls) / calls if calls else None
-        return Measured(batch.astype(np.int64), rate, dense, expert)
+        per_request = max(float(sequences.sum() / finished.sum()), 1.0) if finished.sum() > 0 else None
+        return Measured(batch.astype(np.int64), rate, dense, expert, per_request)
 
     def _forget(self, now: float) -> None:
         horizon = now - self.horizon_s

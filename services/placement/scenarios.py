@@ -148,7 +148,7 @@ def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, c
     KV a home's batch keeps per layer a node runs for it (KV_CONTEXT_TOKENS per request), in slots;
     the dense part of a layer at that batch (shared experts included), and each home's decode steps per
     second: its arrival rate × the profile's mean tokens per request over its batch (the token rate a
-    stable system serves whatever the placement; the queueing term of `route` reads it)."""
+    stable system serves whatever the placement; `route` rehearses it), and that mean itself."""
     from services.placement.policies import get_policy
     from services.placement.simulator import simulate
 
@@ -162,10 +162,11 @@ def pilot_workload(shape: ModelShape, cluster: Cluster, profile: RoutingTrace, c
     dense = (config.dense_time_s + B * config.dense_time_per_token_s
              + config.shared_experts * (config.expert_time_s + B * config.expert_time_per_token_s))
     requests = max(len(np.unique(profile.request)), 1)
-    step_rate = config.arrival_rate * (profile.num_tokens / requests) / batch.astype(np.float64)
+    per_request = max(profile.num_tokens / requests, 1.0)
+    step_rate = config.arrival_rate * per_request / batch.astype(np.float64)
     return Workload(batch=batch, bytes_per_token=shape.bytes_per_token, expert_time_s=config.expert_time_s,
                     expert_time_per_token_s=config.expert_time_per_token_s, top_k=K,
-                    kv_slots_per_layer=kv, dense_time_s=dense, step_rate=step_rate)
+                    kv_slots_per_layer=kv, dense_time_s=dense, step_rate=step_rate, tokens_per_request=per_request)
 
 
 def published_testbed(model: str, regime: str = "rtt-b8", *, requests_per_node: int = 60, seed: int = 0,

@@ -282,7 +282,7 @@ class PlacementService:
 
     def _workload(self, rows: list[int], live: Iterable[HostStatus]) -> Workload:
         """The latency model's view of the traffic of nodes `rows` (`live` their hosts): what the gatings and
-        hosts measured (batch, step rate, dense and expert time: services/placement/load.py), the
+        hosts measured (batch, step rate, request length, dense and expert time: services/placement/load.py), the
         model's hidden state per token, and loading one replica over the link spread over the decode
         steps of the window (the simulator's Replanner charges it the same way)."""
         speeds = first_host_speeds(live, [self.nodes[i] for i in rows])
@@ -292,7 +292,9 @@ class PlacementService:
         log.info("plan_workload", batch=measured.batch.tolist(),
                  step_rate=None if measured.step_rate is None else np.round(measured.step_rate, 2).tolist(),
                  dense_ms=None if measured.dense_time_s is None else round(1e3 * measured.dense_time_s, 4),
-                 expert_ms=None if measured.expert_time_s is None else round(1e3 * measured.expert_time_s, 4))
+                 expert_ms=None if measured.expert_time_s is None else round(1e3 * measured.expert_time_s, 4),
+                 tokens_per_request=None if measured.tokens_per_request is None
+                 else round(measured.tokens_per_request, 1))
         return measured.workload(bytes_per_token=self.model.hidden_size * DTYPE_BYTES[self.settings.dtype],
                                  top_k=self.model.top_k, migration_cost_s=load_s / steps,
                                  min_gain=self.settings.min_gain)

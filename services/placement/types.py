@@ -332,6 +332,8 @@ class Workload:
                             hosts along its route: the `route` policy rehearses it in the simulator
                             (`rehearsal.py`) and estimates queueing from it (`RouteModel.load_step_times`).
                             None (default): unknown, no rehearsal and no queueing term
+    tokens_per_request float or None  decode steps a request takes (its tokens): the rehearsal's request
+                            length. None (default): unknown, the rehearsal's own (rehearsal.TOKENS)
     """
 
     batch: np.ndarray
@@ -345,6 +347,7 @@ class Workload:
     top_k: int = 2
     dense_time_s: float = 0.0
     step_rate: np.ndarray | None = None
+    tokens_per_request: float | None = None
 
     def __post_init__(self) -> None:
         batch = np.asarray(self.batch)
@@ -364,6 +367,9 @@ class Workload:
                 raise InvalidInputError(f"Workload.step_rate must be [N] finite values >= 0 like batch, "
                                         f"got {np.asarray(self.step_rate).tolist()}")
             object.__setattr__(self, "step_rate", _frozen(rate))
+        if self.tokens_per_request is not None and not 1.0 <= float(self.tokens_per_request) < np.inf:
+            raise InvalidInputError(f"Workload.tokens_per_request must be a finite count >= 1, "
+                                    f"got {self.tokens_per_request}")
 
     @classmethod
     def uniform(cls, num_nodes: int, batch: int = 1, **kw: Any) -> Workload:

@@ -22,18 +22,23 @@ def test_nothing_measured_keeps_the_defaults() -> None:
     wl, default = LoadTracker(2).measured([0, 1], now=10.0).workload(top_k=2), Workload.uniform(2, top_k=2)
     assert wl.batch.tolist() == default.batch.tolist() == [1, 1]
     assert (wl.step_rate, wl.dense_time_s, wl.expert_time_s) == (None, default.dense_time_s, default.expert_time_s)
+    assert wl.tokens_per_request is None
 
 
 def test_batch_rate_and_dense_time_from_the_gatings_steps() -> None:
     tracker = LoadTracker(3, horizon_s=60.0)
     for t in (1.0, 2.0, 3.0, 4.0):  # node 0: 20 steps of 3 sequences a second, 2 ms dense over 4 layers each
-        tracker.add_steps(0, StepLoad(steps=20, sequences=60, dense_s=20 * 0.002, dense_layers=20 * 4), 1.0, now=t)
-    tracker.add_steps(2, StepLoad(steps=10, sequences=14, dense_s=10 * 0.001, dense_layers=10 * 2), 2.0, now=4.0)
+        tracker.add_steps(0, StepLoad(steps=20, sequences=60, dense_s=20 * 0.002, dense_layers=20 * 4, finished=3),
+                          1.0, now=t)
+    tracker.add_steps(2, StepLoad(steps=10, sequences=14, dense_s=10 * 0.001, dense_layers=10 * 2, finished=1),
+                      2.0, now=4.0)
     tracker.add_steps(1, StepLoad(), 1.0, now=4.0)  # a window without steps: nothing
     measured = tracker.measured([0, 1, 2], now=5.0)
     assert measured.batch.tolist() == [3, 1, 1]  # 14 / 10 rounds to 1; no steps: 1
     assert measured.step_rate == pytest.approx([80 / 5, 0, 10 / 3]), "steps since each node's first window began"
     assert measured.dense_time_s == pytest.approx((80 * 0.002 + 10 * 0.001) / (80 * 4 + 10 * 2))
+    assert measured.tokens_per_request == pytest.approx((4 * 60 + 14) / (4 * 3 + 1)), "sequences per finished request"
+    assert measured.workload().tokens_per_request == measured.tokens_per_request
     only = tracker.measured([2], now=5.0)  # the serving nodes alone
     assert only.batch.tolist() == [1]
     assert only.dense_time_s == pytest.approx(0.0005)

@@ -6,21 +6,22 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.placement import Cluster, CoActivation, Placement, Workload
+from services.placement import Cluster, CoActivation, InvalidInputError, Placement, Workload
 from services.placement.policies import POLICIES
 from services.placement.policies.route import ROUTED_MIN_GAIN
-from services.placement.rehearsal import TOKENS
+from services.placement.rehearsal import REHEARSAL_REQUESTS, TOKENS
 from services.placement.route_model import LOAD_VIEW_MAX_NODES, RouteModel
 from services.placement.simulator import simulate
 
 
-def _model(step_rate: list[float] | None, batch: list[int], num_nodes: int = 2) -> RouteModel:
+def _model(step_rate: list[float] | None, batch: list[int], num_nodes: int = 2,
+           tokens_per_request: float | None = None) -> RouteModel:
     """Nodes of one host each, one layer of two experts, top-2: every token calls both."""
     f = np.full((num_nodes, 1, 2), 100.0)
     c = Cluster.from_slots([2] * num_nodes, rtt_s=4e-3, bandwidth_Bps=62.5e6)
     coact = CoActivation.independent(f, 2, samples_per_node=4, seed=0)
     wl = Workload(batch=np.array(batch), top_k=2, expert_time_s=40e-6, dense_time_s=200e-6,
-                  step_rate=None if step_rate is None else np.array(step_rate))
+                  step_rate=None if step_rate is None else np.array(step_rate), tokens_per_request=tokens_per_request)
     return RouteModel(c, f, coact, wl)
 
 
@@ -33,7 +34,7 @@ def test_traffic_requests_arrive_at_the_step_rate_with_the_homes_rows() -> None:
     starts = arrivals[0]
     assert np.all(np.diff(starts) >= 0)
     # steps at 50/s of 2 tokens each are requests of TOKENS tokens at 50 · 2 / TOKENS per second
-    horizon = 1000 / 50.0
+    horizon = REHEARSAL_REQUESTS * TOKENS / 50.0
     assert starts.size == pytest.approx(50.0 * 2 / TOKENS * horizon, rel=0.35)
     assert trace.num_tokens == starts.size * TOKENS
     assert np.all(np.bincount(trace.request) == TOKENS)
@@ -42,6 +43,14 @@ def test_traffic_requests_arrive_at_the_step_rate_with_the_homes_rows() -> None:
     again, again_at = _model([50.0, 0.0], batch=[2, 1]).rehearsal.traffic
     assert np.array_equal(again.experts, trace.experts)  # the same draw
     assert np.array_equal(again_at[0], starts)
+
+
+def test_requests_are_as_long_as_the_workload_measured() -> None:
+    trace, arrivals = _model([50.0, 50.0], batch=[1, 2], tokens_per_request=9.6).rehearsal.traffic
+    assert np.all(np.bincount(trace.request) == 10)
+    horizon = REHEARSAL_REQUESTS * 10 / 50.0
+    assert arrivals[0].size == pytest.approx(50.0 * 1 / 10 * horizon, rel=0.3)
+    assert arrivals[1].size == pytest.approx(50.0 * 2 / 10 * horizon, rel=0.3)
 
 
 def test_a_token_alone_costs_the_dense_part_and_its_experts() -> None:
@@ -54,6 +63,12 @@ def test_a_token_alone_costs_the_dense_part_and_its_experts() -> None:
     assert per_token[0] == pytest.approx(200e-6 + 2 * 40e-6, rel=1e-6)
     assert per_token[1] == 0.0
     assert m.rehearsal.cost(Placement(hosts)) == pytest.approx(m.weight[0] * per_token[0])
+
+
+def test_tokens_per_request_is_checked() -> None:
+    for bad in (0.5, float("nan"), float("inf")):
+        with pytest.raises(InvalidInputError, match="tokens_per_request"):
+            Workload.uniform(2, 1, tokens_per_request=bad)
 
 
 def test_no_rehearsal_without_step_rates_or_on_a_large_cluster() -> None:

@@ -123,8 +123,9 @@ async def test_a_sampling_failure_fails_only_its_sequence(mixtral_dir: Path, mon
 
 
 async def test_the_engine_counts_its_steps_for_the_activation_reports(mixtral_dir: Path) -> None:
-    """Steps, the sequences in them and the dense compute over the MoE layers: what the placement
-    service turns into batch sizes, step rates and the dense time of a layer."""
+    """Steps, the sequences in them, the dense compute over the MoE layers and the requests finished:
+    what the placement service turns into batch sizes, step rates, the dense time of a layer and the
+    steps a request takes."""
     experts = AsyncLocal(LocalExperts.from_checkpoint(mixtral_dir))
     engine = engine_for(mixtral_dir, experts)
     seqs = [Sequence([5, 6, 7], 6, SamplingParams(), stream=False) for _ in range(3)]
@@ -140,4 +141,5 @@ async def test_the_engine_counts_its_steps_for_the_activation_reports(mixtral_di
     assert load.sequences == 18
     assert load.dense_layers == 6 * len(engine.model.config.moe_layers) == len(experts.calls)
     assert load.dense_s > 0
+    assert load.finished == 3, "each request counted once when it finishes"
     assert engine.load.take().steps == 0

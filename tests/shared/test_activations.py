@@ -37,9 +37,10 @@ def test_the_step_load_travels_with_the_report() -> None:
     load = StepLoad()
     load.add(3, 0.002, 4)
     load.add(1, 0.001, 4)
+    load.finished += 2
     report = counter.take(1.0, load.take())
     back = ActivationReport.decode(report.encode())
-    assert back.load == StepLoad(steps=2, sequences=4, dense_s=0.003, dense_layers=8)
+    assert back.load == StepLoad(steps=2, sequences=4, dense_s=0.003, dense_layers=8, finished=2)
     assert load.take() == StepLoad(), "take starts a new window"
 
 
@@ -47,7 +48,7 @@ def test_a_report_without_a_load_has_none_and_a_bad_load_is_refused() -> None:
     old = msgpack.packb({"v": 1, "node": "edge-a", "window_s": 1.0, "layers": [0], "num_experts": 2,
                          "counts": np.zeros(2, dtype="<i8").tobytes(), "tokens": np.zeros(1, dtype="<i8").tobytes()})
     assert ActivationReport.decode(old).load == StepLoad()  # a gating of an older version
-    for bad in ({"steps": -1}, {"dense_s": float("nan")}, {"step_sequences": "many"}):
+    for bad in ({"steps": -1}, {"dense_s": float("nan")}, {"step_sequences": "many"}, {"finished": -3}):
         payload = msgpack.packb({**msgpack.unpackb(old), **bad})
         with pytest.raises(BadTensor):
             ActivationReport.decode(payload)
