@@ -271,7 +271,8 @@ async def test_the_activation_reports_carry_the_nodes_steps(
     cluster: LocalCluster, family_dirs: dict[str, Path]
 ) -> None:
     """What the placement service turns into each home's batch and step rate: a gating's reports count
-    its steps, the sequences in them and their dense compute over the MoE layers run."""
+    its steps, the sequences in them, their dense compute over the MoE layers run and the requests
+    finished."""
     model = family_dirs["mixtral"]
     await cluster.add_node("a")
     await cluster.add_gating("a", model, embedded={"ae": "*:*"}, activation_interval_s=0.2)
@@ -286,9 +287,11 @@ async def test_the_activation_reports_carry_the_nodes_steps(
     replies = await ask_all(cluster, ["a"] * 4, prompts(4, seed=14), 10)
     generated = sum(len(r["token_ids"]) for r in replies)
     async with asyncio.timeout(10):
-        while sum(r.load.sequences for r in reports) < generated:  # noqa: ASYNC110 - fed by real reports
+        while (sum(r.load.sequences for r in reports) < generated  # noqa: ASYNC110 - fed by real reports
+               or sum(r.load.finished for r in reports) < len(replies)):
             await asyncio.sleep(0.05)
     await sub.unsubscribe()
+    assert sum(r.load.finished for r in reports) == len(replies), "each request counted once, when it finished"
     steps = sum(r.load.steps for r in reports)
     moe = len(load_config(model).moe_layers)
     assert 10 <= steps <= generated, "a step per token of the longest request at least; one per token at most"
