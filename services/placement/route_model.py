@@ -71,7 +71,7 @@ from services.placement.rehearsal import Rehearsal
 from services.placement.routes import stay_home
 from services.placement.types import Placement
 
-LOAD_VIEW_MAX_NODES = 16  # above, `load_cost` is the step-together cost and `view_costs` the row view
+LOAD_VIEW_MAX_NODES = 16  # above, both views are the row view without queueing (`view_costs`)
 RHO_CAP = 0.95  # utilisation a host's queueing is evaluated at, at most (an overloaded host: × 19)
 ROW_MARGIN = 0.03  # a layout whose row view is this much above another's is out (module docstring)
 
@@ -361,22 +361,15 @@ class RouteModel(LatencyModel):
         return out.reshape(-1, n_layers, n_nodes)
 
     def load_cost(self, placement: Placement) -> float:
-        """The load view the `route` policy chooses by (`view_costs`): where the step rates are known,
-        the rehearsal's seconds per token (`rehearsal`); else Σ_h w_h (step alone with the dense part +
-        queueing) of `placement` (`load_step_times`). Above LOAD_VIEW_MAX_NODES nodes, `cost` (the load
-        view takes one step-time evaluation per home)."""
-        if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
-            return self.cost(placement)
-        if self.rehearsal is not None:
-            return self.rehearsal.cost(placement)
-        alone, queue = self.load_step_times(placement.node_view(self.cluster), placement.routes, placement.hosts)
-        return float(self.weight @ (alone + queue))
+        """The load view the `route` policy chooses by (`view_costs`)."""
+        return self.view_costs(placement).load
 
     def view_costs(self, placement: Placement) -> Views:
-        """`placement` on the load view (`load_cost`) and on the row view: Σ_h w_h (step alone paid batch
-        by batch, `row_step_times`, + dense part + queueing). Above LOAD_VIEW_MAX_NODES both are the row
-        view without queueing: the load view takes one evaluation per home, the row view one for every
-        home."""
+        """`placement` on the load view and on the row view. The load view: where the step rates are
+        known, the rehearsal's seconds per token (`rehearsal`); else Σ_h w_h (step alone with the dense
+        part + queueing, `load_step_times`). The row view: Σ_h w_h (step alone paid batch by batch,
+        `row_step_times`, + dense part + queueing). Above LOAD_VIEW_MAX_NODES both are the row view
+        without queueing: the load view takes one evaluation per home, the row view one for every home."""
         view = placement.node_view(self.cluster)
         table = placement.routes if placement.routes is not None else stay_home(*view.shape[:2])
         dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
@@ -384,8 +377,11 @@ class RouteModel(LatencyModel):
         if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
             cost = float(self.weight @ rows)
             return Views(cost, cost)
-        alone, queue = self.load_step_times(view, table, placement.hosts)
-        load = self.rehearsal.cost(placement) if self.rehearsal is not None else float(self.weight @ (alone + queue))
+        queue = self.queueing_delay(self.occupancy(view, table, placement.hosts))
+        if self.rehearsal is not None:
+            load = self.rehearsal.cost(placement)
+        else:
+            load = float(self.weight @ (self.alone_step_times(view, table, placement.hosts) + dense + queue))
         return Views(load, float(self.weight @ (rows + queue)))
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
