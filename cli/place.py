@@ -13,7 +13,8 @@ the file's dtype; only that size is taken from the model, so FILE.npy's layers a
 `--batch`, `--top-k`, `--bytes-per-token`, `--expert-time-us` describe the workload for the `latency`
 and `route` policies (co-activation sets are drawn ∝ f, independently, with `--top-k` experts per
 token); `--dense-time-us` and `--step-rate` (steps per second per home) let `route` count the dense part
-a node runs for other homes and the queueing the load of every home adds on a host (off by default);
+a node runs for other homes and rehearse that load in the simulator (services/placement/rehearsal.py;
+off by default), with requests of `--tokens-per-request` tokens (default: the rehearsal's 32);
 `--kv-slots-per-layer` charges a node that runs a layer for another home that many expert slots for that
 home's KV (`pipeline`, `route`; default 0).
 
@@ -70,8 +71,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dense-time-us", type=float, default=0.0,
                    help="the dense part of one layer of a step (route: the executing node computes it)")
     p.add_argument("--step-rate", type=float, default=0.0,
-                   help="decode steps per second each home runs on average (route: with --dense-time-us, the "
-                   "queueing a layout's busiest hosts add; 0: not counted)")
+                   help="decode steps per second each home runs on average (route: its layouts rehearsed on "
+                   "that load in the simulator; 0: not)")
+    p.add_argument("--tokens-per-request", type=float, default=None,
+                   help="decode steps a request takes (route's rehearsal; default 32)")
     p.add_argument("--kv-slots-per-layer", type=float, default=0.0,
                    help="expert slots a home's KV takes per layer another node runs for it (pipeline, route)")
     p.set_defaults(func=handler)
@@ -171,7 +174,8 @@ def handler(args: argparse.Namespace) -> int:
                                     expert_time_s=args.expert_time_us * 1e-6,
                                     kv_slots_per_layer=args.kv_slots_per_layer,
                                     dense_time_s=args.dense_time_us * 1e-6,
-                                    step_rate=np.full(cluster.num_nodes, args.step_rate) if args.step_rate else None)
+                                    step_rate=np.full(cluster.num_nodes, args.step_rate) if args.step_rate else None,
+                                    tokens_per_request=args.tokens_per_request)
         start = time.perf_counter()
         placement = policy(freq, cluster, workload=workload)
         solve_s = time.perf_counter() - start

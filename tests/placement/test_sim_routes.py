@@ -139,17 +139,19 @@ def test_sim_has_pipeline_and_route_rows(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_place_route_takes_the_load_flags(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    """`--dense-time-us` and `--step-rate` reach the route policy's load view; a negative rate is refused."""
+    """`--dense-time-us`, `--step-rate` and `--tokens-per-request` reach the route policy's load view (a
+    rehearsal); a negative rate and a request of no tokens are refused."""
     rng = np.random.default_rng(1)
     np.save(tmp_path / "f.npy", rng.gamma(1.0, size=(3, 6, 8)) * 100)
     base = ("place", "--counts", str(tmp_path / "f.npy"), "--slots", "20,20,40", "--policy", "route", "--json",
             "--top-k", "2")
-    code, out = _run(capsys, *base, "--dense-time-us", "200", "--step-rate", "50")
+    code, out = _run(capsys, *base, "--dense-time-us", "200", "--step-rate", "50", "--tokens-per-request", "16")
     assert code == 0
     assert sorted(json.loads(out)["routes"]) == ["0", "1", "2"]
-    args = build_parser().parse_args([*base, "--step-rate", "-1"])
-    assert args.func(args) == 2
-    assert "step_rate" in capsys.readouterr().err
+    for flag, value, field in (("--step-rate", "-1", "step_rate"), ("--tokens-per-request", "0", "tokens_per_request")):
+        args = build_parser().parse_args([*base, flag, value])
+        assert args.func(args) == 2
+        assert field in capsys.readouterr().err
 
 
 def test_hosts_on_one_machine_take_turns_on_its_cores() -> None:
