@@ -100,7 +100,8 @@ def judge(
         migration = added * workload.migration_cost_s
         if measure == "load":  # the row view may rule either out, as in the policy's own choice
             old, new = model.view_costs(current), model.view_costs(proposed).plus(migration)
-            return Verdict(replaces(new, old, workload.min_gain), old.load, new.load, "s/step")
+            unit = "s/token" if model.rehearsal is not None else "s/step"  # a rehearsal: a request's per token
+            return Verdict(replaces(new, old, workload.min_gain), old.load, new.load, unit)
         before, after = model.cost(current), model.cost(proposed) + migration
         return Verdict(after < before * (1.0 - workload.min_gain), before, after, "s/step")
     cost = proxy_objective if measure == "remote calls" else busiest_host_calls

@@ -89,4 +89,4 @@ def test_route_judges_by_the_load_view_it_chooses_by() -> None:
     assert (v.before, v.after) == (model.load_cost(SPREAD), model.load_cost(LOCAL))
     assert v.before != model.cost(SPREAD)
     assert v.accept
-    assert v.unit == "s/step"
+    assert v.unit == "s/token"  # the rehearsal's measure: a request's seconds per token
