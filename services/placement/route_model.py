@@ -102,6 +102,10 @@ class RouteModel(LatencyModel):
     """`LatencyModel` with routes; see the module docstring."""
 
     @cached_property
+    def _seen(self) -> dict[tuple[bytes, bytes], Views]:
+        return {}
+
+    @cached_property
     def rehearsal(self) -> Rehearsal | None:
         """The rehearsal the load view is where the step rates are known, up to LOAD_VIEW_MAX_NODES; None
         also when no home with steps has sampled tokens (it would rehearse nothing: every layout 0)."""
@@ -365,6 +369,16 @@ class RouteModel(LatencyModel):
         return self.view_costs(placement).load
 
     def view_costs(self, placement: Placement) -> Views:
+        """`placement` on the load view and on the row view (`_views`), remembered per layout: the policy,
+        its split search and the migration rule ask again about the same layouts, and a rehearsal takes
+        a second."""
+        key = (np.packbits(placement.hosts).tobytes(), b"" if placement.routes is None else placement.routes.tobytes())
+        views = self._seen.get(key)
+        if views is None:
+            views = self._seen[key] = self._views(placement)
+        return views
+
+    def _views(self, placement: Placement) -> Views:
         """`placement` on the load view and on the row view. The load view: where the step rates are
         known, the rehearsal's seconds per token (`rehearsal`); else Σ_h w_h (step alone with the dense
         part + queueing, `load_step_times`). The row view: Σ_h w_h (step alone paid batch by batch,
