@@ -9,7 +9,7 @@ of shape [len(layers), num_experts], "tokens": tokens per layer, "steps", "step_
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import msgpack
 import numpy as np
@@ -40,8 +40,9 @@ class StepLoad:
 
     def take(self) -> StepLoad:
         """The window so far; starts a new one."""
-        taken = StepLoad(self.steps, self.sequences, self.dense_s, self.dense_layers, self.finished)
-        self.steps, self.sequences, self.dense_s, self.dense_layers, self.finished = 0, 0, 0.0, 0, 0
+        taken = replace(self)
+        for f in fields(self):
+            setattr(self, f.name, f.default)
         return taken
 
 

@@ -117,15 +117,20 @@ class SimResult:
     migrated_replicas: int = 0
     hops: int = 0                         # one-way hops of hidden states between executing nodes
     round_trips: int = 0                  # host messages with their replies (one per remote host and layer)
-    compute_s: float = 0.0                # host time booked for compute (dense parts, experts, segments' fixed
-                                          # work), at each host's speed; messages' CPU not included
-    host_compute_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [H] compute_s by host
+    host_compute_s: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [H] time each host booked for
+                                          # compute (dense parts, experts, segments' fixed work), at its speed;
+                                          # messages' CPU not included
     foreign_kv_peak_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0))  # [N]
     latencies_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     arrivals_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     request_node: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     request_index: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # within its node
     events: list[str] = field(default_factory=list)
+
+    @property
+    def compute_s(self) -> float:
+        """Host time booked for compute, all hosts (`host_compute_s`)."""
+        return float(self.host_compute_s.sum())
 
     @property
     def mean_latency_s(self) -> float:
@@ -401,12 +406,10 @@ class Simulator:
         h0 = self.first_host[n]
         t0 = self._compute(h0, ready, dense / self.speed[h0], now)
         end, res = t0, self.result
-        res.compute_s += dense / self.speed[h0]
         res.host_compute_s[h0] += dense / self.speed[h0]
         cpu = cfg.message_cpu_s
         for h, m, g in plan:
             work = (g * cfg.expert_time_s + m * cfg.expert_time_per_token_s) / self.speed[h]
-            res.compute_s += work
             res.host_compute_s[h] += work
             node = self.host_node[h]
             if node == n:

@@ -194,8 +194,7 @@ def _candidates(f: np.ndarray, cluster: Cluster, model: RouteModel, coact: CoAct
     held = search.best()
     if held is not None:
         coarse = search.routes(held)
-        view = np.repeat(held[:, :, None], n_experts, axis=2)
-        view = fill_spare(view, f, slots - kv_slots(coarse, n_nodes, wl.kv_slots_per_layer))
+        view = _whole_layer_view(held, coarse, f, slots, wl.kv_slots_per_layer)
         out.append((view, coarse, None))
         if dp:
             out.append((view, model.route_dp(view, coarse), None))
@@ -204,20 +203,27 @@ def _candidates(f: np.ndarray, cluster: Cluster, model: RouteModel, coact: CoAct
     return out, pipe
 
 
+def _whole_layer_view(held: np.ndarray, table: np.ndarray, f: np.ndarray, slots: np.ndarray, kv: float) -> np.ndarray:
+    """[N, L, E] every expert of the layers each node holds (held [N, L]), and in the slots left once
+    the other homes' KV along `table` is charged, each node's most used other experts."""
+    view = np.repeat(held[:, :, None], f.shape[2], axis=2)
+    return fill_spare(view, f, slots - kv_slots(table, held.shape[0], kv))
+
+
 def _split_layout(order: list[int], counts: list[int], f: np.ndarray, model: RouteModel,
                   prefer: np.ndarray | None) -> Placement | None:
     """A pipeline-like layout: nodes `order` run `counts` contiguous layers each, every home along them,
     each node holding every expert of its layers and its most used others in spare slots; None when it
     does not fit with the other homes' KV."""
     cluster, kv = model.cluster, model.workload.kv_slots_per_layer
-    n_nodes, n_layers, n_experts = f.shape
+    n_nodes, n_layers, _ = f.shape
     held = np.zeros((n_nodes, n_layers), dtype=bool)
     bounds = np.cumsum([0, *counts])
     for node, start, end in zip(order, bounds[:-1], bounds[1:], strict=True):
         held[node, start:end] = True
     table = np.repeat(np.argmax(held, axis=0)[None], n_nodes, axis=0)
     slots = cluster.node_slots()
-    view = fill_spare(np.repeat(held[:, :, None], n_experts, axis=2), f, slots - kv_slots(table, n_nodes, kv))
+    view = _whole_layer_view(held, table, f, slots, kv)
     if not _fits(view, table, slots, kv):
         return None
     return Placement(_hosts(view, table, model, prefer), routes=table)
