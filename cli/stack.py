@@ -46,6 +46,7 @@ from shared.nats_server import (
     find_binary,
     free_port,
     port_is_free,
+    reserve_ports,
 )
 from shared.process import Child
 
@@ -60,6 +61,7 @@ class LocalStack:
     def __init__(self, options: StackOptions) -> None:
         self.options = options
         self.run_dir = options.run_dir.absolute()  # handed to children, which start in REPO_ROOT
+        reserve_ports(options.port, options.mqtt_port, options.http_port, options.api_port)
         self.port = options.port or free_port()
         self.hub_url = f"nats://127.0.0.1:{self.port}"
         self.leaf_urls: dict[str, str] = {}

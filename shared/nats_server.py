@@ -139,6 +139,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return chosen
 
 
+def reserve_ports(*ports: int | None) -> None:
+    """Ports this process was told to use but has not bound yet (a user's --mqtt-port): free_port must
+    not hand them out, although nothing listens on them (seen: a hub's leaf port drawn equal to its own
+    monitor port, which the hub then could not bind)."""
+    _handed_out.update(p for p in ports if p)
+
+
 @functools.cache
 def _ephemeral_range_start() -> int:
     try:

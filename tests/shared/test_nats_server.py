@@ -77,6 +77,20 @@ def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
     assert all(1024 <= p < _ephemeral_range_start() and port_is_free(p) for p in ports)
 
 
+def test_a_reserved_port_is_never_handed_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prism up --monitor-port P` reserves P before the hub's leaf port is drawn: nothing listens on P
+    yet, so without the reservation the draw could return P and the hub could not bind both."""
+    import shared.nats_server as ns
+
+    told, other = 20001, 20002
+    draws = iter([told, told, other])
+    monkeypatch.setattr(ns.random, "randint", lambda low, high: next(draws))
+    monkeypatch.setattr(ns, "_handed_out", set())
+    monkeypatch.setattr(ns, "port_is_free", lambda port, host="127.0.0.1": True)
+    ns.reserve_ports(told, None, 0)
+    assert ns.free_port() == other
+
+
 def test_a_port_in_time_wait_is_free_and_a_listening_one_is_not() -> None:
     """A server stopped a moment ago leaves its side of closed connections in TIME_WAIT; the port can
     be listened on again at once (`prism up` on the same port right after a stop said "in use")."""
