@@ -106,6 +106,10 @@ class RouteModel(LatencyModel):
         return {}
 
     @cached_property
+    def _rows_seen(self) -> dict[tuple[bytes, bytes], tuple[float, np.ndarray]]:
+        return {}
+
+    @cached_property
     def rehearsal(self) -> Rehearsal | None:
         """The rehearsal the load view is where the step rates are known, up to LOAD_VIEW_MAX_NODES; None
         also when no home with steps has sampled tokens (it would rehearse nothing: every layout 0)."""
@@ -309,8 +313,7 @@ class RouteModel(LatencyModel):
         if table is None:
             table = stay_home(*view.shape[:2])
         occ = self.occupancy(view, table, hosts)
-        dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
-        return self.alone_step_times(view, table, hosts) + dense, self.queueing_delay(occ)
+        return self.alone_step_times(view, table, hosts) + self._dense_along(table), self.queueing_delay(occ)
 
     def row_step_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
         """[N_home] each home's step alone along `table` [N, L] in the row view (module docstring), hops
@@ -372,31 +375,52 @@ class RouteModel(LatencyModel):
         """`placement` on the load view and on the row view (`_views`), remembered per layout: the policy,
         its split search and the migration rule ask again about the same layouts, and a rehearsal takes
         a second."""
-        key = (np.packbits(placement.hosts).tobytes(), b"" if placement.routes is None else placement.routes.tobytes())
+        key = _layout_key(placement)
         views = self._seen.get(key)
         if views is None:
             views = self._seen[key] = self._views(placement)
         return views
 
+    def row_cost(self, placement: Placement) -> float:
+        """`placement` on the row view alone (`_views`): a candidate it rules out need not be rehearsed."""
+        return self._row_and_queue(placement)[0]
+
+    def _row_and_queue(self, placement: Placement) -> tuple[float, np.ndarray]:
+        """(the row view, [N] each home's queueing), remembered per layout. The row view: Σ_h w_h (step
+        alone paid batch by batch, `row_step_times`, + dense part + queueing); above LOAD_VIEW_MAX_NODES
+        without queueing (it takes one evaluation per home)."""
+        key = _layout_key(placement)
+        if key not in self._rows_seen:
+            view, table = self._view_and_table(placement)
+            rows = self.row_step_times(view, table, placement.hosts) + self._dense_along(table)
+            if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
+                queue = np.zeros(self.cluster.num_nodes)
+            else:
+                queue = self.queueing_delay(self.occupancy(view, table, placement.hosts))
+            self._rows_seen[key] = (float(self.weight @ (rows + queue)), queue)
+        return self._rows_seen[key]
+
     def _views(self, placement: Placement) -> Views:
-        """`placement` on the load view and on the row view. The load view: where the step rates are
-        known, the rehearsal's seconds per token (`rehearsal`); else Σ_h w_h (step alone with the dense
-        part + queueing, `load_step_times`). The row view: Σ_h w_h (step alone paid batch by batch,
-        `row_step_times`, + dense part + queueing). Above LOAD_VIEW_MAX_NODES both are the row view
-        without queueing: the load view takes one evaluation per home, the row view one for every home."""
-        view = placement.node_view(self.cluster)
-        table = placement.routes if placement.routes is not None else stay_home(*view.shape[:2])
-        dense = self._dense_on_first_hosts()[1][table].sum(axis=1)
-        rows = self.row_step_times(view, table, placement.hosts) + dense
+        """`placement` on the load view and on the row view (`_row_and_queue`). The load view: where the
+        step rates are known, the rehearsal's seconds per token (`rehearsal`); else Σ_h w_h (step alone
+        with the dense part + queueing, `load_step_times`). Above LOAD_VIEW_MAX_NODES both are the row
+        view without queueing."""
+        row, queue = self._row_and_queue(placement)
         if self.cluster.num_nodes > LOAD_VIEW_MAX_NODES:
-            cost = float(self.weight @ rows)
-            return Views(cost, cost)
-        queue = self.queueing_delay(self.occupancy(view, table, placement.hosts))
+            return Views(row, row)
         if self.rehearsal is not None:
-            load = self.rehearsal.cost(placement)
-        else:
-            load = float(self.weight @ (self.alone_step_times(view, table, placement.hosts) + dense + queue))
-        return Views(load, float(self.weight @ (rows + queue)))
+            return Views(self.rehearsal.cost(placement), row)
+        view, table = self._view_and_table(placement)
+        alone = self.alone_step_times(view, table, placement.hosts) + self._dense_along(table)
+        return Views(float(self.weight @ (alone + queue)), row)
+
+    def _view_and_table(self, placement: Placement) -> tuple[np.ndarray, np.ndarray]:
+        view = placement.node_view(self.cluster)
+        return view, placement.routes if placement.routes is not None else stay_home(*view.shape[:2])
+
+    def _dense_along(self, table: np.ndarray) -> np.ndarray:
+        """[N_home] each home's dense parts per step on the nodes its route runs them on."""
+        return np.asarray(self._dense_on_first_hosts()[1][table].sum(axis=1))
 
     def exec_table(self, view: np.ndarray, table: np.ndarray) -> np.ndarray:
         """T [N_home, N_x, L]: home h's mean time in layer l if x ran it, the others keeping `table`."""
@@ -420,6 +444,10 @@ class RouteModel(LatencyModel):
                 break
             cur = nxt
         return cur
+
+
+def _layout_key(placement: Placement) -> tuple[bytes, bytes]:
+    return (np.packbits(placement.hosts).tobytes(), b"" if placement.routes is None else placement.routes.tobytes())
 
 
 def shortest_routes(times: np.ndarray, hop: np.ndarray) -> np.ndarray:

@@ -40,8 +40,9 @@ class Timeline:
     def book(self, ready: float, duration: float, now: float) -> float:
         """Book `duration` seconds at the earliest gap starting at or after `ready`; return the end.
         Intervals that ended before `now` are dropped: no later booking can start before `now`."""
-        self._forget(now)
         b = self.busy
+        if b and b[0][1] <= now:
+            self._forget(now)
         if not b or ready >= b[-1][1]:                       # the common case: after everything booked
             end = ready + duration
             if b and b[-1][1] == ready:

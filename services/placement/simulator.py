@@ -207,7 +207,10 @@ class Simulator:
         self.migrating = False
         self.prompts = prefill is not None  # a request's first step may run several tokens
         self.nodes = self._nodes(np.random.default_rng(config.seed), arrivals, prefill)
-        self.result = SimResult(foreign_kv_peak_bytes=np.zeros(N), host_compute_s=np.zeros(H))
+        self.result = SimResult(foreign_kv_peak_bytes=np.zeros(N))
+        self.host_compute = [0.0] * H  # SimResult.host_compute_s, kept as floats while running (faster)
+        if not self.cores:  # each host its own machine: a booking is its timeline's alone
+            self._compute = self._compute_alone  # type: ignore[method-assign]
         self.kv_now = np.zeros((N, N))                          # [home, node] foreign KV bytes held now
         self._done: list[tuple[int, float, float, int]] = []   # (node, arrival, completion, index)
         # each node's segment server: other homes' segments waiting (arrival, home, first layer, end layer),
@@ -248,6 +251,7 @@ class Simulator:
         done = sorted(self._done, key=lambda d: d[1])
         r = self.result
         r.requests = len(done)
+        r.host_compute_s = np.array(self.host_compute)
         r.request_node = np.array([d[0] for d in done], dtype=np.int64)
         r.request_index = np.array([d[3] for d in done], dtype=np.int64)
         r.arrivals_s = np.array([d[1] for d in done])
@@ -373,24 +377,32 @@ class Simulator:
 
     def _group(self, step: np.ndarray, execs: np.ndarray, start: int = 0) -> list[list[tuple[int, int, int]]]:
         """For each of the layers start, start + 1, ... that execs [L'] gives the executing node of: the
-        (host, calls, groups) per host a step's tokens need there, local hosts too. One numpy pass for
-        them all; a group is the tokens of one expert (one message)."""
+        (host, calls, groups) per host a step's tokens need there, local hosts too; a group is the tokens
+        of one expert (one message). Counted per (layer, expert), then summed per (layer, host) through
+        the serving host of each (layer, expert) for these executing nodes (`_host_index`)."""
         L, E, H = execs.size, self.E, self.H
-        ex = self.experts[step, start:start + L]                       # [B, L', K]
-        lay = np.arange(L)[None, :, None]
-        host = self.serve_host[execs[None, :, None], lay + start, ex]  # [B, L', K] serving host
-        key = np.sort(((lay * H + host) * E + ex).ravel())             # layer·H·E + host·E + expert
-        first = np.ones(key.size, dtype=bool)
-        first[1:] = key[1:] != key[:-1]
-        lh = key // E                                                  # layer·H + host
-        calls = np.bincount(lh, minlength=L * H).reshape(L, H)
-        groups = np.bincount(lh[first], minlength=L * H).reshape(L, H)
+        index, offsets = self._host_index(execs, start)
+        chosen = (self.experts[step, start:start + L] + offsets).ravel()   # [B·L'·K] layer·E + expert
+        per_expert = np.bincount(chosen, minlength=L * E)                  # [L'·E] calls of each expert
+        calls = np.bincount(index, weights=per_expert, minlength=L * H).reshape(L, H)
+        groups = np.bincount(index, weights=per_expert > 0, minlength=L * H).reshape(L, H)
         nz_l, nz_h = np.nonzero(calls)
         plan: list[list[tuple[int, int, int]]] = [[] for _ in range(L)]
-        for layer, h, m, g in zip(nz_l.tolist(), nz_h.tolist(), calls[nz_l, nz_h].tolist(),
-                                  groups[nz_l, nz_h].tolist(), strict=True):
+        for layer, h, m, g in zip(nz_l.tolist(), nz_h.tolist(), calls[nz_l, nz_h].astype(np.int64).tolist(),
+                                  groups[nz_l, nz_h].astype(np.int64).tolist(), strict=True):
             plan[layer].append((h, m, g))
         return plan
+
+    def _host_index(self, execs: np.ndarray, start: int) -> tuple[np.ndarray, np.ndarray]:
+        """([L'·E] layer·H + serving host of each (layer, expert) of layers start.. run on execs, [L', 1]
+        layer·E offsets); the same for every step of a route until the placement changes (`_activate`)."""
+        key = (execs.tobytes(), start)
+        if key not in self._host_indices:
+            L = execs.size
+            lay = np.arange(L)[:, None]
+            host = self.serve_host[execs[:, None], lay + start, np.arange(self.E)[None, :]]  # [L', E]
+            self._host_indices[key] = ((lay * self.H + host).ravel(), lay * self.E)
+        return self._host_indices[key]
 
     def _layer(  # noqa: PLR0917 - one layer's booking
         self, n: int, plan: list[tuple[int, int, int]], batch: int, ready: float, now: float, extra_s: float = 0.0
@@ -405,12 +417,12 @@ class Simulator:
         dense += cfg.shared_experts * (cfg.expert_time_s + batch * cfg.expert_time_per_token_s) + extra_s
         h0 = self.first_host[n]
         t0 = self._compute(h0, ready, dense / self.speed[h0], now)
-        end, res = t0, self.result
-        res.host_compute_s[h0] += dense / self.speed[h0]
+        end, res, booked = t0, self.result, self.host_compute
+        booked[h0] += dense / self.speed[h0]
         cpu = cfg.message_cpu_s
         for h, m, g in plan:
             work = (g * cfg.expert_time_s + m * cfg.expert_time_per_token_s) / self.speed[h]
-            res.host_compute_s[h] += work
+            booked[h] += work
             node = self.host_node[h]
             if node == n:
                 res.local_calls += m
@@ -431,6 +443,9 @@ class Simulator:
 
     def _compute(self, h: int, ready: float, work: float, now: float) -> float:
         return book_on_a_core(self.hosts[h], self.cores, ready, work, now)
+
+    def _compute_alone(self, h: int, ready: float, work: float, now: float) -> float:
+        return self.hosts[h].book(ready, work, now)
 
     def _send(self, a: int, b: int, ready: float, size: float, now: float) -> float:
         bw = self.bw[a][b]
@@ -462,6 +477,7 @@ class Simulator:
     def _activate(self, placement: Placement) -> None:
         self.placement, self.serve_host = placement, serving_hosts(placement, self.cluster)
         self.routes = placement.route_table(self.cluster.num_nodes)
+        self._host_indices: dict[tuple[bytes, int], tuple[np.ndarray, np.ndarray]] = {}
         self.pending = None
 
 

@@ -109,6 +109,30 @@ def test_route_chooses_on_the_load_view_with_the_pipeline_as_the_baseline() -> N
     assert choose([(0.0, home), (0.0, pipe)], pipe, m, home, 0.99) is home  # hysteresis keeps `current`
 
 
+def test_a_candidate_out_on_the_row_view_is_not_rehearsed() -> None:
+    """The pipeline is always a candidate, so one whose row view is more than ROW_MARGIN above the
+    pipeline's can never be chosen: `route` does not spend a rehearsal on it (a second each on the
+    testbed), and chooses as before."""
+    from services.placement import scenarios as sc
+    from services.placement.route_model import ROW_MARGIN
+
+    s = sc.published_testbed("deepseek-v2-lite", "bw-b1", requests_per_node=6)
+    n = s.cluster.num_nodes
+    f, coact = s.profile.counts(n), s.profile.coactivation(n)
+    m = RouteModel(s.cluster, f, coact, s.workload)
+    pipe = POLICIES["pipeline"](f, s.cluster, coact=coact, workload=s.workload)
+    home = POLICIES["latency"](f, s.cluster, coact=coact, workload=s.workload)
+    assert m.row_cost(home) > m.row_cost(pipe) * (1.0 + ROW_MARGIN)
+    assert m.rehearsal is not None
+    rehearsed: list[Placement] = []
+    cost = m.rehearsal.cost
+    m.rehearsal.cost = lambda p: rehearsed.append(p) or cost(p)  # type: ignore[method-assign]
+    assert route_module._choose([(0.0, home), (0.0, pipe)], pipe, m, None, 0.0) is pipe
+    assert rehearsed == [pipe]
+    # the same choice where it is rehearsed: staying home is slower on the load view too
+    assert RouteModel(s.cluster, f, coact, s.workload).load_cost(home) > m.load_cost(pipe)
+
+
 @pytest.mark.parametrize("regime", ["rtt-b1", "bw-b1"])
 def test_route_not_worse_than_pipeline_on_the_simulator_over_arrival_seeds(regime: str) -> None:
     """A small DeepSeek-V2-Lite testbed: route's layout re-simulated with three arrival seeds is never

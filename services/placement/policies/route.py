@@ -352,8 +352,13 @@ def _choose(scored: list[tuple[float, Placement]], pipe: Placement, model: Route
     the rest, those within ROW_MARGIN of the lowest row view compete on the load view plus migration,
     the first of equal costs. `current` stays unless the choice `replaces` it."""
     pipe_views = model.view_costs(pipe)  # (the model remembers each layout's views: candidates repeat)
+    # the pipeline is a candidate, so the lowest row view is at most its own: a candidate this far above
+    # it is out whatever the others, and is not rehearsed
+    out_above = min(((model.row_cost(p) + m) * (1.0 + ROW_MARGIN) for m, p in scored if p is pipe), default=np.inf)
     kept = []
     for migration, placement in scored:
+        if model.row_cost(placement) + migration > out_above:
+            continue
         views = model.view_costs(placement)
         routed = placement is not pipe and placement.routes is not None
         if routed and views.load > pipe_views.load * (1.0 - ROUTED_MIN_GAIN):
