@@ -1,64 +1,39 @@
 """`route` (ours): placement and routes chosen together to minimise the expected decode-step time.
 
-Why: with top-k routing nearly every layer of a stay-home step has some remote expert, so the step
-pays about one round trip per MoE layer whatever the placement; a pipeline split pays a few one-way
-hops instead, but sends every home through every range. `route` lets each home keep the layers it
-covers well and send the rest where their experts are (ARCHITECTURE.md, Execution).
+Why: with top-k routing nearly every layer of a stay-home step has some remote expert, so a step pays
+about one round trip per MoE layer whatever the placement; a pipeline split pays a few one-way hops
+instead, but sends every home through every range. `route` lets each home keep the layers it covers
+well and send the rest where their experts are (ARCHITECTURE.md, Execution).
 
-Cost: `route_model.RouteModel` (stay-home routes: exactly the `latency` policy's model). Candidates,
-each a node view with a route table, each within every node's slots once foreign KV takes
-`workload.kv_slots_per_layer` per layer a node runs for another home:
-1. stay-home: the `latency` policy's placement (itself the best of every stay-home policy on the
-   step-together model), the same experts with each layer spread over a node's GPUs as below (the
-   policy spreads a node's experts by their counts, not layer by layer), its view with routes from the
-   route DP (a home may leave for a few layers), and `eplb`'s placement (with memory for most experts
-   at batch > 1, its per-layer balance can beat `latency`'s pick on the load view and on the judge of
-   bench/route_grid.py);
-2. the `pipeline` placement exactly as that policy makes it (hosts included, so `route` is never worse
-   than it where it chooses), the same split with hosts balanced as below, and its view with DP routes;
-3. whole layers: each node holds whole layers, as many as fit with the others' KV
-   (`pipeline.layer_capacity`); which ones is searched on hops and compute alone: circular blocks in
-   every node order (up to PERMUTE_NODES nodes) and start layer, then single-layer moves while they
-   help, every home's route by DP over (layer, node) with only whole layers allowed. Spare slots take
-   each node's most used experts; the routes are then re-solved on the full model;
-4. with a rehearsal (below), the pipeline's split moved: its node order with one layer moved between
-   neighbouring stages at a time while the rehearsal says it pays (`_moved_split`, up to SPLIT_ROUNDS
-   rounds). Hops and compute alone score every split of one order alike; a split by memory can leave a
-   2-GPU node, whose first GPU runs every dense part, more or fewer layers than it serves best
-   (DeepSeek-V2-Lite testbed at 0.2 ms, batch 8: 7/5/14 layers simulate 1.8% faster than 7/6/13).
+Candidates (`_candidates`, in tie-break order), each a node view with a route table that fits every
+node's slots once foreign KV takes `workload.kv_slots_per_layer` per layer a node runs for another home:
+1. stay-home: the `latency` placement, the same experts spread over each node's GPUs layer by layer,
+   and its view with DP routes (a home may leave for a few layers); `eplb`'s placement;
+2. the `pipeline` placement exactly (so `route` is never worse than it where it chooses), the same split
+   with its hosts balanced, and its view with DP routes;
+3. whole layers: each node holds whole layers (`_WholeLayers`: circular blocks in every node order, up
+   to PERMUTE_NODES nodes, and start layer, then single-layer moves, scored on hops and compute), spare
+   slots for each node's most used other experts, routes by DP on the full model;
+4. with a rehearsal, the pipeline's split moved a layer at a time between neighbouring stages while the
+   rehearsal says it pays (`_moved_split`): hops and compute rate every split of one node order alike,
+   but a 2-GPU node, whose first GPU runs every dense part, may serve best with more or fewer layers.
 A routed candidate's replicas are spread over each node's hosts layer by layer, by the work every home
-that executes there brings (`_hosts`), and every candidate is costed with its hosts (a layer waits for
-the slowest GPU of the node that runs it, `RouteModel.host_work`).
-The choice: the route model's cost (above) assumes every home steps at once, which suits the search
-(which layers where, which routes) but over-rates any node that runs layers for several homes: it
-charges one step with all their work, as if they always arrived together (`route_model` docstring).
-So the candidates are ranked on the load view instead (`RouteModel.load_cost`), plus the migration cost
-(migration_cost_s per replica `current` lacks). Where the homes' step rates are known (the placement
-service measures them; the simulator's scenarios tell them) the load view is a rehearsal
-(`rehearsal.py`): the simulator run on a short sample of that traffic, seconds per token with every
-wait included, the same draw for every candidate. Where they are not (`prism place` without
-`--step-rate`) it is each home's step alone, with the dense part on the executing node. A routed
-candidate other than the pipeline split must beat the pipeline by ROUTED_MIN_GAIN: within that the
-views cannot tell layouts apart (spreading the same experts differently over a node's GPUs moves the
-simulated mean by 1-3%), and the pipeline is the baseline. Stay-home candidates compete on their own
-load view. Before the load view ranks them, the row view (each sampled batch paying for the experts it
-calls, which expected work understates at small batches with large experts, plus the
-processor-sharing queueing of the other homes' load: `route_model` docstring) rules out every
-candidate more than ROW_MARGIN above the lowest. Until the rehearsal, processor sharing was the load
-view's queueing, with a margin (a routed candidate's queueing beyond the pipeline's counted twice); it
-ranked layouts the wrong way round along routes: on the DeepSeek-V2-Lite testbed at 0.2 ms round trips
-it rated whole-layer layouts 1.3% slower than the pipeline where the simulator ran them 1-8% faster, so
-`route` kept the pipeline there (docs/benchmarks.md). Ties go to the earlier candidate; the choice
-replaces `current` only if it saves `min_gain` of current's cost in the view that decides
-(`route_model.replaces`, hysteresis; the migration rule judges `route` the same way). Ranking by the
-step-together cost, as this policy once did, stayed home where the pipeline was up to 1.47× faster per
-step with memory for half the experts per GPU or more, on a per-step model written apart from the
-project's (bench/route_grid.py, docs/benchmarks.md).
-Above DP_MAX_NODES nodes the full-model DP (N executing nodes × samples per layer) is skipped: the
-whole-layer routes stand as they are; above LOAD_VIEW_MAX_NODES (`route_model`) the load view (one
-evaluation per home) gives way to the row view alone, without queueing (one evaluation for every home):
-choosing there on the step-together cost stayed home at up to 2.2× the pipeline on the judge of
-bench/route_grid.py (17-24 nodes). Deterministic.
+executing there brings (`_hosts`): a layer waits for the node's slowest GPU.
+
+Choice (`_choose`): the route model's step-together cost suits the search, but it charges a node that
+runs layers for several homes as if their steps always arrived together. So candidates are ranked on
+the load view (`RouteModel.view_costs`) plus their migration cost: the rehearsal (`rehearsal.py`: the
+simulator on a sample of the traffic) where the homes' step rates are known, else each home's step
+alone with its dense part. Before that, the row view (each sampled batch paying for the experts it
+calls, plus processor-sharing queueing) rules out every candidate more than ROW_MARGIN above the lowest;
+one that far above the pipeline's is not even rehearsed. A routed layout other than the pipeline split
+must beat the pipeline by ROUTED_MIN_GAIN: within that the views cannot tell layouts apart. Ties go to
+the earlier candidate; `current` stays unless the choice saves `min_gain` of its cost
+(`route_model.replaces`, the migration rule's test too). The measurements behind each of these, and
+what was tried instead: docs/benchmarks.md.
+
+Scale: above DP_MAX_NODES nodes the full-model route DP is skipped (the whole-layer routes stand);
+above LOAD_VIEW_MAX_NODES (`route_model`) both views are the row view without queueing. Deterministic.
 """
 
 from __future__ import annotations
