@@ -96,6 +96,8 @@ def build_context(
             raise InputError(f"slot {slot}: token ids {bad[:5]} outside the vocabulary 0..{vocab_size - 1}")
     before = [cache.length(s) for s in slots]
     flat = [t for toks in tokens for t in toks]
+    if all(n == 1 for n in counts):
+        return _decode_context(slots, flat, before, device)
     count_t = torch.tensor(counts, device=device)
     seq = torch.repeat_interleave(torch.arange(len(slots), device=device), count_t)  # [T]
     starts = torch.cumsum(count_t, 0) - count_t  # [B]
@@ -118,4 +120,30 @@ def build_context(
         last_token=starts + count_t - 1,
         uniform=all(n == counts[0] for n in counts),
         slot_start=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None,
+    )
+
+
+def _decode_context(slots: list[int], flat: list[int], before: list[int], device: torch.device) -> StepContext:
+    """`build_context` of a step that appends one token to each sequence (every decode step): token b is
+    sequence b's, so most index tensors are one another; half the tensor ops, each a copy to the device."""
+    n = len(slots)
+    before_t = torch.tensor(before, device=device)
+    seq = torch.arange(n, device=device)
+    slots_t = torch.tensor(slots, device=device)
+    return StepContext(
+        token_ids=torch.tensor(flat, dtype=torch.int64, device=device),
+        positions=before_t,
+        seq_lens=before_t + 1,
+        token_slot=slots_t,
+        token_seq=seq,
+        token_row=torch.zeros(n, dtype=torch.int64, device=device),
+        slots=slots_t,
+        first_slot=slots[0],
+        lens_before=before,
+        counts=[1] * n,
+        q_max=1,
+        k_max=max(before) + 1,
+        last_token=seq,
+        uniform=True,
+        slot_start=slots[0] if slots == list(range(slots[0], slots[0] + n)) else None,
     )
