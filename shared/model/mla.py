@@ -135,12 +135,13 @@ class MLAttention:
         return self.q_b(rms_norm(self.q_a(x), self.q_a_norm, LATENT_NORM_EPS))
 
     def rope(self, x: Tensor, cos_sin: tuple[Tensor, Tensor]) -> Tensor:
-        """Rotate x [T, h, Dr] by cos/sin [T, Dr] (each `cat(f, f)`): pairs or halves."""
+        """Rotate x [T, h, Dr] by cos/sin [T, Dr] (cos(f, f) and the signed sine (-sin f, sin f),
+        `Rotary.cos_sin`): pairs or halves."""
         cos, sin = cos_sin
         if not self.dims.rope_interleave:
             return apply_rope(x, cos, sin)
         half = cos.shape[-1] // 2
-        c, s = cos[:, None, :half], sin[:, None, :half]
+        c, s = cos[:, None, :half], sin[:, None, half:]  # the sine's second half is sin f itself
         x1, x2 = x[..., 0::2], x[..., 1::2]
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 

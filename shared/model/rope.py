@@ -2,6 +2,10 @@
 
 The frequency rules follow transformers' `modeling_rope_utils` so that logits match it.
 Shape legend: T tokens, H heads, Dh head dim (rotated in two halves, "rotate_half" convention).
+
+The sine comes pre-signed (its first half negated, `Rotary.cos_sin`), so a rotation rolls x's halves
+instead of negating one and concatenating: x·cos + roll(x)·sin, the same numbers to the bit (negation
+is exact) in fewer ops per layer, computed once per step for every layer.
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ def _dynamic_inv_freq(rope: RopeConfig, dim: int, max_pos: int, seq_len: int, de
 
 
 class Rotary:
-    """Per-token cos/sin tables for one model: `cos_sin(positions, seq_lens) -> ([T, Dh], [T, Dh])`."""
+    """Per-token cos/sin tables for one model: `cos_sin(positions, seq_lens) -> ([T, Dh], [T, Dh])`, the
+    sine pre-signed for `apply_rope`."""
 
     def __init__(self, config: ModelConfig, device: torch.device) -> None:
         rope, dim = config.rope, config.head_dim
@@ -95,11 +100,17 @@ class Rotary:
 
     def cos_sin(self, positions: Tensor, seq_lens: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos, sin for `positions` [T] (int64); `seq_lens` [T] is each token's sequence length
-        after this step (used by dynamic RoPE only). Returns two [T, Dh] tensors in `dtype`."""
+        after this step (used by dynamic RoPE only). Returns two [T, Dh] tensors in `dtype`: cos(f, f)
+        and the signed sine (-sin f, sin f) of the token's frequencies f [T, Dh/2]."""
         inv_freq = self._inv_freq_per_token(seq_lens)  # [Dh/2] or [T, Dh/2]
         freqs = positions[:, None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.scaling != 1.0:
+            cos, sin = cos * self.scaling, sin * self.scaling
+        half = sin.shape[-1] // 2
+        sin[:, :half].neg_()
+        return cos.to(dtype), sin.to(dtype)
 
     def _inv_freq_per_token(self, seq_lens: Tensor) -> Tensor:
         if self.rope.rope_type != "dynamic" or int(seq_lens.max()) <= self.max_pos:
@@ -114,12 +125,7 @@ class Rotary:
         return table
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    """[..., Dh] -> [..., Dh]: (x1, x2) -> (-x2, x1)."""
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate `x` [T, H, Dh] by per-token cos/sin [T, Dh]."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    """Rotate `x` [T, H, Dh] by per-token cos and signed sin [T, Dh] (`Rotary.cos_sin`): x·cos +
+    rotate_half(x)·sin of the usual form, (x1, x2) -> (-x2, x1), as a roll of the halves."""
+    return x * cos[:, None, :] + x.roll(x.shape[-1] // 2, -1) * sin[:, None, :]
