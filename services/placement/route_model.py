@@ -312,8 +312,11 @@ class RouteModel(LatencyModel):
         (stay-home when None); see the module docstring."""
         if table is None:
             table = stay_home(*view.shape[:2])
-        occ = self.occupancy(view, table, hosts)
-        return self.alone_step_times(view, table, hosts) + self._dense_along(table), self.queueing_delay(occ)
+        return self._alone_with_dense(view, table, hosts), self.queueing_delay(self.occupancy(view, table, hosts))
+
+    def _alone_with_dense(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None) -> np.ndarray:
+        """[N_home] each home's step alone with the dense part on the nodes its route runs it on."""
+        return np.asarray(self.alone_step_times(view, table, hosts) + self._dense_along(table))
 
     def row_step_times(self, view: np.ndarray, table: np.ndarray, hosts: np.ndarray | None = None) -> np.ndarray:
         """[N_home] each home's step alone along `table` [N, L] in the row view (module docstring), hops
@@ -410,8 +413,7 @@ class RouteModel(LatencyModel):
             return Views(row, row)
         if self.rehearsal is not None:
             return Views(self.rehearsal.cost(placement), row)
-        view, table = self._view_and_table(placement)
-        alone = self.alone_step_times(view, table, placement.hosts) + self._dense_along(table)
+        alone = self._alone_with_dense(*self._view_and_table(placement), placement.hosts)
         return Views(float(self.weight @ (alone + queue)), row)
 
     def _view_and_table(self, placement: Placement) -> tuple[np.ndarray, np.ndarray]:

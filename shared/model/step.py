@@ -119,7 +119,7 @@ def build_context(
         k_max=max(b + n for b, n in zip(before, counts, strict=True)),
         last_token=starts + count_t - 1,
         uniform=all(n == counts[0] for n in counts),
-        slot_start=slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None,
+        slot_start=_slot_start(slots),
     )
 
 
@@ -145,5 +145,10 @@ def _decode_context(slots: list[int], flat: list[int], before: list[int], device
         k_max=max(before) + 1,
         last_token=seq,
         uniform=True,
-        slot_start=slots[0] if slots == list(range(slots[0], slots[0] + n)) else None,
+        slot_start=_slot_start(slots),
     )
+
+
+def _slot_start(slots: list[int]) -> int | None:
+    """slots[0] when the slots run slots[0], slots[0] + 1, ... (caches are then read as views), else None."""
+    return slots[0] if slots == list(range(slots[0], slots[0] + len(slots))) else None
