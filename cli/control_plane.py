@@ -6,17 +6,12 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from shared.topology import pairwise_links
-
 if TYPE_CHECKING:  # cli.stack_plan imports this module
     from cli.stack_plan import StackOptions
 
 
 def control_plane_env(opts: StackOptions) -> tuple[dict[str, str], dict[str, str]]:
-    """(placement env, migrator env) from StackOptions; the slowest node pair stands for every link."""
-    rtt_s, rate_bytes_s = pairwise_links(opts.topology)
-    rtt_ms = 1000 * max(max(row) for row in rtt_s)
-    rate_mbit = min(min(min(row) for row in rate_bytes_s) * 8 / 1e6, 1e6)
+    """(placement env, migrator env) from StackOptions."""
     placement = {
         "PRISM_PLACEMENT_NODES": ",".join(node.name for node in opts.topology.nodes),
         "PRISM_PLACEMENT_POLICY": opts.policy,
@@ -24,8 +19,7 @@ def control_plane_env(opts: StackOptions) -> tuple[dict[str, str], dict[str, str
         "PRISM_PLACEMENT_PLAN_INTERVAL_S": str(opts.plan_interval_s),
         "PRISM_PLACEMENT_MIGRATION_COST_CALLS": str(opts.migration_cost_calls),
         "PRISM_PLACEMENT_MIN_WINDOW_TOKENS": str(opts.min_window_tokens),
-        "PRISM_PLACEMENT_RTT_MS": f"{rtt_ms:g}",
-        "PRISM_PLACEMENT_BANDWIDTH_MBIT": f"{rate_mbit:g}",
+        "PRISM_PLACEMENT_LINKS": opts.topology.links_json(),
         "PRISM_PLACEMENT_HOST_TTL_S": str(opts.host_ttl_s),
     }
     migrator = {"PRISM_MIGRATOR_DTYPE": str(opts.topology.dtype), "PRISM_MIGRATOR_HOST_TTL_S": str(opts.host_ttl_s)}

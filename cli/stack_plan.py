@@ -207,6 +207,7 @@ def _gatings(
             "PRISM_GATING_EXPERT_TIMEOUT_S": str(opts.expert_timeout_s),
             "PRISM_GATING_ACTIVATION_INTERVAL_S": str(opts.activation_interval_s),
             "PRISM_GATING_HOST_TTL_S": str(opts.host_ttl_s),
+            "PRISM_GATING_LINKS": opts.topology.links_json(),
             "PRISM_GATING_EMBEDDED_HOSTS": embedded_hosts_json(node, placement, expert_bytes),
             "PRISM_GATING_COMPUTE_THREADS": threads,
         })

@@ -77,6 +77,13 @@ class LinkSpec(_Spec):
         return LinkShape.from_ms_mbit(self.delay_ms, self.rate_mbit)
 
 
+class NodeLink(LinkSpec):
+    """A node's link to the hub, named: how the placement service and the gatings learn the topology's
+    distances (PRISM_*_LINKS, a JSON list in the topology's node order)."""
+
+    node: str = Field(pattern=NAME_PATTERN, description="node name")
+
+
 class NodeSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN, description="node (edge server) name (a subject token)")
     hosts: list[HostSpec] = Field(min_length=1, description="expert hosts of this node")
@@ -102,6 +109,14 @@ class Topology(_Spec):
     def hosts(self) -> list[tuple[NodeSpec, HostSpec]]:
         """Every (node, host), node by node."""
         return [(node, host) for node in self.nodes for host in node.hosts]
+
+    def links(self) -> list[NodeLink]:
+        """Each node's link to the hub, in node order."""
+        return [NodeLink(node=n.name, **n.link.model_dump()) for n in self.nodes]
+
+    def links_json(self) -> str:
+        """`links()` as the services take them (PRISM_GATING_LINKS, PRISM_PLACEMENT_LINKS)."""
+        return json.dumps([link.model_dump() for link in self.links()], separators=(",", ":"))
 
     def host_node(self) -> dict[str, str]:
         """Host name → node name."""
@@ -203,16 +218,22 @@ def _number(value: Any, where: str) -> float:
 
 
 def pairwise_links(topology: Topology) -> tuple[list[list[float]], list[list[float]]]:
-    """Node-to-node round trip (s) and rate (bytes/s) through the hub, [N][N] each (0 / inf on the
-    diagonal), for the placement policies: rtt(a, b) = 2 × (delay_a + delay_b), rate = the slower link."""
-    n = len(topology.nodes)
+    """Node-to-node round trip (s) and rate (bytes/s) through the hub, [N][N] each, for the placement
+    policies (`star_links` of the topology's nodes)."""
+    return star_links([node.link for node in topology.nodes])
+
+
+def star_links(links: list[LinkSpec]) -> tuple[list[list[float]], list[list[float]]]:
+    """Round trip (s) and rate (bytes/s) between nodes that each reach the hub over `links[i]`, [N][N]
+    each (0 / inf on the diagonal): rtt(a, b) = 2 × (delay_a + delay_b), rate = the slower link."""
+    n = len(links)
     rtt = [[0.0] * n for _ in range(n)]
     rate = [[math.inf] * n for _ in range(n)]
-    for a, node_a in enumerate(topology.nodes):
-        for b, node_b in enumerate(topology.nodes):
+    for a, link_a in enumerate(links):
+        for b, link_b in enumerate(links):
             if a != b:
-                rtt[a][b] = 2 * (node_a.link.delay_ms + node_b.link.delay_ms) / 1000
-                rates = [x.link.rate_mbit * 1e6 / 8 for x in (node_a, node_b) if x.link.rate_mbit is not None]
+                rtt[a][b] = 2 * (link_a.delay_ms + link_b.delay_ms) / 1000
+                rates = [x.rate_mbit * 1e6 / 8 for x in (link_a, link_b) if x.rate_mbit is not None]
                 rate[a][b] = min(rates, default=math.inf)
     return rtt, rate
 

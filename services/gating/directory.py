@@ -1,8 +1,14 @@
 """Which host holds which expert, learnt from host heartbeats, so a gating can send one message per
 host and layer instead of one per expert.
 
-Holders on the gating's own node come first (the same locality the leaf queue groups give); among
-equals an expert goes to `holders[expert % n]`, which spreads a layer's experts over its replicas.
+The serving rule is the one the placement models and the simulator assume
+(services/placement/sim_resources.py `serving_nodes`, `serving_hosts`), so that what a plan is rated
+for is what runs: an expert this node holds is served here; otherwise by the nearest node holding it
+(lowest round trip through the hub, then highest rate, then the next node after this one in the
+topology's order, cyclically, which spreads requesters over equally near replicas). Among that
+node's holding hosts (by name), this node's calls to expert e go to the (n + e) mod count-th, n being
+this node's index. Without links every node is equally near.
+
 A stale entry is harmless: the host refuses experts it no longer holds and the gating falls back to
 the expert's own subject, where NATS finds a holder.
 """
@@ -15,16 +21,19 @@ from pydantic import ValidationError
 
 from shared.schemas import HostStatus
 from shared.settings import DEFAULT_HOST_TTL_S
+from shared.topology import NodeLink, star_links
 
 Key = tuple[int, int]
 
 
 class HostDirectory:
-    def __init__(self, node: str, max_age_s: float = DEFAULT_HOST_TTL_S) -> None:
+    def __init__(self, node: str, max_age_s: float = DEFAULT_HOST_TTL_S, links: list[NodeLink] | None = None) -> None:
         self.node = node
         self.max_age_s = max_age_s
+        self._links = list(links or [])
         self._hosts: dict[str, tuple[HostStatus, float]] = {}
-        self._holders: dict[Key, list[str]] = {}  # local hosts first, then the others, by name
+        self._holders: dict[Key, list[str]] = {}  # nearest node's hosts first, then the next node's, by name
+        self._index = 0  # this node's position in the node order (the `n` of the rule above)
 
     def on_status(self, payload: bytes) -> None:
         """One heartbeat (HostStatus JSON) from `prism.v1.host.<host>.status`."""
@@ -34,13 +43,31 @@ class HostDirectory:
             return
         previous = self._hosts.get(status.host)
         self._hosts[status.host] = (status, time.monotonic())
-        if previous is None or previous[0].experts != status.experts:
+        if previous is None or previous[0].experts != status.experts or previous[0].node != status.node:
             self._rebuild()
 
+    def node_order(self) -> list[str]:
+        """Nodes nearest first: this one, then the others by the rule above. Nodes the links do not
+        name (or all, without links) count as equally near, ranked after those the links name."""
+        names = [link.node for link in self._links]
+        seen = sorted(({s.node for s, _ in self._hosts.values()} | {self.node}) - set(names))
+        order = names + seen
+        n = order.index(self.node)
+        rtt, rate = star_links(list(self._links))
+        known = len(names)
+
+        def distance(m: int) -> tuple[float, float, int]:
+            if n < known and m < known:
+                return rtt[n][m], -rate[n][m], (m - n) % len(order)
+            return (float("inf") if m >= known > 0 else 0.0), 0.0, (m - n) % len(order)
+
+        self._index = n
+        return [self.node, *(order[m] for m in sorted((m for m in range(len(order)) if m != n), key=distance))]
+
     def _rebuild(self) -> None:
+        rank = {node: i for i, node in enumerate(self.node_order())}
         holders: dict[Key, list[str]] = {}
-        ordered = sorted(self._hosts.values(), key=lambda v: (v[0].node != self.node, v[0].host))
-        for status, _ in ordered:
+        for status, _ in sorted(self._hosts.values(), key=lambda v: (rank[v[0].node], v[0].host)):
             for key in status.experts:
                 holders.setdefault((key[0], key[1]), []).append(status.host)
         self._holders = holders
@@ -59,7 +86,7 @@ class HostDirectory:
             if not live:
                 unknown.append(expert)
                 continue
-            local = [h for h in live if self._hosts[h][0].node == self.node]
-            pool = local or live
-            by_host.setdefault(pool[expert % len(pool)], []).append(expert)
+            nearest = self._hosts[live[0]][0].node
+            pool = [h for h in live if self._hosts[h][0].node == nearest]
+            by_host.setdefault(pool[(self._index + expert) % len(pool)], []).append(expert)
         return by_host, unknown

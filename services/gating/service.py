@@ -412,7 +412,7 @@ def build(nc: NatsClient, settings: GatingSettings) -> Gating:
     tokenizer = Tokenizer.from_dir(settings.model) if (settings.model / "tokenizer.json").exists() else None
     config = model.config
     counter = ActivationCounter(settings.node, list_moe_layers(config), config.num_experts)
-    directory = HostDirectory(settings.node, settings.host_ttl_s) if settings.host_messages else None
+    directory = HostDirectory(settings.node, settings.host_ttl_s, settings.links) if settings.host_messages else None
     hosts = [embedded_host(nc, settings, spec) for spec in settings.embedded_hosts]
     experts = NodeExperts(
         nc,

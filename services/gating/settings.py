@@ -10,6 +10,7 @@ from pydantic_settings import SettingsConfigDict
 from shared import subjects
 from shared.dtypes import DtypeName
 from shared.settings import WatchesHosts
+from shared.topology import NodeLink
 
 
 class EmbeddedHost(BaseModel):
@@ -41,6 +42,11 @@ class GatingSettings(WatchesHosts):
     )
     host_messages: bool = Field(
         True, description="send one message per holding host and layer (from host heartbeats), not one per expert"
+    )
+    links: list[NodeLink] = Field(
+        default_factory=list,
+        description="each node's link to the hub, as JSON: [{node, delay_ms, rate_mbit}] (one way; the topology's): "
+        "which holder of a remote expert is nearest",
     )
     embedded_hosts: list[EmbeddedHost] = Field(
         default_factory=list,

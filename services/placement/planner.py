@@ -8,7 +8,7 @@ indices (the ones in expert subjects); in a Placement they are MoE-layer rows.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,6 +16,7 @@ import numpy as np
 from services.placement.errors import InvalidInputError
 from services.placement.types import Cluster, Placement
 from shared.schemas import HostStatus
+from shared.topology import LinkSpec, star_links
 
 
 @dataclass(frozen=True)
@@ -28,27 +29,22 @@ class ClusterView:
 
 
 def cluster_view(
-    statuses: Sequence[HostStatus], nodes: list[str], expert_bytes: int, rtt_s: float, bandwidth_bytes_s: float
+    statuses: Sequence[HostStatus], nodes: list[str], expert_bytes: int, links: Mapping[str, LinkSpec]
 ) -> ClusterView:
     """Hosts of known nodes, sorted by name, with slots = memory limit / expert size and the speed
-    each reports (its topology's)."""
+    each reports (its topology's); links between nodes through the hub from each node's link to it."""
     live = sorted((s for s in statuses if s.node in nodes), key=lambda s: s.host)
     if not live:
         raise InvalidInputError(f"no live expert host on any of the nodes {nodes}")
+    rtt_s, rate_Bps = star_links([links[node] for node in nodes])
     cluster = Cluster(
         host_node=np.array([nodes.index(s.node) for s in live]),
         host_slots=np.array([s.memory_limit_bytes // expert_bytes for s in live]),
         host_speed=np.array([s.speed for s in live]),
-        rtt_s=_links(len(nodes), rtt_s, 0.0),
-        bandwidth_Bps=_links(len(nodes), bandwidth_bytes_s, np.inf),
+        rtt_s=np.array(rtt_s),
+        bandwidth_Bps=np.array(rate_Bps),
     )
     return ClusterView(cluster, nodes, [s.host for s in live])
-
-
-def _links(n: int, value: float, diagonal: float) -> np.ndarray:
-    m = np.full((n, n), value, dtype=np.float64)
-    np.fill_diagonal(m, diagonal)
-    return m
 
 
 def to_plan_hosts(placement: Placement, view: ClusterView, moe_layers: list[int]) -> dict[str, list[list[int]]]:

@@ -107,6 +107,7 @@ class PlacementService:
         self.settings = settings
         self.model = model
         self.nodes = settings.node_list()
+        self.links = settings.node_links()
         self.stats = RoutingStats(len(self.nodes), len(model.moe_layers), model.num_experts, model.top_k)
         self.load = LoadTracker(len(self.nodes), settings.load_horizon_s)
         self.policy = get_policy(settings.policy)
@@ -232,13 +233,12 @@ class PlacementService:
 
     async def _plan_once(self) -> bool:
         live = {s.host: s for s in self.live_hosts()}  # one snapshot: a host may expire during the round
-        # Nodes with a live host. One without (its hosts lost) still sends requests, but with one
-        # link model for every pair of nodes all of its experts are equally remote wherever they sit.
+        # Nodes with a live host. One without (its hosts lost) still sends requests, which the plan
+        # leaves out: every expert is remote to it, and where they sit is chosen for the others.
         serving = [n for n in self.nodes if any(s.node == n for s in live.values())]
         if not serving:
             return False
-        view = cluster_view(list(live.values()), serving, self.model.expert_bytes, self.settings.rtt_ms / 1e3,
-                            self._link_rate())
+        view = cluster_view(list(live.values()), serving, self.model.expert_bytes, self.links)
         current = self._current_placement(view, live)
         if (wait := self._reason_to_wait(view, live, current)) is not None:
             log.info(wait, epoch=(self.plan or {}).get("epoch"), live=view.hosts)
@@ -278,7 +278,9 @@ class PlacementService:
         return None
 
     def _link_rate(self) -> float:
-        return self.settings.bandwidth_mbit * 1e6 / 8
+        """Bytes/s of the slowest link: what loading a replica is charged."""
+        rates = [link.rate_mbit for link in self.links.values() if link.rate_mbit is not None]
+        return min(rates, default=1e6) * 1e6 / 8
 
     def _workload(self, rows: list[int], live: Iterable[HostStatus]) -> Workload:
         """The latency model's view of the traffic of nodes `rows` (`live` their hosts): what the gatings and

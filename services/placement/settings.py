@@ -11,6 +11,7 @@ from services.placement.types import PolicyName
 from shared import subjects
 from shared.dtypes import DtypeName
 from shared.settings import WatchesHosts
+from shared.topology import LinkSpec, NodeLink
 
 
 class PlacementSettings(WatchesHosts):
@@ -29,8 +30,12 @@ class PlacementSettings(WatchesHosts):
     min_gain: float = Field(
         0.05, ge=0, lt=1, description="share of its expected latency a `latency` plan must save to be applied"
     )
-    rtt_ms: float = Field(4.0, ge=0, le=10000, description="round trip between nodes, milliseconds")
-    bandwidth_mbit: float = Field(500.0, gt=0, le=1e6, description="bandwidth between nodes, Mbit/s")
+    rtt_ms: float = Field(4.0, ge=0, le=10000, description="round trip between nodes not in `links`, milliseconds")
+    bandwidth_mbit: float = Field(500.0, gt=0, le=1e6, description="bandwidth between nodes not in `links`, Mbit/s")
+    links: list[NodeLink] = Field(
+        default_factory=list,
+        description="each node's link to the hub, as JSON: [{node, delay_ms, rate_mbit}] (one way; the topology's)",
+    )
     migration_timeout_s: float = Field(
         120.0, gt=0, le=86400, description="wait this long for hosts to hold a new plan before planning again, s"
     )
@@ -43,3 +48,10 @@ class PlacementSettings(WatchesHosts):
 
     def node_list(self) -> list[str]:
         return self.nodes.split(",")
+
+    def node_links(self) -> dict[str, LinkSpec]:
+        """Each node's link to the hub: its own from `links`, else one that makes the round trip between
+        two such nodes rtt_ms (a star: rtt = 2 × (delay_a + delay_b)) at bandwidth_mbit."""
+        given = {link.node: LinkSpec(delay_ms=link.delay_ms, rate_mbit=link.rate_mbit) for link in self.links}
+        default = LinkSpec(delay_ms=self.rtt_ms / 4, rate_mbit=self.bandwidth_mbit)
+        return {node: given.get(node, default) for node in self.node_list()}

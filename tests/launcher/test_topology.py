@@ -207,3 +207,41 @@ def test_slots_cap_what_memory_allows() -> None:
     assert h1.memory_limit_mb(MIB) == 2.0
     with pytest.raises(TopologyError, match="needs memory_mb"):
         parse_topology({"nodes": [{"name": "a", "hosts": [{"name": "h0"}]}]})
+
+
+def test_the_placement_service_plans_with_each_nodes_own_link(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`prism up` hands the placement service each node's link (PRISM_PLACEMENT_LINKS): its cluster has
+    the topology's node round trips, not the slowest pair's for every pair; a node the links leave out
+    gets the uniform rtt_ms."""
+    import numpy as np
+
+    from cli.control_plane import control_plane_env
+    from cli.stack_plan import StackOptions
+    from services.placement.planner import cluster_view
+    from services.placement.settings import PlacementSettings
+    from shared.schemas import HostStatus
+    from shared.topology import pairwise_links
+
+    topology = parse_topology({"nodes": [
+        {"name": "near", "hosts": [{"name": "near-h", "slots": 4}], "link": {"delay_ms": 0.5, "rate_mbit": 1000}},
+        {"name": "mid", "hosts": [{"name": "mid-h", "slots": 4}], "link": {"delay_ms": 1.0}},
+        {"name": "far", "hosts": [{"name": "far-h", "slots": 4}], "link": {"delay_ms": 5.0, "rate_mbit": 100}},
+    ]})
+    env, _ = control_plane_env(StackOptions(topology=topology, model=Path("m"), run_dir=Path("r")))
+    for name, value in env.items():  # read as the service reads them
+        monkeypatch.setenv(name, value)
+    settings = PlacementSettings()
+    statuses = [HostStatus(host=f"{n}-h", node=n, device="cpu", memory_used_bytes=0, memory_limit_bytes=4,
+                           experts=[], queue_depth=0, calls_served=0, tokens_served=0, errors=0)
+                for n in ("near", "mid", "far")]
+    cluster = cluster_view(statuses, settings.node_list(), 1, settings.node_links()).cluster
+    rtt, rate = pairwise_links(topology)
+    np.testing.assert_allclose(cluster.rtt_s, rtt)
+    np.testing.assert_allclose(cluster.bandwidth_Bps, rate)
+    assert cluster.rtt_s[0, 1] == pytest.approx(0.003)
+    assert cluster.rtt_s[0, 2] == pytest.approx(0.011)
+    partial = PlacementSettings(nodes="near,mid,far", links=settings.links[:2], rtt_ms=8.0, bandwidth_mbit=200.0)
+    links = partial.node_links()
+    assert links["far"].delay_ms == 2.0  # far to another such node: 8 ms
+    assert links["far"].rate_mbit == 200.0
+    assert links["near"] == topology.nodes[0].link

@@ -429,7 +429,7 @@ async def test_the_workload_is_what_the_gatings_and_hosts_measured(
             await nc.publish(subjects.host_status(status.host), status.model_dump_json().encode())
 
         def view() -> ClusterView:
-            return cluster_view(service.live_hosts(), nodes, service.model.expert_bytes, 0.001, 1e8)
+            return cluster_view(service.live_hosts(), nodes, service.model.expert_bytes, service.links)
 
         await heartbeat(nodes[0], 2.0, 50, 1.0)  # node a's GPU is twice the reference
         await heartbeat(nodes[1], 1.0, 0, 0.0)
