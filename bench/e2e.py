@@ -32,7 +32,7 @@ runs are compared side by side by bench/e2e_paired.py.
 
     .venv/bin/python bench/e2e.py [--policies eplb,latency,prism,pipeline,route]
                                   [--prompts-per-node 6]
-                                  [--max-tokens 12] [--rate 0.5] [--seed 0]
+                                  [--max-tokens 12] [--rate 0.5] [--seed 0] [--delays-ms 2,2,2]
 """
 
 from __future__ import annotations
@@ -115,12 +115,12 @@ def build_model(workdir: Path) -> Path:
     return make_tiny_checkpoint("deepseek_v2", workdir / "deepseek-v2-lite-tiny", seed=0, **V2_LITE_TINY)
 
 
-def topology(expert_bytes: int, num_experts: int) -> Topology:
+def topology(expert_bytes: int, num_experts: int, delays_ms: list[float]) -> Topology:
     memory_mb = EXPERT_SLOTS_SHARE * num_experts * expert_bytes / 2**20
-    link = {"delay_ms": 2.0, "rate_mbit": 500}
     nodes = [
-        {"name": n, "link": link, "hosts": [{"name": f"{n}-gpu{i}", "memory_mb": memory_mb} for i in range(k)]}
-        for n, k in HOSTS_PER_NODE.items()
+        {"name": n, "link": {"delay_ms": delay, "rate_mbit": 500},
+         "hosts": [{"name": f"{n}-gpu{i}", "memory_mb": memory_mb} for i in range(k)]}
+        for (n, k), delay in zip(HOSTS_PER_NODE.items(), delays_ms, strict=True)
     ]
     return parse_topology({"dtype": "float32", "nodes": nodes}, "bench/e2e.py")
 
@@ -414,7 +414,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=12, help="tokens generated per prompt")
     parser.add_argument("--rate", type=float, default=0.5, help="Poisson arrivals per second per node")
     parser.add_argument("--seed", type=int, default=0, help="seed of the arrival process")
+    parser.add_argument("--delays-ms", default="2,2,2", help="each node's one-way delay to the hub, ms")
     args = parser.parse_args()
+    args.delays_ms = [float(x) for x in args.delays_ms.split(",")]
+    if len(args.delays_ms) != len(HOSTS_PER_NODE) or min(args.delays_ms) < 0:
+        parser.error(f"--delays-ms needs {len(HOSTS_PER_NODE)} delays >= 0")
     if args.prompts_per_node < 1 or args.max_tokens < 2 or args.rate <= 0:
         parser.error("need --prompts-per-node >= 1, --max-tokens >= 2 and --rate > 0")
     return args
@@ -430,7 +434,7 @@ def main() -> None:
     config = load_config(model)
     moe_layers = list_moe_layers(config)
     expert_bytes = config.expert_nbytes("float32")
-    topo = topology(expert_bytes, len(moe_layers) * config.num_experts)
+    topo = topology(expert_bytes, len(moe_layers) * config.num_experts, args.delays_ms)
     picked = {node: (domain, [t[:48] for t in texts])
               for node, (domain, texts) in pick_prompts(list(HOSTS_PER_NODE), args.prompts_per_node).items()}
     prompts = {node: texts for node, (_, texts) in picked.items()}

@@ -48,7 +48,7 @@ async def start(stacks: contextlib.AsyncExitStack, model: Path, policy: str, *, 
     from shared.model.config import list_moe_layers
 
     config = load_config(model)
-    topo = topology(config.expert_nbytes("float32"), len(list_moe_layers(config)) * config.num_experts)
+    topo = topology(config.expert_nbytes("float32"), len(list_moe_layers(config)) * config.num_experts, [2.0] * 3)
     stack = await stacks.enter_async_context(LocalStack(stack_options(topo, model, policy, work / policy)))
     client = await stacks.enter_async_context(await PrismClient.connect(stack.hub_url))
     return client, await warm_up_and_replace(client, policy, prompts, args)

@@ -26,8 +26,9 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
     print(f"# Prism end-to-end — {machine}")
     print(
         "DeepSeek-V2-Lite shape at tiny widths (26 MoE layers × 64 experts, top-6, 2 shared, hidden 64); 3 nodes "
-        "with 1/1/2 hosts at 30% of the experts each (embedded in the gatings); 2 ms one way, 500 Mbit/s per link "
-        f"(node to node 4 ms one way through the hub); {args.prompts_per_node} prompts per node (its own domain), "
+        "with 1/1/2 hosts at 30% of the experts each (embedded in the gatings); "
+        f"{'/'.join(f'{d:g}' for d in args.delays_ms)} ms one way to the hub, 500 Mbit/s per link "
+        f"(node to node: the two delays one way); {args.prompts_per_node} prompts per node (its own domain), "
         f"{args.max_tokens} tokens each, greedy; Poisson {args.rate:g} requests/s per node (seed {args.seed})."
     )
     layers, k = len(setup.moe_layers), setup.trace.meta.top_k
