@@ -133,6 +133,23 @@ def test_a_candidate_out_on_the_row_view_is_not_rehearsed() -> None:
     assert RouteModel(s.cluster, f, coact, s.workload).load_cost(home) > m.load_cost(pipe)
 
 
+@pytest.mark.parametrize(("gpus", "moves"), [(4, True), (5, False)])
+def test_the_split_is_moved_on_small_clusters_only(gpus: int, moves: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Moving the pipeline's split costs up to 6(S-1) rehearsals (S stages) and paid in none of the
+    measured cells of 4-12 nodes (docs/benchmarks.md): 3 nodes try it, 4 do not."""
+    from services.placement import scenarios as sc
+
+    s = sc.sweep(gpus, 1000, seed=0, requests_per_node=2)
+    n = s.cluster.num_nodes
+    assert n == (3 if moves else 4)
+    tried: list[list[int]] = []
+    split_layout = route_module._split_layout
+    monkeypatch.setattr(route_module, "_split_layout", lambda order, counts, *a: tried.append(counts)
+                        or split_layout(order, counts, *a))
+    POLICIES["route"](s.profile.counts(n), s.cluster, coact=s.profile.coactivation(n), workload=s.workload)
+    assert bool(tried) == moves
+
+
 @pytest.mark.parametrize("regime", ["rtt-b1", "bw-b1"])
 def test_route_not_worse_than_pipeline_on_the_simulator_over_arrival_seeds(regime: str) -> None:
     """A small DeepSeek-V2-Lite testbed: route's layout re-simulated with three arrival seeds is never

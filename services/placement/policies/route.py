@@ -14,9 +14,10 @@ node's slots once foreign KV takes `workload.kv_slots_per_layer` per layer a nod
 3. whole layers: each node holds whole layers (`_WholeLayers`: circular blocks in every node order, up
    to PERMUTE_NODES nodes, and start layer, then single-layer moves, scored on hops and compute), spare
    slots for each node's most used other experts, routes by DP on the full model;
-4. with a rehearsal, the pipeline's split moved a layer at a time between neighbouring stages while the
-   rehearsal says it pays (`_moved_split`): hops and compute rate every split of one node order alike,
-   but a 2-GPU node, whose first GPU runs every dense part, may serve best with more or fewer layers.
+4. with a rehearsal, on up to SPLIT_MAX_NODES nodes, the pipeline's split moved a layer at a time
+   between neighbouring stages while the rehearsal says it pays (`_moved_split`): hops and compute rate
+   every split of one node order alike, but a 2-GPU node, whose first GPU runs every dense part, may
+   serve best with more or fewer layers.
 A routed candidate's replicas are spread over each node's hosts layer by layer, by the work every home
 executing there brings (`_hosts`): a layer waits for the node's slowest GPU.
 
@@ -32,7 +33,9 @@ the earlier candidate; `current` stays unless the choice saves `min_gain` of its
 (`route_model.replaces`, the migration rule's test too). The measurements behind each of these, and
 what was tried instead: docs/benchmarks.md.
 
-Scale: above DP_MAX_NODES nodes the full-model route DP is skipped (the whole-layer routes stand);
+Scale: above SPLIT_MAX_NODES nodes the split is not moved (up to 6(S-1) rehearsals for S stages, which
+paid in none of the measured cells of 4-12 nodes); above DP_MAX_NODES nodes the full-model route DP is
+skipped (the whole-layer routes stand);
 above LOAD_VIEW_MAX_NODES (`route_model`) both views are the row view without queueing. Deterministic.
 """
 
@@ -55,6 +58,7 @@ PERMUTE_NODES = 5  # every node order of the whole-layer blocks up to this many 
 SEARCH_PASSES = 3
 ROUTED_MIN_GAIN = 0.01  # a routed layout other than the pipeline split must beat it by this on the load view
 SPLIT_ROUNDS = 3  # rounds of moving the pipeline's split by a layer, judged by the rehearsal
+SPLIT_MAX_NODES = 3  # ... on clusters of up to this many nodes
 
 
 def _fits(view: np.ndarray, table: np.ndarray | None, slots: np.ndarray, kv: float) -> bool:
@@ -368,7 +372,7 @@ def route(
     prefer = current.hosts if current is not None else None
     scored = []
     cands, pipe = _candidates(f, cluster, model, coact, current)
-    if model.rehearsal is not None and cluster.num_nodes <= DP_MAX_NODES:
+    if model.rehearsal is not None and cluster.num_nodes <= SPLIT_MAX_NODES:
         moved = _moved_split(pipe, f, model, prefer)
         if moved is not None:
             cands.append((moved.node_view(cluster), moved.routes, moved))
