@@ -10,8 +10,8 @@ charged in the same unit:
   with copies of the hottest experts); T_mig = replicas added × `migration_cost_calls`.
 - `eplb`: calls served by the busiest host of each layer, summed over layers (a layer waits for its
   slowest host; an expert's calls split evenly over its replicas, over host speed); T_mig as above.
-- `latency`: expected MoE time of a decode step (latency_model), T_mig = replicas added × the
-  workload's `migration_cost_s`, and P' must be better by the workload's `min_gain` (a share of C(P)):
+- `latency`: expected MoE time of a decode step (latency_model), T_mig = the replicas each node adds ×
+  its `migration_cost_s` (the workload's), and P' must be better by the workload's `min_gain` (a share of C(P)):
   the model's estimate is sampled, so without it a steady workload moves experts on noise. (The
   policy applies the same test to its own candidates.)
 - `route`: expected latency along each placement's routes on the two views the policy chooses by
@@ -94,10 +94,11 @@ def judge(
         # replicas that differ, plus one when only the routes do
         away = float(np.sum(current.hosts ^ proposed.hosts)) or float(not current.equals(proposed))
         return Verdict(away > 0, away, 0.0, "replicas")
-    added = int(np.sum(proposed.hosts & ~current.hosts))
+    added_on = np.sum(proposed.hosts & ~current.hosts, axis=(1, 2))  # [H] replicas each host loads
+    added = int(added_on.sum())
     if measure in ("latency", "load"):  # seconds per decode step; loading is spread over the window's steps
         model = RouteModel(cluster, freq, coact, workload)  # its set-up is the costly part: once
-        migration = added * workload.migration_cost_s
+        migration = float(workload.node_migration_cost_s[cluster.host_node] @ added_on)
         if measure == "load":  # the row view may rule either out, as in the policy's own choice
             old, new = model.view_costs(current), model.view_costs(proposed).plus(migration)
             unit = "s/token" if model.rehearsal is not None else "s/step"  # a rehearsal: a request's per token

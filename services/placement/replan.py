@@ -77,9 +77,9 @@ class Replanner:
         f, coact = self.stats.counts(), self.stats.coactivation()
         horizon = max(self._since_plan, self.period_tokens)
         steps = horizon / max(float(self.workload.batch.sum()), 1.0)     # decode steps per node
-        # one replica's load time at the slowest node to load one (not node 0's: links may differ)
-        one = migration_time(np.ones(self.cluster.num_nodes), self.cluster, self.expert_bytes,
-                             self.migration_share, self.local_load_bytes_per_s)
+        # one replica's load time at each node (links may differ)
+        one = np.array([migration_time(load, self.cluster, self.expert_bytes, self.migration_share,
+                                       self.local_load_bytes_per_s) for load in np.eye(self.cluster.num_nodes)])
         wl = replace(self.workload, migration_cost_s=one / max(steps, 1.0))
         new = self.policy(f, self.cluster, coact=coact, current=current, workload=wl)
         loads = replicas_to_load(new, current, self.cluster)

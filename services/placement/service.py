@@ -277,20 +277,21 @@ class PlacementService:
             return "plan_waits_for_statistics"
         return None
 
-    def _link_rate(self) -> float:
-        """Bytes/s of the slowest link: what loading a replica is charged."""
-        rates = [link.rate_mbit for link in self.links.values() if link.rate_mbit is not None]
-        return min(rates, default=1e6) * 1e6 / 8
+    def _load_s(self, nodes: list[str]) -> np.ndarray:
+        """[n] seconds to load one replica on each node: the expert over its own link from the hub's
+        object store (an unlimited link: 1 Tbit/s)."""
+        rates = [self.links[node].rate_mbit or 1e6 for node in nodes]
+        return self.model.expert_bytes / (np.array(rates) * 1e6 / 8)
 
     def _workload(self, rows: list[int], live: Iterable[HostStatus]) -> Workload:
         """The latency model's view of the traffic of nodes `rows` (`live` their hosts): what the gatings and
         hosts measured (batch, step rate, request length, dense and expert time: services/placement/load.py), the
-        model's hidden state per token, and loading one replica over the link spread over the decode
-        steps of the window (the simulator's Replanner charges it the same way)."""
+        model's hidden state per token, and loading one replica over each node's link spread over the
+        decode steps of the window (the simulator's Replanner charges it the same way)."""
         speeds = first_host_speeds(live, [self.nodes[i] for i in rows])
         measured = self.load.measured(rows, speeds=speeds)
         steps = max(float(self.stats.window_tokens()[rows].sum()) / float(measured.batch.sum()), 1.0)
-        load_s = self.model.expert_bytes / self._link_rate()
+        load_s = self._load_s([self.nodes[i] for i in rows])
         log.info("plan_workload", batch=measured.batch.tolist(),
                  step_rate=None if measured.step_rate is None else np.round(measured.step_rate, 2).tolist(),
                  dense_ms=None if measured.dense_time_s is None else round(1e3 * measured.dense_time_s, 4),

@@ -320,7 +320,9 @@ class Workload:
                             node executes for it (batch × context × KV bytes per token and layer /
                             expert bytes); a node executing foreign layers has that much less room
                             for experts. 0 (default): KV is not charged
-    migration_cost_s float  objective seconds charged per replica that `current` lacks (loading it)
+    migration_cost_s [N] float  objective seconds charged per replica that `current` lacks, by the node
+                            that loads it (over its own link: a node behind a slower one pays more);
+                            a single value is every node's
     min_gain         float  relative gain a new plan must bring over `current` to be chosen (hysteresis)
     top_k            int    experts per token; used only when no CoActivation is given
     dense_time_s     float  the dense part of one layer of one step at the node's batch on a speed-1.0
@@ -342,7 +344,7 @@ class Workload:
     expert_time_per_token_s: float = 0.0
     per_expert_messages: bool = True
     kv_slots_per_layer: float = 0.0
-    migration_cost_s: float = 0.0
+    migration_cost_s: float | np.ndarray = 0.0
     min_gain: float = 0.0
     top_k: int = 2
     dense_time_s: float = 0.0
@@ -354,13 +356,18 @@ class Workload:
         if batch.ndim != 1 or np.any(batch < 1) or np.any(batch != np.round(batch)):
             raise InvalidInputError(f"Workload.batch must be [N] integers >= 1, got {batch.tolist()}")
         for name in ("bytes_per_token", "expert_time_s", "expert_time_per_token_s", "kv_slots_per_layer",
-                     "migration_cost_s", "min_gain", "dense_time_s"):
+                     "min_gain", "dense_time_s"):
             v = float(getattr(self, name))
             if not np.isfinite(v) or v < 0:
                 raise InvalidInputError(f"Workload.{name} must be finite and >= 0, got {v}")
         if self.top_k < 1:
             raise InvalidInputError(f"Workload.top_k must be >= 1, got {self.top_k}")
         object.__setattr__(self, "batch", _frozen(batch.astype(np.int64)))
+        migration = np.asarray(self.migration_cost_s, dtype=np.float64)
+        if migration.shape not in ((), batch.shape) or not np.all(np.isfinite(migration)) or np.any(migration < 0):
+            raise InvalidInputError(f"Workload.migration_cost_s must be one value or [N] like batch, finite and >= 0, "
+                                    f"got {migration.tolist()}")
+        object.__setattr__(self, "migration_cost_s", _frozen(np.broadcast_to(migration, batch.shape)))
         if self.step_rate is not None:
             rate = np.asarray(self.step_rate, dtype=np.float64)
             if rate.shape != batch.shape or not np.all(np.isfinite(rate)) or np.any(rate < 0):
@@ -370,6 +377,11 @@ class Workload:
         if self.tokens_per_request is not None and not 1.0 <= float(self.tokens_per_request) < np.inf:
             raise InvalidInputError(f"Workload.tokens_per_request must be a finite count >= 1, "
                                     f"got {self.tokens_per_request}")
+
+    @property
+    def node_migration_cost_s(self) -> np.ndarray:
+        """[N] `migration_cost_s`: seconds charged per replica each node loads."""
+        return np.asarray(self.migration_cost_s)
 
     @classmethod
     def uniform(cls, num_nodes: int, batch: int = 1, **kw: Any) -> Workload:

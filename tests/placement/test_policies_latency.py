@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from services.placement import Cluster, CoActivation, Placement, Workload, validate
+from services.placement import Cluster, CoActivation, InvalidInputError, Placement, Workload, validate
 from services.placement.latency_model import expected_latency
 from services.placement.policies import POLICIES
 
@@ -118,3 +118,26 @@ def test_latency_migration_cost_moves_less() -> None:
     assert expected_latency(POLICIES["latency"](f, c, coact=coact, workload=wl0), c, f, coact, wl0) <= (
         expected_latency(current, c, f, coact, wl0)
     )
+
+
+def test_a_node_that_loads_slowly_gets_fewer_new_replicas() -> None:
+    """Migration is charged by the node that loads each replica (over its own link): with node 2's
+    loads dear and the others' free, the plan adds fewer replicas on node 2 than with every node's free,
+    and still adds some on the others (a uniform cost of the same mean moves next to nothing); the
+    workload refuses a cost per node of the wrong length."""
+    f, c, coact = _instance(3, 4e-3, 62.5e6)
+    current = POLICIES["prism"](f, c)
+    cur = current.node_view(c)
+
+    def added(cost: float | list[float]) -> np.ndarray:
+        wl = Workload.uniform(3, 1, top_k=4, migration_cost_s=np.asarray(cost))
+        p = POLICIES["latency"](f, c, coact=coact, current=current, workload=wl)
+        validate(p, c, f.shape[1], f.shape[2])
+        return (p.node_view(c) & ~cur).sum(axis=(1, 2))
+
+    free, dear_on_2 = added(0.0), added([0.0, 0.0, 1e-3])
+    assert free[2] > 0
+    assert dear_on_2[2] < free[2]
+    assert dear_on_2[:2].min() > 0
+    with pytest.raises(InvalidInputError, match="migration_cost_s"):
+        Workload.uniform(3, 1, migration_cost_s=np.ones(2))

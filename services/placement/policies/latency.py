@@ -22,8 +22,8 @@ optimum wins (see ARCHITECTURE.md, Placement). No single construction is best in
    local search (slot trades between layers, `_local_search`) for as many moves as fit a work budget
    (SEARCH_BUDGET, counted in model work rather than seconds, so the result is deterministic; big
    clusters skip the search).
-3. Hysteresis against `current`: the new plan replaces it only if latency + migration_cost_s × new
-   replicas < latency(current) × (1 - min_gain); otherwise `current` is returned unchanged.
+3. Hysteresis against `current`: the new plan replaces it only if latency + Σ per node of its
+   migration_cost_s × its new replicas < latency(current) × (1 - min_gain); otherwise `current` is returned unchanged.
 
 Because the other policies are candidates (`optimal` as the exact proxy candidate, up to EXACT_LIMIT;
 above it the LP takes seconds and the greedy proxy candidate stands in) and every later step only
@@ -203,7 +203,7 @@ def latency(
     wl = model.workload
     current = _usable(current, cluster, f.shape)
     cur_view = current.node_view(cluster) if current is not None else np.zeros(f.shape, dtype=bool)
-    mig = np.where(cur_view, 0.0, wl.migration_cost_s) if current is not None else np.zeros(f.shape)
+    mig = np.where(cur_view, 0.0, wl.node_migration_cost_s[:, None, None]) if current is not None else np.zeros(f.shape)
     best_cost, best = _best_candidate(model, _candidates(f, cluster, model, current), mig)
     moves = search_moves(model, f.shape[1], f.shape[2])
     if moves > 0:
