@@ -25,7 +25,7 @@ after that, on the plan the service published:
 Model: DeepSeek-V2-Lite's structure at tiny widths (27 layers, layer 0 dense, 26 MoE layers × 64 routed
 experts, top-6, 2 shared experts, MLA, hidden 64), random weights, fp32. Topology: 3 nodes with 1, 1
 and 2 hosts, each host with room for 30% of the experts, links of 2 ms one way at 500 Mbit/s (node to
-node through the hub: 4 ms one way).
+node through the hub: 4 ms one way; `--delays-ms a,b,c` gives each node its own delay).
 
 Policies run one after the other; two whose ms/token differ by less than the machine's drift between
 runs are compared side by side by bench/e2e_paired.py.
