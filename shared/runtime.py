@@ -99,6 +99,7 @@ def run_service(cls: type[S], main: Callable[[S], Coroutine[Any, Any, None]], na
     `PRISM_<SERVICE>_*` variable that is no setting (exit 2: a typo must not silently leave the default),
     a start that fails on the model, the experts or the NATS server (exit 1)."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from shared.schemas import describe_validation_error
 
@@ -106,6 +107,8 @@ def run_service(cls: type[S], main: Callable[[S], Coroutine[Any, Any, None]], na
         settings = from_cli(cls)
     except ValidationError as exc:
         _exit(2, name, describe_validation_error(exc))
+    except SettingsError as exc:  # a JSON-valued variable (EMBEDDED_HOSTS, LINKS, ROUTE) that is not JSON
+        _exit(2, name, f"{exc}: the value must be JSON")
     if unknown := unknown_variables(cls):
         _exit(2, name, f"{', '.join(unknown)}: no such setting (see python -m services.{name} --help)")
     try:
