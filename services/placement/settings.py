@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.placement.types import PolicyName
@@ -45,6 +45,18 @@ class PlacementSettings(WatchesHosts):
     load_horizon_s: float = Field(
         60.0, gt=0, le=86400, description="the measured traffic the policies plan with covers this many seconds"
     )
+
+    @field_validator("links")
+    @classmethod
+    def _links_follow_nodes(cls, links: list[NodeLink], info: ValidationInfo) -> list[NodeLink]:
+        """The gatings break ties between equally near nodes by the links' order, the plan by `nodes`'."""
+        nodes = str(info.data.get("nodes", "")).split(",")
+        named = [link.node for link in links]
+        if unknown := sorted(set(named) - set(nodes)):
+            raise ValueError(f"names nodes that `nodes` does not: {', '.join(unknown)}")
+        if named != [n for n in nodes if n in named]:
+            raise ValueError(f"must list their nodes in the order of `nodes` ({','.join(nodes)})")
+        return links
 
     def node_list(self) -> list[str]:
         return self.nodes.split(",")
