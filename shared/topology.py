@@ -229,12 +229,12 @@ def star_links(links: list[LinkSpec]) -> tuple[list[list[float]], list[list[floa
     n = len(links)
     rtt = [[0.0] * n for _ in range(n)]
     rate = [[math.inf] * n for _ in range(n)]
-    for a, link_a in enumerate(links):
-        for b, link_b in enumerate(links):
+    shapes = [link.shape() for link in links]
+    for a, shape_a in enumerate(shapes):
+        for b, shape_b in enumerate(shapes):
             if a != b:
-                rtt[a][b] = 2 * (link_a.delay_ms + link_b.delay_ms) / 1000
-                rates = [x.rate_mbit * 1e6 / 8 for x in (link_a, link_b) if x.rate_mbit is not None]
-                rate[a][b] = min(rates, default=math.inf)
+                rtt[a][b] = 2 * (shape_a.delay_s + shape_b.delay_s)
+                rate[a][b] = min((x.rate_Bps for x in (shape_a, shape_b) if x.rate_Bps is not None), default=math.inf)
     return rtt, rate
 
 

@@ -49,16 +49,7 @@ class HostDirectory:
     def node_order(self) -> list[str]:
         """Nodes nearest first: this one, then the others by the rule above. Nodes the links do not
         name (or all, without links) count as equally near, ranked after those the links name."""
-        order, n = self._indexed_nodes()
-        rtt, rate = star_links(list(self._links))
-        known = len(self._links)
-
-        def distance(m: int) -> tuple[float, float, int]:
-            if n < known and m < known:
-                return rtt[n][m], -rate[n][m], (m - n) % len(order)
-            return (float("inf") if m >= known > 0 else 0.0), 0.0, (m - n) % len(order)
-
-        return [self.node, *(order[m] for m in sorted((m for m in range(len(order)) if m != n), key=distance))]
+        return self._nearest_first(*self._indexed_nodes())
 
     def _indexed_nodes(self) -> tuple[list[str], int]:
         """Every node known, in order (the links', then the others by name), and this node's index."""
@@ -66,9 +57,19 @@ class HostDirectory:
         order = names + sorted(({s.node for s, _ in self._hosts.values()} | {self.node}) - set(names))
         return order, order.index(self.node)
 
+    def _nearest_first(self, order: list[str], n: int) -> list[str]:
+        rtt, rate = star_links(list(self._links))
+        known = len(self._links)
+
+        def distance(m: int) -> tuple[bool, float, float, int]:
+            named = n < known and m < known
+            return m >= known, rtt[n][m] if named else 0.0, -rate[n][m] if named else 0.0, (m - n) % len(order)
+
+        return [self.node, *(order[m] for m in sorted((m for m in range(len(order)) if m != n), key=distance))]
+
     def _rebuild(self) -> None:
-        self._index = self._indexed_nodes()[1]
-        rank = {node: i for i, node in enumerate(self.node_order())}
+        order, self._index = self._indexed_nodes()
+        rank = {node: i for i, node in enumerate(self._nearest_first(order, self._index))}
         holders: dict[Key, list[str]] = {}
         for status, _ in sorted(self._hosts.values(), key=lambda v: (rank[v[0].node], v[0].host)):
             for key in status.experts:

@@ -280,8 +280,8 @@ class PlacementService:
     def _load_s(self, nodes: list[str]) -> np.ndarray:
         """[n] seconds to load one replica on each node: the expert over its own link from the hub's
         object store (an unlimited link: 1 Tbit/s)."""
-        rates = [self.links[node].rate_mbit or 1e6 for node in nodes]
-        return self.model.expert_bytes / (np.array(rates) * 1e6 / 8)
+        rates = [self.links[node].shape().rate_Bps or 1e12 / 8 for node in nodes]
+        return self.model.expert_bytes / np.array(rates)
 
     def _workload(self, rows: list[int], live: Iterable[HostStatus]) -> Workload:
         """The latency model's view of the traffic of nodes `rows` (`live` their hosts): what the gatings and

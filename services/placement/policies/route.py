@@ -381,7 +381,7 @@ def route(
             continue  # (stay-home candidates always fit: valid stay-home placements)
         placement = made if made is not None else Placement(_hosts(view, table, model, prefer),
                                                              routes=table)
-        added = (view & ~cur_view).sum(axis=(1, 2)) if cur_view is not None else None  # [N] replicas to load
-        migration = float(wl.node_migration_cost_s @ added) if added is not None else 0.0
+        migration = (float(wl.node_migration_cost_s @ (view & ~cur_view).sum(axis=(1, 2)))  # replicas each node loads
+                     if cur_view is not None else 0.0)
         scored.append((migration, placement))
     return _choose(scored, pipe, model, current, wl.min_gain)
