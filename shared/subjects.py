@@ -21,6 +21,8 @@ SERVICE_PLACEMENT = "prism-placement"
 SERVICE_MIGRATOR = "prism-migrator"
 
 KV_PLACEMENT = "prism_placement"
+KV_PLAN_KEY = "plan"  # shared.schemas.Plan
+KV_LINKS_KEY = "links"  # each node's link to the hub the plans are made for (measured): [{node, delay_ms, rate_mbit}]
 KV_HOSTS = "prism_hosts"
 OBJECT_WEIGHTS = "prism_weights"
 JETSTREAM_DOMAIN = "hub"

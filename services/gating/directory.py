@@ -7,7 +7,9 @@ for is what runs: an expert this node holds is served here; otherwise by the nea
 (lowest round trip through the hub, then highest rate, then the next node after this one in the
 topology's order, cyclically, which spreads requesters over equally near replicas). Among that
 node's holding hosts (by name), this node's calls to expert e go to the (n + e) mod count-th, n being
-this node's index. Without links every node is equally near.
+this node's index. Without links every node is equally near. The links are the gating's settings
+(the topology's) until the placement service publishes measured ones (services/placement/link_probe.py),
+the links it plans with.
 
 A stale entry is harmless: the host refuses experts it no longer holds and the gating falls back to
 the expert's own subject, where NATS finds a holder.
@@ -16,14 +18,19 @@ the expert's own subject, where NATS finds a holder.
 from __future__ import annotations
 
 import time
+from typing import Any
 
-from pydantic import ValidationError
+import structlog
+from pydantic import TypeAdapter, ValidationError
 
 from shared.schemas import HostStatus
 from shared.settings import DEFAULT_HOST_TTL_S
 from shared.topology import NodeLink, star_links
 
+log = structlog.get_logger()
+
 Key = tuple[int, int]
+_LINKS = TypeAdapter(list[NodeLink])
 
 
 class HostDirectory:
@@ -44,6 +51,23 @@ class HostDirectory:
         previous = self._hosts.get(status.host)
         self._hosts[status.host] = (status, time.monotonic())
         if previous is None or previous[0].experts != status.experts or previous[0].node != status.node:
+            self._rebuild()
+
+    @property
+    def links(self) -> list[NodeLink]:
+        """Each node's link to the hub that this directory serves by."""
+        return list(self._links)
+
+    def use_links(self, links: Any, *, current: bool = False) -> None:
+        """Serve by `links` (KV `prism_placement` key `links`: JSON [{node, delay_ms, rate_mbit}]) from now
+        on; bad ones are logged and the links in use kept. (`current`: found at start; no difference.)"""
+        try:
+            parsed = _LINKS.validate_python(links)
+        except ValidationError as exc:
+            log.warning("plan_links_refused", node=self.node, error=str(exc).splitlines()[0])
+            return
+        if parsed != self._links:
+            self._links = parsed
             self._rebuild()
 
     def node_order(self) -> list[str]:

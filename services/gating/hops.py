@@ -7,7 +7,8 @@ the next node of the chain *with the home's reply subject*, so the hidden states
 to node and only the last hop goes home; an error anywhere is answered straight to the home. When a
 home finishes a request it publishes its id on `prism.v1.route.<node>.release` of each node on the
 route, which frees the request's KV there. A gating without a fixed route follows the plan's
-(`watch_plans`, `watch_plan_events` feed route_plan.RouteFollower).
+(`watch_plans`, `watch_plan_events` feed route_plan.RouteFollower, and the measured links the host
+directory).
 
 Failure: a chain that does not answer within the hop's deadline, or whose first node has no
 subscriber, fails the step's requests with `route_unavailable`; an expert that fails on an executing
@@ -22,7 +23,7 @@ import functools
 import json
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -242,25 +243,26 @@ async def watch_plan_events(nc: NatsClient, follower: RouteFollower) -> Subscrip
     return await nc.subscribe(subjects.PLAN_EVENTS, cb=on_event)
 
 
-async def watch_plans(nc: NatsClient, bucket: str, follower: RouteFollower) -> None:
-    """Feed the plan KV to `follower` until cancelled: the value found first is in force, later ones
-    wait for their epoch's migration. Without the bucket (no control plane yet) look again every few s."""
+async def watch_plans(nc: NatsClient, bucket: str, node: str, handlers: Mapping[str, Callable[..., None]]) -> None:
+    """Feed the plan bucket's keys to their handlers until cancelled: `handlers[key](value, current=...)`,
+    `current` for the values found first, in force already (a later plan waits for its epoch's
+    migration). Without the bucket (no control plane yet) look again every few s."""
     while True:
         try:
             js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
-            watcher = await (await js.key_value(bucket)).watch("plan")
+            watcher = await (await js.key_value(bucket)).watchall()
             current = True
             while True:
                 with contextlib.suppress(NatsTimeoutError):
                     entry = await watcher.updates(timeout=3600)  # type: ignore[no-untyped-call]
                     if entry is None:  # the end of what was there already
                         current = False
-                    elif entry.value:
-                        _feed(functools.partial(follower.on_plan, current=current), entry.value)
+                    elif entry.value and entry.key in handlers:
+                        _feed(functools.partial(handlers[entry.key], current=current), entry.value)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # no JetStream or bucket yet, or the hub went away: try again
-            log.debug("plan_watch_retry", node=follower.node, error=str(exc))
+            log.debug("plan_watch_retry", node=node, error=str(exc))
             await asyncio.sleep(PLAN_RETRY_S)
 
 

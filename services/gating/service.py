@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from collections.abc import Callable
 
 import structlog
 import torch
@@ -162,11 +163,18 @@ class Gating:
         ]
         if self.segments is not None:
             self._background.append(asyncio.create_task(self.segments.serve(), name="segments"))
+        follower = None
         if not self.settings.route:  # no fixed route: follow the plan's
             follower = RouteFollower(self.settings.node, self.engine.model.config.num_layers, self._switch_route)
             self._route_subs.append(await watch_plan_events(self.nc, follower))
-            watch = watch_plans(self.nc, self.settings.plans_bucket, follower)
-            self._background.append(asyncio.create_task(watch, name="route-plans"))
+        handlers: dict[str, Callable[..., None]] = {}
+        if follower is not None:
+            handlers[subjects.KV_PLAN_KEY] = follower.on_plan
+        if directory is not None:  # the links the plans are made for: serve remote experts by them
+            handlers[subjects.KV_LINKS_KEY] = directory.use_links
+        if handlers:
+            watch = watch_plans(self.nc, self.settings.plans_bucket, self.settings.node, handlers)
+            self._background.append(asyncio.create_task(watch, name="plans"))
         await self.nc.flush()
         log.info("gating_started", node=self.settings.node)
 

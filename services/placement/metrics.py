@@ -39,4 +39,5 @@ def sample(service: PlacementService) -> PlacementSample:
         batch={n: float(b) for n, b, r in zip(service.nodes, measured.batch, rates, strict=True) if r > 0},
         step_rate={n: float(r) for n, r in zip(service.nodes, rates, strict=True) if r > 0},
         seconds={kind: t for kind, t in seconds.items() if t is not None},
+        link_rtt={node: 2 * link.shape().delay_s for node, link in service.links.items()},
     )

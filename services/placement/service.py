@@ -6,6 +6,9 @@ Subjects and stores:
 - `prism.v1.host.*.status` in: host heartbeats; the live registry (also mirrored to KV `prism_hosts`,
   whose TTL drops silent hosts).
 - `prism.v1.placement.cmd` in: `{"kind": "replan"}` plans now (operators, `prism demo`).
+- `$SRV.PING` out, every `link_probe_s`: each node's round trip to the hub, from its services' answers
+  (link_probe.py); KV `prism_placement` key `links` out when a node's measured delay has moved: the links
+  plans are made for from then on, and the gatings serve by.
 - KV `prism_placement`, key `plan` out: `shared.schemas.Plan`, `{"epoch", "model", "policy", "hosts":
   {host: [[layer, expert]]}, "objective", "routes"}`; `routes` (home node → executing node per decoder
   layer) only when the policy made some (`pipeline`, `route`); the epoch only grows.
@@ -45,6 +48,7 @@ from nats.micro.service import Service
 from pydantic import ValidationError
 
 from services.placement.errors import PlacementError
+from services.placement.link_probe import LinkProbe, links_moved
 from services.placement.load import LoadTracker, first_host_speeds
 from services.placement.objectives import judge
 from services.placement.planner import (
@@ -65,6 +69,7 @@ from shared.dtypes import DTYPE_BYTES
 from shared.errors import BadRequest, PrismError
 from shared.runtime import announce
 from shared.schemas import HostStatus, Plan, load_json
+from shared.topology import LinkSpec, NodeLink
 
 log = structlog.get_logger()
 
@@ -107,7 +112,9 @@ class PlacementService:
         self.settings = settings
         self.model = model
         self.nodes = settings.node_list()
-        self.links = settings.node_links()
+        self.configured_links = settings.node_links()
+        self.link_probe = LinkProbe(self.nodes)
+        self.links = self.configured_links  # what plans are made for: the last published (KV key `links`)
         self.stats = RoutingStats(len(self.nodes), len(model.moe_layers), model.num_experts, model.top_k)
         self.load = LoadTracker(len(self.nodes), settings.load_horizon_s)
         self.policy = get_policy(settings.policy)
@@ -121,6 +128,7 @@ class PlacementService:
         self._dropped_from: set[str] = set()  # nodes whose reports were dropped (logged once each)
         self._subs: list[Subscription] = []
         self._loop_task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
         self._micro: Service | None = None
         self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plan", initializer=_lower_priority)
 
@@ -135,6 +143,8 @@ class PlacementService:
             await self.nc.subscribe(subjects.PLAN_EVENTS, cb=self._on_plan_event),
         ]
         self._loop_task = asyncio.create_task(self._plan_loop(), name="plan-loop")
+        if self.settings.link_probe_s > 0:
+            self._probe_task = asyncio.create_task(self._probe_loop(), name="link-probe")
         self._micro = await announce(self.nc, subjects.SERVICE_PLACEMENT, {"policy": self.settings.policy})
         log.info("placement_started", nodes=self.nodes, policy=self.settings.policy)
 
@@ -213,6 +223,29 @@ class PlacementService:
         horizon = time.monotonic() - self.settings.host_ttl_s
         return [status for status, seen in self._seen.values() if seen >= horizon]
 
+    async def _probe_loop(self) -> None:
+        """Time every node's round trip every `link_probe_s` (not while a policy solves: its thread would
+        delay the answers' callbacks on this loop), and publish the links when one has moved."""
+        while True:
+            if not self._planning.locked():
+                try:
+                    await self.link_probe.probe(self.nc)
+                    measured = self.link_probe.links(self.configured_links)
+                    if links_moved(self.links, measured):
+                        await self._publish_links(measured)
+                except Exception as exc:  # the hub restarting: probe again next period
+                    log.debug("link_probe_failed", error=str(exc))
+            await asyncio.sleep(self.settings.link_probe_s)
+
+    async def _publish_links(self, links: dict[str, LinkSpec]) -> None:
+        """Plan with `links` from now on, and have the gatings serve by them (KV key `links`): the
+        nearest holder of a remote expert is then the same in both."""
+        payload = json.dumps([NodeLink(node=node, **link.model_dump()).model_dump() for node, link in links.items()])
+        await self.plans.put(subjects.KV_LINKS_KEY, payload.encode())
+        self.links = links
+        log.info("links_measured", delay_ms={node: link.delay_ms for node, link in links.items()})
+        self._replan.set()  # the plan in place was rated for other distances
+
     async def _plan_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -238,7 +271,8 @@ class PlacementService:
         serving = [n for n in self.nodes if any(s.node == n for s in live.values())]
         if not serving:
             return False
-        view = cluster_view(list(live.values()), serving, self.model.expert_bytes, self.links)
+        links = self.links
+        view = cluster_view(list(live.values()), serving, self.model.expert_bytes, links)
         current = self._current_placement(view, live)
         if (wait := self._reason_to_wait(view, live, current)) is not None:
             log.info(wait, epoch=(self.plan or {}).get("epoch"), live=view.hosts)
@@ -248,7 +282,7 @@ class PlacementService:
         # Reports carry counts, not top-k sets: sets drawn from them, enough that two draws rate a
         # placement alike (with the latency model's default of 64 a steady workload moved on noise).
         coact = CoActivation.independent(freq, self.model.top_k, samples_per_node=COACT_SAMPLES)
-        workload = self._workload(rows, live.values())
+        workload = self._workload(rows, live.values(), links)
         proposed = await self._solve(self.policy, freq, view.cluster, coact=coact, current=current, workload=workload)
         if current is not None and (self.plan or {}).get("policy") == self.settings.policy:
             verdict = await self._solve(judge, self.settings.policy, freq, current, proposed, view.cluster,
@@ -258,7 +292,7 @@ class PlacementService:
                      proposed_with_migration=round(verdict.after, 6), unit=verdict.unit)
             if not verdict.accept:
                 return False
-        await self._publish(proposed, view, freq)
+        await self._publish(proposed, view, freq, links)
         return True
 
     async def _solve(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -277,13 +311,13 @@ class PlacementService:
             return "plan_waits_for_statistics"
         return None
 
-    def _load_s(self, nodes: list[str]) -> np.ndarray:
+    def _load_s(self, nodes: list[str], links: dict[str, LinkSpec]) -> np.ndarray:
         """[n] seconds to load one replica on each node: the expert over its own link from the hub's
         object store (an unlimited link: 1 Tbit/s)."""
-        rates = [self.links[node].shape().rate_Bps or 1e12 / 8 for node in nodes]
+        rates = [links[node].shape().rate_Bps or 1e12 / 8 for node in nodes]
         return self.model.expert_bytes / np.array(rates)
 
-    def _workload(self, rows: list[int], live: Iterable[HostStatus]) -> Workload:
+    def _workload(self, rows: list[int], live: Iterable[HostStatus], links: dict[str, LinkSpec]) -> Workload:
         """The latency model's view of the traffic of nodes `rows` (`live` their hosts): what the gatings and
         hosts measured (batch, step rate, request length, dense and expert time: services/placement/load.py), the
         model's hidden state per token, and loading one replica over each node's link spread over the
@@ -291,7 +325,7 @@ class PlacementService:
         speeds = first_host_speeds(live, [self.nodes[i] for i in rows])
         measured = self.load.measured(rows, speeds=speeds)
         steps = max(float(self.stats.window_tokens()[rows].sum()) / float(measured.batch.sum()), 1.0)
-        load_s = self._load_s([self.nodes[i] for i in rows])
+        load_s = self._load_s([self.nodes[i] for i in rows], links)
         log.info("plan_workload", batch=measured.batch.tolist(),
                  step_rate=None if measured.step_rate is None else np.round(measured.step_rate, 2).tolist(),
                  dense_ms=None if measured.dense_time_s is None else round(1e3 * measured.dense_time_s, 4),
@@ -340,7 +374,7 @@ class PlacementService:
             return None
         return Placement(held.hosts, routes=from_plan_routes(self.plan.get("routes"), view, self.model.moe_layers))
 
-    async def _publish(self, placement: Any, view: ClusterView, freq: np.ndarray) -> None:
+    async def _publish(self, placement: Any, view: ClusterView, freq: np.ndarray, links: dict[str, LinkSpec]) -> None:
         from services.placement.types import proxy_objective
 
         plan = Plan(
@@ -365,8 +399,9 @@ class PlacementService:
         for sub in self._subs:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
-        if self._loop_task:
-            self._loop_task.cancel()
+        for task in (self._loop_task, self._probe_task):
+            if task:
+                task.cancel()
         self._planner.shutdown(wait=False, cancel_futures=True)
 
 

@@ -36,6 +36,10 @@ class PlacementSettings(WatchesHosts):
         default_factory=list,
         description="each node's link to the hub, as JSON: [{node, delay_ms, rate_mbit}] (one way; the topology's)",
     )
+    link_probe_s: float = Field(
+        2.0, ge=0, le=3600,
+        description="period of timing each node's round trip to the hub, s (0: plan with the configured links only)",
+    )
     migration_timeout_s: float = Field(
         120.0, gt=0, le=86400, description="wait this long for hosts to hold a new plan before planning again, s"
     )

@@ -27,6 +27,7 @@ from shared.metrics_http import MetricsServer
 from shared.model.checkpoint import load_config
 from shared.nats_server import NatsServer
 from shared.schemas import HostStatus
+from shared.topology import NodeLink
 from tests.metrics.scrape import scrape
 from tests.serving.conftest import LocalCluster
 
@@ -42,7 +43,8 @@ async def test_placement_exports_the_published_epoch_and_the_balancedness_of_its
 ) -> None:
     n0, n1 = f"{unique}-n0", f"{unique}-n1"
     settings = PlacementSettings(nodes=f"{n0},{n1}", model=metrics_model, plans_bucket=f"{unique}-plans",
-                                 hosts_bucket=f"{unique}-hosts", plan_interval_s=3600)
+                                 hosts_bucket=f"{unique}-hosts", plan_interval_s=3600,
+                                 links=[NodeLink(node=n0, delay_ms=2.5)])
     nc = await nats.connect(nats_hub.cfg.client_url())
     service = await build_placement(nc, settings)
     server = MetricsServer(placement_registry(service))
@@ -52,6 +54,9 @@ async def test_placement_exports_the_published_epoch_and_the_balancedness_of_its
         m = await scrape(port)
         assert m.value("prism_plan_epoch", stage="published") == 0
         assert "prism_expert_balancedness" in m.families
+        # no service of n0 or n1 answers the probes: n0's configured link, n1 half the default 4 ms node-to-node
+        assert m.value("prism_planned_link_rtt_seconds", node=n0) == pytest.approx(0.005)
+        assert m.value("prism_planned_link_rtt_seconds", node=n1) == pytest.approx(0.002)
         assert not [name for name, _ in m.samples if name == "prism_expert_balancedness"], "no load yet: no sample"
         limit = 16 * load_config(metrics_model).expert_nbytes("float32")
         half = [(layer, e) for layer in (0, 1) for e in range(4)]

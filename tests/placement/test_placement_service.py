@@ -438,7 +438,7 @@ async def test_the_workload_is_what_the_gatings_and_hosts_measured(
             while len(service.live_hosts()) < 2:  # noqa: ASYNC110 - fed by real heartbeats
                 await asyncio.sleep(0.02)
         assert view().cluster.host_speed.tolist() == [2.0, 1.0]
-        blind = service._workload([0, 1], service.live_hosts())
+        blind = service._workload([0, 1], service.live_hosts(), service.links)
         assert blind.batch.tolist() == [1, 1]
         assert blind.step_rate is None
         assert blind.dense_time_s == 0
@@ -456,7 +456,7 @@ async def test_the_workload_is_what_the_gatings_and_hosts_measured(
         async with asyncio.timeout(10):
             while service.load.measured([0, 1]).expert_time_s is None or tokens_seen(service) < 24:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
-        wl = service._workload([0, 1], service.live_hosts())
+        wl = service._workload([0, 1], service.live_hosts(), service.links)
         elapsed = time.monotonic() - sent
         assert wl.batch.tolist() == [4, 1]
         assert wl.dense_time_s == pytest.approx((60 * 0.003 * 2.0 + 30 * 0.001) / (90 * len(layers)))

@@ -74,3 +74,16 @@ def test_every_call_is_served_by_the_host_the_simulator_books(seed: int) -> None
             assert unknown == []
             chosen = {e: host for host, es in by_host.items() for e in es}
             assert chosen == {e: view.hosts[serve[n, layer, e]] for e in range(experts)}, (node, layer)
+
+
+def test_a_directory_serves_by_new_links_and_keeps_its_own_for_bad_ones() -> None:
+    links = [NodeLink(node=n, delay_ms=d) for n, d in (("a", 1.0), ("b", 5.0), ("c", 0.0))]
+    directory = HostDirectory("c", links=links)
+    for host, node in (("a-h0", "a"), ("b-h0", "b")):
+        directory.on_status(heartbeat(host, node, [(0, 0)]))
+    assert directory.route(0, [0]) == ({"a-h0": [0]}, [])
+    directory.use_links([{"node": "a", "delay_ms": 9.0}, {"node": "b", "delay_ms": 2.0}, {"node": "c"}])
+    assert directory.route(0, [0]) == ({"b-h0": [0]}, []), "b is the nearer holder now"
+    directory.use_links([{"node": "a", "delay_ms": -1}])  # refused: the links in use stay
+    directory.use_links("not links")
+    assert directory.route(0, [0]) == ({"b-h0": [0]}, [])

@@ -1,0 +1,77 @@
+"""The placement service measures each node's round trip to the hub, plans with it, and publishes it with
+the plan; the gatings serve remote experts by the plan's links. Real leaf servers behind the link
+emulator, real gatings and a real placement service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import nats
+
+from services.placement.link_probe import LinkProbe
+from services.placement.service import build
+from services.placement.settings import PlacementSettings
+from shared.linkemu import LinkEmulator, LinkShape
+from shared.topology import LinkSpec, NodeLink
+from tests.checkpoints import make_tiny_checkpoint
+from tests.serving.conftest import LocalCluster
+
+DELAY_S = 0.015  # node b's one-way delay to the hub
+
+
+def test_the_round_trip_is_the_smallest_of_the_recent_samples() -> None:
+    probe = LinkProbe(["a", "b"], window=3)
+    for sample in (0.010, 0.004, 0.020, 0.030, 0.025):  # 0.004 has left the window of 3
+        probe.add("a", sample)
+    probe.add("stranger", 0.001)  # not a node of the plan: ignored
+    assert probe.rtt_s() == {"a": 0.020}
+    configured = {"a": LinkSpec(delay_ms=1.0, rate_mbit=100.0), "b": LinkSpec(delay_ms=3.0)}
+    assert probe.links(configured) == {"a": LinkSpec(delay_ms=10.0, rate_mbit=100.0), "b": configured["b"]}
+
+
+async def test_plans_carry_the_measured_links_and_the_gatings_serve_by_them(
+    cluster: LocalCluster, tmp_path: Path, unique: str
+) -> None:
+    """Nodes a (direct) and b (15 ms one way) are configured the other way round; the published links
+    have b farther than a by at least the emulated delay, and the configured rates; the placement service
+    plans with them and each gating's host directory serves by them."""
+    model = make_tiny_checkpoint("mixtral", tmp_path / "m", seed=3, num_hidden_layers=2)
+    a, b, gone = cluster.node("a"), cluster.node("b"), cluster.node("gone")
+    async with LinkEmulator("127.0.0.1", cluster.hub.cfg.leaf_port or 0, LinkShape(delay_s=DELAY_S)) as link:
+        await cluster.add_node("a")
+        await cluster.add_node("b", leaf_url=f"nats://127.0.0.1:{link.port}")
+        for node in "ab":
+            await cluster.add_gating(node, model, embedded={f"{node}e": "*:*"}, plans_bucket=f"{unique}-plans",
+                                     links=[NodeLink(node=a, delay_ms=20.0), NodeLink(node=b, delay_ms=0.0)])
+        configured = [NodeLink(node=n, delay_ms=d, rate_mbit=r) for n, d, r in ((a, 20.0, 100.0), (b, 0.0, 50.0),
+                                                                               (gone, 3.0, None))]
+        settings = PlacementSettings(nodes=f"{a},{b},{gone}", model=model, links=configured, link_probe_s=0.05,
+                                     plans_bucket=f"{unique}-plans", hosts_bucket=f"{unique}-hosts",
+                                     min_window_tokens=0)
+        nc = await nats.connect(cluster.hub.cfg.client_url())
+        service = await build(nc, settings)
+        await service.start()
+        try:
+            async with asyncio.timeout(20):
+                while service.links[b].delay_ms < 1e3 * DELAY_S:  # noqa: ASYNC110 - set by the probes
+                    await asyncio.sleep(0.05)
+            published = json.loads((await service.plans.get("links")).value)
+            links = {link["node"]: link for link in published}
+            assert list(links) == [a, b, gone]
+            assert links[b]["delay_ms"] - links[a]["delay_ms"] >= 1e3 * DELAY_S - 0.5, links
+            assert links[b]["delay_ms"] < 1e3 * DELAY_S + 25, links  # a sample is the link and a little more
+            assert [links[n]["rate_mbit"] for n in (a, b, gone)] == [100.0, 50.0, None]  # rates stay configured
+            assert links[gone]["delay_ms"] == 3.0  # never answered: the configured link
+            assert {n: link.model_dump() for n, link in service.links.items()} == {
+                n: {k: v for k, v in link.items() if k != "node"} for n, link in links.items()}
+            directories = [cluster.gatings[node].directory for node in "ab"]
+            async with asyncio.timeout(10):  # the gatings' KV watches (the probes may publish again meanwhile)
+                while any(d is None or [x.model_dump() for x in d.links] != published for d in directories):
+                    await asyncio.sleep(0.02)
+                    published = json.loads((await service.plans.get("links")).value)
+        finally:
+            await service.stop()
+            await nc.close()
+
