@@ -54,14 +54,25 @@ async def write_initial_plan(
 
 async def read_plan(nc: Any) -> dict[str, Any] | None:
     """The placement plan in KV `prism_placement` (None without one, or without access to it)."""
+    plan = await _read_placement(nc, "plan")
+    return plan if isinstance(plan, dict) and isinstance(plan.get("hosts"), dict) else None
+
+
+async def read_links(nc: Any) -> list[dict[str, Any]] | None:
+    """Each node's link to the hub that plans are made for, KV `prism_placement` key `links`
+    (`[{"node", "delay_ms", "rate_mbit"}]`; None without them, or without access to them)."""
+    links = await _read_placement(nc, "links")
+    return links if isinstance(links, list) and all(isinstance(link, dict) for link in links) else None
+
+
+async def _read_placement(nc: Any, key: str) -> Any:
     import nats.errors
 
     from shared import subjects
 
     try:
         kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_PLACEMENT)
-        entry = await kv.get("plan")
-        plan = json.loads(entry.value or b"{}")
-    except (nats.errors.Error, TimeoutError, ValueError):  # no JetStream, bucket, plan or permission
+        entry = await kv.get(key)
+        return json.loads(entry.value or b"null")
+    except (nats.errors.Error, TimeoutError, ValueError):  # no JetStream, bucket, key or permission
         return None
-    return plan if isinstance(plan, dict) and isinstance(plan.get("hosts"), dict) else None

@@ -6,8 +6,9 @@ Every Prism service answers `$SRV.PING`; each expert host's `$SRV.STATS` reply c
 (node, device, resident experts, memory, expert calls and messages answered, seconds spent answering them,
 errors), each gating's its GatingLoad (batch, queue, route, foreign KV). Prints one line per gating and host,
 grouped by node, then the control-plane services and, from the placement plan in KV `prism_placement`, the
-experts no live host holds (lost with a host, until the next plan moves them). --json prints
-{"services": [...], "hosts": [...], "gatings": {node: load}, "plan": {...}}.
+experts no live host holds (lost with a host, until the next plan moves them), and each node's link
+to the hub that plans use (KV key `links`, measured by the placement service). --json prints
+{"services": [...], "hosts": [...], "gatings": {node: load}, "plan": {...}, "links": [...]}.
 Exits 1 when nothing answers within --wait.
 """
 
@@ -19,7 +20,7 @@ import sys
 from typing import Any
 
 from cli.args import EXIT_ERROR, add_connection_args, positive
-from cli.control_plane import read_plan
+from cli.control_plane import read_links, read_plan
 from shared import subjects
 
 HOST_SERVICE = subjects.SERVICE_HOST
@@ -48,6 +49,7 @@ async def status(args: argparse.Namespace) -> int:
             stats = await client.gather(f"$SRV.STATS.{HOST_SERVICE}", args.wait)
             gating_stats = await client.gather(f"$SRV.STATS.{subjects.SERVICE_GATING}", args.wait)
             plan = await read_plan(client.nc)
+            links = await read_links(client.nc)
     except InferError as exc:
         print(f"error {exc.code}: {exc.message}", file=sys.stderr)
         return EXIT_ERROR
@@ -58,11 +60,15 @@ async def status(args: argparse.Namespace) -> int:
     gatings = {g["node"]: g for st in gating_stats if (g := endpoint_data(st, "load"))}
     coverage = plan_coverage(plan, hosts)
     if args.json:
-        print(json.dumps({"services": services, "hosts": hosts, "gatings": gatings, "plan": coverage}))
+        print(json.dumps({"services": services, "hosts": hosts, "gatings": gatings, "plan": coverage,
+                          "links": links}))
     else:
         print("\n".join(render(services, hosts, gatings)))
         if coverage:
             print(render_coverage(coverage))
+        if links:
+            print("links to the hub that plans use, one way: "
+                  + ", ".join(f"{link.get('node')} {link.get('delay_ms')} ms" for link in links))
     return 0
 
 

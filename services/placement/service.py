@@ -45,7 +45,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 from nats.micro.service import Service
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from services.placement.errors import PlacementError
 from services.placement.link_probe import LinkProbe, links_moved
@@ -74,6 +74,7 @@ from shared.topology import LinkSpec, NodeLink
 log = structlog.get_logger()
 
 COACT_SAMPLES = 1024  # tokens per node drawn from the counts for the latency model
+NODE_LINKS = TypeAdapter(list[NodeLink])  # KV key `links`
 PLANNER_NICE = 10  # the planning thread's niceness: a plan can wait, a decode step cannot
 T = TypeVar("T")
 
@@ -136,6 +137,7 @@ class PlacementService:
         with contextlib.suppress(Exception):  # no plan yet is normal
             entry = await self.plans.get("plan")
             self.plan = json.loads(entry.value or b"{}")
+        await self._start_links()
         self._subs = [
             await self.nc.subscribe(subjects.ALL_ACTIVATIONS, cb=self._on_activations),
             await self.nc.subscribe(subjects.ALL_HOST_STATUS, cb=self._on_status),
@@ -237,14 +239,27 @@ class PlacementService:
                     log.debug("link_probe_failed", error=str(exc))
             await asyncio.sleep(self.settings.link_probe_s)
 
+    async def _start_links(self) -> None:
+        """Publish the links plans start with: the delays measured before a restart (when probing and
+        they name these nodes), else the configured ones, with the configured rates; so no gating keeps
+        serving by links this service does not plan with."""
+        delays: dict[str, float] = {}
+        if self.settings.link_probe_s > 0:
+            with contextlib.suppress(Exception):  # none published yet is normal
+                entry = await self.plans.get(subjects.KV_LINKS_KEY)
+                delays = {link.node: link.delay_ms for link in NODE_LINKS.validate_json(entry.value or b"")}
+        if list(delays) != self.nodes:
+            delays = {node: link.delay_ms for node, link in self.configured_links.items()}
+        await self._publish_links({node: link.model_copy(update={"delay_ms": delays[node]})
+                                   for node, link in self.configured_links.items()})
+
     async def _publish_links(self, links: dict[str, LinkSpec]) -> None:
         """Plan with `links` from now on, and have the gatings serve by them (KV key `links`): the
         nearest holder of a remote expert is then the same in both."""
         payload = json.dumps([NodeLink(node=node, **link.model_dump()).model_dump() for node, link in links.items()])
         await self.plans.put(subjects.KV_LINKS_KEY, payload.encode())
         self.links = links
-        log.info("links_measured", delay_ms={node: link.delay_ms for node, link in links.items()})
-        self._replan.set()  # the plan in place was rated for other distances
+        log.info("links_published", delay_ms={node: link.delay_ms for node, link in links.items()})
 
     async def _plan_loop(self) -> None:
         while True:

@@ -71,6 +71,15 @@ async def test_plans_carry_the_measured_links_and_the_gatings_serve_by_them(
                 while any(d is None or [x.model_dump() for x in d.links] != published for d in directories):
                     await asyncio.sleep(0.02)
                     published = json.loads((await service.plans.get("links")).value)
+            await service.stop()
+            # a restart plans with what was measured before; with probing off, it publishes the configured links
+            for probe_s, b_delay in ((3600.0, links[b]["delay_ms"]), (0.0, 0.0)):
+                again = await build(nc, settings.model_copy(update={"link_probe_s": probe_s}))
+                await again.start()
+                await again.stop()
+                assert again.links[b].delay_ms == b_delay
+                restarted = json.loads((await again.plans.get("links")).value)
+                assert restarted[1] == {"node": b, "delay_ms": b_delay, "rate_mbit": 50.0}
         finally:
             await service.stop()
             await nc.close()
