@@ -228,7 +228,7 @@ class PlacementService:
     async def _probe_loop(self) -> None:
         """Time every node's round trip every `link_probe_s` (not while a policy solves: its thread would
         delay the answers' callbacks on this loop), and publish the links when one has moved."""
-        while True:
+        while not self.nc.is_closed:  # closed for good: the service is stopping
             if not self._planning.locked():
                 try:
                     await self.link_probe.probe(self.nc)
