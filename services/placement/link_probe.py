@@ -2,21 +2,17 @@
 for the ones a topology file declares.
 
 The placement service runs on the hub. Every `link_probe_s` it sends one `$SRV.PING` and times the
-first answer from each node: any of the node's services answers (a gating or an expert host; nats.micro
-metadata `node`), and the answer crosses the node's link both ways. A sample is never shorter than the
-link and is longer by whatever the answering process was doing (a decode step, a wake on a busy
-machine), so a node's round trip is the smallest of its last WINDOW samples. The rate is not measured:
-it stays the configured one (timing a rate would spend it).
+first answer from each node (service.py `_probe`): any of the node's services answers (a gating or an
+expert host; nats.micro metadata `node`), and the answer crosses the node's link both ways. A sample is
+never shorter than the link and is longer by whatever the answering process was doing (a decode step, a
+wake on a busy machine), so a node's round trip is the smallest of its last WINDOW samples. The rate is
+not measured: it stays the configured one (timing a rate would spend it). Pure: no NATS here.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Mapping
-
-from nats.aio.client import Client as NatsClient
-from nats.errors import TimeoutError as NatsTimeoutError
 
 from shared.errors import InvalidJSON
 from shared.schemas import load_json
@@ -68,30 +64,8 @@ class LinkProbe:
             for node, link in configured.items()
         }
 
-    async def probe(self, nc: NatsClient, wait_s: float = PROBE_WAIT_S) -> dict[str, float]:
-        """One `$SRV.PING`: each node's first answer, timed and added; returns this probe's samples."""
-        inbox = nc.new_inbox()
-        sub = await nc.subscribe(inbox)
-        found: dict[str, float] = {}
-        try:
-            sent = time.perf_counter()
-            await nc.publish("$SRV.PING", b"", reply=inbox)
-            while len(found) < len(self.nodes) and (left := sent + wait_s - time.perf_counter()) > 0:
-                try:
-                    msg = await sub.next_msg(timeout=left)
-                except NatsTimeoutError:
-                    break
-                node = _node_of(msg.data)
-                if node in self._samples and node not in found:
-                    found[node] = time.perf_counter() - sent
-        finally:
-            await sub.unsubscribe()
-        for node, rtt in found.items():
-            self.add(node, rtt)
-        return found
 
-
-def _node_of(payload: bytes) -> str | None:
+def node_of(payload: bytes) -> str | None:
     """The `node` of a nats.micro PING answer's metadata (None for hub services and what is not one)."""
     try:
         answer = load_json(payload, "ping answer")

@@ -43,12 +43,13 @@ import structlog
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.kv import KeyValue
 from nats.micro.service import Service
 from pydantic import TypeAdapter, ValidationError
 
 from services.placement.errors import PlacementError
-from services.placement.link_probe import LinkProbe, links_moved
+from services.placement.link_probe import PROBE_WAIT_S, LinkProbe, links_moved, node_of
 from services.placement.load import LoadTracker, first_host_speeds
 from services.placement.objectives import judge
 from services.placement.planner import (
@@ -231,13 +232,31 @@ class PlacementService:
         while not self.nc.is_closed:  # closed for good: the service is stopping
             if not self._planning.locked():
                 try:
-                    await self.link_probe.probe(self.nc)
+                    await self._probe()
                     measured = self.link_probe.links(self.configured_links)
                     if links_moved(self.links, measured):
                         await self._publish_links(measured)
                 except Exception as exc:  # the hub restarting: probe again next period
                     log.debug("link_probe_failed", error=str(exc))
             await asyncio.sleep(self.settings.link_probe_s)
+
+    async def _probe(self) -> None:
+        """One `$SRV.PING`: the first answer of each node, timed (link_probe.py says why)."""
+        sub = await self.nc.subscribe(inbox := self.nc.new_inbox())
+        answered: set[str] = set()
+        try:
+            sent = time.perf_counter()
+            await self.nc.publish("$SRV.PING", b"", reply=inbox)
+            while len(answered) < len(self.nodes) and (left := sent + PROBE_WAIT_S - time.perf_counter()) > 0:
+                try:
+                    msg = await sub.next_msg(timeout=left)
+                except NatsTimeoutError:
+                    break
+                if (node := node_of(msg.data)) in self.nodes and node not in answered:
+                    answered.add(node)
+                    self.link_probe.add(node, time.perf_counter() - sent)
+        finally:
+            await sub.unsubscribe()
 
     async def _start_links(self) -> None:
         """Publish the links plans start with: the delays measured before a restart (when probing and
