@@ -21,6 +21,9 @@ from shared.topology import LinkSpec
 WINDOW = 30
 """Samples per node the round trip is the minimum of (a minute at the default period of 2 s)."""
 
+MIN_SAMPLES = 5
+"""Samples a node needs before its measurement replaces the configured link (a start-up is noisy)."""
+
 PROBE_WAIT_S = 1.0
 """How long one probe waits for the nodes' answers: a node slower than that keeps its configured link."""
 
@@ -43,8 +46,9 @@ def links_moved(published: Mapping[str, LinkSpec], measured: Mapping[str, LinkSp
 class LinkProbe:
     """The measured round trips of `nodes`, and the links they make."""
 
-    def __init__(self, nodes: list[str], window: int = WINDOW) -> None:
+    def __init__(self, nodes: list[str], window: int = WINDOW, min_samples: int = MIN_SAMPLES) -> None:
         self.nodes = nodes
+        self.min_samples = min_samples
         self._samples: dict[str, deque[float]] = {node: deque(maxlen=window) for node in nodes}
 
     def add(self, node: str, rtt_s: float) -> None:
@@ -52,8 +56,9 @@ class LinkProbe:
             self._samples[node].append(rtt_s)
 
     def rtt_s(self) -> dict[str, float]:
-        """node → its measured round trip to the hub, seconds (nodes never heard from are left out)."""
-        return {node: min(samples) for node, samples in self._samples.items() if samples}
+        """node → its measured round trip to the hub, seconds (nodes with fewer samples than
+        `min_samples` are left out)."""
+        return {node: min(samples) for node, samples in self._samples.items() if len(samples) >= self.min_samples}
 
     def links(self, configured: Mapping[str, LinkSpec]) -> dict[str, LinkSpec]:
         """`configured` with each measured node's one-way delay replaced by half its round trip."""

@@ -22,9 +22,10 @@ DELAY_S = 0.015  # node b's one-way delay to the hub
 
 
 def test_the_round_trip_is_the_smallest_of_the_recent_samples() -> None:
-    probe = LinkProbe(["a", "b"], window=3)
+    probe = LinkProbe(["a", "b"], window=3, min_samples=2)
     for sample in (0.010, 0.004, 0.020, 0.030, 0.025):  # 0.004 has left the window of 3
         probe.add("a", sample)
+    probe.add("b", 0.001)  # one sample is not a measurement yet
     probe.add("stranger", 0.001)  # not a node of the plan: ignored
     assert probe.rtt_s() == {"a": 0.020}
     configured = {"a": LinkSpec(delay_ms=1.0, rate_mbit=100.0), "b": LinkSpec(delay_ms=3.0)}
