@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
+from shared import subjects
+
 if TYPE_CHECKING:  # cli.stack_plan imports this module
     from cli.stack_plan import StackOptions
 
@@ -34,8 +36,6 @@ async def write_initial_plan(
     policy, its routes). The placement service takes over from it once statistics justify a move."""
     import nats
 
-    from shared import subjects
-
     plan = {
         "epoch": 1,
         "model": model_name,
@@ -47,28 +47,26 @@ async def write_initial_plan(
     try:
         js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
         kv = await js.create_key_value(bucket=subjects.KV_PLACEMENT, history=16)
-        await kv.put("plan", json.dumps(plan).encode())
+        await kv.put(subjects.KV_PLAN_KEY, json.dumps(plan).encode())
     finally:
         await nc.close()
 
 
 async def read_plan(nc: Any) -> dict[str, Any] | None:
     """The placement plan in KV `prism_placement` (None without one, or without access to it)."""
-    plan = await _read_placement(nc, "plan")
+    plan = await _read_placement(nc, subjects.KV_PLAN_KEY)
     return plan if isinstance(plan, dict) and isinstance(plan.get("hosts"), dict) else None
 
 
 async def read_links(nc: Any) -> list[dict[str, Any]] | None:
     """Each node's link to the hub that plans are made for, KV `prism_placement` key `links`
     (`[{"node", "delay_ms", "rate_mbit"}]`; None without them, or without access to them)."""
-    links = await _read_placement(nc, "links")
+    links = await _read_placement(nc, subjects.KV_LINKS_KEY)
     return links if isinstance(links, list) and all(isinstance(link, dict) for link in links) else None
 
 
 async def _read_placement(nc: Any, key: str) -> Any:
     import nats.errors
-
-    from shared import subjects
 
     try:
         kv = await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).key_value(subjects.KV_PLACEMENT)

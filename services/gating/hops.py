@@ -6,9 +6,9 @@ Executing node: `SegmentService` runs its segment (services/gating/segments.py),
 the next node of the chain *with the home's reply subject*, so the hidden states hop one way from node
 to node and only the last hop goes home; an error anywhere is answered straight to the home. When a
 home finishes a request it publishes its id on `prism.v1.route.<node>.release` of each node on the
-route, which frees the request's KV there. A gating without a fixed route follows the plan's
-(`watch_plans`, `watch_plan_events` feed route_plan.RouteFollower, and the measured links the host
-directory).
+route, which frees the request's KV there. A gating without a fixed route follows the plan's:
+`watch_plans` feeds the plans to route_plan.RouteFollower (and the measured links to the host
+directory), `watch_plan_events` the migrator's events.
 
 Failure: a chain that does not answer within the hop's deadline, or whose first node has no
 subscriber, fails the step's requests with `route_unavailable`; an expert that fails on an executing

@@ -18,8 +18,9 @@ from shared.errors import InvalidJSON
 from shared.schemas import load_json
 from shared.topology import LinkSpec
 
-WINDOW = 30
-"""Samples per node the round trip is the minimum of (a minute at the default period of 2 s)."""
+WINDOW = 150
+"""Samples per node the round trip is the minimum of: 5 minutes at the default period of 2 s, long
+enough to hold a quiet moment of a busy node (a link that gets slower is seen that much later)."""
 
 MIN_SAMPLES = 5
 """Samples a node needs before its measurement replaces the configured link (a start-up is noisy)."""
@@ -28,11 +29,11 @@ PROBE_WAIT_S = 1.0
 """How long one probe waits for the nodes' answers: a node slower than that keeps its configured link."""
 
 
-MOVED = 0.1
+MOVED = 0.2
 """A node's measured delay has moved when it differs from the published one by more than this share
 (and by more than MOVED_MS): the links are published again."""
 
-MOVED_MS = 0.05
+MOVED_MS = 0.1
 
 
 def links_moved(published: Mapping[str, LinkSpec], measured: Mapping[str, LinkSpec]) -> bool:
