@@ -64,7 +64,7 @@ class HostDirectory:
         try:
             parsed = _LINKS.validate_python(links)
         except ValidationError as exc:
-            log.warning("plan_links_refused", node=self.node, error=str(exc).splitlines()[0])
+            log.warning("links_refused", node=self.node, error=str(exc).splitlines()[0])
             return
         if parsed != self._links:
             self._links = parsed

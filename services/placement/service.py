@@ -227,8 +227,8 @@ class PlacementService:
         return [status for status, seen in self._seen.values() if seen >= horizon]
 
     async def _probe_loop(self) -> None:
-        """Time every node's round trip every `link_probe_s` (not while a policy solves: its thread would
-        delay the answers' callbacks on this loop), and publish the links when one has moved."""
+        """Time every node's round trip every `link_probe_s` (no probe starts while a policy solves: its
+        thread would delay the answers' callbacks on this loop), and publish the links when one has moved."""
         while not self.nc.is_closed:  # closed for good: the service is stopping
             if not self._planning.locked():
                 try:
