@@ -107,6 +107,7 @@ class Measured:
     loaded_extra_s: float  # the same, probed while the Poisson round ran again
     compute_share: float  # of the machine's cores during the Poisson round, what the other processes left the gatings
     gatings_cpu_s: float  # the gatings' CPU seconds during the Poisson round
+    links: list[dict[str, Any]] | None = None  # the links the plan was made for (KV `links`: measured delays)
 
 
 def build_model(workdir: Path) -> Path:
@@ -194,10 +195,12 @@ async def measure_policy(
     args: argparse.Namespace, run_dir: Path,
 ) -> Measured:
     from cli.client import PrismClient
+    from cli.control_plane import read_links
 
     async with LocalStack(stack_options(topo, model, policy, run_dir)) as stack, \
             await PrismClient.connect(stack.hub_url) as client:
         plan = await warm_up_and_replace(client, policy, prompts, args)
+        planned_links = await read_links(client.nc)
         links = LinkBytes(stack)
         await links.measure_idle()
         busy_before = await segment_seconds(client)
@@ -215,7 +218,7 @@ async def measure_policy(
         loaded_s = await probe_extra_s(stack, topo, probes, until=replay)
         await replay
     return Measured(policy, plan, b1_ms, b1_hop_ms, b1_segment_ms, b1_bytes, lat, no_prefill, load_bytes,
-                    errors + more, extra_s, loaded_s, share, gatings_s)
+                    errors + more, extra_s, loaded_s, share, gatings_s, planned_links)
 
 
 async def warm_up_and_replace(

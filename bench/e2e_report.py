@@ -66,6 +66,9 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
     print()
     for m in measured:
         print(f"{m.policy} (epoch {m.plan['epoch']}): {routes_line(m.plan)}")
+        if m.links:  # the placement service's (measured where they moved); the simulator ran on the configured
+            delays = ", ".join(f"{link['node']} {link['delay_ms']:.2f}" for link in m.links)
+            print(f"  the plan's links (KV `links`), ms one way: {delays}")
         for error in m.errors:
             print(f"  error {error}")
 
