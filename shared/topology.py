@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from shared.dtypes import DtypeName
 from shared.linkemu import LinkShape
@@ -84,6 +84,10 @@ class NodeLink(LinkSpec):
     node: str = Field(pattern=NAME_PATTERN, description="node name")
 
 
+NODE_LINKS = TypeAdapter(list[NodeLink])
+"""Reads and writes a JSON list of NodeLink (PRISM_*_LINKS, KV `prism_placement` key `links`)."""
+
+
 class NodeSpec(_Spec):
     name: str = Field(pattern=NAME_PATTERN, description="node (edge server) name (a subject token)")
     hosts: list[HostSpec] = Field(min_length=1, description="expert hosts of this node")
@@ -116,7 +120,7 @@ class Topology(_Spec):
 
     def links_json(self) -> str:
         """`links()` as the services take them (PRISM_GATING_LINKS, PRISM_PLACEMENT_LINKS)."""
-        return json.dumps([link.model_dump() for link in self.links()], separators=(",", ":"))
+        return NODE_LINKS.dump_json(self.links()).decode()
 
     def host_node(self) -> dict[str, str]:
         """Host name → node name."""

@@ -21,16 +21,15 @@ import time
 from typing import Any
 
 import structlog
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from shared.schemas import HostStatus
 from shared.settings import DEFAULT_HOST_TTL_S
-from shared.topology import NodeLink, star_links
+from shared.topology import NODE_LINKS, NodeLink, star_links
 
 log = structlog.get_logger()
 
 Key = tuple[int, int]
-_LINKS = TypeAdapter(list[NodeLink])
 
 
 class HostDirectory:
@@ -62,7 +61,7 @@ class HostDirectory:
         """Serve by `links` (KV `prism_placement` key `links`: JSON [{node, delay_ms, rate_mbit}]) from now
         on; bad ones are logged and the links in use kept. (`current`: found at start; no difference.)"""
         try:
-            parsed = _LINKS.validate_python(links)
+            parsed = NODE_LINKS.validate_python(links)
         except ValidationError as exc:
             log.warning("links_refused", node=self.node, error=str(exc).splitlines()[0])
             return

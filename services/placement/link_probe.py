@@ -48,7 +48,6 @@ class LinkProbe:
     """The measured round trips of `nodes`, and the links they make."""
 
     def __init__(self, nodes: list[str], window: int = WINDOW, min_samples: int = MIN_SAMPLES) -> None:
-        self.nodes = nodes
         self.min_samples = min_samples
         self._samples: dict[str, deque[float]] = {node: deque(maxlen=window) for node in nodes}
 

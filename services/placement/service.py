@@ -46,7 +46,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.kv import KeyValue
 from nats.micro.service import Service
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 
 from services.placement.errors import PlacementError
 from services.placement.link_probe import PROBE_WAIT_S, LinkProbe, links_moved, node_of
@@ -70,12 +70,11 @@ from shared.dtypes import DTYPE_BYTES
 from shared.errors import BadRequest, PrismError
 from shared.runtime import announce
 from shared.schemas import HostStatus, Plan, load_json
-from shared.topology import LinkSpec, NodeLink
+from shared.topology import NODE_LINKS, LinkSpec, NodeLink
 
 log = structlog.get_logger()
 
 COACT_SAMPLES = 1024  # tokens per node drawn from the counts for the latency model
-NODE_LINKS = TypeAdapter(list[NodeLink])  # KV key `links`
 PLANNER_NICE = 10  # the planning thread's niceness: a plan can wait, a decode step cannot
 T = TypeVar("T")
 
@@ -275,8 +274,8 @@ class PlacementService:
     async def _publish_links(self, links: dict[str, LinkSpec]) -> None:
         """Plan with `links` from now on, and have the gatings serve by them (KV key `links`): the
         nearest holder of a remote expert is then the same in both."""
-        payload = json.dumps([NodeLink(node=node, **link.model_dump()).model_dump() for node, link in links.items()])
-        await self.plans.put(subjects.KV_LINKS_KEY, payload.encode())
+        named = [NodeLink(node=node, **link.model_dump()) for node, link in links.items()]
+        await self.plans.put(subjects.KV_LINKS_KEY, NODE_LINKS.dump_json(named))
         self.links = links
         log.info("links_published", delay_ms={node: link.delay_ms for node, link in links.items()})
 
