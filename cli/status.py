@@ -67,9 +67,14 @@ async def status(args: argparse.Namespace) -> int:
         if coverage:
             print(render_coverage(coverage))
         if links:
-            print("links to the hub that plans use, one way: "
-                  + ", ".join(f"{link.get('node')} {link.get('delay_ms')} ms" for link in links))
+            print("links to the hub that plans use: " + ", ".join(map(describe_link, links)))
     return 0
+
+
+def describe_link(link: dict[str, Any]) -> str:
+    """'edge-a 1.02 ms one way, 340 Mbit/s' (a rate of None: no limit)."""
+    rate = link.get("rate_mbit")
+    return f"{link.get('node')} {link.get('delay_ms')} ms one way, " + (f"{rate} Mbit/s" if rate else "no rate limit")
 
 
 def plan_coverage(plan: dict[str, Any] | None, hosts: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -126,6 +126,9 @@ PLANNED_SECONDS = Spec("prism_planned_seconds", "gauge",
 PLANNED_LINK_RTT = Spec("prism_planned_link_rtt_seconds", "gauge",
                         "round trip between a node and the hub that plans are made for: measured by the placement "
                         "service's probes where the node answers them, else the configured link", ("node",))
+PLANNED_LINK_RATE = Spec("prism_planned_link_rate_bytes_per_second", "gauge",
+                         "rate of a node's link to the hub that plans are made for (measured, or configured; "
+                         "+Inf: no limit)", ("node",))
 MIGRATION_STEPS = Spec("prism_migration_steps_total", "counter", "load and unload commands the migrator sent",
                        ("kind", "result"))
 MIGRATION_SECONDS = Spec("prism_migration_seconds", "histogram", "time to apply one plan epoch, seconds",
@@ -135,7 +138,8 @@ SPECS: tuple[Spec, ...] = (
     REQUESTS, REQUEST_SECONDS, FIRST_TOKEN_SECONDS, PER_TOKEN_SECONDS, TOKENS, EXPERT_CALLS, EXPERT_MESSAGES,
     QUEUE_DEPTH, RUNNING, ROUTE_HOPS, ROUTE_HOP_SECONDS, SEGMENTS, SEGMENT_SECONDS, FOREIGN_KV, NETWORK_BYTES,
     HOST_MEMORY, HOST_EXPERTS, HOST_CALLS, HOST_TOKENS, HOST_BUSY, HOST_MESSAGES, HOST_ERRORS, HOST_QUEUE,
-    PLAN_EPOCH, BALANCEDNESS, PLANNED_BATCH, PLANNED_STEP_RATE, PLANNED_SECONDS, PLANNED_LINK_RTT, MIGRATION_STEPS,
+    PLAN_EPOCH, BALANCEDNESS, PLANNED_BATCH, PLANNED_STEP_RATE, PLANNED_SECONDS, PLANNED_LINK_RTT, PLANNED_LINK_RATE,
+    MIGRATION_STEPS,
     MIGRATION_SECONDS,
 )
 
@@ -296,6 +300,7 @@ class PlacementSample:
     step_rate: dict[str, float] = field(default_factory=dict)  # node -> measured steps per second
     seconds: dict[str, float] = field(default_factory=dict)  # "dense_layer" / "expert_call" -> seconds
     link_rtt: dict[str, float] = field(default_factory=dict)  # node -> round trip to the hub planned with, s
+    link_rate: dict[str, float] = field(default_factory=dict)  # node -> its link's rate planned with, bytes/s
 
 
 class PlacementCollector(Collector):
@@ -310,7 +315,7 @@ class PlacementCollector(Collector):
             balance.add_metric([], s.balancedness)
         yield balance
         for spec, values in ((PLANNED_BATCH, s.batch), (PLANNED_STEP_RATE, s.step_rate), (PLANNED_SECONDS, s.seconds),
-                             (PLANNED_LINK_RTT, s.link_rtt)):
+                             (PLANNED_LINK_RTT, s.link_rtt), (PLANNED_LINK_RATE, s.link_rate)):
             out = family(spec)
             for label, value in values.items():
                 out.add_metric([label], value)

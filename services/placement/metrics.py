@@ -5,6 +5,7 @@ NATS connection (node label `hub`: it connects to the hub)."""
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,4 +41,5 @@ def sample(service: PlacementService) -> PlacementSample:
         step_rate={n: float(r) for n, r in zip(service.nodes, rates, strict=True) if r > 0},
         seconds={kind: t for kind, t in seconds.items() if t is not None},
         link_rtt={node: 2 * link.shape().delay_s for node, link in service.links.items()},
+        link_rate={node: link.shape().rate_Bps or math.inf for node, link in service.links.items()},
     )

@@ -6,9 +6,10 @@ Subjects and stores:
 - `prism.v1.host.*.status` in: host heartbeats; the live registry (also mirrored to KV `prism_hosts`,
   whose TTL drops silent hosts).
 - `prism.v1.placement.cmd` in: `{"kind": "replan"}` plans now (operators, `prism demo`).
-- `$SRV.PING` out, every `link_probe_s`: each node's round trip to the hub, from its services' answers
-  (link_probe.py); KV `prism_placement` key `links` out when a node's measured delay has moved: the links
-  plans are made for from then on, and the gatings serve by.
+- `$SRV.PING` out, every `link_probe_s`: each node's round trip to the hub, from its services' answers,
+  and (every 5th carrying `link_rate_bytes`) its rate (link_probe.py); KV `prism_placement` key `links`
+  out when a node's measured delay or rate has moved: the links plans are made for from then on, and the
+  gatings serve by.
 - KV `prism_placement`, key `plan` out: `shared.schemas.Plan`, `{"epoch", "model", "policy", "hosts":
   {host: [[layer, expert]]}, "objective", "routes"}`; `routes` (home node → executing node per decoder
   layer) only when the policy made some (`pipeline`, `route`); the epoch only grows.
@@ -114,7 +115,7 @@ class PlacementService:
         self.model = model
         self.nodes = settings.node_list()
         self.configured_links = settings.node_links()
-        self.link_probe = LinkProbe(self.nodes)
+        self.link_probe = LinkProbe(self.nodes, rate_bytes=settings.link_rate_bytes)
         self.links = self.configured_links  # what plans are made for: the last published (KV key `links`)
         self.stats = RoutingStats(len(self.nodes), len(model.moe_layers), model.num_experts, model.top_k)
         self.load = LoadTracker(len(self.nodes), settings.load_horizon_s)
@@ -228,24 +229,27 @@ class PlacementService:
     async def _probe_loop(self) -> None:
         """Time every node's round trip every `link_probe_s` (no probe starts while a policy solves: its
         thread would delay the answers' callbacks on this loop), and publish the links when one has moved."""
+        probes = 0
         while not self.nc.is_closed:  # closed for good: the service is stopping
             if not self._planning.locked():
                 try:
-                    await self._probe()
+                    await self._probe(self.link_probe.carries(probes))
+                    probes += 1
                     measured = self.link_probe.links(self.configured_links)
-                    if links_moved(self.links, measured):
+                    if links_moved(self.links, measured, self.link_probe.rate_bytes):
                         await self._publish_links(measured)
                 except Exception as exc:  # the hub restarting: probe again next period
                     log.debug("link_probe_failed", error=str(exc))
             await asyncio.sleep(self.settings.link_probe_s)
 
-    async def _probe(self) -> None:
-        """One `$SRV.PING`: the first answer of each node, timed (link_probe.py says why)."""
+    async def _probe(self, carried: int) -> None:
+        """One `$SRV.PING` carrying `carried` bytes: the first answer of each node, timed (link_probe.py
+        says why)."""
         sub = await self.nc.subscribe(inbox := self.nc.new_inbox())
         answered: set[str] = set()
         try:
             sent = time.perf_counter()
-            await self.nc.publish("$SRV.PING", b"", reply=inbox)
+            await self.nc.publish("$SRV.PING", bytes(carried), reply=inbox)
             while len(answered) < len(self.nodes) and (left := sent + PROBE_WAIT_S - time.perf_counter()) > 0:
                 try:
                     msg = await sub.next_msg(timeout=left)
@@ -253,23 +257,25 @@ class PlacementService:
                     break
                 if (node := node_of(msg.data)) in self.nodes and node not in answered:
                     answered.add(node)
-                    self.link_probe.add(node, time.perf_counter() - sent)
+                    self.link_probe.add(node, time.perf_counter() - sent, carried)
         finally:
             await sub.unsubscribe()
 
     async def _start_links(self) -> None:
-        """Publish the links plans start with: the delays measured before a restart (when probing and
-        they name these nodes), else the configured ones, with the configured rates; so no gating keeps
-        serving by links this service does not plan with."""
-        delays: dict[str, float] = {}
+        """Publish the links plans start with: what was measured before a restart (when probing, and the
+        links name these nodes: the delays, and the rates when measuring those), else the configured
+        links; so no gating keeps serving by links this service does not plan with."""
+        before: dict[str, NodeLink] = {}
         if self.settings.link_probe_s > 0:
             with contextlib.suppress(Exception):  # none published yet is normal
                 entry = await self.plans.get(subjects.KV_LINKS_KEY)
-                delays = {link.node: link.delay_ms for link in NODE_LINKS.validate_json(entry.value or b"")}
-        if list(delays) != self.nodes:
-            delays = {node: link.delay_ms for node, link in self.configured_links.items()}
-        await self._publish_links({node: link.model_copy(update={"delay_ms": delays[node]})
-                                   for node, link in self.configured_links.items()})
+                before = {link.node: link for link in NODE_LINKS.validate_json(entry.value or b"")}
+        if list(before) != self.nodes:
+            before = {}
+        kept = ("delay_ms", "rate_mbit") if self.settings.link_rate_bytes > 0 else ("delay_ms",)
+        await self._publish_links({
+            node: link.model_copy(update={k: getattr(before[node], k) for k in kept}) if before else link
+            for node, link in self.configured_links.items()})
 
     async def _publish_links(self, links: dict[str, LinkSpec]) -> None:
         """Plan with `links` from now on, and have the gatings serve by them (KV key `links`): the
@@ -277,7 +283,8 @@ class PlacementService:
         named = [NodeLink(node=node, **link.model_dump()) for node, link in links.items()]
         await self.plans.put(subjects.KV_LINKS_KEY, NODE_LINKS.dump_json(named))
         self.links = links
-        log.info("links_published", delay_ms={node: link.delay_ms for node, link in links.items()})
+        log.info("links_published", delay_ms={node: link.delay_ms for node, link in links.items()},
+                 rate_mbit={node: link.rate_mbit for node, link in links.items()})
 
     async def _plan_loop(self) -> None:
         while True:

@@ -40,6 +40,10 @@ class PlacementSettings(WatchesHosts):
         2.0, ge=0, le=3600,
         description="period of timing each node's round trip to the hub, s (0: plan with the configured links only)",
     )
+    link_rate_bytes: int = Field(
+        32 * 1024, ge=0, le=1 << 20,
+        description="payload of every 5th probe, whose extra time gives each node's rate, bytes (0: configured rates)",
+    )
     migration_timeout_s: float = Field(
         120.0, gt=0, le=86400, description="wait this long for hosts to hold a new plan before planning again, s"
     )

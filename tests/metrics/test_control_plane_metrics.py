@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from pathlib import Path
 
 import nats
@@ -57,6 +58,8 @@ async def test_placement_exports_the_published_epoch_and_the_balancedness_of_its
         # no service of n0 or n1 answers the probes: n0's configured link, n1 half the default 4 ms node-to-node
         assert m.value("prism_planned_link_rtt_seconds", node=n0) == pytest.approx(0.005)
         assert m.value("prism_planned_link_rtt_seconds", node=n1) == pytest.approx(0.002)
+        assert m.value("prism_planned_link_rate_bytes_per_second", node=n0) == math.inf  # configured: no limit
+        assert m.value("prism_planned_link_rate_bytes_per_second", node=n1) == pytest.approx(500e6 / 8)  # the default
         assert not [name for name, _ in m.samples if name == "prism_expert_balancedness"], "no load yet: no sample"
         limit = 16 * load_config(metrics_model).expert_nbytes("float32")
         half = [(layer, e) for layer in (0, 1) for e in range(4)]

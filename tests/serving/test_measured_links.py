@@ -9,8 +9,9 @@ import json
 from pathlib import Path
 
 import nats
+import pytest
 
-from services.placement.link_probe import LinkProbe
+from services.placement.link_probe import LinkProbe, links_moved
 from services.placement.service import build
 from services.placement.settings import PlacementSettings
 from shared.linkemu import LinkEmulator, LinkShape
@@ -19,6 +20,7 @@ from tests.checkpoints import make_tiny_checkpoint
 from tests.serving.conftest import LocalCluster
 
 DELAY_S = 0.015  # node b's one-way delay to the hub
+RATE_MBIT = 10.0  # node b's rate, in the rate test (32 KiB: 26 ms)
 
 
 def test_the_round_trip_is_the_smallest_of_the_recent_samples() -> None:
@@ -30,6 +32,60 @@ def test_the_round_trip_is_the_smallest_of_the_recent_samples() -> None:
     assert probe.rtt_s() == {"a": 0.020}
     configured = {"a": LinkSpec(delay_ms=1.0, rate_mbit=100.0), "b": LinkSpec(delay_ms=3.0)}
     assert probe.links(configured) == {"a": LinkSpec(delay_ms=10.0, rate_mbit=100.0), "b": configured["b"]}
+
+
+def test_the_rate_is_the_payload_over_its_extra_time() -> None:
+    probe = LinkProbe(["a", "b", "c"], window=10, min_samples=2, rate_bytes=125_000)  # 1 Mbit
+    assert [probe.carries(i) for i in range(6)] == [0, 0, 0, 0, 125_000, 0]
+    for node, empty, loaded in (("a", 0.010, 0.030), ("b", 0.010, 0.0100001), ("c", 0.010, 0.009)):
+        for extra in (0.0, 0.004):  # the minima count
+            probe.add(node, empty + extra)
+            probe.add(node, loaded + extra, carried=125_000)
+    assert probe.rate_mbit() == {"a": 50.0, "b": None, "c": None}  # 1 Mbit in 20 ms; b and c: no limit seen
+    links = probe.links({n: LinkSpec(delay_ms=1.0, rate_mbit=10.0) for n in "abc"})
+    assert links["a"] == LinkSpec(delay_ms=5.0, rate_mbit=50.0)
+    assert links["c"].rate_mbit is None
+    # moved: the time the payload takes changed by more than 20% and 0.1 ms (1 Mbit: 20 ms at 50 Mbit/s)
+    assert links_moved({"a": LinkSpec(delay_ms=5.0, rate_mbit=45.0)}, {"a": links["a"]}, 125_000) is False
+    assert links_moved({"a": LinkSpec(delay_ms=5.0, rate_mbit=30.0)}, {"a": links["a"]}, 125_000) is True
+    assert links_moved({"c": LinkSpec(delay_ms=5.0, rate_mbit=1e5)}, {"c": links["c"]}, 125_000) is False
+
+
+async def test_the_placement_service_measures_each_nodes_rate(
+    cluster: LocalCluster, tmp_path: Path, unique: str
+) -> None:
+    """Node b's link carries 10 Mbit/s (configured: 200), node a's has no limit (configured: 10 Mbit/s):
+    the published rates are b's within 30% and none for a, and a restart keeps them."""
+    model = make_tiny_checkpoint("mixtral", tmp_path / "m", seed=3, num_hidden_layers=2)
+    a, b = cluster.node("a"), cluster.node("b")
+    shape = LinkShape.from_ms_mbit(2.0, RATE_MBIT)
+    async with LinkEmulator("127.0.0.1", cluster.hub.cfg.leaf_port or 0, shape) as link:
+        await cluster.add_node("a")
+        await cluster.add_node("b", leaf_url=f"nats://127.0.0.1:{link.port}")
+        for node in "ab":
+            await cluster.add_gating(node, model, embedded={f"{node}e": "*:*"}, plans_bucket=f"{unique}-plans")
+        configured = [NodeLink(node=a, delay_ms=0.0, rate_mbit=10.0), NodeLink(node=b, delay_ms=2.0, rate_mbit=200.0)]
+        settings = PlacementSettings(nodes=f"{a},{b}", model=model, links=configured, link_probe_s=0.05,
+                                     plans_bucket=f"{unique}-plans", hosts_bucket=f"{unique}-hosts",
+                                     min_window_tokens=0)
+        nc = await nats.connect(cluster.hub.cfg.client_url())
+        service = await build(nc, settings)
+        await service.start()
+        try:
+            async with asyncio.timeout(30):
+                while service.links[b].rate_mbit == 200.0 or service.links[a].rate_mbit == 10.0:  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            rates = {link["node"]: link["rate_mbit"] for link in json.loads((await service.plans.get("links")).value)}
+            assert rates[b] == pytest.approx(RATE_MBIT, rel=0.3), rates
+            assert rates[a] is None or rates[a] > 4 * RATE_MBIT, rates  # loopback: what moving 32 KiB costs
+            await service.stop()
+            again = await build(nc, settings.model_copy(update={"link_probe_s": 3600.0}))
+            await again.start()
+            await again.stop()
+            assert again.links[b].rate_mbit == rates[b]
+        finally:
+            await service.stop()
+            await nc.close()
 
 
 async def test_plans_carry_the_measured_links_and_the_gatings_serve_by_them(
@@ -50,7 +106,7 @@ async def test_plans_carry_the_measured_links_and_the_gatings_serve_by_them(
                                                                                (gone, 3.0, None))]
         settings = PlacementSettings(nodes=f"{a},{b},{gone}", model=model, links=configured, link_probe_s=0.05,
                                      plans_bucket=f"{unique}-plans", hosts_bucket=f"{unique}-hosts",
-                                     min_window_tokens=0)
+                                     min_window_tokens=0, link_rate_bytes=0)
         nc = await nats.connect(cluster.hub.cfg.client_url())
         service = await build(nc, settings)
         await service.start()
@@ -63,7 +119,7 @@ async def test_plans_carry_the_measured_links_and_the_gatings_serve_by_them(
             assert list(links) == [a, b, gone]
             assert links[b]["delay_ms"] - links[a]["delay_ms"] >= 1e3 * DELAY_S - 0.5, links
             assert links[b]["delay_ms"] < 1e3 * DELAY_S + 25, links  # a sample is the link and a little more
-            assert [links[n]["rate_mbit"] for n in (a, b, gone)] == [100.0, 50.0, None]  # rates stay configured
+            assert [links[n]["rate_mbit"] for n in (a, b, gone)] == [100.0, 50.0, None]  # not measuring rates
             assert links[gone]["delay_ms"] == 3.0  # never answered: the configured link
             assert {n: link.model_dump() for n, link in service.links.items()} == {
                 n: {k: v for k, v in link.items() if k != "node"} for n, link in links.items()}
