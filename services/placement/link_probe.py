@@ -11,7 +11,9 @@ Every RATE_EVERY-th probe carries `rate_bytes` (32 KiB): it crosses each node's 
 node, so its smallest round trip exceeds the empty probes' by the time the link takes to carry it, and
 the rate is `rate_bytes` over that difference. Both are minima over the same 5 minutes, so a busy
 node's wake cancels out. What it spends: 32 KiB per node every 10 s (26 kbit/s), and a message behind
-it waits for it once (0.5 ms at 500 Mbit/s). Pure: no NATS here.
+it waits for it once (0.5 ms at 500 Mbit/s). The payload is random bytes: a leaf connection whose round
+trip exceeds 10 ms is S2-compressed by default (nats-server's `s2_auto`), and 32 KiB of zeros crossed
+such a link as 95 bytes. Pure: no NATS here.
 """
 
 from __future__ import annotations
@@ -81,14 +83,15 @@ class LinkProbe:
         loaded_window = max(min_samples, window // RATE_EVERY)  # the same span of time
         self._loaded: dict[str, deque[float]] = {node: deque(maxlen=loaded_window) for node in nodes}
 
-    def carries(self, probe: int) -> int:
-        """Bytes the `probe`-th probe (counting from 0) carries: `rate_bytes` every RATE_EVERY-th."""
-        return self.rate_bytes if probe % RATE_EVERY == RATE_EVERY - 1 else 0
+    def loaded(self, probe: int) -> bool:
+        """Whether the `probe`-th probe (counting from 0) carries the `rate_bytes` payload: every
+        RATE_EVERY-th, when measuring rates."""
+        return self.rate_bytes > 0 and probe % RATE_EVERY == RATE_EVERY - 1
 
-    def add(self, node: str, rtt_s: float, carried: int = 0) -> None:
-        """One answer of `node`, `rtt_s` after a probe that carried `carried` bytes (0 or `rate_bytes`)."""
+    def add(self, node: str, rtt_s: float, loaded: bool = False) -> None:
+        """One answer of `node`, `rtt_s` after a probe (`loaded`: one that carried the payload)."""
         if node in self._samples:
-            (self._loaded if carried else self._samples)[node].append(rtt_s)
+            (self._loaded if loaded else self._samples)[node].append(rtt_s)
 
     def rtt_s(self) -> dict[str, float]:
         """node → its measured round trip to the hub, seconds (nodes with fewer samples than

@@ -116,6 +116,7 @@ class PlacementService:
         self.nodes = settings.node_list()
         self.configured_links = settings.node_links()
         self.link_probe = LinkProbe(self.nodes, rate_bytes=settings.link_rate_bytes)
+        self._rate_payload = os.urandom(settings.link_rate_bytes)  # incompressible (link_probe.py says why)
         self.links = self.configured_links  # what plans are made for: the last published (KV key `links`)
         self.stats = RoutingStats(len(self.nodes), len(model.moe_layers), model.num_experts, model.top_k)
         self.load = LoadTracker(len(self.nodes), settings.load_horizon_s)
@@ -233,7 +234,7 @@ class PlacementService:
         while not self.nc.is_closed:  # closed for good: the service is stopping
             if not self._planning.locked():
                 try:
-                    await self._probe(self.link_probe.carries(probes))
+                    await self._probe(self.link_probe.loaded(probes))
                     probes += 1
                     measured = self.link_probe.links(self.configured_links)
                     if links_moved(self.links, measured, self.link_probe.rate_bytes):
@@ -242,14 +243,14 @@ class PlacementService:
                     log.debug("link_probe_failed", error=str(exc))
             await asyncio.sleep(self.settings.link_probe_s)
 
-    async def _probe(self, carried: int) -> None:
-        """One `$SRV.PING` carrying `carried` bytes: the first answer of each node, timed (link_probe.py
-        says why)."""
+    async def _probe(self, loaded: bool) -> None:
+        """One `$SRV.PING`, `loaded` with the rate payload or empty: the first answer of each node, timed
+        (link_probe.py says why)."""
         sub = await self.nc.subscribe(inbox := self.nc.new_inbox())
         answered: set[str] = set()
         try:
             sent = time.perf_counter()
-            await self.nc.publish("$SRV.PING", bytes(carried), reply=inbox)
+            await self.nc.publish("$SRV.PING", self._rate_payload if loaded else b"", reply=inbox)
             while len(answered) < len(self.nodes) and (left := sent + PROBE_WAIT_S - time.perf_counter()) > 0:
                 try:
                     msg = await sub.next_msg(timeout=left)
@@ -257,7 +258,7 @@ class PlacementService:
                     break
                 if (node := node_of(msg.data)) in self.nodes and node not in answered:
                     answered.add(node)
-                    self.link_probe.add(node, time.perf_counter() - sent, carried)
+                    self.link_probe.add(node, time.perf_counter() - sent, loaded)
         finally:
             await sub.unsubscribe()
 
