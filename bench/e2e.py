@@ -107,7 +107,7 @@ class Measured:
     loaded_extra_s: float  # the same, probed while the Poisson round ran again
     compute_share: float  # of the machine's cores during the Poisson round, what the other processes left the gatings
     gatings_cpu_s: float  # the gatings' CPU seconds during the Poisson round
-    links: list[dict[str, Any]] | None = None  # the links the plan was made for (KV `links`: measured delays)
+    links: list[dict[str, Any]] | None = None  # the links the plan was made for (KV `links`: measured ones)
 
 
 def build_model(workdir: Path) -> Path:

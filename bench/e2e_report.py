@@ -10,6 +10,7 @@ from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from bench.e2e_sim import message_time_s
+from cli.status import describe_link
 
 if TYPE_CHECKING:
     from bench.e2e import Measured
@@ -67,8 +68,7 @@ def print_report(machine: str, args: argparse.Namespace, setup: SimSetup, measur
     for m in measured:
         print(f"{m.policy} (epoch {m.plan['epoch']}): {routes_line(m.plan)}")
         if m.links:  # the placement service's (measured where they moved); the simulator ran on the configured
-            delays = ", ".join(f"{link['node']} {link['delay_ms']:.2f}" for link in m.links)
-            print(f"  the plan's links (KV `links`), ms one way: {delays}")
+            print("  the plan's links (KV `links`): " + ", ".join(map(describe_link, m.links)))
         for error in m.errors:
             print(f"  error {error}")
 
