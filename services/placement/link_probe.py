@@ -7,13 +7,14 @@ expert host; nats.micro metadata `node`), and the answer crosses the node's link
 never shorter than the link and is longer by whatever the answering process was doing (a decode step, a
 wake on a busy machine), so a node's round trip is the smallest of its last WINDOW samples.
 
-Every RATE_EVERY-th probe carries `rate_bytes` (32 KiB): it crosses each node's link once, hub to
-node, so its smallest round trip exceeds that of the empty probes sent just before each by the time the
-link takes to carry it, and the rate is `rate_bytes` over that difference. Both are minima over as many
-samples from the same 5 minutes (the minimum of more samples is smaller: against all 150 empty ones a
-200 Mbit/s link measured 84), so a busy node's wake cancels out. What it spends: 32 KiB per node every
-10 s (26 kbit/s), and a message behind it waits for it once (0.5 ms at 500 Mbit/s). The payload is
-random bytes: a leaf connection whose round trip exceeds 10 ms is S2-compressed by default
+Every RATE_EVERY-th probe carries `rate_bytes` (32 KiB): it crosses each node's link once, hub to node,
+so its round trips exceed the empty probes' by the time the link takes to carry it, and the rate is
+`rate_bytes` over that difference. The difference is taken between the same low quantile (the 10th
+percentile) of each kind over the same 5 minutes: a minimum depends on how many samples it is the minimum
+of (30 loaded against 150 empty), and a pair's own empty probe is as noisy as the loaded one. On a loaded
+3-node stack this gave the tightest estimates of the choices tried (docs/benchmarks.md). What it spends:
+32 KiB per node every 10 s (26 kbit/s), and a message behind it waits for it once (0.5 ms at 500 Mbit/s).
+The payload is random bytes: a leaf connection whose round trip exceeds 10 ms is S2-compressed by default
 (nats-server's `s2_auto`), and 32 KiB of zeros crossed such a link as 95 bytes. Pure: no NATS here.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from shared.errors import InvalidJSON
 from shared.schemas import load_json
@@ -82,8 +83,7 @@ class LinkProbe:
         self.rate_bytes = rate_bytes
         self._samples: dict[str, deque[float]] = {node: deque(maxlen=window) for node in nodes}
         loaded_window = max(min_samples, window // RATE_EVERY)  # the same span of time
-        # per node: (a loaded probe's round trip, the empty probe's just before it)
-        self._loaded: dict[str, deque[tuple[float, float]]] = {node: deque(maxlen=loaded_window) for node in nodes}
+        self._loaded: dict[str, deque[float]] = {node: deque(maxlen=loaded_window) for node in nodes}
 
     def loaded(self, probe: int) -> bool:
         """Whether the `probe`-th probe (counting from 0) carries the `rate_bytes` payload: every
@@ -92,12 +92,8 @@ class LinkProbe:
 
     def add(self, node: str, rtt_s: float, loaded: bool = False) -> None:
         """One answer of `node`, `rtt_s` after a probe (`loaded`: one that carried the payload)."""
-        if node not in self._samples:
-            return
-        if not loaded:
-            self._samples[node].append(rtt_s)
-        elif self._samples[node]:
-            self._loaded[node].append((rtt_s, self._samples[node][-1]))
+        if node in self._samples:
+            (self._loaded if loaded else self._samples)[node].append(rtt_s)
 
     def rtt_s(self) -> dict[str, float]:
         """node → its measured round trip to the hub, seconds (nodes with fewer samples than
@@ -106,11 +102,12 @@ class LinkProbe:
 
     def rate_mbit(self) -> dict[str, float | None]:
         """node → its measured rate hub to node, Mbit/s, 3 significant digits; None: no limit measurable
-        (nodes with fewer than `min_samples` loaded probes are left out)."""
+        (nodes without `min_samples` of both kinds are left out)."""
+        rtt = self.rtt_s()
         out: dict[str, float | None] = {}
-        for node, pairs in self._loaded.items():
-            if len(pairs) >= self.min_samples:
-                extra_s = min(loaded for loaded, _ in pairs) - min(empty for _, empty in pairs)
+        for node, loaded in self._loaded.items():
+            if node in rtt and len(loaded) >= self.min_samples:
+                extra_s = _low(loaded) - _low(self._samples[node])
                 mbit = 8e-6 * self.rate_bytes / extra_s if extra_s > 0 else math.inf
                 out[node] = float(f"{mbit:.3g}") if mbit <= UNLIMITED_MBIT else None
         return out
@@ -126,6 +123,12 @@ class LinkProbe:
             )
             for node, link in configured.items()
         }
+
+
+def _low(samples: Iterable[float]) -> float:
+    """The 10th percentile (the smallest of fewer than 11)."""
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 10]
 
 
 def node_of(payload: bytes) -> str | None:

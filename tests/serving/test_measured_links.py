@@ -36,23 +36,27 @@ def test_the_round_trip_is_the_smallest_of_the_recent_samples() -> None:
 
 def test_the_rate_is_the_payload_over_its_extra_time() -> None:
     probe = LinkProbe(["a", "b", "c"], window=10, min_samples=2, rate_bytes=125_000)  # 1 Mbit
-    probe.add("a", 0.001, loaded=True)  # no empty probe to compare it with yet: left out
     assert [probe.loaded(i) for i in range(6)] == [False, False, False, False, True, False]
     assert not LinkProbe(["a"], rate_bytes=0).loaded(4)  # rates not measured
     for node, empty, loaded in (("a", 0.010, 0.030), ("b", 0.010, 0.0100001), ("c", 0.010, 0.009)):
-        for extra in (0.0, 0.004):  # the minima count, each over the pairs of a loaded and an empty probe
+        for extra in (0.0, 0.004):  # of fewer than 11 samples, the smallest of each kind count
             probe.add(node, empty + extra)
             probe.add(node, loaded + extra, loaded=True)
-    probe.add("a", 0.001)  # a fast empty probe after the last loaded one: the delay's, not the rate's
-    assert probe.rtt_s()["a"] == 0.001
     assert probe.rate_mbit() == {"a": 50.0, "b": None, "c": None}  # 1 Mbit in 20 ms; b and c: no limit seen
     links = probe.links({n: LinkSpec(delay_ms=1.0, rate_mbit=10.0) for n in "abc"})
-    assert links["a"] == LinkSpec(delay_ms=0.5, rate_mbit=50.0)
+    assert links["a"] == LinkSpec(delay_ms=5.0, rate_mbit=50.0)
     assert links["c"].rate_mbit is None
     # moved: the time the payload takes changed by more than 20% and 0.1 ms (1 Mbit: 20 ms at 50 Mbit/s)
-    assert links_moved({"a": LinkSpec(delay_ms=0.5, rate_mbit=45.0)}, {"a": links["a"]}, 125_000) is False
-    assert links_moved({"a": LinkSpec(delay_ms=0.5, rate_mbit=30.0)}, {"a": links["a"]}, 125_000) is True
+    assert links_moved({"a": LinkSpec(delay_ms=5.0, rate_mbit=45.0)}, {"a": links["a"]}, 125_000) is False
+    assert links_moved({"a": LinkSpec(delay_ms=5.0, rate_mbit=30.0)}, {"a": links["a"]}, 125_000) is True
     assert links_moved({"c": LinkSpec(delay_ms=5.0, rate_mbit=1e5)}, {"c": links["c"]}, 125_000) is False
+    # of more samples, the 10th percentile of each kind: one lucky empty probe does not move the rate
+    probe = LinkProbe(["a"], window=40, min_samples=2, rate_bytes=125_000)
+    for sample in [0.001] + [0.010] * 19:
+        probe.add("a", sample)
+    for _ in range(5):
+        probe.add("a", 0.030, loaded=True)
+    assert (probe.rtt_s(), probe.rate_mbit()) == ({"a": 0.001}, {"a": 50.0})
 
 
 async def test_the_placement_service_measures_each_nodes_rate(
