@@ -45,6 +45,12 @@ MOVED = 0.2
 
 MOVED_MS = 0.1
 
+MOVED_CARRY_MS = 1.0
+"""A rate has moved when the time its link takes for the rate payload moved by more than MOVED and by
+more than this: below it (between links faster than ~250 Mbit/s) the difference is the software's noise
+(a link without a limit measured 240 to 940 Mbit/s under load), and a 4 KB message's cost moves by
+less than 0.15 ms."""
+
 RATE_EVERY = 5
 """Every this many probes one carries the rate payload (every 10 s at the default period)."""
 
@@ -60,14 +66,15 @@ def links_moved(
 ) -> bool:
     """True when some node's measured delay, or the time its link takes to carry `rate_bytes`, is no
     longer the published one (beyond noise)."""
-    def moved(a: float, b: float) -> bool:
-        return abs(a - b) > max(MOVED * max(a, b), MOVED_MS)
+    def moved(a: float, b: float, floor_ms: float = MOVED_MS) -> bool:
+        return abs(a - b) > max(MOVED * max(a, b), floor_ms)
 
     def carry_ms(link: LinkSpec) -> float:
         return 0.0 if link.rate_mbit is None else 8e-3 * rate_bytes / link.rate_mbit
 
     return any(
-        moved(published[node].delay_ms, link.delay_ms) or moved(carry_ms(published[node]), carry_ms(link))
+        moved(published[node].delay_ms, link.delay_ms)
+        or moved(carry_ms(published[node]), carry_ms(link), MOVED_CARRY_MS)
         for node, link in measured.items()
     )
 
@@ -82,7 +89,7 @@ class LinkProbe:
         self.min_samples = min_samples
         self.rate_bytes = rate_bytes
         self._samples: dict[str, deque[float]] = {node: deque(maxlen=window) for node in nodes}
-        loaded_window = max(min_samples, window // RATE_EVERY)  # the same span of time
+        loaded_window = max(2 * min_samples, window // RATE_EVERY)  # the same span of time
         self._loaded: dict[str, deque[float]] = {node: deque(maxlen=loaded_window) for node in nodes}
 
     def loaded(self, probe: int) -> bool:
@@ -102,11 +109,11 @@ class LinkProbe:
 
     def rate_mbit(self) -> dict[str, float | None]:
         """node → its measured rate hub to node, Mbit/s, 3 significant digits; None: no limit measurable
-        (nodes without `min_samples` of both kinds are left out)."""
+        (nodes without `min_samples` empty and twice that loaded probes are left out)."""
         rtt = self.rtt_s()
         out: dict[str, float | None] = {}
         for node, loaded in self._loaded.items():
-            if node in rtt and len(loaded) >= self.min_samples:
+            if node in rtt and len(loaded) >= 2 * self.min_samples:  # the first minute is a start-up's
                 extra_s = _low(loaded) - _low(self._samples[node])
                 mbit = 8e-6 * self.rate_bytes / extra_s if extra_s > 0 else math.inf
                 out[node] = float(f"{mbit:.3g}") if mbit <= UNLIMITED_MBIT else None

@@ -35,7 +35,7 @@ def test_the_round_trip_is_the_smallest_of_the_recent_samples() -> None:
 
 
 def test_the_rate_is_the_payload_over_its_extra_time() -> None:
-    probe = LinkProbe(["a", "b", "c"], window=10, min_samples=2, rate_bytes=125_000)  # 1 Mbit
+    probe = LinkProbe(["a", "b", "c"], window=10, min_samples=1, rate_bytes=125_000)  # 1 Mbit: 2 loaded needed
     assert [probe.loaded(i) for i in range(6)] == [False, False, False, False, True, False]
     assert not LinkProbe(["a"], rate_bytes=0).loaded(4)  # rates not measured
     for node, empty, loaded in (("a", 0.010, 0.030), ("b", 0.010, 0.0100001), ("c", 0.010, 0.009)):
@@ -50,6 +50,8 @@ def test_the_rate_is_the_payload_over_its_extra_time() -> None:
     assert links_moved({"a": LinkSpec(delay_ms=5.0, rate_mbit=45.0)}, {"a": links["a"]}, 125_000) is False
     assert links_moved({"a": LinkSpec(delay_ms=5.0, rate_mbit=30.0)}, {"a": links["a"]}, 125_000) is True
     assert links_moved({"c": LinkSpec(delay_ms=5.0, rate_mbit=1e5)}, {"c": links["c"]}, 125_000) is False
+    fast = {"c": LinkSpec(delay_ms=5.0, rate_mbit=1000.0)}  # 1 ms for the payload; at 2000 Mbit/s 0.5 ms: noise
+    assert links_moved(fast, {"c": LinkSpec(delay_ms=5.0, rate_mbit=2000.0)}, 125_000) is False
     # of more samples, the 10th percentile of each kind: one lucky empty probe does not move the rate
     probe = LinkProbe(["a"], window=40, min_samples=2, rate_bytes=125_000)
     for sample in [0.001] + [0.010] * 19:
