@@ -106,6 +106,9 @@ BATCHES = (1, 4, 8)
 """Decode batches the compute is calibrated at (with one prompt of `PREFILL_TOKENS`): Poisson rounds batch
 several requests and start each with its prompt, where time grows with tokens and experts called."""
 PREFILL_TOKENS = 24
+ENGINE_ROUNDS = 7
+"""Rounds of the engine's factor: with 3, and the bare step timed apart from them, the factor moved the
+simulated times by 10–20% between runs (docs/benchmarks.md, the seventh and tenth sessions)."""
 
 
 @dataclass
@@ -143,13 +146,13 @@ def calibrate(model_dir: Path, steps: int = 24) -> SimConfig:
     shapes = [[1] * b for b in BATCHES] + [[PREFILL_TOKENS]]  # tokens per sequence of a step
     measured = [_shape_steps(model, experts, shape, steps) for shape in shapes]
     layers = len(model.config.moe_layers)
-    # A segment's fixed work is the difference of two timings (a one-layer segment, an engine step per
-    # layer): taken in three interleaved rounds, so that a slow moment of the machine does not make it.
-    rounds = [(asyncio.run(_engine_step_s(model, answer, steps)), asyncio.run(_segment_s(model, answer, steps)))
-              for _ in range(3)]
-    engine = statistics.median(e for e, _ in rounds)
-    segment = statistics.median(seg - e / layers for e, seg in rounds)
-    serving = max(1.0, engine / measured[0].full_s)
+    # The engine's factor and a segment's fixed work are ratios and differences of timings (an engine
+    # step, the bare forward step, a one-layer segment): each taken within one of ENGINE_ROUNDS
+    # interleaved rounds, then the median, so that a slow moment of the machine makes neither.
+    rounds = [(asyncio.run(_engine_step_s(model, answer, steps)), _step_s(model, experts, [1], steps),
+               asyncio.run(_segment_s(model, answer, steps))) for _ in range(ENGINE_ROUNDS)]
+    serving = max(1.0, statistics.median(e / bare for e, bare, _ in rounds))
+    segment = statistics.median(seg - e / layers for e, _, seg in rounds)
     dense_fixed, dense_per_token = _fit([(1.0, m.tokens) for m in measured], [m.dense_s / layers for m in measured])
     # what the routed experts add: per layer (sorting the block, combining), per expert call and per row
     per_layer, per_call, per_row = _fit([(1.0, m.calls / layers, m.rows / layers) for m in measured],
