@@ -13,6 +13,9 @@ from shared.dtypes import DtypeName
 from shared.settings import WatchesHosts
 from shared.topology import LinkSpec, NodeLink
 
+HEADER_ROOM_BYTES = 4096
+"""What a message needs beside its payload (subject, reply inbox, headers), well within this."""
+
 
 class PlacementSettings(WatchesHosts):
     model_config = SettingsConfigDict(env_prefix="PRISM_PLACEMENT_", frozen=True, extra="forbid", cli_kebab_case=True)
@@ -53,6 +56,15 @@ class PlacementSettings(WatchesHosts):
     load_horizon_s: float = Field(
         60.0, gt=0, le=86400, description="the measured traffic the policies plan with covers this many seconds"
     )
+
+    @field_validator("link_rate_bytes")
+    @classmethod
+    def _rate_payload_fits(cls, size: int, info: ValidationInfo) -> int:
+        """The rate probe is one message: it must fit the server's max_payload (with room for headers)."""
+        limit = int(info.data.get("max_payload_bytes", size)) - HEADER_ROOM_BYTES
+        if size > limit:
+            raise ValueError(f"must fit in one message: at most max_payload_bytes - {HEADER_ROOM_BYTES} ({limit})")
+        return size
 
     @field_validator("links")
     @classmethod
