@@ -111,11 +111,11 @@ class LinkProbe:
     def rate_mbit(self) -> dict[str, float | None]:
         """node → its measured rate hub to node, Mbit/s, 3 significant digits; None: no limit measurable
         (nodes without `min_samples` empty and twice that loaded probes are left out)."""
-        rtt = self.rtt_s()
         out: dict[str, float | None] = {}
         for node, loaded in self._loaded.items():
-            if node in rtt and len(loaded) >= 2 * self.min_samples:  # the first minute is a start-up's
-                extra_s = _low(loaded) - _low(self._samples[node])
+            empty = self._samples[node]
+            if len(empty) >= self.min_samples and len(loaded) >= 2 * self.min_samples:  # 1st minute: start-up's
+                extra_s = _low(loaded) - _low(empty)
                 mbit = 8e-6 * self.rate_bytes / extra_s if extra_s > 0 else math.inf
                 out[node] = float(f"{mbit:.3g}") if mbit <= UNLIMITED_MBIT else None
         return out

@@ -137,7 +137,7 @@ class PlacementService:
 
     async def start(self) -> None:
         with contextlib.suppress(Exception):  # no plan yet is normal
-            entry = await self.plans.get("plan")
+            entry = await self.plans.get(subjects.KV_PLAN_KEY)
             self.plan = json.loads(entry.value or b"{}")
         await self._start_links()
         self._subs = [
@@ -266,17 +266,16 @@ class PlacementService:
         """Publish the links plans start with: what was measured before a restart (when probing, and the
         links name these nodes: the delays, and the rates when measuring those), else the configured
         links; so no gating keeps serving by links this service does not plan with."""
-        before: dict[str, NodeLink] = {}
+        links = dict(self.configured_links)
+        before: list[NodeLink] = []
         if self.settings.link_probe_s > 0:
             with contextlib.suppress(Exception):  # none published yet is normal
-                entry = await self.plans.get(subjects.KV_LINKS_KEY)
-                before = {link.node: link for link in NODE_LINKS.validate_json(entry.value or b"")}
-        if list(before) != self.nodes:
-            before = {}
-        kept = ("delay_ms", "rate_mbit") if self.settings.link_rate_bytes > 0 else ("delay_ms",)
-        await self._publish_links({
-            node: link.model_copy(update={k: getattr(before[node], k) for k in kept}) if before else link
-            for node, link in self.configured_links.items()})
+                before = NODE_LINKS.validate_json((await self.plans.get(subjects.KV_LINKS_KEY)).value or b"")
+        if [link.node for link in before] == self.nodes:
+            for link in before:
+                rate = link.rate_mbit if self.settings.link_rate_bytes > 0 else links[link.node].rate_mbit
+                links[link.node] = LinkSpec(delay_ms=link.delay_ms, rate_mbit=rate)
+        await self._publish_links(links)
 
     async def _publish_links(self, links: dict[str, LinkSpec]) -> None:
         """Plan with `links` from now on, and have the gatings serve by them (KV key `links`): the
@@ -427,7 +426,7 @@ class PlacementService:
             routes=to_plan_routes(placement.routes, view, self.model.moe_layers, self.model.num_layers),
         )
         payload = plan.encode()
-        await self.plans.put("plan", payload)
+        await self.plans.put(subjects.KV_PLAN_KEY, payload)
         self.plan = json.loads(payload)
         self._published_at = time.monotonic()
         log.info("plan_published", epoch=plan.epoch, objective=plan.objective, hosts=len(view.hosts),
