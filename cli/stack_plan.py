@@ -196,8 +196,9 @@ def _gatings(
     opts: StackOptions, placement: dict[str, list[tuple[int, int]]], expert_bytes: int, environ: Mapping[str, str],
     cores: int,
 ) -> list[_Service]:
-    # Each node's dense part (and embedded experts) gets its share of this machine's cores as torch
-    # threads: one node alone uses them all, a testbed of several shares them.
+    # Each node's big steps (a long prefill) get its share of this machine's cores as torch threads: one
+    # node alone uses them all, a testbed of several shares them. Small steps (decode) compute on one
+    # (INLINE_THREADS), where a second core costs more in fork and join than it saves.
     threads = environ.get("PRISM_GATING_COMPUTE_THREADS", str(max(1, cores // len(opts.topology.nodes))))
     return [
         (f"gating-{node.name}", "services.gating", "PRISM_GATING_", node.name, {

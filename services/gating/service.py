@@ -63,7 +63,7 @@ from shared.errors import (
     ShuttingDown,
     TokenOutOfRange,
 )
-from shared.model.inference import inference_only
+from shared.model.inference import inference_only, use_threads
 from shared.model.model import MoEModel
 from shared.model.sampling import SamplingParams
 from shared.model.tokenizer import Tokenizer
@@ -489,7 +489,7 @@ async def main(settings: GatingSettings) -> None:
     from shared.runtime import connect, serve_until_stopped
 
     configure_logging(settings.log_level, settings.log_format, service="gating", node=settings.node)
-    torch.set_num_threads(settings.compute_threads)
+    use_threads(settings.inline_threads, settings.compute_threads)
     inference_only()
     nc = await connect(settings, f"gating-{settings.node}")
     gating = build(nc, settings)

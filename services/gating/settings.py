@@ -52,7 +52,12 @@ class GatingSettings(WatchesHosts):
         default_factory=list,
         description="expert hosts in this process, as JSON: [{host, experts, memory_limit_mb, device, speed}]",
     )
-    compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for the dense model")
+    compute_threads: int = Field(
+        1, ge=1, le=64, description="torch intra-op threads for big steps (over INLINE_MAX_TOKENS), on a worker thread"
+    )
+    inline_threads: int = Field(
+        1, ge=1, le=64, description="torch intra-op threads for small steps (decode), computed on the event loop"
+    )
     route: list[str] = Field(
         default_factory=list,
         description="a fixed executing node per layer for this node's requests, as JSON (empty: the plan's route)",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import threading
 
+import pytest
 import torch
 
-from shared.model.inference import executor, inference, inference_only
+from shared.model import inference as inference_module
+from shared.model.inference import executor, inference, inference_only, use_threads
 
 
 def test_a_thread_put_in_inference_mode_stays_there_and_others_do_not() -> None:
@@ -42,3 +44,23 @@ def test_inference_blocks_enter_the_mode_only_where_it_is_off() -> None:
         assert torch.zeros(1).is_inference()
     assert not torch.is_inference_mode_enabled()
     assert not torch.zeros(1).is_inference()
+
+
+def test_small_steps_and_big_ones_compute_with_their_own_thread_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference_module, "_worker_threads", 0)  # restored after the test
+    seen: dict[str, int] = {}
+
+    def event_loop_thread() -> None:
+        use_threads(1, 2)
+        pool = executor("big")
+        try:
+            seen["worker"] = pool.submit(torch.get_num_threads).result(timeout=10)
+        finally:
+            pool.shutdown()
+        seen["loop"] = torch.get_num_threads()  # unmoved by the worker's own setting
+
+    thread = threading.Thread(target=event_loop_thread)
+    thread.start()
+    thread.join()
+    torch.set_num_threads(1)  # this process's tests run on one (conftest)
+    assert seen == {"worker": 2, "loop": 1}
