@@ -2,15 +2,13 @@
 
 `prism up --nodes 1` (its defaults: two expert hosts, both embedded in the gating, together holding
 every expert) serves the demo model; this process loads the same checkpoint as `prism run` does and
-generates with `shared.model.generate`. Each round sends the same prompt, greedy, the same number of
-tokens, to both, one after the other: the client-side time of a NATS request (connect once) against
-`generate`'s time. Prints the medians, their ratio and where the request's time went on the gating
-(its reply's `timings`).
+generates with `shared.model.generate`, on torch's default threads (as `prism run`) and on one (the
+gating decodes on one, `INLINE_THREADS`). Each round sends the same prompt, greedy, the same number of
+tokens, to the three, one after the other: the client-side time of a NATS request (connect once)
+against `generate`'s times. Prints the medians, the ratios and where the request's time went on the
+gating (its reply's `timings`).
 
-    .venv/bin/python bench/one_node.py [--model DIR] [--rounds 25] [--max-tokens 32] [--threads N]
-
-`--threads` sets this process's torch threads (default: torch's own, as `prism run` uses); `prism up`
-gives its gating the machine's cores divided by its nodes.
+    .venv/bin/python bench/one_node.py [--model DIR] [--rounds 25] [--max-tokens 32]
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
@@ -40,7 +39,14 @@ from shared.nats_server import free_port  # noqa: E402
 NODE = "node0"
 
 
-Times = tuple[list[float], list[float], list[dict]]  # in one process (s), through Prism (s), the gating's timings
+DEFAULT_THREADS = torch.get_num_threads()
+
+
+@dataclass
+class Times:
+    local: dict[int, list[float]] = field(default_factory=dict)  # torch threads -> `generate`'s seconds
+    prism: list[float] = field(default_factory=list)  # a request through Prism, client-side seconds
+    timings: list[dict[str, float]] = field(default_factory=list)  # the gating's, from each reply
 
 
 async def rounds(nc: nats.NATS, model_dir: Path, args: argparse.Namespace) -> Times:
@@ -49,23 +55,31 @@ async def rounds(nc: nats.NATS, model_dir: Path, args: argparse.Namespace) -> Ti
     from shared.model.sampling import SamplingParams
 
     model, experts = _load(model_dir, "fp32", "cpu")
-    local, remote, timings = [], [], []
-    for r in range(args.rounds + 2):  # the first two warm both sides up
+    times = Times()
+    paths: list[int | None] = [*dict.fromkeys((DEFAULT_THREADS, 1)), None]  # torch threads in this process; None: Prism
+    for r in range(args.rounds + 2):  # the first two warm every path up
         prompt = [5 + (j * 7 + r) % 200 for j in range(16)]
-        started = time.perf_counter()
-        expected = generate(model, experts, [prompt], args.max_tokens, SamplingParams())[0]
-        took = time.perf_counter() - started
-        started = time.perf_counter()
-        body = json.dumps({"input_ids": prompt, "max_tokens": args.max_tokens}).encode()
-        reply = json.loads((await nc.request(subjects.infer(NODE), body, timeout=60)).data)
-        through = time.perf_counter() - started
-        if reply.get("token_ids") != expected:
-            raise SystemExit(f"round {r}: Prism answered {reply.get('token_ids')}, the model in one process {expected}")
+        answers, took, reply = [], {}, {}
+        for threads in paths[r % 3:] + paths[: r % 3]:  # each path first, second and last in turn
+            started = time.perf_counter()
+            if threads is None:
+                body = json.dumps({"input_ids": prompt, "max_tokens": args.max_tokens}).encode()
+                reply = json.loads((await nc.request(subjects.infer(NODE), body, timeout=60)).data)
+                answers.append(reply.get("token_ids"))
+            else:
+                torch.set_num_threads(threads)
+                answers.append(generate(model, experts, [prompt], args.max_tokens, SamplingParams())[0])
+            took[threads] = time.perf_counter() - started
+        if any(answer != answers[0] for answer in answers):
+            raise SystemExit(f"round {r}: the answers differ: {answers}")
         if r >= 2:
-            local.append(took)
-            remote.append(through)
-            timings.append(reply["timings"])
-    return local, remote, timings
+            for threads, seconds in took.items():
+                if threads is None:
+                    times.prism.append(seconds)
+                else:
+                    times.local.setdefault(threads, []).append(seconds)
+            times.timings.append(reply["timings"])
+    return times
 
 
 async def measure(port: int, args: argparse.Namespace) -> Times:
@@ -77,18 +91,20 @@ async def measure(port: int, args: argparse.Namespace) -> Times:
 
 
 def report(args: argparse.Namespace, times: Times) -> None:
-    local, remote, timings = times
     med = statistics.median
-    print(f"# one node — {platform.machine()}, {os.cpu_count()} cores, CPU, fp32, torch threads here "
-          f"{torch.get_num_threads()}")
+    print(f"# one node — {platform.machine()}, {os.cpu_count()} cores, CPU, fp32")
     print(f"model {Path(args.model).name}; prompt 16 tokens, {args.max_tokens} generated, greedy; {args.rounds} "
           "rounds, interleaved; answers equal token for token\n")
-    print("| path | request ms p50 | vs in one process |")
+    fastest = min(med(seconds) for seconds in times.local.values())
+    print("| path | request ms p50 | vs the fastest in one process |")
     print("|---|---:|---:|")
-    print(f"| the model in one process (`generate`, as `prism run`) | {1000 * med(local):.1f} | 1.00× |")
-    print(f"| `prism up --nodes 1`, a NATS request (client-side) | {1000 * med(remote):.1f} | "
-          f"{med(remote) / med(local):.2f}× |")
-    parts = ", ".join(f"{key} {1000 * med(t[key] for t in timings):.1f}" for key in
+    for threads, seconds in times.local.items():
+        name = "torch's default" if threads == DEFAULT_THREADS else "one"
+        print(f"| the model in one process (`generate`), {name} ({threads}) thread(s) | {1000 * med(seconds):.1f} | "
+              f"{med(seconds) / fastest:.2f}× |")
+    print(f"| `prism up --nodes 1`, a NATS request (client-side) | {1000 * med(times.prism):.1f} | "
+          f"**{med(times.prism) / fastest:.2f}×** |")
+    parts = ", ".join(f"{key} {1000 * med(t[key] for t in times.timings):.1f}" for key in
                       ("queue_s", "prefill_s", "decode_s", "expert_wait_s", "local_experts_s", "total_s"))
     print(f"\nthe gating's timings, ms p50: {parts}")
 
@@ -98,10 +114,7 @@ def main() -> None:
     p.add_argument("--model", default=str(ROOT / "models" / "demo"))
     p.add_argument("--rounds", type=int, default=25)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--threads", type=int, default=0, help="torch threads in this process (0: torch's default)")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     port = free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="prism-one-node-"))
     stack = prism_up(Path(args.model), port, run_dir, "--nodes", "1")  # returns once every node serves
