@@ -14,6 +14,7 @@ import warnings
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 from shared.errors import BadTensor, PayloadTooLarge
@@ -29,11 +30,14 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+# numpy (through which bytes cross into and out of tensors: a few µs less per message than torch's own
+# view chain) has no bfloat16: its 16-bit patterns travel as int16.
+_NUMPY = {"float32": np.float32, "float16": np.float16, "bfloat16": np.int16, "int64": np.int64, "int32": np.int32}
 ENVELOPE_OVERHEAD = 256
 """Bytes reserved for the msgpack keys, dtype, shape and meta when sizing messages."""
 
 # torch warns that a tensor over an immutable buffer is not writable; we never write to it.
-warnings.filterwarnings("ignore", message="The given buffer is not writable")
+warnings.filterwarnings("ignore", message="The given (buffer|NumPy array) is not writable")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -46,14 +50,17 @@ def dtype_name(dtype: torch.dtype) -> str:
 def encode_tensor(tensor: torch.Tensor, meta: dict[str, Any] | None = None) -> bytes:
     """Pack `tensor` (any layout, any device) and small JSON-like `meta` into one message."""
     name = dtype_name(tensor.dtype)
-    flat = tensor.detach()
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    flat = flat.contiguous()
+    flat = tensor if tensor.is_cpu else tensor.cpu()
+    if flat.requires_grad:
+        flat = flat.detach()
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
     if sys.byteorder != "little":  # pragma: no cover - every supported platform is little-endian
         raise BadTensor("Prism's wire format needs a little-endian host")
+    if flat.dtype == torch.bfloat16:
+        flat = flat.view(torch.int16)
     # msgpack packs a memoryview as bin without an extra copy
-    data = flat.reshape(-1).view(torch.uint8).numpy().data if flat.numel() else b""
+    data = memoryview(flat.numpy()) if flat.numel() else b""
     return msgpack.packb(
         {"v": FORMAT_VERSION, "dtype": name, "shape": list(flat.shape), "data": data, "meta": meta or {}}
     )
@@ -81,7 +88,8 @@ def decode_tensor(payload: bytes) -> tuple[torch.Tensor, dict[str, Any]]:
         raise BadTensor(f"data holds {len(data)} bytes but shape {shape} of {envelope['dtype']} needs {expected}")
     if expected == 0:
         return torch.empty(shape, dtype=dtype), meta
-    return torch.frombuffer(data, dtype=dtype).view(shape), meta
+    tensor = torch.from_numpy(np.ndarray(shape, dtype=_NUMPY[name], buffer=data))
+    return (tensor.view(dtype) if dtype == torch.bfloat16 else tensor), meta
 
 
 def check_size(payload: bytes, headers: dict[str, str] | None, max_payload: int) -> None:
