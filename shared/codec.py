@@ -60,7 +60,7 @@ def encode_tensor(tensor: torch.Tensor, meta: dict[str, Any] | None = None) -> b
     if flat.dtype == torch.bfloat16:
         flat = flat.view(torch.int16)
     # msgpack packs a memoryview as bin without an extra copy
-    data = memoryview(flat.numpy()) if flat.numel() else b""
+    data = flat.numpy().data if flat.numel() else b""
     return msgpack.packb(
         {"v": FORMAT_VERSION, "dtype": name, "shape": list(flat.shape), "data": data, "meta": meta or {}}
     )
