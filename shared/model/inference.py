@@ -6,10 +6,10 @@ bookkeeping. So a service puts its event loop's thread in inference mode once (`
 its `main`) and its worker threads too (`executor(...)`), and the code that may also run elsewhere
 (tests, benchmarks, `prism run`) enters it only where it is not on (`inference`).
 
-Threads too are per thread: the event loop computes the small steps (a decode step, a small block of
-expert rows), where OpenMP's fork and join cost more than a second core saves, and the workers the big
-ones (a long prefill), where it pays. Torch's thread count is per OS thread with its OpenMP backend, so
-`use_threads` sets the two apart.
+How many torch threads compute is per thread too: the event loop computes the small steps (a decode
+step, a small block of expert rows), where OpenMP's fork and join cost more than a second core saves,
+and the workers the big ones (a long prefill), where the second core pays. With torch's OpenMP backend
+the count belongs to the OS thread, so `use_threads` sets the two apart.
 """
 
 from __future__ import annotations

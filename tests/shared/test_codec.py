@@ -92,3 +92,15 @@ def test_rows_per_message_fit() -> None:
     check_size(payload, {"A-Header": "value" * 20}, 64 * 1024)
     with pytest.raises(PayloadTooLarge):
         max_rows_per_message(10_000, 4_096)
+
+
+def test_tensors_of_every_kind_a_service_sends_round_trip() -> None:
+    with torch.inference_mode():  # what the services' threads make
+        made = torch.randn(3, 4)
+    grads = torch.randn(2, 3, requires_grad=True) * 2
+    rows = torch.randn(100, 8)[10:20]  # a view into a bigger block
+    for tensor in (made, grads.detach(), grads, rows, torch.tensor(3.5), torch.tensor(3.5, dtype=torch.bfloat16),
+                   torch.arange(5), torch.arange(6, dtype=torch.int32).reshape(2, 3)):
+        decoded, _ = decode_tensor(encode_tensor(tensor))
+        assert decoded.dtype == tensor.dtype
+        assert torch.equal(_bits(decoded), _bits(tensor.detach()))
