@@ -60,7 +60,8 @@ async def rounds(nc: nats.NATS, model_dir: Path, args: argparse.Namespace) -> Ti
     for r in range(args.rounds + 2):  # the first two warm every path up
         prompt = [5 + (j * 7 + r) % 200 for j in range(16)]
         answers, took, reply = [], {}, {}
-        for threads in paths[r % 3:] + paths[: r % 3]:  # each path first, second and last in turn
+        turn = r % len(paths)
+        for threads in paths[turn:] + paths[:turn]:  # each path first, second and last in turn
             started = time.perf_counter()
             if threads is None:
                 body = json.dumps({"input_ids": prompt, "max_tokens": args.max_tokens}).encode()
