@@ -80,3 +80,23 @@ def test_cli_policy_choices_match_the_registry() -> None:
 
     assert set(POLICY_NAMES) == set(get_args(PolicyName))
     assert set(ALL_POLICIES.split(",")) == set(get_args(PolicyName))
+
+
+def test_the_readme_names_every_setting_of_every_service() -> None:
+    from pydantic_settings import BaseSettings
+
+    from services.api.settings import ApiSettings
+    from services.expert_host.settings import ExpertHostSettings
+    from services.gating.settings import GatingSettings
+    from services.migrator.settings import MigratorSettings
+    from services.placement.settings import PlacementSettings
+
+    section = (ROOT / "README.md").read_text().split("## Configuration")[1].split("\n## ")[0]
+    rows = {line.split("|")[2].strip(" `"): line for line in section.splitlines() if line.startswith("| ")}
+    shared = rows.pop("same prefixes")  # the fields every service has
+    settings: list[type[BaseSettings]] = [GatingSettings, ExpertHostSettings, PlacementSettings, MigratorSettings,
+                                          ApiSettings]
+    for cls in settings:
+        row = rows[str(cls.model_config["env_prefix"])]
+        missing = [name.upper() for name in cls.model_fields if f"`{name.upper()}`" not in row + shared]
+        assert not missing, f"{cls.__name__}: README's configuration table does not name {missing}"

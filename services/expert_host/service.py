@@ -51,7 +51,7 @@ from services.expert_host.settings import ExpertHostSettings
 from shared import subjects
 from shared.codec import decode_tensor, encode_tensor
 from shared.errors import BadRequest, BadTensor, OverBudget, Overloaded, PrismError, ShuttingDown, UnknownExpert
-from shared.model.inference import executor, inference, inference_only
+from shared.model.inference import executor, inference, inference_only, use_threads
 from shared.model.moe import ExpertWeights, run_experts
 from shared.schemas import HostStatus, LoadCommand, StatusCommand, UnloadCommand, parse_host_command
 from shared.weights import fetch_expert
@@ -431,7 +431,7 @@ async def main(settings: ExpertHostSettings) -> None:
     from shared.runtime import connect, serve_until_stopped
 
     configure_logging(settings.log_level, settings.log_format, service="expert_host", host=settings.host)
-    torch.set_num_threads(settings.compute_threads)
+    use_threads(settings.inline_threads, settings.compute_threads)
     inference_only()
     weights, hidden_size = load_weights(settings)
     nc = await connect(settings, f"expert-host-{settings.host}")

@@ -35,4 +35,9 @@ class ExpertHostSettings(ServiceSettings):
     max_pending: int = Field(
         64, ge=1, le=100_000, description="messages from the bus in flight at once; beyond, 'overloaded'"
     )
-    compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for expert compute")
+    compute_threads: int = Field(
+        1, ge=1, le=64, description="torch intra-op threads for messages over INLINE_MAX_TOKENS, on a worker thread"
+    )
+    inline_threads: int = Field(
+        1, ge=1, le=64, description="torch intra-op threads for small messages (decode), computed on the event loop"
+    )
