@@ -44,6 +44,19 @@ class WatchesHosts(ServiceSettings):
     )
 
 
+class Computes(ServiceSettings):
+    """Settings of a service that computes experts or layers (gating, expert host): small work (a decode
+    step's, a small message's) computes on the event loop, where a thread hop costs more than the math and
+    OpenMP's fork and join more than a second core saves; big work on a worker thread
+    (shared/model/inference.py `use_threads`)."""
+
+    inline_max_tokens: int = Field(
+        64, ge=0, le=1_000_000, description="steps or messages of at most this many tokens compute on the event loop"
+    )
+    inline_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for those, on the event loop")
+    compute_threads: int = Field(1, ge=1, le=64, description="torch intra-op threads for bigger ones, on a worker")
+
+
 def from_cli(cls: type[S], argv: list[str] | None = None) -> S:
     """Build settings from the environment, overridden by `--field value` flags."""
     if argv is None:

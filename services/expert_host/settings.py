@@ -9,10 +9,10 @@ from pydantic_settings import SettingsConfigDict
 
 from shared import subjects
 from shared.dtypes import DtypeName
-from shared.settings import ServiceSettings
+from shared.settings import Computes
 
 
-class ExpertHostSettings(ServiceSettings):
+class ExpertHostSettings(Computes):
     model_config = SettingsConfigDict(env_prefix="PRISM_HOST_", frozen=True, extra="forbid", cli_kebab_case=True)
 
     host: str = Field("host0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="unique host name")
@@ -26,18 +26,9 @@ class ExpertHostSettings(ServiceSettings):
     speed: float = Field(1.0, gt=0, le=1000, description="relative compute speed (placement input), 1.0 = reference")
     dtype: DtypeName = Field("float32", description="expert weight dtype")
     heartbeat_interval_s: float = Field(1.0, gt=0, le=60, description="status heartbeat period, seconds")
-    inline_max_tokens: int = Field(
-        64, ge=0, le=1_000_000, description="messages of at most this many tokens compute on the event loop"
-    )
     busy_poll_s: float = Field(
         0.002, ge=0, le=1, description="keep polling this long after a message instead of sleeping (0: off), seconds"
     )
     max_pending: int = Field(
         64, ge=1, le=100_000, description="messages from the bus in flight at once; beyond, 'overloaded'"
-    )
-    compute_threads: int = Field(
-        1, ge=1, le=64, description="torch intra-op threads for messages over INLINE_MAX_TOKENS, on a worker thread"
-    )
-    inline_threads: int = Field(
-        1, ge=1, le=64, description="torch intra-op threads for small messages (decode), computed on the event loop"
     )

@@ -9,7 +9,7 @@ from pydantic_settings import SettingsConfigDict
 
 from shared import subjects
 from shared.dtypes import DtypeName
-from shared.settings import WatchesHosts
+from shared.settings import Computes, WatchesHosts
 from shared.topology import NodeLink
 
 
@@ -25,7 +25,7 @@ class EmbeddedHost(BaseModel):
     speed: float = Field(1.0, gt=0, le=1000, description="relative compute speed (placement input), 1.0 = reference")
 
 
-class GatingSettings(WatchesHosts):
+class GatingSettings(WatchesHosts, Computes):
     model_config = SettingsConfigDict(env_prefix="PRISM_GATING_", frozen=True, extra="forbid", cli_kebab_case=True)
 
     node: str = Field("node0", pattern=r"^[A-Za-z0-9_-]{1,64}$", description="node (edge server) this gating serves")
@@ -37,9 +37,6 @@ class GatingSettings(WatchesHosts):
     max_queue: int = Field(256, ge=1, le=100000, description="requests waiting for a slot before 'overloaded'")
     expert_timeout_s: float = Field(2.0, gt=0, le=120, description="wait for one expert answer, seconds")
     activation_interval_s: float = Field(2.0, gt=0, le=3600, description="period of activation reports, seconds")
-    inline_max_tokens: int = Field(
-        64, ge=0, le=1_000_000, description="steps of at most this many tokens compute on the event loop"
-    )
     host_messages: bool = Field(
         True, description="send one message per holding host and layer (from host heartbeats), not one per expert"
     )
@@ -51,12 +48,6 @@ class GatingSettings(WatchesHosts):
     embedded_hosts: list[EmbeddedHost] = Field(
         default_factory=list,
         description="expert hosts in this process, as JSON: [{host, experts, memory_limit_mb, device, speed}]",
-    )
-    compute_threads: int = Field(
-        1, ge=1, le=64, description="torch intra-op threads for big steps (over INLINE_MAX_TOKENS), on a worker thread"
-    )
-    inline_threads: int = Field(
-        1, ge=1, le=64, description="torch intra-op threads for small steps (decode), computed on the event loop"
     )
     route: list[str] = Field(
         default_factory=list,
