@@ -12,8 +12,9 @@ after that, on the plan the service published:
 - Poisson: every node's prompts at once under a seeded Poisson arrival process (`--rate` per node);
   mean and p99 of the request latency the client measures;
 - bytes across nodes: what the link emulators carried from the leaves to the hub (every byte that
-  leaves a node crosses its own link once), less the idle rate (heartbeats, reports) measured just
-  before; at batch 1 from a request's first streamed token to its end, per decode step (no prefill),
+  leaves a node crosses its own link once), less the idle rate (heartbeats, link probes) measured just
+  before (a gating's activation reports, every 0.5 s here, are sent only while it has work: they
+  count); at batch 1 from a request's first streamed token to its end, per decode step (no prefill),
   under Poisson per generated token, prefill included;
 - the simulator (bench/e2e_sim.py) on the same cluster, routing and plan, and ("+ msg") with a message's
   software time probed on the stack: idle after the rounds for batch 1, during a replay of the Poisson

@@ -32,6 +32,31 @@ def test_report_round_trips_and_rejects_garbage() -> None:
         ActivationReport.decode(b"\x81\xa1v\x01")
 
 
+@pytest.mark.parametrize(
+    ("largest", "dtype"), [(0, "<u1"), (255, "<u1"), (256, "<u2"), (70_000, "<u4"), (2**40, "<i8")]
+)
+def test_counts_travel_in_the_smallest_type_that_holds_them(largest: int, dtype: str) -> None:
+    counts = np.zeros((26, 64), dtype=np.int64)
+    counts[3, 7], counts[25, 63] = largest, 1
+    report = ActivationReport("edge-a", 2.0, list(range(1, 27)), counts, np.full(26, 5, dtype=np.int64))
+    payload = report.encode()
+    assert msgpack.unpackb(payload)["count_dtype"] == dtype
+    back = ActivationReport.decode(payload)
+    assert back.counts.dtype == np.int64
+    assert np.array_equal(back.counts, counts)
+    if dtype == "<u1":  # DeepSeek-V2-Lite's 26 x 64 counts: a byte each, where int64 took 13.3 kB
+        assert len(payload) < 26 * 64 + 400
+
+
+def test_a_bad_count_type_or_a_negative_count_is_refused() -> None:
+    report = ActivationReport("edge-a", 1.0, [0], np.array([[1, 2]], dtype=np.int64), np.array([3], dtype=np.int64))
+    data = msgpack.unpackb(report.encode())
+    negative = {"count_dtype": "<i8", "counts": np.array([-1, 2], dtype="<i8").tobytes()}
+    for bad in ({"count_dtype": "<f4"}, {"count_dtype": "<u2"}, negative):
+        with pytest.raises(BadTensor):
+            ActivationReport.decode(msgpack.packb({**data, **bad}))
+
+
 def test_the_step_load_travels_with_the_report() -> None:
     counter = ActivationCounter("edge-a", layers=[1], num_experts=2)
     load = StepLoad()
