@@ -7,17 +7,18 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
+from pydantic import ValidationError
 
 from cli.client import InferError, PrismClient
 from cli.stack_plan import StackError
 from shared import subjects
 from shared.process import Child
+from shared.schemas import HostStatus
 from shared.topology import Topology
 
 
@@ -67,10 +68,10 @@ async def host_ready(client: PrismClient, host: str, want: int) -> bool:
     """The host answers `status` and holds `want` experts."""
     try:
         msg = await client.nc.request(subjects.host_cmd(host), b'{"kind": "status"}', timeout=1.0)
-        status = json.loads(msg.data)
-    except (NoRespondersError, NatsTimeoutError, json.JSONDecodeError):
-        return False  # not subscribed yet
-    return isinstance(status, dict) and len(status.get("experts", [])) == want
+        status = HostStatus.model_validate_json(msg.data)
+    except (NoRespondersError, NatsTimeoutError, ValidationError):
+        return False  # not subscribed yet (or an error reply)
+    return len(status.experts) == want
 
 
 async def service_answers(client: PrismClient, name: str) -> bool:

@@ -53,7 +53,7 @@ from shared.codec import decode_tensor, encode_tensor
 from shared.errors import BadRequest, BadTensor, OverBudget, Overloaded, PrismError, ShuttingDown, UnknownExpert
 from shared.model.inference import executor, inference, inference_only, use_threads
 from shared.model.moe import ExpertWeights, run_experts
-from shared.schemas import HostStatus, LoadCommand, StatusCommand, UnloadCommand, parse_host_command
+from shared.schemas import ExpertKeys, HostStatus, LoadCommand, StatusCommand, UnloadCommand, parse_host_command
 from shared.weights import fetch_expert
 
 log = structlog.get_logger()
@@ -100,6 +100,7 @@ class ExpertHost:
         self.device = torch.device(settings.device)  # where its experts compute
         self.counters = Counters()
         self._subscriptions: dict[tuple[int, int], Subscription] = {}
+        self._answering: ExpertKeys | None = None  # sorted keys of `_subscriptions`; None: to be rebuilt
         self._host_calls: Subscription | None = None
         self._executor = executor(f"experts-{settings.host}")
         self._in_flight = 0
@@ -147,6 +148,7 @@ class ExpertHost:
             subject = subjects.expert(*key)
             queue = subjects.EXPERT_QUEUE
             self._subscriptions[key] = await self.nc.subscribe(subject, queue=queue, cb=self._on_message)
+            self._answering = None
 
     # ---- data plane --------------------------------------------------------------------------
 
@@ -325,6 +327,7 @@ class ExpertHost:
         """Stop taking calls for `keys`, answer the ones already received (drain), then free them."""
         for key in sorted(set(keys)):
             sub = self._subscriptions.pop(key, None)
+            self._answering = None
             if sub is not None:
                 await sub.drain()  # type: ignore[no-untyped-call]  # nats-py leaves it unannotated
             if self.weights.pop(key, None) is not None:
@@ -343,7 +346,7 @@ class ExpertHost:
             device=self.settings.device,
             memory_used_bytes=used,
             memory_limit_bytes=int(self.settings.memory_limit_mb * 2**20),
-            experts=sorted(self._subscriptions),
+            experts=self._answered_experts(),
             queue_depth=self._in_flight,
             calls_served=self.counters.calls,
             tokens_served=self.counters.tokens,
@@ -357,6 +360,13 @@ class ExpertHost:
             speed=self.settings.speed,
             instance=self.instance,
         )
+
+    def _answered_experts(self) -> ExpertKeys:
+        """The experts it answers for, ascending: one tuple until they change, which the status check
+        remembers (a heartbeat every second would sort and check thousands of pairs again)."""
+        if self._answering is None:
+            self._answering = tuple(sorted(self._subscriptions))
+        return self._answering
 
     def _stats_data(self, endpoint: EndpointStats) -> dict[str, object]:
         return {"status": self.status().model_dump(), "calls_per_expert": dict(self.counters.per_expert)}
@@ -385,6 +395,7 @@ class ExpertHost:
             with contextlib.suppress(Exception):
                 await sub.unsubscribe()
         self._subscriptions.clear()
+        self._answering = None
         if self._host_calls is not None:
             with contextlib.suppress(Exception):
                 await self._host_calls.unsubscribe()

@@ -18,6 +18,7 @@ from shared import subjects
 from shared.codec import decode_tensor, encode_tensor
 from shared.model.checkpoint import load_expert
 from shared.model.moe import expert_forward
+from shared.schemas import HostStatus
 from tests.serving.conftest import LocalCluster
 
 
@@ -78,7 +79,8 @@ async def test_discoverable_with_micro_ping_and_status(cluster: LocalCluster, mi
             if ping["metadata"]["host"] == host.settings.host:
                 break
     status = json.loads((await nc.request(subjects.host_cmd(host.settings.host), b'{"kind": "status"}')).data)
-    assert status["experts"] == [[1, e] for e in range(8)]
+    assert status["experts"] == {"1": "ff"}  # a hex mask per layer: experts 0-7
+    assert HostStatus.model_validate(status).experts == tuple((1, e) for e in range(8))
     assert status["node"] == cluster.node("a")
     assert 0 < status["memory_used_bytes"] <= status["memory_limit_bytes"]
     bad = await nc.request(subjects.host_cmd(host.settings.host), b'{"kind": "explode"}')

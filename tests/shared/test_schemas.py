@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from pydantic import ValidationError
 
 from shared.errors import BadRequest, InvalidJSON
 from shared.schemas import HostStatus, parse_host_command, parse_request, reply_hints
@@ -87,3 +88,36 @@ def test_errors_defined_anywhere_are_rebuilt_from_their_headers() -> None:
         rebuilt = error_from_headers(cls("what went wrong").headers())
         assert type(rebuilt) is cls
         assert rebuilt.message == "what went wrong"
+
+
+def _status(experts: object) -> HostStatus:
+    return HostStatus(host="edge-b-gpu0", node="edge-b", device="cpu", memory_used_bytes=0, memory_limit_bytes=1,
+                      experts=experts, queue_depth=0, calls_served=0, tokens_served=0, errors=0)
+
+
+def test_a_heartbeat_names_its_experts_as_a_hex_mask_per_layer() -> None:
+    status = _status([[3, 9], (0, 0), [3, 0], [3, 9]])
+    assert status.experts == ((0, 0), (3, 0), (3, 9)), "ascending, once each"
+    wire = json.loads(status.model_dump_json())
+    assert wire["experts"] == {"0": "1", "3": "201"}  # bits 0 and 9 of layer 3
+    assert HostStatus.model_validate_json(status.model_dump_json()) == status
+    assert _status(wire["experts"]).experts == status.experts
+    assert _status({}).experts == () == _status([]).experts
+
+
+def test_a_repeated_heartbeat_gives_the_same_tuple_so_a_gating_sees_nothing_moved_at_once() -> None:
+    experts = tuple((layer, e) for layer in range(58) for e in range(0, 256, 3))
+    payload = _status(experts).model_dump_json()
+    first, again = HostStatus.model_validate_json(payload), HostStatus.model_validate_json(payload)
+    assert first.experts == experts
+    assert again.experts is first.experts
+
+
+@pytest.mark.parametrize(
+    "experts",
+    [{"1": "xyz"}, {"1": "-5"}, {"1": "0x5"}, {"1": ""}, {"1": "f" * 1025}, {"1": 5}, {"1": ["5"]}, {"a": "1"},
+     {"-1": "1"}, [[1, -1]], [[True, 1]], [[1.0, 2]], [[1, 2, 3]], [1, 2], "0:1", None],
+)
+def test_bad_experts_in_a_heartbeat_are_refused(experts: object) -> None:
+    with pytest.raises(ValidationError, match="experts"):
+        _status(experts)
