@@ -1,13 +1,16 @@
-"""What a host's heartbeat costs: its bytes, the host's time to build and encode it, and a gating's time
-to take it in (on the gating's event loop, for every host's heartbeat every second), for real models'
-shapes, each host holding `--share` of the routed experts at random, the experts unchanged since the
-host's last heartbeat and its counters moved, as between two heartbeats of a serving host.
+"""What the control plane's periodic messages cost, for real models' shapes: a host's heartbeat (every
+second, to every gating): its bytes, the host's time to build and encode it, and a gating's time to take
+it in, on its event loop, each host holding `--share` of the routed experts at random, the experts
+unchanged since its last heartbeat and its counters moved, as between two heartbeats of a serving host;
+and a gating's activation report (every 2 s, to the placement service) of a window at batch 8 with
+uniform routing: its bytes.
 
 Now (`experts` as one hex mask per layer, `shared/schemas.HostStatus`) against before 2026-12-08,
 rebuilt here: the same status with `experts` as a list of [layer, expert] pairs that pydantic checks
 pair by pair. Both through the gating's `HostDirectory.on_status` (given the rebuilt class for before).
+Reports now (counts in the smallest integer type that holds them) against before (int64 counts).
 
-    .venv/bin/python bench/heartbeats.py [--share 0.3] [--repeat 50]
+    .venv/bin/python bench/control_messages.py [--share 0.3] [--repeat 50]
 """
 
 from __future__ import annotations
@@ -24,21 +27,25 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+import msgpack
+import numpy as np
 from pydantic import ConfigDict, create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from services.gating import directory as directory_module
 from services.gating.directory import HostDirectory
+from shared.activations import ActivationReport
 from shared.schemas import HostStatus
 
-SHAPES = {  # MoE layers, routed experts per layer (their config.json)
-    "Mixtral-8x7B": (32, 8),
-    "DeepSeek-V2-Lite": (26, 64),
-    "Qwen3-30B-A3B": (48, 128),
-    "Qwen3-235B-A22B": (94, 128),
-    "DeepSeek-V3": (58, 256),
+SHAPES = {  # MoE layers, routed experts per layer, top-k (their config.json)
+    "Mixtral-8x7B": (32, 8, 2),
+    "DeepSeek-V2-Lite": (26, 64, 6),
+    "Qwen3-30B-A3B": (48, 128, 8),
+    "Qwen3-235B-A22B": (94, 128, 8),
+    "DeepSeek-V3": (58, 256, 8),
 }
+REPORT_WINDOW_S, STEPS_PER_S, BATCH = 2.0, 20, 8
 
 PairsStatus: Any = create_model(  # the heartbeat before: experts as pairs
     "PairsStatus",
@@ -88,21 +95,37 @@ def before(fields: dict[str, Any], repeat: int) -> tuple[int, float, float]:
     return len(beat[0]), median_ms(build, repeat), take
 
 
+def report_bytes(layers: int, experts: int, top_k: int) -> tuple[int, int]:
+    """(bytes now, bytes before) of one activation report: a window's choices drawn uniformly."""
+    tokens = int(REPORT_WINDOW_S * STEPS_PER_S * BATCH)
+    rng = np.random.default_rng(layers * experts)
+    counts = np.stack([rng.multinomial(tokens * top_k, [1 / experts] * experts) for _ in range(layers)])
+    report = ActivationReport("edge-a", REPORT_WINDOW_S, list(range(layers)), counts, np.full(layers, tokens))
+    now = report.encode()
+    before = msgpack.unpackb(now)  # as gatings wrote it: int64 counts, no type named
+    before.pop("count_dtype")
+    before["counts"] = counts.astype("<i8").tobytes()
+    return len(now), len(msgpack.packb(before))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--share", type=float, default=0.3, help="share of the routed experts each host holds")
     parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args()
-    print(f"# host heartbeats — {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
+    print(f"# control-plane messages — {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
           f"a host holding {args.share:.0%} of the routed experts; ms: median of {args.repeat}\n")
-    print("| model (MoE layers × experts) | experts held | bytes: now | before | host builds and encodes, ms: now "
-          "| before | a gating takes it in, ms: now | before | before / now |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, (layers, experts) in SHAPES.items():
+    print("| model (MoE layers × experts) | experts held | heartbeat bytes: now | before | host builds and encodes, "
+          "ms: now | before | a gating takes it in, ms: now | before | before / now | activation report bytes: now "
+          "| before |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (layers, experts, top_k) in SHAPES.items():
         fields = host_fields(layers, experts, args.share, seed=layers * experts)
         (size, build, take), (old_size, old_build, old_take) = now(fields, args.repeat), before(fields, args.repeat)
+        report, old_report = report_bytes(layers, experts, top_k)
         print(f"| {name} ({layers} × {experts}) | {len(fields['experts'])} | {size} | {old_size} | {build:.3f} | "
-              f"{old_build:.3f} | {take:.3f} | {old_take:.3f} | {old_take / take:.0f}× |", flush=True)
+              f"{old_build:.3f} | {take:.3f} | {old_take:.3f} | {old_take / take:.0f}× | {report} | {old_report} |",
+              flush=True)
 
 
 if __name__ == "__main__":
