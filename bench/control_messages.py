@@ -113,8 +113,9 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.3, help="share of the routed experts each host holds")
     parser.add_argument("--repeat", type=int, default=50)
     args = parser.parse_args()
-    print(f"# control-plane messages — {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}; "
-          f"a host holding {args.share:.0%} of the routed experts; ms: median of {args.repeat}\n")
+    print(f"# control-plane messages — {platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}; a host holding {args.share:.0%} of the routed experts; "
+          f"ms: median of {args.repeat}\n")
     print("| model (MoE layers × experts) | experts held | heartbeat bytes: now | before | host builds and encodes, "
           "ms: now | before | a gating takes it in, ms: now | before | before / now | activation report bytes: now "
           "| before |")

@@ -33,7 +33,8 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import Callable
+from collections import deque
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -305,23 +306,48 @@ class ExpertHost:
         if self.store is None:
             raise BadRequest(f"host {self.settings.host} has no weights store ({self.settings.weights_bucket})")
         limit = int(self.settings.memory_limit_mb * 2**20)
-        for key in sorted(set(keys) - set(self.weights)):
-            weights = await fetch_expert(
-                self.store,
-                self.model_id,
-                key,
-                hidden_size=self.hidden_size,
-                dtype=self.dtype,
-                device=self.settings.device,
-            )
-            used = sum(w.nbytes() for w in self.weights.values())
-            if used + weights.nbytes() > limit:
-                raise OverBudget(f"expert {key[0]}.{key[1]} does not fit: {used + weights.nbytes()} > {limit} bytes")
-            self.weights[key] = weights
-            self._changed()
-            await self.subscribe(key)
-            log.info("expert_loaded", host=self.settings.host, layer=key[0], expert=key[1])
+        used = sum(w.nbytes() for w in self.weights.values())
+        async with contextlib.aclosing(self._fetched(sorted(set(keys) - set(self.weights)))) as fetched:
+            async for key, weights in fetched:
+                if used + weights.nbytes() > limit:
+                    raise OverBudget(
+                        f"expert {key[0]}.{key[1]} does not fit: {used + weights.nbytes()} > {limit} bytes"
+                    )
+                used += weights.nbytes()
+                self.weights[key] = weights.to(device=self.device)
+                self._changed()
+                await self.subscribe(key)
+                log.info("expert_loaded", host=self.settings.host, layer=key[0], expert=key[1])
         await self.nc.flush()
+
+    async def _fetched(
+        self, keys: list[tuple[int, int]]
+    ) -> AsyncGenerator[tuple[tuple[int, int], ExpertWeights], None]:
+        """`keys`' weights from the store, in order, `load_concurrency` fetches under way at once: an object
+        costs several round trips to the hub besides its bytes, which one fetch at a time would pay in turn
+        (bench/migration.py). They wait in host memory, at most that many beyond the ones admitted, and
+        go to the experts' device once admitted, so that the device never holds more than the budget."""
+        assert self.store is not None
+        store, todo = self.store, iter(keys)
+        window: deque[tuple[tuple[int, int], asyncio.Future[ExpertWeights]]] = deque()
+
+        def top_up() -> None:
+            while len(window) < self.settings.load_concurrency and (key := next(todo, None)) is not None:
+                fetch = fetch_expert(store, self.model_id, key, hidden_size=self.hidden_size, dtype=self.dtype,
+                                     device="cpu")
+                window.append((key, asyncio.ensure_future(fetch)))
+
+        top_up()
+        try:
+            while window:
+                key, fetch = window.popleft()
+                weights = await fetch
+                top_up()
+                yield key, weights
+        finally:  # a fetch failed or an expert did not fit: the rest are not wanted
+            for _, fetch in window:
+                fetch.cancel()
+            await asyncio.gather(*(fetch for _, fetch in window), return_exceptions=True)
 
     async def unload(self, keys: list[tuple[int, int]]) -> None:
         """Stop taking calls for `keys`, answer the ones already received (drain), then free them."""

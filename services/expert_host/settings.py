@@ -29,6 +29,9 @@ class ExpertHostSettings(Computes):
     busy_poll_s: float = Field(
         0.002, ge=0, le=1, description="keep polling this long after a message instead of sleeping (0: off), seconds"
     )
+    load_concurrency: int = Field(
+        4, ge=1, le=64, description="experts fetched from the weights store at once while loading"
+    )
     max_pending: int = Field(
         64, ge=1, le=100_000, description="messages from the bus in flight at once; beyond, 'overloaded'"
     )

@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import nats
 import pytest
+import torch
 
 from services.expert_host.service import ExpertHost
 from services.migrator.service import Migrator, build
 from services.migrator.settings import MigratorSettings
 from shared import subjects
+from shared.schemas import HostStatus
 from tests.serving.conftest import LocalCluster, ask, reference
 
 pytestmark = pytest.mark.slow
@@ -277,3 +280,43 @@ async def test_a_command_lost_with_a_restarted_host_is_sent_again(
     await migrator.stop()
     for nc in (old, new, hub):
         await nc.close()
+
+
+async def host_command(nc: nats.NATS, host: ExpertHost, kind: str, keys: list[tuple[int, int]]) -> Any:
+    command = {"kind": kind, "epoch": 1, "experts": [list(k) for k in keys]}
+    msg = await nc.request(subjects.host_cmd(host.settings.host), json.dumps(command).encode(), timeout=30)
+    return json.loads(msg.data)
+
+
+async def test_a_load_fetches_several_at_once_admits_in_order_and_stops_at_the_budget_or_a_missing_expert(
+    cluster: LocalCluster, mixtral_dir: Path, unique: str
+) -> None:
+    hub, migrator, _ = await migrator_and_host(cluster, mixtral_dir, unique, host_wait_s=5)
+    await migrator.upload_weights()
+    expert_mb = migrator.expert_bytes / 2**20
+    a1 = await cluster.add_host("a", "a1", mixtral_dir, "", model_id=unique, weights_bucket=f"{unique}-w",
+                                load_concurrency=4, memory_limit_mb=5.5 * expert_mb)
+    a1.store = await a1.nc.jetstream(domain="hub").object_store(f"{unique}-w")
+    nc = await cluster.connect("a")
+    wanted = [(1, e) for e in range(8)]  # 8 experts, room for 5: the first 5 in order, then a refusal
+    reply = await host_command(nc, a1, "load", wanted)
+    assert reply["error"]["code"] == "over_budget"
+    assert sorted(a1.weights) == wanted[:5]
+    assert a1.status().memory_used_bytes <= a1.status().memory_limit_bytes
+    for key in wanted[:5]:  # what it fetched is the expert's own weights, each under its own name
+        assert torch.equal(a1.weights[key].down, migrator_weights(mixtral_dir)[key].down)
+    assert HostStatus.model_validate(await host_command(nc, a1, "unload", [(1, 4)])).experts == tuple(wanted[:4])
+    # an expert the store does not have (layer 7 does not exist): the ones before it load, then the refusal
+    reply = await host_command(nc, a1, "load", [(0, 0), (7, 0)])
+    assert reply["error"]["code"] == "weights_unavailable"
+    assert (0, 0) in a1.weights
+    assert (7, 0) not in a1.weights
+    fetches = [t for t in asyncio.all_tasks() if "fetch_expert" in repr(t.get_coro())]
+    assert not fetches, "no fetch is left running"
+    await hub.close()
+
+
+def migrator_weights(model: Path) -> dict[tuple[int, int], Any]:
+    from shared.model.moe import LocalExperts
+
+    return LocalExperts.from_checkpoint(model).weights
