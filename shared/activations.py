@@ -23,6 +23,7 @@ from shared.errors import BadTensor
 
 COUNT_DTYPES = ("<u1", "<u2", "<u4", "<i8")
 
+
 @dataclass
 class StepLoad:
     """The forward steps a gating ran for its own requests over a window: how many, the sequences in
