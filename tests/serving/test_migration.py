@@ -303,8 +303,9 @@ async def test_a_load_fetches_several_at_once_admits_in_order_and_stops_at_the_b
     assert reply["error"]["code"] == "over_budget"
     assert sorted(a1.weights) == wanted[:5]
     assert a1.status().memory_used_bytes <= a1.status().memory_limit_bytes
+    checkpoint = checkpoint_experts(mixtral_dir)
     for key in wanted[:5]:  # what it fetched is the expert's own weights, each under its own name
-        assert torch.equal(a1.weights[key].down, migrator_weights(mixtral_dir)[key].down)
+        assert torch.equal(a1.weights[key].down, checkpoint[key].down)
     assert HostStatus.model_validate(await host_command(nc, a1, "unload", [(1, 4)])).experts == tuple(wanted[:4])
     # an expert the store does not have (layer 7 does not exist): the ones before it load, then the refusal
     reply = await host_command(nc, a1, "load", [(0, 0), (7, 0)])
@@ -316,7 +317,7 @@ async def test_a_load_fetches_several_at_once_admits_in_order_and_stops_at_the_b
     await hub.close()
 
 
-def migrator_weights(model: Path) -> dict[tuple[int, int], Any]:
+def checkpoint_experts(model: Path) -> dict[tuple[int, int], Any]:
     from shared.model.moe import LocalExperts
 
     return LocalExperts.from_checkpoint(model).weights
