@@ -37,7 +37,7 @@ from shared.linkemu import LinkEmulator, LinkShape  # noqa: E402
 from shared.logs import configure_logging  # noqa: E402
 from shared.model.moe import LocalExperts  # noqa: E402
 from shared.nats_server import LeafRemote, NatsServer, ServerConfig, free_port  # noqa: E402
-from shared.weights import upload_expert  # noqa: E402
+from shared.weights import open_weights_store, upload_expert  # noqa: E402
 
 MODEL = ROOT / "models" / "demo"
 
@@ -66,7 +66,7 @@ async def run(args: argparse.Namespace) -> None:
         leaf = await stack.enter_async_context(NatsServer(ServerConfig(name="a", port=free_port(),
                                                                        leaf_remotes=remote), work))
         upload = await nats.connect(hub.cfg.client_url())
-        store = await upload.jetstream(domain=subjects.JETSTREAM_DOMAIN).create_object_store("bench-weights")
+        store = await open_weights_store(upload.jetstream(domain=subjects.JETSTREAM_DOMAIN), "bench-weights")
         experts = LocalExperts.from_checkpoint(MODEL).weights
         keys = sorted(experts)[: args.experts]
         for key in keys:

@@ -8,10 +8,13 @@ so a corrupt or foreign object is an error, never a silently wrong expert.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 
 import torch
 from nats.js.api import ObjectMeta, ObjectMetaOptions
+from nats.js.client import JetStreamContext
+from nats.js.errors import Error as JetStreamError
 from nats.js.errors import NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 from safetensors.torch import load as load_safetensors
@@ -73,6 +76,23 @@ async def upload_expert(
     return True
 
 
+READERS = 100_000
+"""Consumers the weights' stream allows at once. Every object read is one (nats-py's `get` reads through an
+ordered consumer, which the server keeps about 5 s after the read), and nats-server 2.15 allows a stream
+1000 unless it says otherwise: four hosts loading small experts four at a time reached that within a
+second, and the migration failed with `maximum consumers limit reached`."""
+
+
+async def open_weights_store(js: JetStreamContext, bucket: str) -> ObjectStore:
+    """The weights' object store (created if absent), its stream allowing `READERS` consumers."""
+    store = await js.create_object_store(bucket=bucket)
+    stream = f"OBJ_{bucket}"  # the object store's stream (its naming is part of the JetStream spec)
+    config = (await js.stream_info(stream)).config
+    if config.max_consumers != READERS:
+        await js.update_stream(dataclasses.replace(config, max_consumers=READERS))
+    return store
+
+
 def chunk_bytes_for(max_payload: int) -> int:
     """Object store chunk size for a server whose messages carry at most `max_payload` bytes (room
     left for the chunk's headers); nats-py's default of 128 KiB where that fits."""
@@ -87,6 +107,8 @@ async def fetch_expert(
         result = await store.get(name)
     except (ObjectNotFoundError, NotFoundError):
         raise WeightsError(f"object {name} is not in the weights store") from None
+    except JetStreamError as exc:  # the store answered, but not with the object
+        raise WeightsError(f"object {name} could not be read from the weights store: {exc}") from None
     if result.data is None:
         raise WeightsError(f"object {name} is empty")
     return expert_from_bytes(result.data, hidden_size, name).to(dtype=dtype, device=device)

@@ -40,7 +40,7 @@ from shared import subjects
 from shared.errors import PrismError, error_from_headers
 from shared.runtime import announce
 from shared.schemas import HostStatus, LoadCommand, UnloadCommand
-from shared.weights import chunk_bytes_for, upload_expert
+from shared.weights import chunk_bytes_for, open_weights_store, upload_expert
 
 log = structlog.get_logger()
 
@@ -255,7 +255,7 @@ def _consecutive_by_kind(steps: list[Step]) -> list[list[Step]]:
 async def build(nc: NatsClient, settings: MigratorSettings) -> Migrator:
     js = nc.jetstream(domain=subjects.JETSTREAM_DOMAIN)
     plans = await js.create_key_value(bucket=settings.plans_bucket, history=16)
-    store = await js.create_object_store(bucket=settings.weights_bucket)
+    store = await open_weights_store(js, settings.weights_bucket)
     return Migrator(nc, plans, store, settings)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import nats
@@ -10,7 +11,7 @@ import torch
 
 from shared.model.moe import ExpertWeights
 from shared.nats_server import NatsServer, ServerConfig, free_port
-from shared.weights import chunk_bytes_for, fetch_expert, upload_expert
+from shared.weights import chunk_bytes_for, fetch_expert, open_weights_store, upload_expert
 
 
 async def test_experts_travel_in_chunks_that_fit_the_server(tmp_path: Path) -> None:
@@ -48,3 +49,22 @@ async def test_a_retrained_expert_of_the_same_size_replaces_the_stored_one(nats_
     finally:
         await nc.close()
     assert torch.equal(back.down, new.down)
+
+
+async def test_more_reads_than_a_streams_default_consumers_at_once(nats_hub: NatsServer, unique: str) -> None:
+    """Each read is a consumer that the server keeps ~5 s, and nats-server 2.15 allows a stream 1000 by
+    default: hosts loading small experts at once read faster than that, and the migration failed."""
+    nc = await nats.connect(nats_hub.cfg.client_url())
+    try:
+        store = await open_weights_store(nc.jetstream(domain="hub"), f"{unique}-weights")
+        await upload_expert(store, "m", (0, 1), ExpertWeights(torch.ones(8, 16), torch.ones(8, 16), torch.ones(16, 8)))
+        at_once = asyncio.Semaphore(16)
+
+        async def read() -> ExpertWeights:
+            async with at_once:
+                return await fetch_expert(store, "m", (0, 1), hidden_size=16, dtype=torch.float32, device="cpu")
+
+        experts = await asyncio.gather(*(read() for _ in range(1100)))
+    finally:
+        await nc.close()
+    assert all(torch.equal(e.down, torch.ones(16, 8)) for e in experts)
