@@ -5,7 +5,9 @@ A hub with JetStream holds the demo model's experts in its object store; node a'
 through the link emulator (`--delay-ms` one way, `--rate-mbit`); an expert host (the service's class, in
 this process, on the leaf) gets `load` commands over NATS as the migrator sends them, and after each an
 `unload` of the same experts. Each object costs several round trips to the hub besides its bytes (its
-info, an ordered consumer, the chunks), which one fetch at a time pays in turn.
+info, a consumer, the chunks), which one fetch at a time pays in turn. Then one object of `--big-mb`
+(random bytes, a real model's expert: DeepSeek-V2-Lite's are 17 MB in bf16) read through the same link
+by nats-py's `ObjectStore.get` and by `WeightsStore.read` (shared/weights.py), taking turns.
 
     .venv/bin/python bench/migration.py [--experts 64] [--rounds 3] [--concurrency 1,4,8] [--delay-ms 2]
                                         [--rate-mbit 500]
@@ -26,6 +28,8 @@ from pathlib import Path
 
 import nats
 import uvloop
+from nats.js.api import ObjectMeta, ObjectMetaOptions
+from nats.js.object_store import ObjectStore
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -37,7 +41,7 @@ from shared.linkemu import LinkEmulator, LinkShape  # noqa: E402
 from shared.logs import configure_logging  # noqa: E402
 from shared.model.moe import LocalExperts  # noqa: E402
 from shared.nats_server import LeafRemote, NatsServer, ServerConfig, free_port  # noqa: E402
-from shared.weights import open_weights_store, upload_expert  # noqa: E402
+from shared.weights import CHUNK_BYTES, WeightsStore, open_weights_store, upload_expert  # noqa: E402
 
 MODEL = ROOT / "models" / "demo"
 
@@ -91,6 +95,7 @@ async def run(args: argparse.Namespace) -> None:
         for host in hosts.values():
             await host.stop()
             await host.nc.close()
+        big = await read_big(store, await open_store(nc, "bench-weights"), args)
         await nc.close()
         await upload.close()
     expert_kb = experts[keys[0]].nbytes() / 1024
@@ -103,6 +108,26 @@ async def run(args: argparse.Namespace) -> None:
     for c in args.concurrency:
         s = statistics.median(seconds[c])
         print(f"| {c} | {s:.2f} | {1000 * s / len(keys):.1f} | {s / base:.2f}× |")
+    print(f"\none object of {args.big_mb:g} MB (128 KiB chunks) read over the same link, median of {args.rounds}")
+    print("| reader | ms | vs nats-py's get |\n|---|---:|---:|")
+    for name, s in big.items():
+        print(f"| {name} | {1000 * s:.0f} | {s / big['ObjectStore.get (nats-py)']:.2f}× |")
+
+
+async def read_big(store: ObjectStore, reader: WeightsStore | None, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds to read one big object each way (median of the rounds, taking turns); both reads compared."""
+    data = os.urandom(int(args.big_mb * 2**20))
+    await store.put("big", data, meta=ObjectMeta(name="big", options=ObjectMetaOptions(max_chunk_size=CHUNK_BYTES)))
+    assert reader is not None
+    times: dict[str, list[float]] = {"ObjectStore.get (nats-py)": [], "WeightsStore.read": []}
+    for _ in range(args.rounds):
+        for name, spent in times.items():
+            started = time.perf_counter()
+            got = (await store.get("big")).data if name.startswith("ObjectStore") else await reader.read("big")
+            spent.append(time.perf_counter() - started)
+            if got != data:
+                raise SystemExit(f"{name} read other bytes")
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 if __name__ == "__main__":
@@ -112,6 +137,7 @@ if __name__ == "__main__":
     parser.add_argument("--concurrency", default="1,4,8", help="LOAD_CONCURRENCY values, the first is the base")
     parser.add_argument("--delay-ms", type=float, default=2.0, help="one way, node to hub")
     parser.add_argument("--rate-mbit", type=float, default=500.0)
+    parser.add_argument("--big-mb", type=float, default=17.0, help="size of the one big object read both ways")
     cli = parser.parse_args()
     cli.concurrency = [int(c) for c in cli.concurrency.split(",")]
     uvloop.run(run(cli))

@@ -43,7 +43,6 @@ import torch
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.js.object_store import ObjectStore
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service, ServiceConfig
@@ -55,7 +54,7 @@ from shared.errors import BadRequest, BadTensor, OverBudget, Overloaded, PrismEr
 from shared.model.inference import executor, inference, inference_only, use_threads
 from shared.model.moe import ExpertWeights, run_experts
 from shared.schemas import ExpertKeys, HostStatus, LoadCommand, StatusCommand, UnloadCommand, parse_host_command
-from shared.weights import fetch_expert
+from shared.weights import WeightsStore, fetch_expert
 
 log = structlog.get_logger()
 SERVICE_NAME = subjects.SERVICE_HOST
@@ -83,7 +82,7 @@ class ExpertHost:
         settings: ExpertHostSettings,
         weights: dict[tuple[int, int], ExpertWeights],
         hidden_size: int,
-        store: ObjectStore | None = None,
+        store: WeightsStore | None = None,
         *,
         embedded: bool = False,
     ) -> None:
@@ -452,10 +451,10 @@ def load_weights(settings: ExpertHostSettings) -> tuple[dict[tuple[int, int], Ex
     return load_experts(settings.model, keys, dtype=dtype, device=settings.device), config.hidden_size
 
 
-async def open_store(nc: NatsClient, bucket: str) -> ObjectStore | None:
+async def open_store(nc: NatsClient, bucket: str) -> WeightsStore | None:
     """The weights store through the hub's JetStream domain; None (and a warning) where there is none."""
     try:
-        return await nc.jetstream(domain=subjects.JETSTREAM_DOMAIN).object_store(bucket)
+        return await WeightsStore.open(nc.jetstream(domain=subjects.JETSTREAM_DOMAIN), bucket)
     except Exception as exc:  # no JetStream or no bucket yet: serve the settings' experts, refuse loads
         log.warning("weights_store_unavailable", bucket=bucket, error=repr(exc))
         return None

@@ -29,6 +29,7 @@ from shared.model.checkpoint import load_config
 from shared.nats_server import NatsServer
 from shared.schemas import HostStatus
 from shared.topology import NodeLink
+from shared.weights import WeightsStore
 from tests.metrics.scrape import scrape
 from tests.serving.conftest import LocalCluster
 
@@ -114,7 +115,7 @@ async def test_migrator_counts_the_steps_it_announced_and_a_refused_load_as_fail
         a0 = await cluster.add_host("a", "a0", metrics_model, "*:*", **store)
         a1 = await cluster.add_host("a", "a1", metrics_model, "", **store)
         a2 = await cluster.add_host("a", "a2", metrics_model, "", model_id=unique, weights_bucket=f"{unique}-none")
-        a1.store = await a1.nc.jetstream(domain="hub").object_store(f"{unique}-weights")
+        a1.store = await WeightsStore.open(a1.nc.jetstream(domain="hub"), f"{unique}-weights")
         keys = sorted(a0.weights)
         names = (a0.settings.host, a1.settings.host, a2.settings.host)
         plan = {"epoch": 1, "hosts": {names[0]: [list(k) for k in keys[:8]], names[1]: [list(k) for k in keys[8:]],

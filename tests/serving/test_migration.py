@@ -16,6 +16,7 @@ from services.migrator.service import Migrator, build
 from services.migrator.settings import MigratorSettings
 from shared import subjects
 from shared.schemas import HostStatus
+from shared.weights import WeightsStore
 from tests.serving.conftest import LocalCluster, ask, reference
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ async def test_experts_move_while_requests_run(cluster: LocalCluster, mixtral_di
     await cluster.add_gating("b", mixtral_dir)
     await cluster.settle()
     for host in (a0, b0):  # the in-process hosts get the weights store like the real service does
-        host.store = await host.nc.jetstream(domain="hub").object_store(f"{unique}-weights")
+        host.store = await WeightsStore.open(host.nc.jetstream(domain="hub"), f"{unique}-weights")
 
     nc = await cluster.connect("b")
     node = cluster.node("b")
@@ -97,7 +98,7 @@ async def test_refused_step_leaves_old_holders_serving(cluster: LocalCluster, mi
     await cluster.add_node("a")
     a0 = await cluster.add_host("a", "a0", mixtral_dir, "*:*")
     a1 = await cluster.add_host("a", "a1", mixtral_dir, "")
-    a1.store = await a1.nc.jetstream(domain="hub").object_store(f"{unique}-w")
+    a1.store = await WeightsStore.open(a1.nc.jetstream(domain="hub"), f"{unique}-w")
     await cluster.add_gating("a", mixtral_dir)
     await cluster.settle()
     keys = sorted(a0.weights)
@@ -296,7 +297,7 @@ async def test_a_load_fetches_several_at_once_admits_in_order_and_stops_at_the_b
     expert_mb = migrator.expert_bytes / 2**20
     a1 = await cluster.add_host("a", "a1", mixtral_dir, "", model_id=unique, weights_bucket=f"{unique}-w",
                                 load_concurrency=4, memory_limit_mb=5.5 * expert_mb)
-    a1.store = await a1.nc.jetstream(domain="hub").object_store(f"{unique}-w")
+    a1.store = await WeightsStore.open(a1.nc.jetstream(domain="hub"), f"{unique}-w")
     nc = await cluster.connect("a")
     wanted = [(1, e) for e in range(8)]  # 8 experts, room for 5: the first 5 in order, then a refusal
     reply = await host_command(nc, a1, "load", wanted)

@@ -11,7 +11,7 @@ import torch
 
 from shared.model.moe import ExpertWeights
 from shared.nats_server import NatsServer, ServerConfig, free_port
-from shared.weights import chunk_bytes_for, fetch_expert, open_weights_store, upload_expert
+from shared.weights import WeightsStore, chunk_bytes_for, fetch_expert, open_weights_store, upload_expert
 
 
 async def test_experts_travel_in_chunks_that_fit_the_server(tmp_path: Path) -> None:
@@ -26,7 +26,8 @@ async def test_experts_travel_in_chunks_that_fit_the_server(tmp_path: Path) -> N
             with pytest.raises(nats.errors.MaxPayloadError):
                 await upload_expert(store, "m", (0, 1), expert)
             assert await upload_expert(store, "m", (0, 1), expert, chunk_bytes=chunk_bytes_for(nc.max_payload))
-            back = await fetch_expert(store, "m", (0, 1), hidden_size=192, dtype=torch.float32, device="cpu")
+            reader = await WeightsStore.open(nc.jetstream(), "weights")  # 3 chunks of 64 KiB at most
+            back = await fetch_expert(reader, "m", (0, 1), hidden_size=192, dtype=torch.float32, device="cpu")
         finally:
             await nc.close()
     assert torch.equal(back.gate_up, expert.gate_up)
@@ -45,26 +46,35 @@ async def test_a_retrained_expert_of_the_same_size_replaces_the_stored_one(nats_
         assert await upload_expert(store, "m", (0, 1), old)
         assert not await upload_expert(store, "m", (0, 1), old)  # the same bytes: nothing to do
         assert await upload_expert(store, "m", (0, 1), new)
-        back = await fetch_expert(store, "m", (0, 1), hidden_size=16, dtype=torch.float32, device="cpu")
+        reader = await WeightsStore.open(nc.jetstream(domain="hub"), f"{unique}-weights")
+        back = await fetch_expert(reader, "m", (0, 1), hidden_size=16, dtype=torch.float32, device="cpu")
     finally:
         await nc.close()
     assert torch.equal(back.down, new.down)
 
 
 async def test_more_reads_than_a_streams_default_consumers_at_once(nats_hub: NatsServer, unique: str) -> None:
-    """Each read is a consumer that the server keeps ~5 s, and nats-server 2.15 allows a stream 1000 by
-    default: hosts loading small experts at once read faster than that, and the migration failed."""
+    """Each read is a consumer, and nats-server 2.15 allows a stream 1000 by default: with nats-py's `get`,
+    whose consumers the server kept ~5 s, hosts loading small experts at once failed the migration."""
     nc = await nats.connect(nats_hub.cfg.client_url())
     try:
         store = await open_weights_store(nc.jetstream(domain="hub"), f"{unique}-weights")
         await upload_expert(store, "m", (0, 1), ExpertWeights(torch.ones(8, 16), torch.ones(8, 16), torch.ones(16, 8)))
+        store = await open_weights_store(nc.jetstream(domain="hub"), f"{unique}-weights")  # as a restarted migrator
+        reader = await WeightsStore.open(nc.jetstream(domain="hub"), f"{unique}-weights")
         at_once = asyncio.Semaphore(16)
 
         async def read() -> ExpertWeights:
             async with at_once:
-                return await fetch_expert(store, "m", (0, 1), hidden_size=16, dtype=torch.float32, device="cpu")
+                return await fetch_expert(reader, "m", (0, 1), hidden_size=16, dtype=torch.float32, device="cpu")
 
         experts = await asyncio.gather(*(read() for _ in range(1100)))
+        for _ in range(50):  # each read deletes its consumer as it returns (in the background)
+            left = (await nc.jetstream(domain="hub").stream_info(f"OBJ_{unique}-weights")).state.consumer_count
+            if left == 0:
+                break
+            await asyncio.sleep(0.1)
     finally:
         await nc.close()
     assert all(torch.equal(e.down, torch.ones(16, 8)) for e in experts)
+    assert left == 0, "each read deletes its consumer (where the server would keep one ~5 s)"
