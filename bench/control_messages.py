@@ -16,12 +16,11 @@ Reports now (counts in the smallest integer type that holds them) against before
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import random
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from pydantic import ConfigDict, create_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.metrics import median_s
 from services.gating import directory as directory_module
 from services.gating.directory import HostDirectory
 from shared.activations import ActivationReport
@@ -56,13 +56,9 @@ PairsStatus: Any = create_model(  # the heartbeat before: experts as pairs
 
 
 def median_ms(fn: Callable[[int], object], repeat: int) -> float:
-    """fn(i) for i in 1..repeat; the median ms."""
-    times = []
-    for i in range(1, repeat + 1):
-        started = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - started)
-    return 1000 * statistics.median(times)
+    """fn(i) for i in 1..repeat (the counters move between heartbeats); the median ms."""
+    turn = itertools.count(1)
+    return 1000 * median_s(lambda: fn(next(turn)), repeat)
 
 
 def host_fields(layers: int, experts: int, share: float, seed: int) -> dict[str, Any]:

@@ -62,6 +62,7 @@ class ActivationReport:
     load: StepLoad = field(default_factory=StepLoad)
 
     def encode(self) -> bytes:
+        dtype = count_dtype(self.counts)
         return msgpack.packb(
             {
                 "v": 1,
@@ -69,8 +70,8 @@ class ActivationReport:
                 "window_s": self.window_s,
                 "layers": self.layers,
                 "num_experts": int(self.counts.shape[1]),
-                "counts": self.counts.astype(count_dtype(self.counts)).tobytes(),
-                "count_dtype": count_dtype(self.counts),
+                "counts": self.counts.astype(dtype).tobytes(),
+                "count_dtype": dtype,
                 "tokens": self.tokens.astype("<i8").tobytes(),
                 "steps": self.load.steps,
                 "step_sequences": self.load.sequences,

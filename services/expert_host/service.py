@@ -306,7 +306,8 @@ class ExpertHost:
             raise BadRequest(f"host {self.settings.host} has no weights store ({self.settings.weights_bucket})")
         limit = int(self.settings.memory_limit_mb * 2**20)
         used = sum(w.nbytes() for w in self.weights.values())
-        async with contextlib.aclosing(self._fetched(sorted(set(keys) - set(self.weights)))) as fetched:
+        todo = sorted(set(keys) - set(self.weights))
+        async with contextlib.aclosing(self._fetched(self.store, todo)) as fetched:
             async for key, weights in fetched:
                 if used + weights.nbytes() > limit:
                     raise OverBudget(
@@ -320,14 +321,13 @@ class ExpertHost:
         await self.nc.flush()
 
     async def _fetched(
-        self, keys: list[tuple[int, int]]
+        self, store: WeightsStore, keys: list[tuple[int, int]]
     ) -> AsyncGenerator[tuple[tuple[int, int], ExpertWeights], None]:
         """`keys`' weights from the store, in order, `load_concurrency` fetches under way at once: an object
         costs several round trips to the hub besides its bytes, which one fetch at a time would pay in turn
         (bench/migration.py). They wait in host memory, at most that many beyond the ones admitted, and
         go to the experts' device once admitted, so that the device never holds more than the budget."""
-        assert self.store is not None
-        store, todo = self.store, iter(keys)
+        todo = iter(keys)
         window: deque[tuple[tuple[int, int], asyncio.Future[ExpertWeights]]] = deque()
 
         def top_up() -> None:
