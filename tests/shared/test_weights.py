@@ -11,7 +11,15 @@ import torch
 
 from shared.model.moe import ExpertWeights
 from shared.nats_server import NatsServer, ServerConfig, free_port
-from shared.weights import WeightsStore, chunk_bytes_for, fetch_expert, open_weights_store, upload_expert
+from shared.weights import (
+    WeightsError,
+    WeightsStore,
+    chunk_bytes_for,
+    fetch_expert,
+    object_name,
+    open_weights_store,
+    upload_expert,
+)
 
 
 async def test_experts_travel_in_chunks_that_fit_the_server(tmp_path: Path) -> None:
@@ -78,3 +86,21 @@ async def test_more_reads_than_a_streams_default_consumers_at_once(nats_hub: Nat
         await nc.close()
     assert all(torch.equal(e.down, torch.ones(16, 8)) for e in experts)
     assert left == 0, "each read deletes its consumer (where the server would keep one ~5 s)"
+
+
+async def test_an_object_whose_chunks_do_not_match_its_info_is_refused(nats_hub: NatsServer, unique: str) -> None:
+    """A chunk too many (or a changed one) on the object's chunk subject: the read's size and digest
+    check refuses it with `weights_unavailable`, never a wrong expert."""
+    nc = await nats.connect(nats_hub.cfg.client_url())
+    try:
+        js = nc.jetstream(domain="hub")
+        store = await open_weights_store(js, f"{unique}-weights")
+        await upload_expert(store, "m", (0, 1), ExpertWeights(torch.ones(8, 16), torch.ones(8, 16), torch.ones(16, 8)))
+        info = await store.get_info(object_name("m", 0, 1))
+        await js.publish(f"$O.{unique}-weights.C.{info.nuid}", b"\x00" * 64)
+        reader = await WeightsStore.open(js, f"{unique}-weights")
+        with pytest.raises(WeightsError, match="corrupt") as refused:
+            await fetch_expert(reader, "m", (0, 1), hidden_size=16, dtype=torch.float32, device="cpu")
+    finally:
+        await nc.close()
+    assert refused.value.code == "weights_unavailable"
