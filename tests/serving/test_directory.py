@@ -4,6 +4,8 @@ say it is served: locally when the node holds it, else at the nearest holding no
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,14 @@ def test_a_directory_serves_by_new_links_and_keeps_its_own_for_bad_ones() -> Non
     directory.use_links([{"node": "a", "delay_ms": -1}])  # refused: the links in use stay
     directory.use_links("not links")
     assert directory.route(0, [0]) == ({"b-h0": [0]}, [])
+
+
+def test_a_heartbeat_with_bad_experts_is_ignored_and_the_last_good_one_serves() -> None:
+    directory = directory_of("a", [], {"b-h0": ("b", [(0, 3)])})
+    good = json.loads(heartbeat("b-h0", "b", [(0, 5)]))
+    for experts in ({"0": "-1"}, {"0": "zz"}, {"x": "1"}, [[0, -5]], "0:5"):
+        directory.on_status(json.dumps({**good, "experts": experts}).encode())
+    directory.on_status(b"not json")
+    assert directory.route(0, [3, 5]) == ({"b-h0": [3]}, [5])
+    directory.on_status(json.dumps(good).encode())  # the mask form, as hosts send it
+    assert directory.route(0, [3, 5]) == ({"b-h0": [5]}, [3])
